@@ -1,0 +1,80 @@
+"""PostgreSQL access: the pool (with JSON codecs) and the versioned migrations."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from typing import Any
+
+import asyncpg
+
+from common.logging import get_logger
+from common.retry import connect_retrying
+
+log = get_logger("baton.db")
+
+# An arbitrary constant; every process that migrates takes this lock, so that two executors
+# starting at once apply each migration exactly once.
+_MIGRATION_LOCK_KEY = 0x6261746F6E  # "baton"
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    for typename in ("json", "jsonb"):
+        await conn.set_type_codec(typename, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def connect(url: str, *, max_size: int = 10, max_wait_s: float = 60.0) -> asyncpg.Pool:
+    """A pool to ``url``, waiting (with backoff) for PostgreSQL to accept connections."""
+    async for attempt in connect_retrying(max_wait_s):
+        with attempt:
+            return await asyncpg.create_pool(
+                url, min_size=1, max_size=max_size, init=_init_connection, command_timeout=60
+            )
+    raise AssertionError("unreachable")
+
+
+async def connect_one(url: str, *, max_wait_s: float = 60.0) -> asyncpg.Connection:
+    """A single connection (for LISTEN, or a session-scoped lock), with the same codecs."""
+    async for attempt in connect_retrying(max_wait_s):
+        with attempt:
+            conn = await asyncpg.connect(url)
+            await _init_connection(conn)
+            return conn
+    raise AssertionError("unreachable")
+
+
+def _migrations() -> list[tuple[int, str, str]]:
+    found = []
+    for entry in resources.files("common.migrations").iterdir():
+        if entry.name.endswith(".sql"):
+            version = int(entry.name.split("_", 1)[0])
+            found.append((version, entry.name, entry.read_text()))
+    return sorted(found)
+
+
+async def migrate(conn: asyncpg.Connection | asyncpg.Pool) -> list[str]:
+    """Apply pending migrations in one transaction; returns the names applied."""
+    if isinstance(conn, asyncpg.Pool):
+        async with conn.acquire() as c:
+            return await migrate(c)
+    applied: list[str] = []
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK_KEY)
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version integer PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+        for version, name, sql in _migrations():
+            if version in done:
+                continue
+            await conn.execute(sql)
+            await conn.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name)
+            applied.append(name)
+    for name in applied:
+        log.info("migration_applied", migration=name)
+    return applied
+
+
+def record(row: asyncpg.Record | None) -> dict[str, Any] | None:
+    return dict(row) if row is not None else None

@@ -1,0 +1,145 @@
+"""Named queries on `executions` (and the `execution_events` rows each transition appends).
+
+Every transition is a compare-and-set on (status, attempt) and, for worker writes, on the worker:
+a statement that matches no row lost a race, and its caller does nothing more (DESIGN section 3).
+Each transition appends its event in the same statement, numbered from `last_event_seq`.
+"""
+
+# $1 id, $2 action_ref, $3 parameters, $4 status, $5 idempotency_key, $6 message_id,
+# $7 correlation_id, $8 timeout_s, $9 error (all arrays, one element per request)
+INSERT_REQUESTS = """
+WITH ins AS (
+    INSERT INTO executions (id, action_ref, parameters, status, idempotency_key, message_id,
+                            correlation_id, timeout_s, error, finished_at, last_event_seq)
+    SELECT r.id, r.action_ref, r.parameters::jsonb, r.status, r.idempotency_key, r.message_id,
+           r.correlation_id, r.timeout_s, r.error::jsonb,
+           CASE WHEN r.status = 'failed' THEN now() END, 1
+    FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+                $8::float8[], $9::text[])
+         AS r(id, action_ref, parameters, status, idempotency_key, message_id, correlation_id, timeout_s, error)
+    ON CONFLICT DO NOTHING
+    RETURNING *
+), ev AS (
+    INSERT INTO execution_events (execution_id, seq, type, data)
+    SELECT id, 1, 'execution.' || status, COALESCE(error, '{}'::jsonb) FROM ins
+)
+SELECT * FROM ins
+"""
+
+# Requests that were not inserted: a redelivery (same id) or a repeated idempotency key.
+FIND_EXISTING = """
+SELECT id, status, idempotency_key FROM executions
+WHERE id = ANY($1::uuid[]) OR idempotency_key = ANY($2::text[])
+"""
+
+SELECT_REQUESTED_FOR_UPDATE = """
+SELECT id, action_ref, parameters, attempt, timeout_s FROM executions
+WHERE status = 'requested'
+ORDER BY updated_at
+LIMIT $1
+FOR UPDATE SKIP LOCKED
+"""
+
+# $1 ids, $2 workers, $3 current attempts
+MARK_SCHEDULED = """
+WITH upd AS (
+    UPDATE executions e
+    SET status = 'scheduled', worker = p.worker, attempt = e.attempt + 1, scheduled_at = now(),
+        updated_at = now(), last_event_seq = e.last_event_seq + 1
+    FROM unnest($1::uuid[], $2::text[], $3::int[]) AS p(id, worker, attempt)
+    WHERE e.id = p.id AND e.status = 'requested' AND e.attempt = p.attempt
+    RETURNING e.id, e.attempt, e.worker, e.last_event_seq
+), ev AS (
+    INSERT INTO execution_events (execution_id, seq, type, data)
+    SELECT id, last_event_seq, 'execution.scheduled', jsonb_build_object('worker', worker, 'attempt', attempt)
+    FROM upd
+)
+SELECT id, attempt, worker FROM upd
+"""
+
+# A dispatch that did not reach its worker goes back to `requested`; the next pass places it again.
+# $1 id, $2 attempt, $3 event data
+RESCHEDULE = """
+WITH upd AS (
+    UPDATE executions e
+    SET status = 'requested', worker = NULL, updated_at = now(), last_event_seq = e.last_event_seq + 1
+    WHERE e.id = $1 AND e.status = 'scheduled' AND e.attempt = $2
+    RETURNING e.id, e.last_event_seq
+), ev AS (
+    INSERT INTO execution_events (execution_id, seq, type, data)
+    SELECT id, last_event_seq, 'execution.rescheduled', $3::jsonb FROM upd
+)
+SELECT id FROM upd
+"""
+
+# The fenced claim: scheduled -> running, only for this worker at this attempt.
+# $1 ids, $2 attempts, $3 worker
+CLAIM = """
+WITH upd AS (
+    UPDATE executions e
+    SET status = 'running', started_at = now(), updated_at = now(), last_event_seq = e.last_event_seq + 1
+    FROM unnest($1::uuid[], $2::int[]) AS c(id, attempt)
+    WHERE e.id = c.id AND e.attempt = c.attempt AND e.worker = $3 AND e.status = 'scheduled'
+    RETURNING e.id, e.attempt, e.last_event_seq
+), ev AS (
+    INSERT INTO execution_events (execution_id, seq, type, data)
+    SELECT id, last_event_seq, 'execution.started', jsonb_build_object('worker', $3::text, 'attempt', attempt)
+    FROM upd
+)
+SELECT id FROM upd
+"""
+
+# The fenced finish: running -> terminal, only for this worker at this attempt.
+# $1 ids, $2 attempts, $3 statuses, $4 results, $5 errors, $6 worker
+FINISH = """
+WITH upd AS (
+    UPDATE executions e
+    SET status = f.status, result = f.result::jsonb, error = f.error::jsonb, finished_at = now(),
+        updated_at = now(), last_event_seq = e.last_event_seq + 1
+    FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::text[])
+         AS f(id, attempt, status, result, error)
+    WHERE e.id = f.id AND e.attempt = f.attempt AND e.worker = $6 AND e.status = 'running'
+    RETURNING e.*
+), ev AS (
+    INSERT INTO execution_events (execution_id, seq, type, data)
+    SELECT id, last_event_seq, 'execution.' || status,
+           COALESCE(error, '{}'::jsonb) || jsonb_build_object('worker', worker, 'attempt', attempt)
+    FROM upd
+)
+SELECT upd.*, pg_notify('baton_wake', 'capacity') FROM upd
+"""
+
+# $1 id, $2 from-status, $3 attempt, $4 error object. For failures the executor decides.
+FAIL = """
+WITH upd AS (
+    UPDATE executions e
+    SET status = 'failed', error = $4::jsonb, finished_at = now(), updated_at = now(),
+        last_event_seq = e.last_event_seq + 1
+    WHERE e.id = $1 AND e.status = $2 AND e.attempt = $3
+    RETURNING e.*
+), ev AS (
+    INSERT INTO execution_events (execution_id, seq, type, data)
+    SELECT id, last_event_seq, 'execution.failed', error FROM upd
+)
+SELECT * FROM upd
+"""
+
+GET = "SELECT * FROM executions WHERE id = $1"
+
+GET_MANY = "SELECT * FROM executions WHERE id = ANY($1::uuid[])"
+
+EVENTS = """
+SELECT execution_id, seq, type, data, created_at FROM execution_events
+WHERE execution_id = ANY($1::uuid[])
+ORDER BY execution_id, seq
+"""
+
+LIST = """
+SELECT id, action_ref, status, attempt, worker, created_at, started_at, finished_at, error
+FROM executions
+WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR action_ref = $2)
+ORDER BY created_at DESC
+LIMIT $3
+"""
+
+COUNT_BY_STATUS = "SELECT status, count(*) AS n FROM executions GROUP BY status"

@@ -1,0 +1,223 @@
+"""Baton's settings: one pydantic model tree, read from YAML, overridden by environment.
+
+The YAML file is ``$BATON_CONFIG`` (default ``config/config.yaml``); any key can then be overridden
+with ``BATON__SECTION__KEY``. Unknown keys are errors so that a typo never silently falls back to a
+default. Durations accept seconds (``300``, ``0.25``) or strings (``"5m"``, ``"250ms"``).
+
+YAML keys follow DESIGN section 7 (``heartbeat_interval``); the Python attributes carry their unit
+(``heartbeat_interval_s``) so that code reading them cannot confuse seconds with milliseconds.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+DEFAULT_CONFIG_PATH = "config/config.yaml"
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from ``300``, ``0.5``, ``"300"``, ``"5m"``, ``"250ms"``, ``"2h"``."""
+    if isinstance(value, bool):
+        raise ValueError("a duration is a number of seconds or a string such as '5m' or '250ms'")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str):
+        match = _DURATION_RE.match(value)
+        if not match:
+            raise ValueError(
+                f"invalid duration {value!r}: use seconds (300) or a string such as '5m', '30s', '250ms'"
+            )
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    else:
+        raise ValueError("a duration is a number of seconds or a string such as '5m' or '250ms'")
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+Seconds = Annotated[float, BeforeValidator(parse_duration)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, populate_by_name=False)
+
+
+class DatabaseSettings(_Section):
+    url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    """PostgreSQL DSN. PostgreSQL is the source of truth for executions, events and workers."""
+
+    pool_max_size: int = Field(10, ge=1)
+    """Connections per process in the asyncpg pool."""
+
+
+class MessageQueueSettings(_Section):
+    url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    """RabbitMQ URL."""
+
+    prefix: str = Field("baton", pattern=r"^[A-Za-z0-9_\-]+$")
+    """First word of every exchange and queue name, so that deployments and tests can share a broker."""
+
+    max_request_bytes: int = Field(1_048_576, ge=1024)
+    """Largest accepted request body; a larger one is rejected with a clear reason, never retried."""
+
+    rejected_requests_max_length: int = Field(100_000, ge=1)
+    """How many rejected (unparseable or oversized) requests the parking queue keeps for operators."""
+
+
+class ExecutorSettings(_Section):
+    scheduled_timeout_s: Seconds = Field(300.0, alias="scheduled_timeout")
+    """An execution dispatched but not started within this long is rescheduled, or failed."""
+
+    timeout_check_interval_s: Seconds = Field(60.0, alias="timeout_check_interval")
+    """How often the scheduled-timeout monitor looks for executions past `scheduled_timeout`."""
+
+    enable_timeout_monitor: bool = True
+    """Turns the scheduled-timeout monitor on or off."""
+
+    sweep_interval_s: Seconds = Field(5.0, alias="sweep_interval")
+    """How often the liveness sweeper looks for lost workers."""
+
+    heartbeat_staleness_multiplier: float = Field(3.0, gt=1.0)
+    """A worker is stale when its last heartbeat is older than this many of its heartbeat intervals."""
+
+    max_schedule_attempts: int = Field(3, ge=1)
+    """Dispatches of one execution before it fails for want of a worker that starts it."""
+
+    scheduler_fallback_interval_s: Seconds = Field(5.0, alias="scheduler_fallback_interval")
+    """The scheduler is woken by notifications; this is its safety net should one be missed."""
+
+    dispatch_backlog_factor: int = Field(4, ge=1)
+    """A worker is offered at most `max_concurrent_tasks` x this many scheduled-or-running executions;
+    beyond that work waits as `requested` instead of piling up in a queue with a TTL."""
+
+    intake_batch_size: int = Field(500, ge=1)
+    """Requests taken from the queue and recorded in one database round trip."""
+
+    schedule_batch_size: int = Field(500, ge=1)
+    """Requested executions placed and dispatched in one scheduler pass."""
+
+    metrics_port: int | None = None
+    """Port of the Prometheus `/metrics` endpoint; unset means off."""
+
+
+class WorkerSettings(_Section):
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.\-]+$")
+    """The worker's name; its queue is `<prefix>.worker.<name>`. `baton worker --name` overrides it."""
+
+    max_concurrent_tasks: int = Field(10, ge=1)
+    """Executions one worker runs at once; also its queue prefetch."""
+
+    runtimes: list[Literal["python", "shell"]] = Field(default_factory=lambda: ["python", "shell"])
+    """Runtimes this worker serves; it is offered only actions of these runtimes."""
+
+    action_modules: list[str] = Field(default_factory=list)
+    """Python modules imported at start so that their `@action` functions are registered."""
+
+    heartbeat_interval_s: Seconds = Field(10.0, alias="heartbeat_interval")
+    """How often the worker records its heartbeat and in-flight count."""
+
+    shutdown_timeout_s: Seconds = Field(30.0, alias="shutdown_timeout")
+    """How long a draining worker lets in-flight work finish before interrupting it."""
+
+    queue_ttl_s: Seconds = Field(300.0, alias="queue_ttl")
+    """A dispatch left this long in a worker's queue is dead-lettered (`x-message-ttl`)."""
+
+    task_timeout_s: Seconds = Field(3600.0, alias="task_timeout")
+    """Action timeout when neither the action nor the invocation sets one."""
+
+    kill_grace_s: Seconds = Field(5.0, alias="kill_grace")
+    """Between SIGTERM and SIGKILL of a shell action that ran past its timeout."""
+
+    max_output_bytes: int = Field(1_048_576, ge=64)
+    """Cap on each of stdout and stderr of a shell action, and on a Python action's result."""
+
+    metrics_port: int | None = None
+    """Port of the Prometheus `/metrics` endpoint; unset means off."""
+
+    @property
+    def queue_ttl_ms(self) -> int:
+        return int(self.queue_ttl_s * 1000)
+
+
+class RecoverySettings(_Section):
+    recover_on_worker_loss: bool | None = None
+    """Default for runs that do not say; unset means True for durable runs, False for transient ones."""
+
+    max_recovery_attempts: int = Field(3, ge=0)
+    """Recoveries of one run after worker loss before it fails."""
+
+
+class LoggingSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    """Lowest level logged."""
+
+    format: Literal["json", "console"] = "json"
+    """`json` for machines (one event per line), `console` for people."""
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="BATON__",
+        env_nested_delimiter="__",
+        extra="forbid",
+        use_attribute_docstrings=True,
+    )
+
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    """Where state lives."""
+
+    message_queue: MessageQueueSettings = Field(default_factory=MessageQueueSettings)
+    """The broker and the names on it."""
+
+    executor: ExecutorSettings = Field(default_factory=ExecutorSettings)
+    """Scheduling, timeouts and liveness checks."""
+
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    """Running actions."""
+
+    recovery: RecoverySettings = Field(default_factory=RecoverySettings)
+    """What happens to runs whose worker was lost."""
+
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    """Log output."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        path = Path(os.environ.get("BATON_CONFIG", DEFAULT_CONFIG_PATH))
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if path.exists():
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+        elif "BATON_CONFIG" in os.environ:
+            raise FileNotFoundError(f"BATON_CONFIG names {path}, which does not exist")
+        return tuple(sources)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from YAML + environment; ``overrides`` (nested dicts by section) win over both."""
+    return Settings(**overrides)
