@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from importlib import resources
+from urllib.parse import urlsplit
 from typing import Any
 
 import asyncpg
@@ -43,6 +44,29 @@ async def connect_one(url: str, *, max_wait_s: float = 60.0) -> asyncpg.Connecti
     raise AssertionError("unreachable")
 
 
+async def ensure_database(url: str) -> bool:
+    """Create the database ``url`` names if it does not exist yet; True if it was created."""
+    try:
+        conn = await asyncpg.connect(url)
+    except asyncpg.exceptions.InvalidCatalogNameError:
+        pass
+    else:
+        await conn.close()
+        return False
+    name = urlsplit(url).path.lstrip("/")
+    if not name or '"' in name:
+        raise ValueError(f"database.url names no database that can be created: {url!r}")
+    admin = await asyncpg.connect(url, database="postgres")
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    except asyncpg.exceptions.DuplicateDatabaseError:
+        return False
+    finally:
+        await admin.close()
+    log.info("database_created", database=name)
+    return True
+
+
 def _migrations() -> list[tuple[int, str, str]]:
     found = []
     for entry in resources.files("common.migrations").iterdir():
@@ -78,3 +102,16 @@ async def migrate(conn: asyncpg.Connection | asyncpg.Pool) -> list[str]:
 
 def record(row: asyncpg.Record | None) -> dict[str, Any] | None:
     return dict(row) if row is not None else None
+
+
+async def until_available(operation, *, what: str, max_wait_s: float = 300.0):
+    """Run ``operation()`` (a coroutine factory), waiting out a database that is briefly away.
+
+    Used where giving up would lose work held only in memory (a batch not yet recorded); after
+    ``max_wait_s`` the error propagates and the service stops loudly."""
+    async for attempt in connect_retrying(max_wait_s):
+        with attempt:
+            if attempt.retry_state.attempt_number > 1:
+                log.info("database_retry", operation=what, attempt=attempt.retry_state.attempt_number)
+            return await operation()
+    raise AssertionError("unreachable")

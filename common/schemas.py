@@ -64,9 +64,15 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def execution_json(row: dict[str, Any], events: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def jsonable_row(row: Any) -> dict[str, Any]:
+    """A database row as JSON-ready values (UUIDs and timestamps as strings)."""
+    return {key: _jsonable(value) for key, value in dict(row).items()}
+
+
+def execution_json(row: Any, events: list[Any] | None = None) -> dict[str, Any]:
     """An execution as `baton executions show --json` prints it, and as notifications carry it."""
-    out = {key: _jsonable(value) for key, value in row.items()}
+    out = jsonable_row(row)
+    out.pop("pg_notify", None)
     if events is not None:
-        out["events"] = [{key: _jsonable(value) for key, value in ev.items() if key != "execution_id"} for ev in events]
+        out["events"] = [{k: v for k, v in jsonable_row(ev).items() if k != "execution_id"} for ev in events]
     return out

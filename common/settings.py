@@ -57,7 +57,7 @@ class _Section(BaseModel):
 
 
 class DatabaseSettings(_Section):
-    url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    url: str = "postgresql://postgres@127.0.0.1:5432/baton"
     """PostgreSQL DSN. PostgreSQL is the source of truth for executions, events and workers."""
 
     pool_max_size: int = Field(10, ge=1)

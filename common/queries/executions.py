@@ -32,9 +32,10 @@ SELECT id, status, idempotency_key FROM executions
 WHERE id = ANY($1::uuid[]) OR idempotency_key = ANY($2::text[])
 """
 
+# $1 limit, $2 the actions some live worker can take now (others would only block the head).
 SELECT_REQUESTED_FOR_UPDATE = """
 SELECT id, action_ref, parameters, attempt, timeout_s FROM executions
-WHERE status = 'requested'
+WHERE status = 'requested' AND action_ref = ANY($2::text[])
 ORDER BY updated_at
 LIMIT $1
 FOR UPDATE SKIP LOCKED
@@ -143,3 +144,20 @@ LIMIT $3
 """
 
 COUNT_BY_STATUS = "SELECT status, count(*) AS n FROM executions GROUP BY status"
+
+# A worker gives up on a run it was told to stop (drain deadline): running -> interrupted, fenced,
+# with the `workflow.interrupted` event recovery reads. $1 id, $2 attempt, $3 worker, $4 event data
+INTERRUPT = """
+WITH upd AS (
+    UPDATE executions e
+    SET status = 'interrupted', updated_at = now(), last_event_seq = e.last_event_seq + 1
+    WHERE e.id = $1 AND e.attempt = $2 AND e.worker = $3 AND e.status = 'running'
+    RETURNING e.id, e.last_event_seq
+), ev AS (
+    INSERT INTO execution_events (execution_id, seq, type, data)
+    SELECT id, last_event_seq, 'workflow.interrupted',
+           $4::jsonb || jsonb_build_object('last_event_sequence', last_event_seq - 1)
+    FROM upd
+)
+SELECT id FROM upd
+"""

@@ -1,0 +1,327 @@
+"""`baton`: run the services, post invocations, and look at executions and workers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from typing import Any, Optional
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from common.logging import configure_logging
+from common.settings import Settings, load_settings
+
+app = typer.Typer(help="Baton: run actions on workers; nothing stuck, nothing silently lost.", no_args_is_help=True)
+executions_app = typer.Typer(help="Look at executions.", no_args_is_help=True)
+workers_app = typer.Typer(help="Look at workers.", no_args_is_help=True)
+db_app = typer.Typer(help="Database administration.", no_args_is_help=True)
+app.add_typer(executions_app, name="executions")
+app.add_typer(workers_app, name="workers")
+app.add_typer(db_app, name="db")
+
+console = Console()
+STATUS_STYLE = {
+    "completed": "green",
+    "failed": "red",
+    "timeout": "red",
+    "cancelled": "yellow",
+    "interrupted": "yellow",
+    "running": "cyan",
+    "scheduled": "blue",
+    "requested": "white",
+    "active": "green",
+    "draining": "yellow",
+    "lost": "red",
+    "inactive": "dim",
+}
+
+
+def _settings(**overrides: Any) -> Settings:
+    try:
+        return load_settings(**overrides)
+    except (ValidationError, FileNotFoundError) as exc:
+        typer.echo(f"configuration error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _styled(status: str | None) -> str:
+    style = STATUS_STYLE.get(status or "", "")
+    return f"[{style}]{status}[/{style}]" if style else str(status)
+
+
+def _print_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, default=str))
+
+
+# -- services -----------------------------------------------------------------------------------
+
+
+@app.command()
+def executor() -> None:
+    """Run the executor: intake, scheduling and the liveness machinery."""
+    from executor.service import main
+
+    settings = _settings()
+    configure_logging(settings.logging, service="executor")
+    asyncio.run(main(settings))
+
+
+@app.command()
+def worker(
+    name: Optional[str] = typer.Option(None, "--name", help="Worker name (default: worker.name in config)."),
+    concurrency: Optional[int] = typer.Option(None, "--concurrency", min=1, help="Executions run at once."),
+    runtimes: Optional[str] = typer.Option(None, "--runtimes", help="Comma-separated: python,shell."),
+) -> None:
+    """Run a worker that takes dispatches from its own queue."""
+    overrides: dict[str, Any] = {}
+    if name:
+        overrides["name"] = name
+    if concurrency:
+        overrides["max_concurrent_tasks"] = concurrency
+    if runtimes:
+        overrides["runtimes"] = [r.strip() for r in runtimes.split(",") if r.strip()]
+    base = _settings()
+    try:
+        settings = Settings.model_validate(
+            {**base.model_dump(by_alias=True), "worker": {**base.worker.model_dump(by_alias=True), **overrides}}
+        )
+    except ValidationError as exc:
+        typer.echo(f"invalid worker options: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if not settings.worker.name:
+        typer.echo("a worker needs a name: --name NAME (or worker.name in config)", err=True)
+        raise typer.Exit(2)
+    from worker.service import WorkerService
+
+    configure_logging(settings.logging, service="worker", worker=settings.worker.name)
+
+    async def main() -> None:
+        stop_event = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        signals = {"count": 0}
+
+        def on_signal() -> None:
+            signals["count"] += 1
+            if signals["count"] > 1:
+                os._exit(1)  # a second signal: stop at once, recovery takes it from here
+            stop_event.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+        await WorkerService(settings, settings.worker.name).run(stop_event)
+
+    try:
+        asyncio.run(main())
+    except RuntimeError as exc:
+        typer.echo(f"worker error: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+# -- posting ------------------------------------------------------------------------------------
+
+
+@app.command()
+def submit(
+    action_ref: str = typer.Argument(..., help="Action to run, e.g. core.echo."),
+    params: list[str] = typer.Argument(None, help="Parameters as key=value."),
+    params_json: Optional[str] = typer.Option(None, "--params-json", help="Parameters as a JSON object."),
+    idempotency_key: Optional[str] = typer.Option(None, "--idempotency-key"),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="Action timeout in seconds."),
+    wait: bool = typer.Option(False, "--wait", help="Wait for the outcome; exit 0 only if completed."),
+    wait_timeout: Optional[float] = typer.Option(None, "--wait-timeout", help="Give up waiting after this many seconds."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Post an invocation to the queue."""
+    from common.client import BatonClient, RequestRejected, coerce_key_values
+
+    settings = _settings()
+
+    async def main() -> int:
+        async with BatonClient(settings) as client:
+            parameters: dict[str, Any] = {}
+            if params_json:
+                try:
+                    parameters = json.loads(params_json)
+                except json.JSONDecodeError as exc:
+                    typer.echo(f"--params-json is not JSON: {exc}", err=True)
+                    return 2
+                if not isinstance(parameters, dict):
+                    typer.echo("--params-json must be a JSON object", err=True)
+                    return 2
+            if params:
+                try:
+                    parameters.update(coerce_key_values(params, await client.action_schema(action_ref)))
+                except ValueError as exc:
+                    typer.echo(str(exc), err=True)
+                    return 2
+            try:
+                submission = await client.submit(
+                    action_ref, parameters, idempotency_key=idempotency_key, timeout_s=timeout, watch=wait
+                )
+            except RequestRejected as exc:
+                typer.echo(f"request rejected: {exc}", err=True)
+                return 1
+            if not wait:
+                if as_json:
+                    _print_json(
+                        {
+                            "id": str(submission.execution_id),
+                            "accepted": submission.accepted,
+                            "status": submission.status,
+                            "duplicate": submission.duplicate,
+                            "error": submission.error,
+                        }
+                    )
+                else:
+                    state = submission.status if submission.accepted else "posted (no executor has answered yet)"
+                    dup = " (duplicate: the existing execution)" if submission.duplicate else ""
+                    console.print(f"execution {submission.execution_id}: {_styled(state)}{dup}")
+                    if submission.error:
+                        console.print(f"[red]error:[/red] {submission.error}")
+                return 1 if submission.status == "failed" else 0
+            try:
+                execution = await client.wait(submission.execution_id, wait_timeout)
+            except TimeoutError as exc:
+                typer.echo(str(exc), err=True)
+                return 1
+            if as_json:
+                _print_json(execution)
+            else:
+                _show(execution)
+            return 0 if execution["status"] == "completed" else 1
+
+    raise typer.Exit(asyncio.run(main()))
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+
+def _show(execution: dict[str, Any]) -> None:
+    table = Table(show_header=False, box=None)
+    for key in ("id", "action_ref", "status", "attempt", "worker", "created_at", "started_at", "finished_at"):
+        value = execution.get(key)
+        table.add_row(f"[bold]{key}[/bold]", _styled(value) if key == "status" else str(value))
+    for key in ("parameters", "result", "error"):
+        if execution.get(key) is not None:
+            table.add_row(f"[bold]{key}[/bold]", json.dumps(execution[key], indent=2))
+    console.print(table)
+    events = execution.get("events") or []
+    if events:
+        ev_table = Table(title="events")
+        for column in ("seq", "type", "at", "data"):
+            ev_table.add_column(column)
+        for ev in events:
+            ev_table.add_row(str(ev["seq"]), ev["type"], str(ev["created_at"]), json.dumps(ev["data"]))
+        console.print(ev_table)
+
+
+def _run_client(fn):
+    from common.client import BatonClient
+
+    settings = _settings()
+
+    async def main():
+        async with BatonClient(settings) as client:
+            return await fn(client)
+
+    try:
+        return asyncio.run(main())
+    except ValueError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+
+
+@executions_app.command("list")
+def executions_list(
+    status: Optional[str] = typer.Option(None, "--status"),
+    action: Optional[str] = typer.Option(None, "--action"),
+    limit: int = typer.Option(50, "--limit", min=1),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Recent executions, newest first."""
+    rows = _run_client(lambda c: c.list_executions(status=status, action_ref=action, limit=limit))
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table()
+    for column in ("id", "action", "status", "attempt", "worker", "created", "error"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(
+            r["id"],
+            r["action_ref"] or "",
+            _styled(r["status"]),
+            str(r["attempt"]),
+            r["worker"] or "",
+            str(r["created_at"])[:23],
+            ((r["error"] or {}).get("error") or "")[:80],
+        )
+    console.print(table)
+
+
+@executions_app.command("show")
+def executions_show(execution_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """One execution with its events."""
+    execution = _run_client(lambda c: c.get(execution_id))
+    if execution is None:
+        typer.echo(f"no execution {execution_id}", err=True)
+        raise typer.Exit(1)
+    if as_json:
+        _print_json(execution)
+    else:
+        _show(execution)
+
+
+@workers_app.command("list")
+def workers_list(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Workers with their state, heartbeat age and in-flight count."""
+    rows = _run_client(lambda c: c.list_workers())
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table()
+    for column in ("name", "status", "runtimes", "in flight", "concurrency", "heartbeat age", "host", "pid"):
+        table.add_column(column)
+    for r in rows:
+        age = r["heartbeat_age_s"]
+        table.add_row(
+            r["name"],
+            _styled(r["status"]),
+            ",".join(r["runtimes"]),
+            str(r["in_flight"]),
+            str(r["max_concurrent_tasks"]),
+            "-" if age is None else f"{float(age):.1f}s",
+            r["hostname"] or "",
+            str(r["pid"] or ""),
+        )
+    console.print(table)
+
+
+@db_app.command("migrate")
+def db_migrate() -> None:
+    """Apply pending schema migrations (the executor also does this at start)."""
+    from common import db
+
+    settings = _settings()
+    configure_logging(settings.logging, service="migrate")
+
+    async def main() -> list[str]:
+        await db.ensure_database(settings.database.url)
+        pool = await db.connect(settings.database.url, max_size=1, max_wait_s=30)
+        try:
+            return await db.migrate(pool)
+        finally:
+            await pool.close()
+
+    applied = asyncio.run(main())
+    typer.echo(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""))
+
+
+def main() -> None:  # pragma: no cover - console script entry
+    sys.exit(app())

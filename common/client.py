@@ -1,0 +1,236 @@
+"""The Python client: post invocations, wait for their outcome, read executions and workers.
+
+Posting goes through RabbitMQ like any other client's; reading goes to PostgreSQL, the source of
+truth. Waiting listens for the `execution.<id>.<status>` notification and re-reads the row now and
+then, so that a notification missed during a broker restart cannot leave a caller waiting forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import aio_pika
+import asyncpg
+from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
+
+from common import amqp, db
+from common.actions import CORE_ACTIONS
+from common.queries import actions as aq
+from common.queries import executions as q
+from common.queries import workers as wq
+from common.schemas import TERMINAL_STATUSES, Acceptance, Status, execution_json, jsonable_row
+from common.settings import Settings
+
+_TERMINAL = {s.value for s in TERMINAL_STATUSES}
+
+
+@dataclass
+class Submission:
+    execution_id: uuid.UUID
+    accepted: bool  # an executor has recorded it (False: posted, no executor answered in time)
+    status: str | None = None
+    duplicate: bool = False
+    error: str | None = None
+
+
+class RequestRejected(Exception):
+    """The executor refused the request outright (it could not be tied to an execution)."""
+
+
+def coerce_key_values(pairs: list[str], schema: dict[str, Any] | None) -> dict[str, Any]:
+    """``key=value`` words from a command line as parameters. A value is kept as text where the
+    action's schema says the parameter is a string, and read as JSON otherwise (``seconds=1.5``,
+    ``cmd='["ls","-l"]'``), falling back to text when it is not JSON."""
+    properties = (schema or {}).get("properties", {})
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"parameter {pair!r} is not key=value")
+        if properties.get(key, {}).get("type") == "string":
+            out[key] = value
+            continue
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+class BatonClient:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.names = amqp.Names(settings.message_queue.prefix)
+        self._pool: asyncpg.Pool | None = None
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._inbox: AbstractQueue | None = None
+        self._replies: dict[str, asyncio.Future[Acceptance]] = {}
+        self._notified: dict[str, asyncio.Future[dict[str, Any]]] = {}
+
+    async def __aenter__(self) -> BatonClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                await self._connection.close()
+        if self._pool is not None:
+            await self._pool.close()
+
+    # -- connections -------------------------------------------------------------------------
+
+    async def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            self._pool = await db.connect(self.settings.database.url, max_size=2, max_wait_s=10)
+        return self._pool
+
+    async def _amqp(self) -> tuple[AbstractChannel, AbstractQueue]:
+        if self._channel is None or self._inbox is None:
+            self._connection = await amqp.connect(self.settings.message_queue.url, max_wait_s=10)
+            self._channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+            await amqp.declare_exchanges(self._channel, self.names)
+            # Declared here too, so that a request posted before any executor ever ran is kept.
+            await amqp.declare_requests_queue(self._channel, self.names)
+            self._inbox = await self._channel.declare_queue(exclusive=True, auto_delete=True)
+            await self._inbox.consume(self._on_inbox, no_ack=True)
+        return self._channel, self._inbox
+
+    async def _on_inbox(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        if not (message.routing_key or "").startswith("execution."):  # a reply to one of our requests
+            future = self._replies.pop(message.correlation_id or "", None)
+            if future is not None and not future.done():
+                future.set_result(Acceptance.model_validate_json(message.body))
+            return
+        body = json.loads(message.body)
+        future = self._notified.get(body.get("id", ""))
+        if future is not None and not future.done():
+            future.set_result(body)
+
+    async def _watch(self, execution_id: uuid.UUID) -> asyncio.Future[dict[str, Any]]:
+        """Subscribe to the execution's terminal notification (before looking at its state)."""
+        channel, inbox = await self._amqp()
+        key = str(execution_id)
+        if key not in self._notified:
+            self._notified[key] = asyncio.get_running_loop().create_future()
+            exchange = await channel.get_exchange(self.names.notifications_exchange)
+            await inbox.bind(exchange, f"execution.{key}.*")
+        return self._notified[key]
+
+    # -- posting and waiting ---------------------------------------------------------------
+
+    async def submit(
+        self,
+        action_ref: str,
+        parameters: dict[str, Any] | None = None,
+        *,
+        idempotency_key: str | None = None,
+        timeout_s: float | None = None,
+        accept_timeout_s: float = 10.0,
+        watch: bool = False,
+    ) -> Submission:
+        """Post an invocation and wait (up to ``accept_timeout_s``) for an executor to record it.
+
+        Raises :class:`RequestRejected` if the request is refused outright; a request recorded as
+        `failed` (unknown action, bad parameters) comes back with that status and its error."""
+        channel, inbox = await self._amqp()
+        execution_id = uuid.uuid4()
+        if watch:
+            await self._watch(execution_id)
+        body: dict[str, Any] = {"action_ref": action_ref, "parameters": parameters or {}}
+        if idempotency_key is not None:
+            body["idempotency_key"] = idempotency_key
+        if timeout_s is not None:
+            body["timeout_seconds"] = timeout_s
+        reply = asyncio.get_running_loop().create_future()
+        self._replies[str(execution_id)] = reply
+        exchange = await channel.get_exchange(self.names.executions_exchange)
+        await exchange.publish(
+            amqp.persistent_json(
+                json.dumps(body).encode(),
+                message_id=str(execution_id),
+                correlation_id=str(execution_id),
+                reply_to=inbox.name,
+            ),
+            routing_key=amqp.REQUESTED_KEY,
+            mandatory=True,
+        )
+        try:
+            acceptance = await asyncio.wait_for(reply, accept_timeout_s)
+        except asyncio.TimeoutError:
+            self._replies.pop(str(execution_id), None)
+            return Submission(execution_id, accepted=False)
+        if acceptance.execution_id is None:
+            raise RequestRejected(acceptance.error or "request rejected")
+        return Submission(
+            acceptance.execution_id,
+            accepted=True,
+            status=acceptance.status,
+            duplicate=acceptance.duplicate,
+            error=acceptance.error,
+        )
+
+    async def wait(self, execution_id: uuid.UUID | str, timeout_s: float | None = None, recheck_s: float = 5.0) -> dict[str, Any]:
+        """The execution once it is terminal. Raises TimeoutError after ``timeout_s``."""
+        execution_id = uuid.UUID(str(execution_id))
+        notified = await self._watch(execution_id)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        try:
+            while True:
+                current = await self.get(execution_id)
+                if current is not None and current["status"] in _TERMINAL:
+                    return current
+                remaining = recheck_s if deadline is None else min(recheck_s, deadline - time.monotonic())
+                if remaining <= 0:
+                    raise TimeoutError(f"execution {execution_id} did not finish within {timeout_s} s")
+                with contextlib.suppress(asyncio.TimeoutError):
+                    return await asyncio.wait_for(asyncio.shield(notified), remaining)
+        finally:
+            self._notified.pop(str(execution_id), None)
+
+    async def run(self, action_ref: str, parameters: dict[str, Any] | None = None, *, timeout_s: float | None = None,
+                  wait_timeout_s: float | None = None, **kwargs: Any) -> dict[str, Any]:
+        """Submit and wait: the finished execution."""
+        submission = await self.submit(action_ref, parameters, timeout_s=timeout_s, watch=True, **kwargs)
+        return await self.wait(submission.execution_id, wait_timeout_s)
+
+    # -- reading -------------------------------------------------------------------------------
+
+    async def get(self, execution_id: uuid.UUID | str) -> dict[str, Any] | None:
+        """The execution with its events, as `baton executions show --json` prints it."""
+        pool = await self.pool()
+        execution_id = uuid.UUID(str(execution_id))
+        row = await pool.fetchrow(q.GET, execution_id)
+        if row is None:
+            return None
+        events = [dict(e) for e in await pool.fetch(q.EVENTS, [execution_id])]
+        return execution_json(dict(row), events)
+
+    async def list_executions(
+        self, *, status: str | None = None, action_ref: str | None = None, limit: int = 50
+    ) -> list[dict[str, Any]]:
+        if status is not None:
+            Status(status)  # a clear ValueError for a status that does not exist
+        pool = await self.pool()
+        return [jsonable_row(r) for r in await pool.fetch(q.LIST, status, action_ref, limit)]
+
+    async def list_workers(self) -> list[dict[str, Any]]:
+        pool = await self.pool()
+        return [jsonable_row(r) for r in await pool.fetch(wq.LIST)]
+
+    async def action_schema(self, action_ref: str) -> dict[str, Any] | None:
+        pool = await self.pool()
+        row = await pool.fetchrow(aq.GET, action_ref)
+        if row is not None:
+            return row["parameters_schema"]
+        spec = CORE_ACTIONS.get(action_ref)
+        return spec.parameters_schema if spec else None

@@ -1,0 +1,1 @@
+"""Example actions, loaded by the demo and the development and docker configs."""

@@ -1,0 +1,131 @@
+"""Scheduler: places `requested` executions on live workers and dispatches them.
+
+Woken by intake (in process) and by PostgreSQL notifications (a worker registered, capacity was
+freed), with a slow fallback timer as a safety net. Each pass locks a batch of requested rows
+(`FOR UPDATE SKIP LOCKED`, so replicas never place the same row), records `scheduled` with the
+worker and attempt+1, commits, and only then publishes the dispatches: a worker can never see a
+dispatch its claim would not match. A returned (unroutable) dispatch is rescheduled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import TYPE_CHECKING
+
+import aiormq.exceptions
+
+from common.amqp import Names, persistent_json
+from common.db import connect_one
+from common.logging import get_logger
+from common.queries import WAKE_CHANNEL
+from common.queries import executions as q
+from common.queries import workers as wq
+from common.schemas import Dispatch
+from executor.placement import Candidate, place, servable_actions
+from executor.rescheduling import reschedule_or_fail
+
+if TYPE_CHECKING:
+    from executor.service import ExecutorContext
+
+log = get_logger("baton.executor.scheduler")
+
+
+async def run(ctx: ExecutorContext, stop_event: asyncio.Event) -> None:
+    state = {"blocked": True}
+
+    def on_notify(_conn: object, _pid: int, _channel: str, payload: str) -> None:
+        if payload == "worker":
+            ctx.catalogue.invalidate()
+        # Freed capacity only matters when the last pass left work behind.
+        if payload != "capacity" or state["blocked"]:
+            ctx.wake.set()
+
+    listener = await connect_one(ctx.settings.database.url)
+    await listener.add_listener(WAKE_CHANNEL, on_notify)
+    log.info("scheduler_started")
+    fallback_s = ctx.settings.executor.scheduler_fallback_interval_s
+    try:
+        while not stop_event.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(_first(ctx.wake.wait(), stop_event.wait()), timeout=fallback_s)
+            if stop_event.is_set():
+                break
+            ctx.wake.clear()
+            while not stop_event.is_set():
+                more, state["blocked"] = await _pass(ctx)
+                if not more:
+                    break
+    finally:
+        with contextlib.suppress(Exception):
+            await listener.close()
+        log.info("scheduler_stopped")
+
+
+async def _first(*aws) -> None:
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def _pass(ctx: ExecutorContext) -> tuple[bool, bool]:
+    """One placement pass; returns (another pass may find more, work was left unplaced)."""
+    cfg = ctx.settings.executor
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        candidates = [
+            Candidate(r["name"], frozenset(r["actions"]), r["max_concurrent_tasks"], r["outstanding"])
+            for r in await conn.fetch(wq.ELIGIBLE, cfg.heartbeat_staleness_multiplier)
+        ]
+        servable = servable_actions(candidates, cfg.dispatch_backlog_factor)
+        if not servable:
+            return False, True
+        rows = await conn.fetch(q.SELECT_REQUESTED_FOR_UPDATE, cfg.schedule_batch_size, list(servable))
+        plan = place([(r["id"], r["action_ref"]) for r in rows], candidates, cfg.dispatch_backlog_factor)
+        if not plan:
+            return False, bool(rows)
+        by_id = {r["id"]: r for r in rows}
+        scheduled = await conn.fetch(
+            q.MARK_SCHEDULED, list(plan), list(plan.values()), [by_id[i]["attempt"] for i in plan]
+        )
+    await asyncio.gather(*(_dispatch(ctx, by_id[s["id"]], s["worker"], s["attempt"]) for s in scheduled))
+    return len(rows) == cfg.schedule_batch_size, len(plan) < len(rows)
+
+
+async def _dispatch(ctx: ExecutorContext, row, worker: str, attempt: int) -> None:
+    dispatch = Dispatch(
+        execution_id=row["id"],
+        attempt=attempt,
+        action_ref=row["action_ref"],
+        parameters=row["parameters"],
+        timeout_s=row["timeout_s"],
+    )
+    fields = {"execution_id": str(row["id"]), "worker": worker, "attempt": attempt}
+    try:
+        await ctx.exchanges.dispatch.publish(
+            persistent_json(dispatch.model_dump_json().encode(), message_id=f"{row['id']}:{attempt}"),
+            routing_key=Names.worker_routing_key(worker),
+            mandatory=True,
+        )
+    except aiormq.exceptions.PublishError:
+        reason = "dispatch returned: the worker's queue does not exist"
+    except Exception as exc:  # noqa: BLE001 - any failure to hand over means: not dispatched
+        reason = f"dispatch failed: {exc}"
+    else:
+        log.info("execution_scheduled", **fields)
+        return
+    # Safe even if the dispatch did arrive: the worker's claim is fenced by the attempt we move past.
+    log.warning("dispatch_failed", reason=reason, **fields)
+    await reschedule_or_fail(
+        ctx,
+        row["id"],
+        attempt,
+        reason=reason,
+        error={
+            "error": f"no worker could be reached after {attempt} dispatches: {reason}",
+            "failed_by": "scheduler",
+            "attempts": attempt,
+        },
+    )

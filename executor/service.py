@@ -1,0 +1,104 @@
+"""The executor process: connects, migrates, declares topology, and supervises its loops.
+
+Each loop is a module with ``run(ctx, stop_event)``. If one of them ends while the service is not
+stopping, the service stops loudly (non-zero exit) rather than limp on with a part missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import asyncpg
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+
+from common import amqp, db
+from common.logging import get_logger
+from common.settings import Settings
+from executor import intake, scheduler
+from executor.catalogue import Catalogue
+
+log = get_logger("baton.executor")
+
+Loop = Callable[["ExecutorContext", asyncio.Event], Awaitable[None]]
+
+
+@dataclass
+class ExecutorContext:
+    settings: Settings
+    names: amqp.Names
+    pool: asyncpg.Pool
+    amqp: AbstractRobustConnection
+    publish_channel: AbstractChannel
+    exchanges: amqp.Exchanges
+    catalogue: Catalogue
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class LoopDied(RuntimeError):
+    pass
+
+
+LOOPS: dict[str, Loop] = {"intake": intake.run, "scheduler": scheduler.run}
+
+
+async def serve(settings: Settings, stop_event: asyncio.Event) -> None:
+    names = amqp.Names(settings.message_queue.prefix)
+    await db.ensure_database(settings.database.url)
+    pool = await db.connect(settings.database.url, max_size=settings.database.pool_max_size)
+    connection: AbstractRobustConnection | None = None
+    try:
+        await db.migrate(pool)
+        connection = await amqp.connect(settings.message_queue.url)
+        publish_channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        exchanges, _ = await amqp.declare_executor_topology(
+            publish_channel, names, rejected_max_length=settings.message_queue.rejected_requests_max_length
+        )
+        ctx = ExecutorContext(
+            settings=settings,
+            names=names,
+            pool=pool,
+            amqp=connection,
+            publish_channel=publish_channel,
+            exchanges=exchanges,
+            catalogue=Catalogue(pool),
+        )
+        log.info("executor_started", prefix=names.prefix)
+        await supervise(ctx, LOOPS, stop_event)
+    finally:
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await connection.close()
+        await pool.close()
+        log.info("executor_stopped")
+
+
+async def supervise(ctx: ExecutorContext, loops: dict[str, Loop], stop_event: asyncio.Event) -> None:
+    tasks = {asyncio.create_task(loop(ctx, stop_event), name=name): name for name, loop in loops.items()}
+    stopper = asyncio.create_task(stop_event.wait())
+    done, _ = await asyncio.wait({stopper, *tasks}, return_when=asyncio.FIRST_COMPLETED)
+    died = [t for t in done if t is not stopper]
+    stop_event.set()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    stopper.cancel()
+    for task in died:
+        exc = task.exception()
+        log.error("loop_died", loop=tasks[task], error=repr(exc) if exc else "returned")
+    if died:
+        first = died[0].exception()
+        raise LoopDied(f"executor loop {tasks[died[0]]!r} stopped unexpectedly") from first
+
+
+def install_signal_handlers(stop_event: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_event.set)
+
+
+async def main(settings: Settings) -> None:
+    stop_event = asyncio.Event()
+    install_signal_handlers(stop_event)
+    await serve(settings, stop_event)

@@ -1,0 +1,39 @@
+"""The `core` pack: noop, echo, sleep (Python runtime) and local (shell runtime)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from common.actions import CORE_PARAMS, EchoParams, LocalParams, NoopParams, SleepParams
+from worker.registry import Invocation, core_action
+from worker.shell import ShellLimits, run_local
+
+#: Set by the worker at start: limits that shell actions get from its settings.
+SHELL_LIMITS = ShellLimits()
+
+
+def _core(ref: str):
+    runtime, model, doc = CORE_PARAMS[ref]
+    return core_action(ref, runtime, model, doc)
+
+
+@_core("core.noop")
+async def noop(_params: NoopParams, _inv: Invocation) -> None:
+    return None
+
+
+@_core("core.echo")
+async def echo(params: EchoParams, _inv: Invocation) -> dict[str, Any]:
+    return {"message": params.message}
+
+
+@_core("core.sleep")
+async def sleep(params: SleepParams, _inv: Invocation) -> dict[str, Any]:
+    await asyncio.sleep(params.seconds)
+    return {"slept_s": params.seconds}
+
+
+@_core("core.local")
+async def local(params: LocalParams, inv: Invocation) -> Any:
+    return await run_local(params, inv, SHELL_LIMITS)

@@ -1,0 +1,131 @@
+"""`@action`: registering Python functions as Baton actions.
+
+The parameters an action takes are read from its signature and become a pydantic model, whose JSON
+schema goes into the catalogue so that the executor can reject bad parameters before dispatch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, create_model
+
+from common.actions import ActionSpec, Runtime
+
+#: Runs an action given its validated parameters; shell actions also get the execution's context.
+Invoker = Callable[[BaseModel, "Invocation"], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """What an action may know about the execution it serves."""
+
+    execution_id: str
+    attempt: int
+    action_ref: str
+    timeout_s: float
+
+
+@dataclass
+class RegisteredAction:
+    spec: ActionSpec
+    params_model: type[BaseModel]
+    invoke: Invoker
+
+
+_REGISTRY: dict[str, RegisteredAction] = {}
+
+
+def registered() -> dict[str, RegisteredAction]:
+    return dict(_REGISTRY)
+
+
+def register(entry: RegisteredAction) -> None:
+    existing = _REGISTRY.get(entry.spec.ref)
+    if existing is not None and existing.invoke is not entry.invoke:
+        raise ValueError(f"action {entry.spec.ref!r} is registered twice")
+    _REGISTRY[entry.spec.ref] = entry
+
+
+def params_model_for(ref: str, func: Callable[..., Any]) -> type[BaseModel]:
+    """A pydantic model of ``func``'s keyword parameters; unknown parameters are refused unless the
+    function takes ``**kwargs``."""
+    fields: dict[str, Any] = {}
+    extra = "forbid"
+    for name, param in inspect.signature(func).parameters.items():
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            extra = "allow"
+            continue
+        if param.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.POSITIONAL_ONLY):
+            raise TypeError(f"action {ref!r}: parameters must be passable by keyword ({name!r} is not)")
+        annotation = Any if param.annotation is inspect.Parameter.empty else param.annotation
+        default = ... if param.default is inspect.Parameter.empty else param.default
+        fields[name] = (annotation, default)
+    model_name = "".join(part.title() for part in ref.replace("-", "_").split(".")) + "Params"
+    return create_model(model_name, __config__=ConfigDict(extra=extra), **fields)
+
+
+def action(
+    ref: str,
+    *,
+    timeout_s: float | None = None,
+    description: str | None = None,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a Python function (sync or async) as action ``ref`` (``pack.name``).
+
+    Its keyword parameters are the action's parameters; its return value (JSON-serialisable) is the
+    execution's result; an exception fails the execution. A sync function runs in a thread and,
+    unlike a coroutine, cannot be interrupted at its timeout: prefer ``async def`` for long work.
+    """
+    if "." not in ref:
+        raise ValueError(f"action ref {ref!r} must look like 'pack.name'")
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        model = params_model_for(ref, func)
+        names = list(model.model_fields)
+
+        async def invoke(params: BaseModel, _inv: Invocation) -> Any:
+            kwargs = {n: getattr(params, n) for n in names}
+            kwargs.update(params.model_extra or {})
+            if inspect.iscoroutinefunction(func):
+                return await func(**kwargs)
+            return await asyncio.to_thread(func, **kwargs)
+
+        register(
+            RegisteredAction(
+                spec=ActionSpec(
+                    ref=ref,
+                    runtime="python",
+                    parameters_schema=model.model_json_schema(),
+                    timeout_s=timeout_s,
+                    description=description or inspect.getdoc(func),
+                ),
+                params_model=model,
+                invoke=invoke,
+            )
+        )
+        return func
+
+    return decorate
+
+
+def core_action(ref: str, runtime: Runtime, model: type[BaseModel], description: str):
+    """Register a built-in whose contract (ref, runtime, parameters) is fixed in `common.actions`."""
+
+    def decorate(func: Invoker) -> Invoker:
+        register(
+            RegisteredAction(
+                spec=ActionSpec(
+                    ref=ref, runtime=runtime, parameters_schema=model.model_json_schema(), description=description
+                ),
+                params_model=model,
+                invoke=func,
+            )
+        )
+        return func
+
+    return decorate

@@ -1,0 +1,82 @@
+"""Running one dispatch's action to an outcome: completed, failed or timeout."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from common.schemas import Dispatch
+from worker.errors import ActionFailed, ActionTimedOut
+from worker.registry import Invocation, RegisteredAction
+
+
+@dataclass
+class Outcome:
+    status: str  # completed | failed | timeout
+    result: Any = None
+    error: dict[str, Any] | None = None
+
+
+def resolve_timeout_s(invocation_s: float | None, action_s: float | None, default_s: float) -> float:
+    """The invocation's own timeout wins, then the action's, then `worker.task_timeout`."""
+    for value in (invocation_s, action_s):
+        if value is not None and value > 0:
+            return value
+    return default_s
+
+
+def _error(message: str, **details: Any) -> dict[str, Any]:
+    return {"error": message, "failed_by": "worker", **details}
+
+
+def _bounded_result(result: Any, max_bytes: int) -> Outcome:
+    try:
+        encoded = json.dumps(result)
+    except (TypeError, ValueError) as exc:
+        return Outcome("failed", error=_error(f"result is not JSON-serialisable: {exc}"))
+    if len(encoded) > max_bytes:
+        return Outcome(
+            "failed", error=_error(f"result is {len(encoded)} bytes, more than max_output_bytes ({max_bytes})")
+        )
+    return Outcome("completed", result=result)
+
+
+async def execute(
+    action: RegisteredAction | None, dispatch: Dispatch, *, default_timeout_s: float, max_output_bytes: int
+) -> Outcome:
+    """Never raises for anything the action does; only cancellation (worker stopping) propagates."""
+    if action is None:
+        return Outcome("failed", error=_error(f"this worker does not serve action {dispatch.action_ref!r}"))
+    timeout_s = resolve_timeout_s(dispatch.timeout_s, action.spec.timeout_s, default_timeout_s)
+    try:
+        params = action.params_model.model_validate(dispatch.parameters)
+    except ValidationError as exc:
+        return Outcome("failed", error=_error(f"invalid parameters: {exc}"))
+    inv = Invocation(str(dispatch.execution_id), dispatch.attempt, dispatch.action_ref, timeout_s)
+    # The shell runner enforces the timeout itself (SIGTERM, grace, SIGKILL); Python is cancelled.
+    deadline = asyncio.timeout(None if action.spec.runtime == "shell" else timeout_s)
+    try:
+        async with deadline:
+            result = await action.invoke(params, inv)
+    except ActionTimedOut as exc:
+        return Outcome("timeout", result=exc.result, error=_error(str(exc), timeout_seconds=timeout_s))
+    except TimeoutError as exc:
+        if not deadline.expired():  # the action's own TimeoutError (a network call, say): a failure
+            return Outcome("failed", error=_error(f"{type(exc).__name__}: {exc}"))
+        return Outcome(
+            "timeout",
+            error=_error(f"action ran longer than its timeout of {timeout_s:g} s and was cancelled", timeout_seconds=timeout_s),
+        )
+    except ActionFailed as exc:
+        return Outcome("failed", result=exc.result, error=_error(str(exc)))
+    except Exception as exc:  # noqa: BLE001 - an action's own failure is its execution's outcome
+        return Outcome(
+            "failed",
+            error=_error(f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=20)[-4000:]),
+        )
+    return _bounded_result(result, max_output_bytes)

@@ -1,0 +1,321 @@
+"""The worker process: registers, heartbeats, claims dispatches from its own queue, runs them.
+
+A dispatch stays unacked only until its fenced claim (`scheduled` -> `running`) commits; from then
+on PostgreSQL owns the execution. The worker claims only when it has a free slot, so what it holds
+unacked is exactly what it has received but not started, which is what a drain hands back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import json
+import os
+import socket
+import uuid
+from collections import deque
+from typing import Any
+
+import asyncpg
+from aio_pika.abc import AbstractIncomingMessage
+from pydantic import ValidationError
+
+from common import amqp, db
+from common.logging import get_logger
+from common.notifications import publish_terminal
+from common.queries import actions as aq
+from common.queries import executions as q
+from common.queries import workers as wq
+from common.schemas import Dispatch
+from common.settings import Settings
+from worker import builtins
+from worker.registry import RegisteredAction, registered
+from worker.runner import Outcome, execute
+from worker.shell import ShellLimits
+
+log = get_logger("baton.worker")
+
+
+def load_action_modules(modules: list[str]) -> None:
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:
+            raise RuntimeError(f"cannot import action module {module!r} (worker.action_modules): {exc}") from exc
+
+
+class WorkerService:
+    def __init__(self, settings: Settings, name: str) -> None:
+        self.settings = settings
+        self.cfg = settings.worker
+        self.name = name
+        self.names = amqp.Names(settings.message_queue.prefix)
+        self.incarnation = uuid.uuid4()
+        load_action_modules(self.cfg.action_modules)
+        builtins.SHELL_LIMITS.__dict__.update(
+            ShellLimits(max_output_bytes=self.cfg.max_output_bytes, kill_grace_s=self.cfg.kill_grace_s).__dict__
+        )
+        self.actions: dict[str, RegisteredAction] = {
+            ref: a for ref, a in registered().items() if a.spec.runtime in self.cfg.runtimes
+        }
+        self.log = log.bind(worker=name)
+        self.inbox: deque[AbstractIncomingMessage] = deque()
+        self.mail = asyncio.Event()
+        self.slots = asyncio.Semaphore(self.cfg.max_concurrent_tasks)
+        self.running: dict[uuid.UUID, asyncio.Task[None]] = {}
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.outcomes: asyncio.Queue[tuple[Dispatch, Outcome]] = asyncio.Queue()
+        self.draining = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self, stop_event: asyncio.Event) -> None:
+        self.pool = await db.connect(self.settings.database.url, max_size=4)
+        self.connection = await amqp.connect(self.settings.message_queue.url)
+        try:
+            await self._start()
+            loops = {
+                asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+                asyncio.create_task(self._claim_loop(), name="claimer"),
+                asyncio.create_task(self._finish_loop(), name="finisher"),
+            }
+            stopper = asyncio.create_task(stop_event.wait())
+            done, _ = await asyncio.wait({stopper, *loops}, return_when=asyncio.FIRST_COMPLETED)
+            for task in done - {stopper}:
+                self.log.error("loop_died", loop=task.get_name(), error=repr(task.exception()))
+            await self._drain(loops)
+            for task in done - {stopper}:
+                raise RuntimeError(f"worker loop {task.get_name()!r} stopped unexpectedly") from task.exception()
+        finally:
+            with contextlib.suppress(Exception):
+                await self.connection.close()
+            await self.pool.close()
+            self.log.info("worker_stopped")
+
+    async def _start(self) -> None:
+        cfg = self.cfg
+        self.consume_channel = await self.connection.channel()
+        await self.consume_channel.set_qos(prefetch_count=cfg.max_concurrent_tasks)
+        self.publish_channel = await self.connection.channel(publisher_confirms=True)
+        self.exchanges = await amqp.declare_exchanges(self.publish_channel, self.names)
+        # The queue exists before the worker is offered work, so no dispatch is ever unroutable.
+        self.queue = await amqp.declare_worker_queue(
+            self.consume_channel, self.names, self.name, queue_ttl_ms=cfg.queue_ttl_ms
+        )
+        specs = [a.spec for a in self.actions.values()]
+        await self.pool.execute(
+            aq.UPSERT,
+            [s.ref for s in specs],
+            [s.runtime for s in specs],
+            [json.dumps(s.parameters_schema) for s in specs],
+            [s.timeout_s for s in specs],
+            [s.description for s in specs],
+        )
+        await self.pool.fetch(
+            wq.REGISTER,
+            self.name,
+            list(cfg.runtimes),
+            sorted(self.actions),
+            cfg.max_concurrent_tasks,
+            cfg.heartbeat_interval_s,
+            socket.gethostname(),
+            os.getpid(),
+            self.incarnation,
+        )
+        self.consumer_tag = await self.queue.consume(self._on_message)
+        self.log.info(
+            "worker_registered",
+            queue=self.queue.name,
+            runtimes=list(cfg.runtimes),
+            actions=sorted(self.actions),
+            concurrency=cfg.max_concurrent_tasks,
+        )
+
+    async def _drain(self, loops: set[asyncio.Task[Any]]) -> None:
+        """DESIGN section 5: draining, consumer cancelled, unstarted handed back, in-flight finished
+        (or interrupted past the deadline), then inactive."""
+        self.draining = True
+        self.mail.set()
+        self.log.info("worker_draining", in_flight=len(self.running), unstarted=len(self.inbox))
+        with contextlib.suppress(Exception):
+            await self.pool.fetch(wq.SET_STATUS, self.name, self.incarnation, "draining")
+        with contextlib.suppress(Exception):
+            await self.queue.cancel(self.consumer_tag)
+        claimer = next((t for t in loops if t.get_name() == "claimer"), None)
+        if claimer is not None:
+            with contextlib.suppress(BaseException):
+                await claimer
+        handed_back = 0
+        while self.inbox:
+            message = self.inbox.popleft()
+            with contextlib.suppress(Exception):
+                # Dead-lettered at once; the executor reschedules it on another worker.
+                await message.reject(requeue=False)
+                handed_back += 1
+        if handed_back:
+            self.log.info("dispatches_handed_back", count=handed_back)
+        try:
+            await asyncio.wait_for(self.idle.wait(), self.cfg.shutdown_timeout_s)
+        except asyncio.TimeoutError:
+            self.log.warning("drain_deadline_passed", interrupting=len(self.running))
+            for task in list(self.running.values()):
+                task.cancel()
+            await asyncio.gather(*self.running.values(), return_exceptions=True)
+        await self.outcomes.join()
+        for task in loops:
+            task.cancel()
+        await asyncio.gather(*loops, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self.pool.fetch(wq.SET_STATUS, self.name, self.incarnation, "inactive")
+        self.log.info("worker_inactive")
+
+    # -- receiving and claiming -------------------------------------------------------------
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        if self.draining:
+            with contextlib.suppress(Exception):
+                await message.reject(requeue=False)
+            return
+        self.inbox.append(message)
+        self.mail.set()
+
+    async def _claim_loop(self) -> None:
+        while not self.draining:
+            await self.slots.acquire()
+            while not self.inbox and not self.draining:
+                self.mail.clear()
+                await self.mail.wait()
+            if self.draining:
+                self.slots.release()
+                return
+            batch = [self.inbox.popleft()]
+            while self.inbox and not self.slots.locked():
+                await self.slots.acquire()
+                batch.append(self.inbox.popleft())
+            await self._claim(batch)
+
+    async def _claim(self, batch: list[AbstractIncomingMessage]) -> None:
+        dispatches: dict[uuid.UUID, Dispatch] = {}
+        for message in batch:
+            try:
+                dispatch = Dispatch.model_validate_json(message.body)
+            except ValidationError as exc:
+                self.log.error("dispatch_invalid", error=str(exc), message_id=message.message_id)
+                await message.reject(requeue=False)
+                continue
+            if dispatch.execution_id not in dispatches:  # a redelivered twin in the same batch runs once
+                dispatches[dispatch.execution_id] = dispatch
+        rows = await db.until_available(
+            lambda: self.pool.fetch(
+                q.CLAIM, list(dispatches), [d.attempt for d in dispatches.values()], self.name
+            ),
+            what="claim",
+        )
+        claimed = {r["id"] for r in rows}
+        for message in batch:
+            with contextlib.suppress(Exception):
+                if not message.processed:
+                    await message.ack()
+        for execution_id, dispatch in dispatches.items():
+            fields = {"execution_id": str(execution_id), "attempt": dispatch.attempt, "action_ref": dispatch.action_ref}
+            if execution_id in claimed:
+                self.log.info("execution_started", **fields)
+                self.idle.clear()
+                self.running[execution_id] = asyncio.create_task(self._run_one(dispatch))
+            else:
+                self.log.info("dispatch_stale", **fields)
+        for _ in range(len(batch) - len(claimed)):
+            self.slots.release()
+
+    # -- running and recording --------------------------------------------------------------
+
+    async def _run_one(self, dispatch: Dispatch) -> None:
+        try:
+            outcome = await execute(
+                self.actions.get(dispatch.action_ref),
+                dispatch,
+                default_timeout_s=self.cfg.task_timeout_s,
+                max_output_bytes=self.cfg.max_output_bytes,
+            )
+        except asyncio.CancelledError:
+            await self._interrupt(dispatch, reason="signal", error="the worker stopped past its drain deadline")
+            self._release(dispatch.execution_id)
+            raise
+        await self.outcomes.put((dispatch, outcome))
+
+    async def _interrupt(self, dispatch: Dispatch, *, reason: str, error: str) -> None:
+        data = {
+            "reason": reason,
+            "worker_id": self.name,
+            "error": error,
+            "recoverable": True,
+            "recovery_attempt": 0,
+        }
+        with contextlib.suppress(Exception):
+            await self.pool.fetch(q.INTERRUPT, dispatch.execution_id, dispatch.attempt, self.name, json.dumps(data))
+        self.log.warning(
+            "execution_interrupted", execution_id=str(dispatch.execution_id), attempt=dispatch.attempt, reason=reason
+        )
+
+    def _release(self, execution_id: uuid.UUID) -> None:
+        if self.running.pop(execution_id, None) is not None:
+            self.slots.release()
+        if not self.running:
+            self.idle.set()
+
+    async def _finish_loop(self) -> None:
+        while True:
+            batch = [await self.outcomes.get()]
+            while not self.outcomes.empty():
+                batch.append(self.outcomes.get_nowait())
+            try:
+                await self._record(batch)
+            finally:
+                for dispatch, _ in batch:
+                    self._release(dispatch.execution_id)
+                    self.outcomes.task_done()
+
+    async def _record(self, batch: list[tuple[Dispatch, Outcome]]) -> None:
+        rows = await db.until_available(
+            lambda: self.pool.fetch(
+                q.FINISH,
+                [d.execution_id for d, _ in batch],
+                [d.attempt for d, _ in batch],
+                [o.status for _, o in batch],
+                [json.dumps(o.result) if o.result is not None else None for _, o in batch],
+                [json.dumps(o.error) if o.error is not None else None for _, o in batch],
+                self.name,
+            ),
+            what="record_outcomes",
+        )
+        recorded = {r["id"] for r in rows}
+        for dispatch, outcome in batch:
+            fields = {"execution_id": str(dispatch.execution_id), "attempt": dispatch.attempt}
+            if dispatch.execution_id not in recorded:
+                # Fencing: the execution moved on (recovered elsewhere); this late outcome is dropped.
+                self.log.warning("outcome_fenced", status=outcome.status, **fields)
+            elif outcome.status == "completed":
+                self.log.info("execution_completed", **fields)
+            else:
+                self.log.warning(
+                    f"execution_{outcome.status}", error=(outcome.error or {}).get("error"), **fields
+                )
+        await publish_terminal(self.pool, self.exchanges.notifications, rows)
+
+    # -- liveness ----------------------------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        interval_s = self.cfg.heartbeat_interval_s
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                status = await self.pool.fetchval(wq.HEARTBEAT, self.name, self.incarnation, len(self.running))
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                self.log.warning("heartbeat_failed", error=str(exc))
+                continue
+            if status is None:
+                raise RuntimeError(
+                    f"worker row {self.name!r} now belongs to another process: two workers share this name"
+                )
