@@ -325,3 +325,7 @@ def db_migrate() -> None:
 
 def main() -> None:  # pragma: no cover - console script entry
     sys.exit(app())
+
+
+if __name__ == "__main__":  # `python -m common.cli`, for tests and scripts that lack the console script
+    main()

@@ -10,7 +10,8 @@ from tenacity import (
     before_sleep_log,
     retry_if_exception_type,
     stop_after_delay,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 import asyncpg
@@ -35,7 +36,7 @@ def connect_retrying(max_wait_s: float = 60.0) -> AsyncRetrying:
     """Exponential backoff with jitter on connect, giving up after ``max_wait_s``."""
     return AsyncRetrying(
         retry=retry_if_exception_type(TRANSIENT_ERRORS),
-        wait=wait_exponential_jitter(initial=0.1, max=5.0, jitter=0.5),
+        wait=wait_exponential(multiplier=0.1, max=5.0) + wait_random(0, 0.5),
         stop=stop_after_delay(max_wait_s),
         before_sleep=before_sleep_log(_log, logging.WARNING),
         reraise=True,

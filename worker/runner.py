@@ -79,4 +79,6 @@ async def execute(
             "failed",
             error=_error(f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=20)[-4000:]),
         )
+    if action.spec.runtime == "shell":
+        return Outcome("completed", result=result)  # stdout and stderr are capped as they are read
     return _bounded_result(result, max_output_bytes)

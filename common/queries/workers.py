@@ -45,7 +45,7 @@ WHERE w.status = 'active'
 
 LIST = """
 SELECT name, status, runtimes, max_concurrent_tasks, in_flight, last_heartbeat,
-       extract(epoch FROM now() - last_heartbeat) AS heartbeat_age_s, heartbeat_interval_s,
+       extract(epoch FROM now() - last_heartbeat)::float8 AS heartbeat_age_s, heartbeat_interval_s,
        hostname, pid, started_at
 FROM workers
 ORDER BY name

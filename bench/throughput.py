@@ -1,0 +1,492 @@
+#!/usr/bin/env python
+"""End-to-end throughput benchmark: N `core.noop` invocations through RabbitMQ -> executor -> workers.
+
+Starts one `baton executor` and `--workers` `baton worker` processes against a fresh database and a
+unique RabbitMQ prefix, posts `--n` invocations (publisher confirms, concurrently in chunks), polls
+PostgreSQL until all are `completed` (or `--timeout`), then prints wall time, executions per second,
+latency percentiles (post -> created / scheduled / started / finished, from the database's
+timestamps against the client's wall clock on the same machine), the CPU time each process group
+used while the run was measured, and a final one-line JSON summary. Everything it created (queues,
+exchanges, database) is removed afterwards unless `--keep`.
+
+    .venv/bin/python bench/throughput.py --n 5000 --workers 2 --concurrency 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import aio_pika
+import asyncpg
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from common import amqp  # noqa: E402
+
+TERMINAL = ("completed", "failed", "timeout", "cancelled")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# -- CPU accounting from /proc ---------------------------------------------------------------------
+
+
+def _proc_stat(pid: int) -> tuple[str, int, float] | None:
+    """(comm, ppid, cpu seconds user+system) of one process, or None if it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    comm = raw[raw.index("(") + 1 : raw.rindex(")")]
+    fields = raw[raw.rindex(")") + 2 :].split()
+    # fields[0] is state (field 3); utime is field 14, stime field 15 -> indexes 11, 12
+    return comm, int(fields[1]), (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def cpu_snapshot() -> dict[int, tuple[str, int, float]]:
+    snap = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            st = _proc_stat(int(entry))
+            if st is not None:
+                snap[int(entry)] = st
+    return snap
+
+
+def _total_cpu_seconds() -> tuple[float, float]:
+    with open("/proc/stat") as f:
+        parts = f.readline().split()[1:]
+    values = [int(v) for v in parts[:8]]
+    return sum(values) / CLK_TCK, (values[3] + values[4]) / CLK_TCK  # (all, idle+iowait)
+
+
+def cpu_split(
+    before: dict[int, tuple[str, int, float]],
+    after: dict[int, tuple[str, int, float]],
+    roles: dict[int, str],
+) -> tuple[dict[str, float], dict[str, float]]:
+    """CPU seconds used between two snapshots, grouped: executor, workers, postgres, rabbitmq, bench, other."""
+    def role(pid: int, comm: str, ppid: int, snap) -> str:
+        seen = set()
+        p = pid
+        while p and p not in seen:  # a child of one of our services counts as that service
+            if p in roles:
+                return roles[p]
+            seen.add(p)
+            p = snap.get(p, ("", 0, 0.0))[1]
+        if comm == "postgres" or comm.startswith("postgres"):
+            return "postgres"
+        if comm in ("beam.smp", "epmd", "erl_child_setup", "inet_gethost") or comm.startswith("rabbit"):
+            return "rabbitmq"
+        if comm.startswith(("kworker", "jbd2", "kdamond", "ksoftirqd", "kswapd")):
+            return "kernel"
+        return "other"
+
+    split: dict[str, float] = {}
+    others: dict[str, float] = {}
+    for pid, (comm, ppid, cpu) in after.items():
+        prev = before.get(pid)
+        delta = cpu - prev[2] if prev and prev[0] == comm else cpu
+        if delta <= 0:
+            continue
+        key = role(pid, comm, ppid, after)
+        split[key] = split.get(key, 0.0) + delta
+        if key == "other":
+            others[comm] = others.get(comm, 0.0) + delta
+    return split, others
+
+
+# -- database ------------------------------------------------------------------------------------
+
+
+async def recreate_database(url: str) -> None:
+    name = urlsplit(url).path.lstrip("/")
+    if not name or '"' in name:
+        raise SystemExit(f"--database-url names no usable database: {url!r}")
+    admin = await asyncpg.connect(url, database="postgres")
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+
+
+async def drop_database(url: str) -> None:
+    name = urlsplit(url).path.lstrip("/")
+    admin = await asyncpg.connect(url, database="postgres")
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+async def wait_for(predicate, *, timeout_s: float, what: str, procs: list[subprocess.Popen]) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for p in procs:
+            if p.poll() is not None:
+                raise RuntimeError(f"{what}: a service exited early (pid {p.pid}, rc {p.returncode})")
+        with contextlib.suppress(Exception):
+            if await predicate():
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.2)
+
+
+XACTS = "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()"
+
+BATCHES = """
+SELECT count(DISTINCT created_at) AS intake,
+       count(DISTINCT scheduled_at) AS schedule,
+       count(DISTINCT (worker, started_at)) AS claim,
+       count(DISTINCT (worker, finished_at)) AS finish
+FROM executions
+"""
+
+
+# -- services --------------------------------------------------------------------------------------
+
+
+def baton_command() -> list[str]:
+    script = Path(sys.executable).parent / "baton"
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-c", "from common.cli import app; app()"]
+
+
+def service_env(args: argparse.Namespace, prefix: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("BATON_CONFIG", str(REPO / "config" / "config.yaml"))
+    env["BATON__DATABASE__URL"] = args.database_url
+    env["BATON__MESSAGE_QUEUE__URL"] = args.amqp_url
+    env["BATON__MESSAGE_QUEUE__PREFIX"] = prefix
+    env["BATON__LOGGING__LEVEL"] = args.log_level
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def start(cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    out = open(log_path, "wb")
+    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop(procs: list[subprocess.Popen], timeout_s: float = 60.0) -> dict[int, int | None]:
+    for p in procs:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    codes: dict[int, int | None] = {}
+    for p in procs:
+        try:
+            codes[p.pid] = p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log(f"pid {p.pid} did not stop within {timeout_s:.0f} s after SIGTERM; killing it")
+            p.kill()
+            codes[p.pid] = p.wait()
+    return codes
+
+
+# -- posting ---------------------------------------------------------------------------------------
+
+
+async def post_all(amqp_url: str, names: amqp.Names, n: int, chunk: int) -> dict[str, float]:
+    """Publish n noop requests with confirms; returns {execution id: wall-clock post time}."""
+    connection = await aio_pika.connect(amqp_url)
+    posted: dict[str, float] = {}
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        # Make sure the requests queue exists (and is bound) before anything is published to it.
+        await amqp.declare_requests_queue(channel, names)
+        exchange = await channel.get_exchange(names.executions_exchange)
+        body = json.dumps({"action_ref": "core.noop", "parameters": {}}).encode()
+
+        async def one(execution_id: str) -> None:
+            posted[execution_id] = time.time()
+            await exchange.publish(
+                aio_pika.Message(
+                    body,
+                    content_type="application/json",
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    message_id=execution_id,
+                ),
+                routing_key=amqp.REQUESTED_KEY,
+            )
+
+        ids = [str(uuid.uuid4()) for _ in range(n)]
+        for start_at in range(0, n, chunk):
+            await asyncio.gather(*(one(i) for i in ids[start_at : start_at + chunk]))
+    finally:
+        await connection.close()
+    return posted
+
+
+async def delete_topology(amqp_url: str, names: amqp.Names, worker_names: list[str]) -> None:
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        queues = [names.requests_queue, names.rejected_requests_queue, names.dead_letters_queue]
+        queues += [names.worker_queue(w) for w in worker_names]
+        for q in queues:
+            with contextlib.suppress(Exception):
+                await channel.queue_delete(q)
+        for x in (names.executions_exchange, names.dispatch_exchange, names.dlx, names.notifications_exchange):
+            with contextlib.suppress(Exception):
+                await channel.exchange_delete(x)
+    finally:
+        await connection.close()
+
+
+# -- reporting -------------------------------------------------------------------------------------
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = min(len(s) - 1, max(0, int(round(p / 100.0 * (len(s) - 1)))))
+    return s[k]
+
+
+def ms(x: float) -> str:
+    return f"{x * 1000:8.1f} ms"
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+
+async def run(args: argparse.Namespace) -> dict:
+    prefix = f"bench_{secrets.token_hex(4)}"
+    names = amqp.Names(prefix)
+    worker_names = [f"{prefix}_w{i + 1}" for i in range(args.workers)]
+    log_dir = Path(args.log_dir or f"/tmp/{prefix}")
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = service_env(args, prefix)
+    cmd = shlex.split(args.baton_cmd) if args.baton_cmd else baton_command()
+    procs: list[subprocess.Popen] = []
+    roles: dict[int, str] = {os.getpid(): "bench"}
+    summary: dict = {
+        "n": args.n,
+        "workers": args.workers,
+        "concurrency": args.concurrency,
+        "prefix": prefix,
+    }
+    pool: asyncpg.Pool | None = None
+    log(f"prefix {prefix}, database {args.database_url}, service logs in {log_dir}")
+    try:
+        await recreate_database(args.database_url)
+        executor = start([*cmd, "executor"], env, log_dir / "executor.log")
+        procs.append(executor)
+        roles[executor.pid] = "executor"
+        (log_dir / "pids").write_text(f"executor {executor.pid}\n")
+
+        pool = await asyncpg.create_pool(args.database_url, min_size=1, max_size=2)
+        assert pool is not None
+
+        async def migrated() -> bool:
+            return await pool.fetchval("SELECT to_regclass('public.workers') IS NOT NULL")
+
+        await wait_for(migrated, timeout_s=60, what="the executor to migrate the database", procs=procs)
+        for w in worker_names:
+            p = start(
+                [*cmd, "worker", "--name", w, "--concurrency", str(args.concurrency), "--runtimes", "python"],
+                env,
+                log_dir / f"{w}.log",
+            )
+            procs.append(p)
+            roles[p.pid] = "workers"
+            with open(log_dir / "pids", "a") as f:
+                f.write(f"worker {w} {p.pid}\n")
+
+        async def registered() -> bool:
+            n = await pool.fetchval("SELECT count(*) FROM workers WHERE status = 'active'")
+            return n >= args.workers
+
+        await wait_for(registered, timeout_s=60, what="the workers to register", procs=procs)
+        log(f"executor pid {executor.pid}; workers " + ", ".join(f"{w}={p.pid}" for w, p in zip(worker_names, procs[1:])))
+        if args.settle > 0:
+            await asyncio.sleep(args.settle)
+
+        xact_before = await pool.fetchval(XACTS)
+        cpu_before = cpu_snapshot()
+        total_before = _total_cpu_seconds()
+        t_post = time.time()
+        posted = await post_all(args.amqp_url, names, args.n, args.chunk)
+        t_posted = time.time()
+        post_s = t_posted - t_post
+        log(f"posted {args.n} requests in {post_s:.2f} s ({args.n / post_s:.0f}/s)")
+
+        first_post = min(posted.values())
+        deadline = time.time() + args.timeout
+        last_done, last_t = 0, time.time()
+        counts: dict[str, int] = {}
+        while True:
+            await asyncio.sleep(args.poll)
+            rows = await pool.fetch("SELECT status, count(*) AS n FROM executions GROUP BY status")
+            counts = {r["status"]: r["n"] for r in rows}
+            done = sum(counts.get(s, 0) for s in TERMINAL)
+            now = time.time()
+            rate = (done - last_done) / (now - last_t) if now > last_t else 0.0
+            overall = done / (now - first_post)
+            others = " ".join(f"{k}={v}" for k, v in sorted(counts.items()) if k != "completed")
+            log(
+                f"completed {counts.get('completed', 0):>6}/{args.n}  "
+                f"{rate:7.0f}/s now  {overall:7.0f}/s overall  {others}"
+            )
+            last_done, last_t = done, now
+            if done >= args.n:
+                break
+            for p in procs:
+                if p.poll() is not None:
+                    raise RuntimeError(f"service pid {p.pid} exited (rc {p.returncode}) during the run")
+            if now > deadline:
+                break
+        cpu_after = cpu_snapshot()
+        total_after = _total_cpu_seconds()
+        xacts = await pool.fetchval(XACTS) - xact_before
+        batches = await pool.fetchrow(BATCHES)
+
+        rows = await pool.fetch(
+            """
+            SELECT id::text AS id, status,
+                   extract(epoch FROM created_at)::float8 AS created,
+                   extract(epoch FROM scheduled_at)::float8 AS scheduled,
+                   extract(epoch FROM started_at)::float8 AS started,
+                   extract(epoch FROM finished_at)::float8 AS finished
+            FROM executions
+            """
+        )
+        by_status: dict[str, int] = {}
+        for r in rows:
+            by_status[r["status"]] = by_status.get(r["status"], 0) + 1
+        completed = [r for r in rows if r["status"] == "completed" and r["id"] in posted]
+        missing = args.n - sum(1 for r in rows if r["id"] in posted)
+        timed_out = len(completed) < args.n
+
+        def lat(col: str) -> list[float]:
+            return [r[col] - posted[r["id"]] for r in completed if r[col] is not None]
+
+        latencies = {c: lat(c) for c in ("created", "scheduled", "started", "finished")}
+        last_finish = max((r["finished"] for r in completed), default=time.time())
+        wall_s = last_finish - first_post
+        eps = len(completed) / wall_s if wall_s > 0 else 0.0
+        window_s = max(1e-9, time.time() - t_post)
+
+        print()
+        print("=" * 72)
+        if timed_out:
+            print(f"TIMEOUT after {args.timeout:.0f} s: only {len(completed)}/{args.n} completed")
+            print(f"  by status: {json.dumps(by_status, sort_keys=True)}; never recorded: {missing}")
+        print(f"executions completed     {len(completed)}/{args.n}   (workers={args.workers}, concurrency={args.concurrency})")
+        print(f"posting                  {post_s:8.2f} s   ({args.n / post_s:.0f} posts/s)")
+        print(f"wall (first post -> last finish) {wall_s:8.2f} s")
+        print(f"throughput end to end    {eps:8.0f} executions/s")
+        print("latency from post        p50          p99          max")
+        for col, label in (("created", "-> created"), ("scheduled", "-> scheduled"), ("started", "-> started"), ("finished", "-> finished")):
+            v = latencies[col]
+            print(f"  {label:<22} {ms(pct(v, 50))}  {ms(pct(v, 99))}  {ms(max(v) if v else float('nan'))}")
+        split, others = cpu_split(cpu_before, cpu_after, roles)
+        total_cpu = total_after[0] - total_before[0]
+        idle = total_after[1] - total_before[1]
+        print(f"CPU during the run ({window_s:.1f} s window, {os.cpu_count()} cores, {100 * idle / total_cpu if total_cpu else 0:.0f}% idle):")
+        for k in ("executor", "workers", "postgres", "rabbitmq", "bench", "kernel", "other"):
+            if k in split:
+                print(f"  {k:<10} {split[k]:7.2f} s cpu   {100 * split[k] / window_s:6.1f}% of one core")
+        if others:
+            top = sorted(others.items(), key=lambda kv: -kv[1])[:5]
+            print("  other is: " + ", ".join(f"{c} {v:.2f} s" for c, v in top))
+        # now() is the transaction's start time, so distinct timestamps count the statements that
+        # recorded each step: how well intake, scheduler, claims and finishes batch.
+        print(f"database transactions    {xacts} ({xacts / max(1, len(completed)):.2f} per execution)")
+        print(
+            "statements per step (avg batch): "
+            + ", ".join(
+                f"{k} {batches[k]} ({len(completed) / batches[k]:.1f})" if batches[k] else f"{k} 0"
+                for k in ("intake", "schedule", "claim", "finish")
+            )
+        )
+        print("=" * 72)
+        summary.update(
+            {
+                "completed": len(completed),
+                "timed_out": timed_out,
+                "by_status": by_status,
+                "post_s": round(post_s, 3),
+                "wall_s": round(wall_s, 3),
+                "executions_per_s": round(eps, 1),
+                "started_p50_ms": round(pct(latencies["started"], 50) * 1000, 1),
+                "started_p99_ms": round(pct(latencies["started"], 99) * 1000, 1),
+                "started_max_ms": round(max(latencies["started"], default=float("nan")) * 1000, 1),
+                "finished_p50_ms": round(pct(latencies["finished"], 50) * 1000, 1),
+                "finished_p99_ms": round(pct(latencies["finished"], 99) * 1000, 1),
+                "cpu_s": {k: round(v, 2) for k, v in sorted(split.items())},
+                "cpu_idle_pct": round(100 * idle / total_cpu, 1) if total_cpu else None,
+                "db_xacts": xacts,
+                "batches": dict(batches),
+            }
+        )
+        return summary
+    finally:
+        if pool is not None:
+            with contextlib.suppress(Exception):
+                await pool.close()
+        if procs:
+            log("stopping services (SIGTERM)")
+            codes = stop(procs)
+            summary["exit_codes"] = list(codes.values())
+            bad = {pid: rc for pid, rc in codes.items() if rc not in (0, -signal.SIGTERM)}
+            if bad:
+                log(f"services exited non-zero: {bad}; see logs in {log_dir}")
+        with contextlib.suppress(Exception):
+            await delete_topology(args.amqp_url, names, worker_names)
+        if not args.keep:
+            with contextlib.suppress(Exception):
+                await drop_database(args.database_url)
+            log("removed queues, exchanges and the bench database")
+        else:
+            log(f"kept database {args.database_url} (queues and exchanges removed)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=5000, help="invocations to post (default 5000)")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    parser.add_argument("--concurrency", type=int, default=50, help="per worker (default 50)")
+    parser.add_argument("--database-url", default="postgresql://postgres@127.0.0.1:5432/baton_bench")
+    parser.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672/")
+    parser.add_argument("--keep", action="store_true", help="keep the bench database afterwards")
+    parser.add_argument("--timeout", type=float, default=300.0, help="give up after this many seconds")
+    parser.add_argument("--poll", type=float, default=0.5, help="progress poll interval in seconds")
+    parser.add_argument("--chunk", type=int, default=500, help="publishes in flight at once while posting")
+    parser.add_argument("--settle", type=float, default=1.0, help="seconds to wait after registration")
+    parser.add_argument("--log-level", default="warning", help="services' logging.level (default warning)")
+    parser.add_argument(
+        "--baton-cmd", default=None, help="command that starts a service (default: the baton script next to this Python)"
+    )
+    parser.add_argument("--log-dir", default=None, help="where service logs go (default /tmp/<prefix>)")
+    args = parser.parse_args()
+    summary = asyncio.run(run(args))
+    print(json.dumps(summary, sort_keys=True))
+    sys.exit(1 if summary.get("timed_out") else 0)
+
+
+if __name__ == "__main__":
+    main()

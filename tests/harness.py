@@ -1,0 +1,282 @@
+"""Test harness: each test gets its own database (cloned from a migrated template) and its own
+AMQP name prefix, and runs the real `baton executor` / `baton worker` as subprocesses."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import asyncpg
+
+from common import amqp, db
+from common.client import BatonClient
+from common.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+PG_URL = os.environ.get("BATON_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
+AMQP_URL = os.environ.get("BATON_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/")
+
+#: Short intervals so that a whole suite of real-process tests stays fast.
+FAST_ENV = {
+    "BATON__WORKER__HEARTBEAT_INTERVAL": "0.2",
+    "BATON__EXECUTOR__SCHEDULER_FALLBACK_INTERVAL": "1",
+    "BATON__EXECUTOR__SWEEP_INTERVAL": "0.3",
+    "BATON__EXECUTOR__TIMEOUT_CHECK_INTERVAL": "0.5",
+    "BATON__WORKER__KILL_GRACE": "0.5",
+    "BATON__WORKER__SHUTDOWN_TIMEOUT": "5",
+    "BATON__LOGGING__LEVEL": "info",
+    "BATON__LOGGING__FORMAT": "json",
+}
+
+
+async def wait_until(predicate: Callable[[], Awaitable[Any]], *, timeout_s: float = 20, what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy (tests may poll; services may not)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+@dataclass
+class Service:
+    name: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        lines = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                lines.append(json.loads(line))
+        return lines
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [line for line in self.log_lines() if line.get("event") == name]
+
+    def signal(self, sig: int) -> None:
+        self.process.send_signal(sig)
+
+    def wait(self, timeout_s: float = 30) -> int:
+        return self.process.wait(timeout=timeout_s)
+
+
+@dataclass
+class Baton:
+    """One test's world: a database, a prefix, services, a client."""
+
+    template: str
+    tmp: Path
+    db_name: str = field(default_factory=lambda: f"baton_t_{uuid.uuid4().hex[:12]}")
+    prefix: str = field(default_factory=lambda: f"t{uuid.uuid4().hex[:10]}")
+    services: list[Service] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    _client: BatonClient | None = None
+    _pool: asyncpg.Pool | None = None
+    _amqp: aio_pika.abc.AbstractRobustConnection | None = None
+
+    @property
+    def db_url(self) -> str:
+        return f"{PG_URL}/{self.db_name}"
+
+    @property
+    def names(self) -> amqp.Names:
+        return amqp.Names(self.prefix)
+
+    def settings(self) -> Settings:
+        return Settings(
+            database={"url": self.db_url},
+            message_queue={"url": AMQP_URL, "prefix": self.prefix},
+        )
+
+    async def setup(self) -> None:
+        admin = await asyncpg.connect(f"{PG_URL}/postgres")
+        try:
+            await admin.execute(f'CREATE DATABASE "{self.db_name}" TEMPLATE "{self.template}"')
+        finally:
+            await admin.close()
+
+    async def teardown(self) -> None:
+        for service in self.services:
+            if service.process.poll() is None:
+                service.process.kill()
+                service.process.wait(10)
+        if self._client is not None:
+            await self._client.close()
+        await self.close_amqp()
+        workers: list[str] = []
+        if self._pool is not None:
+            with contextlib.suppress(Exception):
+                workers = [r["name"] for r in await self._pool.fetch("SELECT name FROM workers")]
+            await self._pool.close()
+        await self._delete_topology(workers)
+        admin = await asyncpg.connect(f"{PG_URL}/postgres")
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+    async def _delete_topology(self, workers: list[str]) -> None:
+        n = self.names
+        connection = await aio_pika.connect(AMQP_URL)
+        try:
+            channel = await connection.channel()
+            for queue in [n.requests_queue, n.rejected_requests_queue, n.dead_letters_queue]:
+                await channel.queue_delete(queue)
+            for worker in workers:
+                await channel.queue_delete(n.worker_queue(worker))
+            for exchange in [n.executions_exchange, n.dispatch_exchange, n.dlx, n.notifications_exchange]:
+                await channel.exchange_delete(exchange)
+        finally:
+            await connection.close()
+
+    # -- services --------------------------------------------------------------------------
+
+    def service_env(self, **overrides: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BATON")}
+        env.update(FAST_ENV)
+        env.update(
+            BATON_CONFIG=str(REPO / "config" / "config.yaml"),
+            BATON__DATABASE__URL=self.db_url,
+            BATON__MESSAGE_QUEUE__URL=AMQP_URL,
+            BATON__MESSAGE_QUEUE__PREFIX=self.prefix,
+            PYTHONPATH=str(REPO),
+        )
+        env.update(self.env)
+        env.update(overrides)
+        return env
+
+    def spawn(self, label: str, *args: str, **env: str) -> Service:
+        runs = sum(1 for s in self.services if s.name == label)
+        log_path = self.tmp / (f"{label}.log" if not runs else f"{label}.{runs}.log")
+        with open(log_path, "wb") as log_file:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "common.cli", *args],
+                cwd=REPO,
+                env=self.service_env(**env),
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
+        service = Service(label, process, log_path)
+        self.services.append(service)
+        return service
+
+    async def start_executor(self, label: str = "executor", **env: str) -> Service:
+        service = self.spawn(label, "executor", **env)
+        await wait_until(lambda: self._alive_and_logged(service, "scheduler_started"), what=f"{label} to start")
+        await wait_until(lambda: self._alive_and_logged(service, "intake_started"), what=f"{label} intake")
+        return service
+
+    async def start_worker(
+        self, name: str, *, concurrency: int = 4, runtimes: str = "python,shell", **env: str
+    ) -> Service:
+        env.setdefault("BATON__WORKER__ACTION_MODULES", '["examples.actions", "tests.actions"]')
+        service = self.spawn(name, "worker", "--name", name, "--concurrency", str(concurrency), "--runtimes", runtimes, **env)
+        await wait_until(lambda: self._alive_and_logged(service, "worker_registered"), what=f"worker {name} to register")
+        return service
+
+    async def _alive_and_logged(self, service: Service, event: str) -> bool:
+        if service.process.poll() is not None:
+            raise AssertionError(
+                f"{service.name} exited with {service.process.returncode}:\n{service.log_path.read_text()[-3000:]}"
+            )
+        return bool(service.events(event))
+
+    # -- clients ---------------------------------------------------------------------------
+
+    async def client(self) -> BatonClient:
+        if self._client is None:
+            self._client = BatonClient(self.settings())
+        return self._client
+
+    async def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            self._pool = await db.connect(self.db_url, max_size=3)
+        return self._pool
+
+    async def execution(self, execution_id: Any) -> dict[str, Any]:
+        row = await (await self.pool()).fetchrow("SELECT * FROM executions WHERE id = $1", uuid.UUID(str(execution_id)))
+        assert row is not None, f"no execution {execution_id}"
+        return dict(row)
+
+    async def wait_status(self, execution_id: Any, *statuses: str, timeout_s: float = 20) -> dict[str, Any]:
+        async def check() -> dict[str, Any] | None:
+            row = await self.execution(execution_id)
+            return row if row["status"] in statuses else None
+
+        return await wait_until(check, timeout_s=timeout_s, what=f"execution {execution_id} to be {statuses}")
+
+    async def publish_raw(
+        self, body: bytes, *, message_id: str | None = None, reply_to: str | None = None, correlation_id: str | None = None
+    ) -> None:
+        """Post like a client in another language would: just a message on the exchange."""
+        if self._amqp is None:
+            self._amqp = await aio_pika.connect_robust(AMQP_URL)
+        channel = await self._amqp.channel()
+        await amqp.declare_requests_queue(channel, self.names)
+        exchange = await channel.get_exchange(self.names.executions_exchange)
+        await exchange.publish(
+            aio_pika.Message(
+                body, message_id=message_id, reply_to=reply_to, correlation_id=correlation_id,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            ),
+            routing_key=amqp.REQUESTED_KEY,
+        )
+        await channel.close()
+
+    async def queue_depth(self, queue: str) -> int:
+        if self._amqp is None:
+            self._amqp = await aio_pika.connect_robust(AMQP_URL)
+        channel = await self._amqp.channel()
+        try:
+            declared = await channel.declare_queue(queue, passive=True)
+            return declared.declaration_result.message_count or 0
+        finally:
+            await channel.close()
+
+    async def close_amqp(self) -> None:
+        if self._amqp is not None:
+            await self._amqp.close()
+
+
+async def make_template() -> str:
+    name = f"baton_tpl_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    admin = await asyncpg.connect(f"{PG_URL}/postgres")
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    conn = await db.connect_one(f"{PG_URL}/{name}", max_wait_s=10)
+    try:
+        await db.migrate(conn)
+    finally:
+        await conn.close()
+    return name
+
+
+async def drop_database(name: str) -> None:
+    admin = await asyncpg.connect(f"{PG_URL}/postgres")
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+def kill_group(service: Service, sig: int = signal.SIGKILL) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(service.process.pid, sig)

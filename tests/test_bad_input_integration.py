@@ -1,0 +1,147 @@
+"""DESIGN section 8: a bad request gets a clear error, loses nothing, and never stops a service."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import uuid
+
+import aio_pika
+import pytest
+
+from common.client import RequestRejected
+from tests.harness import AMQP_URL, REPO, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+async def _still_works(baton) -> None:
+    done = await (await baton.client()).run("core.echo", {"message": "still here"}, wait_timeout_s=20)
+    assert done["status"] == "completed"
+
+
+async def _parked(baton, count: int) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    await wait_until(
+        lambda: _depth_at_least(baton, baton.names.rejected_requests_queue, count), what=f"{count} parked requests"
+    )
+    connection = await aio_pika.connect(AMQP_URL)
+    try:
+        channel = await connection.channel()
+        queue = await channel.get_queue(baton.names.rejected_requests_queue)
+        messages = []
+        while (message := await queue.get(no_ack=True, fail=False)) is not None:
+            messages.append(message)
+        return messages
+    finally:
+        await connection.close()
+
+
+async def _depth_at_least(baton, queue: str, count: int) -> bool:
+    return await baton.queue_depth(queue) >= count
+
+
+async def test_not_json_and_oversized_are_parked_with_their_reason(baton):
+    executor = await baton.start_executor(BATON__MESSAGE_QUEUE__MAX_REQUEST_BYTES="2048")
+    await baton.start_worker("w1")
+    await baton.publish_raw(b"this is { not json", message_id="garbage-1")
+    await baton.publish_raw(b"[1, 2, 3]", message_id="array-1")
+    big = json.dumps({"action_ref": "core.echo", "parameters": {"message": "x" * 5000}}).encode()
+    await baton.publish_raw(big, message_id="big-1")
+    parked = {m.message_id: m for m in await _parked(baton, 3)}
+    assert set(parked) == {"garbage-1", "array-1", "big-1"}
+    assert "not JSON" in parked["garbage-1"].headers["x-baton-reason"]
+    assert parked["garbage-1"].body == b"this is { not json"  # kept as it came, for an operator
+    assert "not an object" in parked["array-1"].headers["x-baton-reason"]
+    assert "larger than the limit of 2048" in parked["big-1"].headers["x-baton-reason"]
+    assert await (await baton.pool()).fetchval("SELECT count(*) FROM executions") == 0
+    assert len(executor.events("request_rejected")) == 3
+    await _still_works(baton)
+
+
+async def test_a_client_gets_the_rejection_as_an_error(baton):
+    await baton.start_executor(BATON__MESSAGE_QUEUE__MAX_REQUEST_BYTES="2048")
+    client = await baton.client()
+    with pytest.raises(RequestRejected, match="larger than the limit"):
+        await client.submit("core.echo", {"message": "x" * 5000})
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ({"parameters": {"message": "no ref"}}, "action_ref: Field required"),
+        ({"action_ref": "nosuch.action"}, "unknown action 'nosuch.action'"),
+        ({"action_ref": "core.sleep", "parameters": {"seconds": "soon"}}, "invalid parameters for core.sleep"),
+        ({"action_ref": "core.echo", "parameters": {}}, "'message' is a required property"),
+        ({"action_ref": "core.echo", "parameters": {"message": "hi", "extra": 1}}, "Additional properties"),
+        ({"action_ref": "core.echo", "parameters": "not-a-dict"}, "parameters: Input should be a valid dictionary"),
+        ({"action_ref": "core.echo", "parameters": {"message": "hi"}, "timeout_seconds": -1}, "timeout_seconds"),
+        ({"action_ref": "core.echo", "parameters": {"message": "hi"}, "surprise": True}, "surprise: Extra inputs"),
+    ],
+)
+async def test_requests_tied_to_an_execution_are_recorded_failed(baton, body, expected):
+    await baton.start_executor()
+    await baton.start_worker("w1")
+    client = await baton.client()
+    execution_id = str(uuid.uuid4())
+    notified = await client._watch(uuid.UUID(execution_id))
+    await baton.publish_raw(json.dumps(body).encode(), message_id=execution_id)
+    notification = await asyncio.wait_for(notified, 20)
+    assert notification["status"] == "failed"
+    assert expected in notification["error"]["error"], notification["error"]
+    assert notification["error"]["failed_by"] == "executor_intake"
+    row = await baton.execution(execution_id)
+    assert row["status"] == "failed" and row["attempt"] == 0 and row["worker"] is None
+    await _still_works(baton)
+
+
+async def test_user_action_parameters_are_validated_from_its_signature(baton):
+    await baton.start_executor()
+    await baton.start_worker("w1")
+    client = await baton.client()
+    bad = await client.submit("tests.typed", {"count": "many"})
+    assert bad.status == "failed" and "count" in bad.error
+    good = await client.run("tests.typed", {"count": 2, "tags": ["a"]}, wait_timeout_s=20)
+    assert good["result"] == {"count": 2, "ratio": 0.5, "tags": ["a"]}
+
+
+async def test_a_string_postgres_cannot_store_is_rejected_alone(baton):
+    """A NUL character passes JSON parsing but not PostgreSQL's jsonb: only that request is lost
+    to the parking queue, the rest of its batch is recorded."""
+    await baton.start_executor()
+    await baton.start_worker("w1")
+    await baton.publish_raw(b'{"action_ref": "core.echo", "parameters": {"message": "nul\\u0000here"}}', message_id="nul-1")
+    await baton.publish_raw(b'{"action_ref": "core.echo", "parameters": {"message": "fine"}}', message_id="fine-1")
+    parked = await _parked(baton, 1)
+    assert [m.message_id for m in parked] == ["nul-1"]
+    assert "cannot be stored" in parked[0].headers["x-baton-reason"]
+    await _still_works(baton)
+
+
+def test_an_unknown_config_key_is_a_clear_error(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("executor:\n  scheduled_timeout: 10\n  sheduled_timeout: 20\n")
+    for args in (["executor"], ["worker", "--name", "w"], ["db", "migrate"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "common.cli", *args],
+            cwd=REPO,
+            env={"BATON_CONFIG": str(config), "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 2, result
+        assert "executor.sheduled_timeout" in result.stderr and "Extra inputs are not permitted" in result.stderr
+
+
+def test_an_unknown_environment_override_is_a_clear_error(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "common.cli", "executor"],
+        cwd=REPO,
+        env={"BATON__WORKER__HEARTBEAT_INTERVAL_S": "3", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2 and "worker.heartbeat_interval_s" in result.stderr

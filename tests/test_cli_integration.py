@@ -1,0 +1,117 @@
+"""The `baton` command line against real services."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from common import db
+from tests.harness import REPO
+
+pytestmark = pytest.mark.integration
+
+
+async def _baton(baton, *args: str, timeout_s: float = 60) -> subprocess.CompletedProcess:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "common.cli", *args,
+        cwd=REPO, env=baton.service_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout_s)
+    return subprocess.CompletedProcess(args, process.returncode, out.decode(), err.decode())
+
+
+async def test_submit_wait_exit_codes_and_reads(baton):
+    await baton.start_executor()
+    await baton.start_worker("cli-w")
+    ok = await _baton(baton, "submit", "core.echo", "message=hello world", "--wait", "--json")
+    assert ok.returncode == 0, ok.stderr
+    done = json.loads(ok.stdout)
+    assert done["status"] == "completed" and done["result"] == {"message": "hello world"}
+    assert [e["type"] for e in done["events"]][-1] == "execution.completed"
+
+    # key=value values are JSON unless the schema says string: seconds is a number, message stays text.
+    typed = await _baton(baton, "submit", "core.sleep", "seconds=0.1", "--wait", "--json")
+    assert typed.returncode == 0 and json.loads(typed.stdout)["parameters"] == {"seconds": 0.1}
+    text = await _baton(baton, "submit", "core.echo", "message=123", "--wait", "--json")
+    assert json.loads(text.stdout)["result"] == {"message": "123"}
+
+    failed = await _baton(baton, "submit", "core.local", "--params-json", '{"cmd": "exit 4"}', "--wait", "--json")
+    assert failed.returncode == 1 and json.loads(failed.stdout)["status"] == "failed"
+    timed_out = await _baton(baton, "submit", "core.sleep", "seconds=5", "--timeout", "0.2", "--wait")
+    assert timed_out.returncode == 1 and "timeout" in timed_out.stdout
+
+    posted = await _baton(baton, "submit", "core.noop", "--idempotency-key", "k1", "--json")
+    again = await _baton(baton, "submit", "core.noop", "--idempotency-key", "k1", "--json")
+    assert json.loads(again.stdout)["id"] == json.loads(posted.stdout)["id"]
+    assert json.loads(again.stdout)["duplicate"] is True
+
+    unknown = await _baton(baton, "submit", "no.such", "--wait")
+    assert unknown.returncode == 1 and "unknown action" in unknown.stdout
+
+    listed = await _baton(baton, "executions", "list", "--json")
+    rows = json.loads(listed.stdout)
+    assert len(rows) == 7 and {r["action_ref"] for r in rows} >= {"core.echo", "core.local", "no.such"}
+    only_failed = json.loads((await _baton(baton, "executions", "list", "--status", "failed", "--json")).stdout)
+    assert {r["action_ref"] for r in only_failed} == {"core.local", "no.such"}
+    by_action = json.loads((await _baton(baton, "executions", "list", "--action", "core.echo", "--json")).stdout)
+    assert len(by_action) == 2
+    bad_status = await _baton(baton, "executions", "list", "--status", "finished")
+    assert bad_status.returncode == 2 and "finished" in bad_status.stderr
+
+    shown = json.loads((await _baton(baton, "executions", "show", done["id"], "--json")).stdout)
+    assert shown["id"] == done["id"] and len(shown["events"]) == 4
+    human = await _baton(baton, "executions", "show", done["id"])
+    assert "execution.completed" in human.stdout
+    missing = await _baton(baton, "executions", "show", str(uuid.uuid4()))
+    assert missing.returncode == 1
+
+    workers = json.loads((await _baton(baton, "workers", "list", "--json")).stdout)
+    assert [(w["name"], w["status"]) for w in workers] == [("cli-w", "active")]
+    assert 0 <= workers[0]["heartbeat_age_s"] < 5 and workers[0]["in_flight"] == 0
+    table = await _baton(baton, "workers", "list")
+    assert "cli-w" in table.stdout and "active" in table.stdout
+
+
+async def test_db_migrate_creates_and_migrates_a_new_database(baton):
+    name = f"baton_t_{uuid.uuid4().hex[:10]}"
+    url = baton.db_url.rsplit("/", 1)[0] + "/" + name
+    try:
+        first = await _baton_env(baton, url, "db", "migrate")
+        assert first.returncode == 0 and "applied 1 migration" in first.stdout
+        second = await _baton_env(baton, url, "db", "migrate")
+        assert second.returncode == 0 and "applied 0 migration" in second.stdout
+    finally:
+        from tests.harness import drop_database
+
+        await drop_database(name)
+
+
+async def _baton_env(baton, url: str, *args: str) -> subprocess.CompletedProcess:
+    env = baton.service_env(BATON__DATABASE__URL=url)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "common.cli", *args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    return subprocess.CompletedProcess(args, process.returncode, out.decode(), err.decode())
+
+
+async def test_concurrent_migrations_apply_once(baton):
+    name = f"baton_t_{uuid.uuid4().hex[:10]}"
+    url = baton.db_url.rsplit("/", 1)[0] + "/" + name
+    await db.ensure_database(url)
+    try:
+        conns = [await db.connect_one(url) for _ in range(4)]
+        results = await asyncio.gather(*(db.migrate(c) for c in conns))
+        assert sorted(len(r) for r in results) == [0, 0, 0, 1]
+        assert await conns[0].fetchval("SELECT count(*) FROM schema_migrations") == 1
+        for c in conns:
+            await c.close()
+    finally:
+        from tests.harness import drop_database
+
+        await drop_database(name)

@@ -1,0 +1,44 @@
+"""A dispatch whose attempt has moved on is acked and dropped; it never runs."""
+
+from __future__ import annotations
+
+import uuid
+
+import aio_pika
+import pytest
+
+from common import amqp
+from common.schemas import Dispatch
+from tests.harness import AMQP_URL, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+async def test_stale_dispatch_is_dropped(baton):
+    await baton.start_executor()
+    worker = await baton.start_worker("w1")
+    client = await baton.client()
+    done = await client.run("core.echo", {"message": "real"}, wait_timeout_s=20)
+    connection = await aio_pika.connect(AMQP_URL)
+    try:
+        channel = await connection.channel()
+        exchange = await channel.get_exchange(baton.names.dispatch_exchange)
+        for execution_id, attempt in [(done["id"], 1), (done["id"], 7), (str(uuid.uuid4()), 1)]:
+            stale = Dispatch(execution_id=execution_id, attempt=attempt, action_ref="core.echo", parameters={"message": "zombie"})
+            await exchange.publish(
+                aio_pika.Message(stale.model_dump_json().encode()), routing_key=amqp.Names.worker_routing_key("w1")
+            )
+        await exchange.publish(aio_pika.Message(b"not a dispatch"), routing_key=amqp.Names.worker_routing_key("w1"))
+    finally:
+        await connection.close()
+    await wait_until(lambda: _count(worker, "dispatch_stale", 3), what="three stale dispatches dropped")
+    await wait_until(lambda: _count(worker, "dispatch_invalid", 1), what="the invalid dispatch dropped")
+    assert await baton.queue_depth(baton.names.worker_queue("w1")) == 0
+    row = await baton.execution(done["id"])
+    assert row["status"] == "completed" and row["result"] == {"message": "real"} and row["last_event_seq"] == 4
+    # The malformed one was dead-lettered, not lost silently.
+    assert await baton.queue_depth(baton.names.dead_letters_queue) == 1
+
+
+async def _count(service, event: str, n: int) -> bool:
+    return len(service.events(event)) >= n
