@@ -47,7 +47,9 @@ async def connect_one(url: str, *, max_wait_s: float = 60.0) -> asyncpg.Connecti
 async def ensure_database(url: str) -> bool:
     """Create the database ``url`` names if it does not exist yet; True if it was created."""
     try:
-        conn = await asyncpg.connect(url)
+        async for attempt in connect_retrying(60.0):
+            with attempt:
+                conn = await asyncpg.connect(url)
     except asyncpg.exceptions.InvalidCatalogNameError:
         pass
     else:

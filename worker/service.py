@@ -72,7 +72,10 @@ class WorkerService:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def run(self, stop_event: asyncio.Event) -> None:
+        # Migrating here too (idempotent, under a lock) lets a worker start before the executor.
+        await db.ensure_database(self.settings.database.url)
         self.pool = await db.connect(self.settings.database.url, max_size=4)
+        await db.migrate(self.pool)
         self.connection = await amqp.connect(self.settings.message_queue.url)
         try:
             await self._start()

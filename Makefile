@@ -1,0 +1,32 @@
+# `make demo` and `make test` are all a new user needs (see README.md).
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+
+.PHONY: install services demo test test-unit bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+services:
+	./scripts/ensure-services.sh
+
+demo: install services
+	$(PY) -m examples.demo
+
+test: install services
+	$(VENV)/bin/pytest
+
+test-unit: install
+	$(VENV)/bin/pytest tests/test_units.py tests/test_deployment.py
+
+bench: install services
+	$(PY) bench/throughput.py
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

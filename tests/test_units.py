@@ -1,0 +1,222 @@
+"""Pure logic, no services: settings, request parsing, placement, parameters, timeouts."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+from pydantic import ValidationError
+
+from common.actions import CORE_ACTIONS
+from common.client import coerce_key_values
+from common.settings import load_settings, parse_duration
+from executor.placement import Candidate, place, servable_actions
+from executor.requests import NewExecution, ParameterValidator, Rejection, check_action, execution_id_for, parse_request
+from executor.rescheduling import next_step
+from worker.registry import params_model_for
+from worker.runner import resolve_timeout_s
+
+
+# -- settings --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "seconds"),
+    [(300, 300.0), (0.25, 0.25), ("300", 300.0), ("5m", 300.0), ("250ms", 0.25), ("2h", 7200.0), (" 30s ", 30.0)],
+)
+def test_durations(raw, seconds):
+    assert parse_duration(raw) == seconds
+
+
+@pytest.mark.parametrize("raw", ["5 minutes", "-1", -1, "1d", True, None, "ms"])
+def test_bad_durations(raw):
+    with pytest.raises(ValueError):
+        parse_duration(raw)
+
+
+def test_yaml_then_environment(tmp_path, monkeypatch):
+    config = tmp_path / "c.yaml"
+    config.write_text("executor:\n  scheduled_timeout: 5m\nworker:\n  heartbeat_interval: 250ms\n  queue_ttl: 10\n")
+    monkeypatch.setenv("BATON_CONFIG", str(config))
+    monkeypatch.setenv("BATON__WORKER__QUEUE_TTL", "7s")
+    monkeypatch.setenv("BATON__MESSAGE_QUEUE__PREFIX", "other")
+    settings = load_settings()
+    assert settings.executor.scheduled_timeout_s == 300
+    assert settings.worker.heartbeat_interval_s == 0.25
+    assert settings.worker.queue_ttl_ms == 7000
+    assert settings.message_queue.prefix == "other"
+    assert settings.executor.timeout_check_interval_s == 60  # untouched default
+
+
+def test_unknown_keys_are_errors(tmp_path, monkeypatch):
+    config = tmp_path / "c.yaml"
+    config.write_text("worker:\n  heartbeat_intervall: 3\n")
+    monkeypatch.setenv("BATON_CONFIG", str(config))
+    with pytest.raises(ValidationError, match="heartbeat_intervall"):
+        load_settings()
+    config.write_text("workers:\n  name: x\n")
+    with pytest.raises(ValidationError, match="workers"):
+        load_settings()
+
+
+def test_missing_config_file_named_explicitly_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("BATON_CONFIG", str(tmp_path / "absent.yaml"))
+    with pytest.raises(FileNotFoundError):
+        load_settings()
+
+
+def test_shipped_configs_load(monkeypatch):
+    from tests.harness import REPO
+
+    for name in ("config.yaml", "config.development.yaml", "config.docker.yaml"):
+        monkeypatch.setenv("BATON_CONFIG", str(REPO / "config" / name))
+        load_settings()
+
+
+def test_shipped_default_config_spells_out_every_key():
+    """config.yaml is the operator's reference: every settings field appears in it."""
+    import yaml
+
+    from common.settings import Settings
+    from tests.harness import REPO
+
+    shipped = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    for section, field in Settings.model_fields.items():
+        keys = {f.alias or name for name, f in field.annotation.model_fields.items()}
+        assert set(shipped[section]) == keys, section
+
+
+def test_readme_documents_every_key():
+    from common.settings import Settings
+    from tests.harness import REPO
+
+    readme = (REPO / "README.md").read_text()
+    for section, field in Settings.model_fields.items():
+        for name, f in field.annotation.model_fields.items():
+            assert f"`{section}.{f.alias or name}`" in readme, f"{section}.{f.alias or name} is not in the README"
+            assert f.description, f"{section}.{name} has no docstring"
+
+
+# -- requests --------------------------------------------------------------------------------
+
+
+def _parse(body, message_id=None, max_bytes=10_000):
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return parse_request(raw, message_id=message_id, correlation_id=None, max_bytes=max_bytes)
+
+
+def test_execution_ids():
+    known = uuid.uuid4()
+    assert execution_id_for(str(known)) == known
+    assert execution_id_for("order-1") == execution_id_for("order-1") != execution_id_for("order-2")
+    assert execution_id_for(None) != execution_id_for(None)
+
+
+def test_envelope_rejections():
+    assert isinstance(_parse(b"{nope"), Rejection)
+    assert isinstance(_parse(b"\xff\xfe"), Rejection)
+    assert "not an object" in _parse(b'"text"').reason
+    assert "larger than the limit" in _parse({"action_ref": "core.noop", "p": "x" * 100}, max_bytes=50).reason
+
+
+def test_a_valid_request():
+    e = _parse({"action_ref": "core.echo", "parameters": {"message": "hi"}, "idempotency_key": "k", "timeout_seconds": 3}, "m1")
+    assert isinstance(e, NewExecution) and e.status == "requested" and e.error is None
+    assert (e.action_ref, e.parameters, e.idempotency_key, e.timeout_s, e.message_id) == (
+        "core.echo", {"message": "hi"}, "k", 3, "m1"
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ({}, "action_ref: Field required"),
+        ({"action_ref": "noperiod"}, "action_ref: String should match pattern"),
+        ({"action_ref": "a.b", "parameters": [1]}, "parameters: Input should be a valid dictionary"),
+        ({"action_ref": "a.b", "timeout_seconds": 0}, "timeout_seconds"),
+        ({"action_ref": "a.b", "other": 1}, "other: Extra inputs are not permitted"),
+    ],
+)
+def test_envelope_failures_are_tied_to_an_execution(body, fragment):
+    e = _parse(body)
+    assert isinstance(e, NewExecution) and e.status == "failed"
+    assert fragment in e.error["error"] and e.error["failed_by"] == "executor_intake"
+
+
+def test_action_checks():
+    validator = ParameterValidator()
+    unknown = _parse({"action_ref": "x.y"})
+    check_action(unknown, None, validator)
+    assert "unknown action 'x.y'" in unknown.error["error"]
+    bad = _parse({"action_ref": "core.sleep", "parameters": {"seconds": -1}})
+    check_action(bad, CORE_ACTIONS["core.sleep"], validator)
+    assert bad.error["problems"] == ["seconds: -1 is less than the minimum of 0"]
+    good = _parse({"action_ref": "core.local", "parameters": {"cmd": ["ls"], "env": {"A": "1"}}})
+    check_action(good, CORE_ACTIONS["core.local"], validator)
+    assert good.error is None
+
+
+# -- placement -------------------------------------------------------------------------------
+
+
+def _c(name, actions, conc=2, outstanding=0):
+    return Candidate(name, frozenset(actions), conc, outstanding)
+
+
+def test_place_prefers_fewest_outstanding_and_respects_capacity():
+    a, b = _c("a", {"x"}, conc=1, outstanding=0), _c("b", {"x"}, conc=1, outstanding=1)
+    plan = place([(i, "x") for i in range(4)], [a, b], backlog_factor=2)
+    assert list(plan.values()) == ["a", "a", "b"]  # then both are full: the fourth waits
+    assert 3 not in plan
+
+
+def test_place_matches_actions_and_is_deterministic():
+    shell, py = _c("shell", {"core.local"}), _c("py", {"core.echo"})
+    plan = place([(1, "core.local"), (2, "core.echo"), (3, "other.thing")], [py, shell], backlog_factor=4)
+    assert plan == {1: "shell", 2: "py"}
+    tie = place([(1, "x")], [_c("b", {"x"}), _c("a", {"x"})], backlog_factor=1)
+    assert tie == {1: "a"}
+
+
+def test_servable_actions_skips_full_workers():
+    assert servable_actions([_c("a", {"x"}, conc=1, outstanding=4), _c("b", {"y"})], backlog_factor=4) == {"y"}
+
+
+def test_next_step():
+    assert next_step(1, 3) == "reschedule" and next_step(2, 3) == "reschedule" and next_step(3, 3) == "fail"
+
+
+# -- parameters and timeouts -------------------------------------------------------------------
+
+
+def test_key_values_follow_the_schema():
+    schema = CORE_ACTIONS["core.echo"].parameters_schema
+    assert coerce_key_values(["message=123"], schema) == {"message": "123"}
+    assert coerce_key_values(["seconds=1.5"], CORE_ACTIONS["core.sleep"].parameters_schema) == {"seconds": 1.5}
+    assert coerce_key_values(['cmd=["ls","-l"]', "x=plain text"], None) == {"cmd": ["ls", "-l"], "x": "plain text"}
+    with pytest.raises(ValueError):
+        coerce_key_values(["novalue"], None)
+
+
+def test_signature_becomes_a_schema():
+    async def act(count: int, ratio: float = 0.5, *, label: str | None = None):
+        return None
+
+    model = params_model_for("p.act", act)
+    schema = model.model_json_schema()
+    assert schema["required"] == ["count"] and schema["additionalProperties"] is False
+    assert model.model_validate({"count": "3"}).count == 3
+    with pytest.raises(ValidationError):
+        model.model_validate({"count": 1, "unknown": 2})
+
+    def loose(a, **rest):
+        return None
+
+    assert params_model_for("p.loose", loose).model_validate({"a": 1, "b": 2}).model_extra == {"b": 2}
+
+
+def test_timeout_precedence():
+    assert resolve_timeout_s(2, 5, 60) == 2
+    assert resolve_timeout_s(None, 5, 60) == 5
+    assert resolve_timeout_s(None, None, 60) == 60
