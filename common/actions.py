@@ -22,6 +22,9 @@ class ActionSpec(BaseModel):
     parameters_schema: dict[str, Any]
     timeout_s: float | None = None
     description: str | None = None
+    durable: bool = False
+    recover_on_worker_loss: bool | None = None  # None: the YAML `recovery:` section or the default decides
+    max_recovery_attempts: int | None = None
 
 
 class _Params(BaseModel):

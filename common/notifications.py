@@ -28,8 +28,11 @@ async def publish_terminal(
         return
     rows = [dict(r) for r in rows]
     events: dict[Any, list[dict[str, Any]]] = {r["id"]: [] for r in rows}
-    for ev in await pool.fetch(q.EVENTS, list(events)):
-        events[ev["execution_id"]].append(dict(ev))
+    try:
+        for ev in await pool.fetch(q.EVENTS, list(events)):
+            events[ev["execution_id"]].append(dict(ev))
+    except Exception as exc:  # noqa: BLE001 - the outcome matters more than its history
+        log.warning("notification_events_unavailable", error=str(exc))
 
     async def one(row: dict[str, Any]) -> None:
         body = json.dumps(execution_json(row, events[row["id"]])).encode()

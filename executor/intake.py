@@ -9,14 +9,17 @@ request is recorded as `failed` when it can be tied to an execution, otherwise p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from typing import TYPE_CHECKING
 
 import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
 
+from common import metrics
 from common.amqp import persistent_json
 from common.db import until_available
+from common.retry import TRANSIENT_ERRORS
 from common.logging import get_logger
 from common.notifications import publish_terminal
 from common.queries import executions as q
@@ -48,7 +51,17 @@ async def run(ctx: ExecutorContext, stop_event: asyncio.Event) -> None:
             batch = [getter.result()]
             while len(batch) < ctx.settings.executor.intake_batch_size and not inbox.empty():
                 batch.append(inbox.get_nowait())
-            await _process(ctx, batch, validator)
+            try:
+                await _process(ctx, batch, validator)
+            except TRANSIENT_ERRORS as exc:
+                # Back to the queue; a request recorded before the failure maps to the same id again.
+                log.warning("infrastructure_unavailable", during="intake", error=str(exc) or type(exc).__name__)
+                for message in batch:
+                    if not message.processed:
+                        with contextlib.suppress(Exception):
+                            await message.nack(requeue=True)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop_event.wait(), 1.0)
     finally:
         stop_waiter.cancel()
         # Unacked deliveries go back to the queue when the channel closes; another replica takes them.
@@ -89,7 +102,13 @@ async def _process(ctx: ExecutorContext, batch: list[AbstractIncomingMessage], v
     for message, result in parsed:
         if isinstance(result, Rejection):
             await _park(ctx, message, result.reason)
-        await message.ack()
+        # If the channel died meanwhile the request is redelivered, and recorded once all the same.
+        with contextlib.suppress(Exception):
+            await message.ack()
+    metrics.REQUESTS.labels("recorded").inc(sum(1 for r in inserted.values() if r["status"] == "requested"))
+    metrics.REQUESTS.labels("failed").inc(sum(1 for r in inserted.values() if r["status"] == "failed"))
+    metrics.REQUESTS.labels("duplicate").inc(len(existing))
+    metrics.REQUESTS.labels("parked").inc(sum(1 for _, r in parsed if isinstance(r, Rejection)))
     if any(row["status"] == "requested" for row in inserted.values()):
         ctx.wake.set()
 

@@ -30,27 +30,25 @@ def servable_actions(candidates: Iterable[Candidate], backlog_factor: int) -> se
 
 
 def place(
-    executions: Sequence[tuple[Hashable, str]], candidates: Sequence[Candidate], backlog_factor: int
+    executions: Sequence[tuple[Hashable, str, str | None]], candidates: Sequence[Candidate], backlog_factor: int
 ) -> dict[Hashable, str]:
-    """Assign each ``(execution_id, action_ref)`` to the worker serving its action that holds the
-    fewest executions and still has room; executions no worker can take now are left out (they
-    stay `requested`). Ties go to the larger worker, then by name, so results are deterministic."""
+    """Assign each ``(execution_id, action_ref, previous_worker)`` to the worker serving its action
+    that holds the fewest executions and still has room, other than the worker a rescheduled
+    execution last went to unless no other can take it. Executions no worker can take now are left
+    out (they stay `requested`). Ties go to the larger worker, then by name: results are deterministic."""
     load = {c.name: c.outstanding for c in candidates}
     by_action: dict[str, list[Candidate]] = {}
     plan: dict[Hashable, str] = {}
-    for execution_id, action_ref in executions:
+    for execution_id, action_ref, previous_worker in executions:
         if action_ref not in by_action:
             by_action[action_ref] = [c for c in candidates if action_ref in c.actions]
         best: Candidate | None = None
         for c in by_action[action_ref]:
             if load[c.name] >= c.capacity(backlog_factor):
                 continue
-            if best is None or (load[c.name], -c.max_concurrent_tasks, c.name) < (
-                load[best.name],
-                -best.max_concurrent_tasks,
-                best.name,
-            ):
-                best = c
+            rank = (c.name == previous_worker, load[c.name], -c.max_concurrent_tasks, c.name)
+            if best is None or rank < best_rank:
+                best, best_rank = c, rank
         if best is not None:
             plan[execution_id] = best.name
             load[best.name] += 1

@@ -1,47 +1,49 @@
-"""Putting a dispatch that did not start back in line, or failing it once attempts run out."""
+"""Putting a dispatch that did not start back in line, or failing it once its dispatches run out."""
 
 from __future__ import annotations
 
 import json
-import uuid
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
+import asyncpg
+
+from common import metrics
 from common.logging import get_logger
-from common.notifications import publish_terminal
 from common.queries import executions as q
-
-if TYPE_CHECKING:
-    from executor.service import ExecutorContext
 
 log = get_logger("baton.executor.rescheduling")
 
 
-def next_step(attempt: int, max_schedule_attempts: int) -> Literal["reschedule", "fail"]:
-    """After dispatch number ``attempt`` did not start: try again, or give up."""
-    return "reschedule" if attempt < max_schedule_attempts else "fail"
+def next_step(schedule_attempts: int, max_schedule_attempts: int) -> Literal["reschedule", "fail"]:
+    """After dispatch number ``schedule_attempts`` did not start: try again, or give up."""
+    return "reschedule" if schedule_attempts < max_schedule_attempts else "fail"
 
 
 async def reschedule_or_fail(
-    ctx: ExecutorContext,
-    execution_id: uuid.UUID,
-    attempt: int,
+    conn: asyncpg.Connection | asyncpg.Pool,
+    row: Any,
     *,
+    max_schedule_attempts: int,
     reason: str,
+    kind: str,
     error: dict[str, Any],
-) -> str | None:
-    """Compare-and-set from `scheduled` at ``attempt``; returns the new status, or None when the
-    execution had already moved on (another replica, or the worker claimed it after all)."""
-    fields = {"execution_id": str(execution_id), "attempt": attempt, "reason": reason}
-    if next_step(attempt, ctx.settings.executor.max_schedule_attempts) == "reschedule":
-        row = await ctx.pool.fetchrow(q.RESCHEDULE, execution_id, attempt, json.dumps({"reason": reason, "attempt": attempt}))
-        if row is None:
-            return None
-        log.info("execution_rescheduled", **fields)
-        ctx.wake.set()
-        return "requested"
-    row = await ctx.pool.fetchrow(q.FAIL, execution_id, "scheduled", attempt, json.dumps(error))
-    if row is None:
-        return None
-    log.warning("execution_failed", error=error.get("error"), **fields)
-    await publish_terminal(ctx.pool, ctx.exchanges.notifications, [row])
-    return "failed"
+    counts: bool = True,
+) -> tuple[str | None, asyncpg.Record | None]:
+    """Compare-and-set from `scheduled` at the row's attempt. Returns the new status (None when the
+    execution had moved on: another replica, or the worker claimed it after all) and, if it failed,
+    the failed row, whose notification the caller publishes once its transaction has committed.
+
+    ``counts=False`` (the broker was away) does not spend one of the execution's dispatches."""
+    fields = {"execution_id": str(row["id"]), "attempt": row["attempt"], "reason": reason}
+    if not counts or next_step(row["schedule_attempts"], max_schedule_attempts) == "reschedule":
+        data = json.dumps({"reason": reason, "attempt": row["attempt"]})
+        if await conn.fetchrow(q.RESCHEDULE, row["id"], row["attempt"], data, counts) is None:
+            return None, None
+        metrics.RESCHEDULES.labels(kind).inc()
+        log.info("execution_rescheduled", kind=kind, **fields)
+        return "requested", None
+    failed = await conn.fetchrow(q.FAIL, row["id"], "scheduled", row["attempt"], json.dumps(error))
+    if failed is None:
+        return None, None
+    log.warning("execution_failed", error=error.get("error"), kind=kind, **fields)
+    return "failed", failed

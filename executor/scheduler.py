@@ -18,11 +18,13 @@ import aiormq.exceptions
 from common.amqp import Names, persistent_json
 from common.db import connect_one
 from common.logging import get_logger
+from common.notifications import publish_terminal
 from common.queries import WAKE_CHANNEL
 from common.queries import executions as q
 from common.queries import workers as wq
 from common.schemas import Dispatch
 from executor.placement import Candidate, place, servable_actions
+from executor.resilience import riding_out_outages
 from executor.rescheduling import reschedule_or_fail
 
 if TYPE_CHECKING:
@@ -52,10 +54,16 @@ async def run(ctx: ExecutorContext, stop_event: asyncio.Event) -> None:
             if stop_event.is_set():
                 break
             ctx.wake.clear()
-            while not stop_event.is_set():
-                more, state["blocked"] = await _pass(ctx)
-                if not more:
-                    break
+            async with riding_out_outages("schedule", stop_event):
+                while not stop_event.is_set():
+                    more, state["blocked"] = await _pass(ctx)
+                    if not more:
+                        break
+            if listener.is_closed():
+                # The database restarted: listen again, and look for work missed meanwhile.
+                listener = await connect_one(ctx.settings.database.url, max_wait_s=300)
+                await listener.add_listener(WAKE_CHANNEL, on_notify)
+                ctx.wake.set()
     finally:
         with contextlib.suppress(Exception):
             await listener.close()
@@ -83,18 +91,27 @@ async def _pass(ctx: ExecutorContext) -> tuple[bool, bool]:
         if not servable:
             return False, True
         rows = await conn.fetch(q.SELECT_REQUESTED_FOR_UPDATE, cfg.schedule_batch_size, list(servable))
-        plan = place([(r["id"], r["action_ref"]) for r in rows], candidates, cfg.dispatch_backlog_factor)
+        plan = place(
+            [(r["id"], r["action_ref"], r["previous_worker"]) for r in rows], candidates, cfg.dispatch_backlog_factor
+        )
         if not plan:
             return False, bool(rows)
         by_id = {r["id"]: r for r in rows}
         scheduled = await conn.fetch(
             q.MARK_SCHEDULED, list(plan), list(plan.values()), [by_id[i]["attempt"] for i in plan]
         )
-    await asyncio.gather(*(_dispatch(ctx, by_id[s["id"]], s["worker"], s["attempt"]) for s in scheduled))
+    # While the broker is away, hold on rather than spend dispatches that cannot arrive.
+    await ctx.amqp.connected.wait()
+    outcomes = await asyncio.gather(*(_dispatch(ctx, by_id[s["id"]], s) for s in scheduled))
+    failed = [row for row in outcomes if row is not None]
+    await publish_terminal(ctx.pool, ctx.exchanges.notifications, failed)
     return len(rows) == cfg.schedule_batch_size, len(plan) < len(rows)
 
 
-async def _dispatch(ctx: ExecutorContext, row, worker: str, attempt: int) -> None:
+async def _dispatch(ctx: ExecutorContext, row, scheduled):
+    """Publish one dispatch; if it cannot be handed over, reschedule it (returns the row if that
+    failed the execution instead)."""
+    worker, attempt = scheduled["worker"], scheduled["attempt"]
     dispatch = Dispatch(
         execution_id=row["id"],
         attempt=attempt,
@@ -110,22 +127,28 @@ async def _dispatch(ctx: ExecutorContext, row, worker: str, attempt: int) -> Non
             mandatory=True,
         )
     except aiormq.exceptions.PublishError:
-        reason = "dispatch returned: the worker's queue does not exist"
+        reason, kind, counts = "dispatch returned: the worker's queue does not exist", "dispatch_returned", True
     except Exception as exc:  # noqa: BLE001 - any failure to hand over means: not dispatched
-        reason = f"dispatch failed: {exc}"
+        # The broker went away mid-publish; not the execution's fault, so it costs no dispatch.
+        reason, kind, counts = f"dispatch failed: {exc}", "broker_unavailable", False
     else:
         log.info("execution_scheduled", **fields)
-        return
+        return None
     # Safe even if the dispatch did arrive: the worker's claim is fenced by the attempt we move past.
     log.warning("dispatch_failed", reason=reason, **fields)
-    await reschedule_or_fail(
-        ctx,
-        row["id"],
-        attempt,
+    schedule_attempts = ctx.settings.executor.max_schedule_attempts
+    _, failed = await reschedule_or_fail(
+        ctx.pool,
+        {"id": row["id"], "attempt": attempt, "schedule_attempts": scheduled["schedule_attempts"]},
+        max_schedule_attempts=schedule_attempts,
         reason=reason,
+        kind=kind,
+        counts=counts,
         error={
-            "error": f"no worker could be reached after {attempt} dispatches: {reason}",
+            "error": f"no worker could be reached after {schedule_attempts} dispatches: {reason}",
             "failed_by": "scheduler",
-            "attempts": attempt,
+            "attempts": schedule_attempts,
         },
     )
+    ctx.wake.set()
+    return failed

@@ -18,7 +18,8 @@ from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from common import amqp, db
 from common.logging import get_logger
 from common.settings import Settings
-from executor import intake, scheduler
+from common import metrics
+from executor import dead_letters, intake, scheduler, sweeper, timeout_monitor
 from executor.catalogue import Catalogue
 
 log = get_logger("baton.executor")
@@ -42,7 +43,13 @@ class LoopDied(RuntimeError):
     pass
 
 
-LOOPS: dict[str, Loop] = {"intake": intake.run, "scheduler": scheduler.run}
+LOOPS: dict[str, Loop] = {
+    "intake": intake.run,
+    "scheduler": scheduler.run,
+    "timeout_monitor": timeout_monitor.run,
+    "sweeper": sweeper.run,
+    "dead_letters": dead_letters.run,
+}
 
 
 async def serve(settings: Settings, stop_event: asyncio.Event) -> None:
@@ -66,6 +73,7 @@ async def serve(settings: Settings, stop_event: asyncio.Event) -> None:
             exchanges=exchanges,
             catalogue=Catalogue(pool),
         )
+        metrics.serve(settings.executor.metrics_port)
         log.info("executor_started", prefix=names.prefix)
         await supervise(ctx, LOOPS, stop_event)
     finally:

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.integration
 
 
 async def test_stale_dispatch_is_dropped(baton):
-    await baton.start_executor()
+    executor = await baton.start_executor()
     worker = await baton.start_worker("w1")
     client = await baton.client()
     done = await client.run("core.echo", {"message": "real"}, wait_timeout_s=20)
@@ -36,8 +36,9 @@ async def test_stale_dispatch_is_dropped(baton):
     assert await baton.queue_depth(baton.names.worker_queue("w1")) == 0
     row = await baton.execution(done["id"])
     assert row["status"] == "completed" and row["result"] == {"message": "real"} and row["last_event_seq"] == 4
-    # The malformed one was dead-lettered, not lost silently.
-    assert await baton.queue_depth(baton.names.dead_letters_queue) == 1
+    # The malformed one was dead-lettered and logged by the executor, not lost silently.
+    await wait_until(lambda: _count(executor, "dead_letter_invalid", 1), what="the dead letter to be logged")
+    assert await baton.queue_depth(baton.names.dead_letters_queue) == 0
 
 
 async def _count(service, event: str, n: int) -> bool:

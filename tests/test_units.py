@@ -14,6 +14,7 @@ from common.settings import load_settings, parse_duration
 from executor.placement import Candidate, place, servable_actions
 from executor.requests import NewExecution, ParameterValidator, Rejection, check_action, execution_id_for, parse_request
 from executor.rescheduling import next_step
+from executor.timeout_monitor import scheduled_timeout_error
 from worker.registry import params_model_for
 from worker.runner import resolve_timeout_s
 
@@ -166,17 +167,25 @@ def _c(name, actions, conc=2, outstanding=0):
 
 def test_place_prefers_fewest_outstanding_and_respects_capacity():
     a, b = _c("a", {"x"}, conc=1, outstanding=0), _c("b", {"x"}, conc=1, outstanding=1)
-    plan = place([(i, "x") for i in range(4)], [a, b], backlog_factor=2)
+    plan = place([(i, "x", None) for i in range(4)], [a, b], backlog_factor=2)
     assert list(plan.values()) == ["a", "a", "b"]  # then both are full: the fourth waits
     assert 3 not in plan
 
 
 def test_place_matches_actions_and_is_deterministic():
     shell, py = _c("shell", {"core.local"}), _c("py", {"core.echo"})
-    plan = place([(1, "core.local"), (2, "core.echo"), (3, "other.thing")], [py, shell], backlog_factor=4)
+    plan = place([(1, "core.local", None), (2, "core.echo", None), (3, "other.thing", None)], [py, shell], backlog_factor=4)
     assert plan == {1: "shell", 2: "py"}
-    tie = place([(1, "x")], [_c("b", {"x"}), _c("a", {"x"})], backlog_factor=1)
+    tie = place([(1, "x", None)], [_c("b", {"x"}), _c("a", {"x"})], backlog_factor=1)
     assert tie == {1: "a"}
+
+
+def test_a_rescheduled_execution_prefers_another_worker():
+    busy_other = _c("b", {"x"}, conc=4, outstanding=3)
+    idle_previous = _c("a", {"x"}, conc=4, outstanding=0)
+    assert place([(1, "x", "a")], [idle_previous, busy_other], backlog_factor=1) == {1: "b"}
+    # ... but still goes back to it when it is the only one that can take it.
+    assert place([(1, "x", "a")], [idle_previous], backlog_factor=1) == {1: "a"}
 
 
 def test_servable_actions_skips_full_workers():
@@ -185,6 +194,63 @@ def test_servable_actions_skips_full_workers():
 
 def test_next_step():
     assert next_step(1, 3) == "reschedule" and next_step(2, 3) == "reschedule" and next_step(3, 3) == "fail"
+
+
+# -- liveness and recovery --------------------------------------------------------------------
+
+
+def test_scheduled_timeout_error_is_the_design_object():
+    assert scheduled_timeout_error(300, 320.7) == {
+        "error": "Execution timeout: worker did not pick up task within 300 seconds (scheduled for 320 seconds)",
+        "failed_by": "execution_timeout_monitor",
+        "timeout_seconds": 300,
+        "age_seconds": 320,
+        "original_status": "scheduled",
+    }
+    assert scheduled_timeout_error(0.5, 1.2)["error"].startswith("Execution timeout: worker did not pick up task within 0.5 seconds")
+
+
+def test_recovery_settings_resolve_decorator_then_yaml_then_default():
+    from common.actions import ActionSpec
+    from common.recovery import resolve_policy
+    from common.settings import RecoverySettings
+
+    def spec(**kw):
+        return ActionSpec(ref="p.a", runtime="python", parameters_schema={}, **kw)
+
+    unset = RecoverySettings()
+    assert resolve_policy(spec(), unset).recover_on_worker_loss is False  # transient default
+    assert resolve_policy(spec(durable=True), unset).recover_on_worker_loss is True  # durable default
+    assert resolve_policy(None, unset).max_recovery_attempts == 3
+    yaml_on = RecoverySettings(recover_on_worker_loss=True, max_recovery_attempts=5)
+    assert resolve_policy(spec(), yaml_on) == resolve_policy(spec(), yaml_on)
+    assert resolve_policy(spec(), yaml_on).recover_on_worker_loss is True
+    assert resolve_policy(spec(), yaml_on).max_recovery_attempts == 5
+    decorated = spec(recover_on_worker_loss=False, max_recovery_attempts=1)
+    assert resolve_policy(decorated, yaml_on).recover_on_worker_loss is False
+    assert resolve_policy(decorated, yaml_on).max_recovery_attempts == 1
+
+
+def test_recovery_decisions_and_interrupted_event():
+    from common.recovery import RecoveryPolicy, decide, interrupted_event
+
+    transient = RecoveryPolicy(durable=False, recover_on_worker_loss=False, max_recovery_attempts=3)
+    restartable = RecoveryPolicy(durable=False, recover_on_worker_loss=True, max_recovery_attempts=2)
+    assert not decide(transient, 0).recover and "recover_on_worker_loss is off" in decide(transient, 0).reason
+    assert decide(restartable, 0).recover and decide(restartable, 1).recover
+    assert not decide(restartable, 2).recover and "all 2 recovery attempts" in decide(restartable, 2).reason
+    event = interrupted_event(reason="worker_lost", worker="w", error="gone", policy=restartable, recovery_attempts=1)
+    assert event == {"reason": "worker_lost", "worker_id": "w", "error": "gone", "recoverable": True, "recovery_attempt": 2}
+    final = interrupted_event(reason="signal", worker="w", error="late", policy=restartable, recovery_attempts=2)
+    assert final["recoverable"] is False and final["recovery_attempt"] == 2
+
+
+def test_death_reason():
+    from executor.dead_letters import death_reason
+
+    assert death_reason({"x-first-death-reason": "expired"}) == "expired"
+    assert death_reason({"x-death": [{"reason": b"rejected", "queue": "q"}]}) == "rejected"
+    assert death_reason(None) == "unknown"
 
 
 # -- parameters and timeouts -------------------------------------------------------------------

@@ -12,7 +12,9 @@ import contextlib
 import importlib
 import json
 import os
+import secrets
 import socket
+import time
 import uuid
 from collections import deque
 from typing import Any
@@ -21,12 +23,13 @@ import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
 
-from common import amqp, db
+from common import amqp, db, metrics
 from common.logging import get_logger
 from common.notifications import publish_terminal
 from common.queries import actions as aq
 from common.queries import executions as q
 from common.queries import workers as wq
+from common.recovery import InterruptReason, interrupted_event, resolve_policy
 from common.schemas import Dispatch
 from common.settings import Settings
 from worker import builtins
@@ -68,6 +71,15 @@ class WorkerService:
         self.idle.set()
         self.outcomes: asyncio.Queue[tuple[Dispatch, Outcome]] = asyncio.Queue()
         self.draining = False
+        # Standing down: the database cannot be reached, or the executor declared this worker lost;
+        # it takes no work until it has registered again.
+        self.stood_down = False
+        self.resumed = asyncio.Event()
+        self.resumed.set()
+        self.cancel_reason: tuple[InterruptReason, str] = ("signal", "the worker stopped past its drain deadline")
+        # PostgreSQL releases this session lock the moment the process dies: the sweeper's signal.
+        self.lock_key = secrets.randbits(62)
+        self.lock_conn: asyncpg.Connection | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -94,6 +106,9 @@ class WorkerService:
         finally:
             with contextlib.suppress(Exception):
                 await self.connection.close()
+            if self.lock_conn is not None:
+                with contextlib.suppress(Exception):
+                    await self.lock_conn.close()
             await self.pool.close()
             self.log.info("worker_stopped")
 
@@ -115,18 +130,13 @@ class WorkerService:
             [json.dumps(s.parameters_schema) for s in specs],
             [s.timeout_s for s in specs],
             [s.description for s in specs],
+            [s.durable for s in specs],
+            [s.recover_on_worker_loss for s in specs],
+            [s.max_recovery_attempts for s in specs],
         )
-        await self.pool.fetch(
-            wq.REGISTER,
-            self.name,
-            list(cfg.runtimes),
-            sorted(self.actions),
-            cfg.max_concurrent_tasks,
-            cfg.heartbeat_interval_s,
-            socket.gethostname(),
-            os.getpid(),
-            self.incarnation,
-        )
+        await self._lock()
+        await self._register()
+        metrics.serve(cfg.metrics_port)
         self.consumer_tag = await self.queue.consume(self._on_message)
         self.log.info(
             "worker_registered",
@@ -135,6 +145,87 @@ class WorkerService:
             actions=sorted(self.actions),
             concurrency=cfg.max_concurrent_tasks,
         )
+
+    async def _lock(self) -> None:
+        """(Re)open the lock connection and take the session lock on it."""
+        if self.lock_conn is not None and not self.lock_conn.is_closed():
+            return
+        timeout_s = max(self.cfg.heartbeat_interval_s, 1.0)
+        conn = await asyncpg.connect(self.settings.database.url, timeout=timeout_s)
+        try:
+            await conn.execute("SELECT pg_advisory_lock($1)", self.lock_key, timeout=timeout_s)
+        except BaseException:
+            await conn.close()
+            raise
+        self.lock_conn = conn
+
+    async def _register(self) -> None:
+        """Mark this process the worker's live incarnation. What the row says is `running` here but
+        this process does not run (a predecessor that died, or work given up while the database
+        was away) is interrupted first, so that recovery takes it over."""
+        cfg = self.cfg
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.fetchrow(wq.PREVIOUS, self.name)
+            for row in await conn.fetch(q.SELECT_RUNNING_ON, self.name):
+                if row["id"] in self.running:
+                    continue
+                action = self.actions.get(row["action_ref"])
+                event = interrupted_event(
+                    reason="worker_lost",
+                    worker=self.name,
+                    error="the worker restarted or lost contact while running it",
+                    policy=resolve_policy(action.spec if action else None, self.settings.recovery),
+                    recovery_attempts=row["recovery_attempts"],
+                )
+                await conn.fetchrow(q.INTERRUPT_BY_EXECUTOR, row["id"], row["attempt"], json.dumps(event))
+                self.log.warning(
+                    "execution_interrupted", execution_id=str(row["id"]), attempt=row["attempt"], reason="worker_lost"
+                )
+            await conn.fetch(
+                wq.REGISTER,
+                self.name,
+                list(cfg.runtimes),
+                sorted(self.actions),
+                cfg.max_concurrent_tasks,
+                cfg.heartbeat_interval_s,
+                socket.gethostname(),
+                os.getpid(),
+                self.incarnation,
+                self.lock_key,
+            )
+
+    async def _stand_down(self, why: str) -> None:
+        """Stop taking work and give up what runs here: it is about to be recovered elsewhere."""
+        if self.stood_down:
+            return
+        self.stood_down = True
+        self.resumed.clear()
+        self.log.warning("worker_standing_down", reason=why, cancelling=len(self.running), handing_back=len(self.inbox))
+        await self._hand_back()
+        self.cancel_reason = ("worker_lost", f"the worker stood down: {why}")
+        for task in list(self.running.values()):
+            task.cancel()
+        await asyncio.gather(*self.running.values(), return_exceptions=True)
+
+    async def _resume(self) -> None:
+        await self._register()
+        self.stood_down = False
+        self.cancel_reason = ("signal", "the worker stopped past its drain deadline")
+        self.resumed.set()
+        self.mail.set()
+        self.log.info("worker_reregistered")
+
+    async def _hand_back(self) -> int:
+        handed_back = 0
+        while self.inbox:
+            message = self.inbox.popleft()
+            with contextlib.suppress(Exception):
+                # Dead-lettered at once; the executor reschedules it on another worker.
+                await message.reject(requeue=False)
+                handed_back += 1
+        if handed_back:
+            self.log.info("dispatches_handed_back", count=handed_back)
+        return handed_back
 
     async def _drain(self, loops: set[asyncio.Task[Any]]) -> None:
         """DESIGN section 5: draining, consumer cancelled, unstarted handed back, in-flight finished
@@ -146,19 +237,12 @@ class WorkerService:
             await self.pool.fetch(wq.SET_STATUS, self.name, self.incarnation, "draining")
         with contextlib.suppress(Exception):
             await self.queue.cancel(self.consumer_tag)
+        self.resumed.set()
         claimer = next((t for t in loops if t.get_name() == "claimer"), None)
         if claimer is not None:
             with contextlib.suppress(BaseException):
                 await claimer
-        handed_back = 0
-        while self.inbox:
-            message = self.inbox.popleft()
-            with contextlib.suppress(Exception):
-                # Dead-lettered at once; the executor reschedules it on another worker.
-                await message.reject(requeue=False)
-                handed_back += 1
-        if handed_back:
-            self.log.info("dispatches_handed_back", count=handed_back)
+        await self._hand_back()
         try:
             await asyncio.wait_for(self.idle.wait(), self.cfg.shutdown_timeout_s)
         except asyncio.TimeoutError:
@@ -177,7 +261,7 @@ class WorkerService:
     # -- receiving and claiming -------------------------------------------------------------
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        if self.draining:
+        if self.draining or self.stood_down:
             with contextlib.suppress(Exception):
                 await message.reject(requeue=False)
             return
@@ -186,13 +270,14 @@ class WorkerService:
 
     async def _claim_loop(self) -> None:
         while not self.draining:
+            await self.resumed.wait()
             await self.slots.acquire()
             while not self.inbox and not self.draining:
                 self.mail.clear()
                 await self.mail.wait()
-            if self.draining:
+            if self.draining or self.stood_down:
                 self.slots.release()
-                return
+                continue
             batch = [self.inbox.popleft()]
             while self.inbox and not self.slots.locked():
                 await self.slots.acquire()
@@ -208,8 +293,13 @@ class WorkerService:
                 self.log.error("dispatch_invalid", error=str(exc), message_id=message.message_id)
                 await message.reject(requeue=False)
                 continue
-            if dispatch.execution_id not in dispatches:  # a redelivered twin in the same batch runs once
-                dispatches[dispatch.execution_id] = dispatch
+            if dispatch.execution_id in dispatches:  # a twin in the same batch (a redelivery) runs once
+                self.log.info(
+                    "dispatch_stale", execution_id=str(dispatch.execution_id), attempt=dispatch.attempt,
+                    action_ref=dispatch.action_ref, twin=True,
+                )
+                continue
+            dispatches[dispatch.execution_id] = dispatch
         rows = await db.until_available(
             lambda: self.pool.fetch(
                 q.CLAIM, list(dispatches), [d.attempt for d in dispatches.values()], self.name
@@ -243,21 +333,27 @@ class WorkerService:
                 max_output_bytes=self.cfg.max_output_bytes,
             )
         except asyncio.CancelledError:
-            await self._interrupt(dispatch, reason="signal", error="the worker stopped past its drain deadline")
+            reason, error = self.cancel_reason
+            await self._interrupt(dispatch, reason=reason, error=error)
             self._release(dispatch.execution_id)
             raise
         await self.outcomes.put((dispatch, outcome))
 
-    async def _interrupt(self, dispatch: Dispatch, *, reason: str, error: str) -> None:
-        data = {
-            "reason": reason,
-            "worker_id": self.name,
-            "error": error,
-            "recoverable": True,
-            "recovery_attempt": 0,
-        }
+    async def _interrupt(self, dispatch: Dispatch, *, reason: InterruptReason, error: str) -> None:
+        """Fenced: only if the run is still this worker's at this attempt. If the database cannot be
+        reached, the executor interrupts it instead once this worker is declared lost."""
+        action = self.actions.get(dispatch.action_ref)
+        policy = resolve_policy(action.spec if action else None, self.settings.recovery)
         with contextlib.suppress(Exception):
-            await self.pool.fetch(q.INTERRUPT, dispatch.execution_id, dispatch.attempt, self.name, json.dumps(data))
+            recovery_attempts = await self.pool.fetchval(
+                "SELECT recovery_attempts FROM executions WHERE id = $1", dispatch.execution_id, timeout=2
+            )
+            data = interrupted_event(
+                reason=reason, worker=self.name, error=error, policy=policy, recovery_attempts=recovery_attempts or 0
+            )
+            await self.pool.fetch(
+                q.INTERRUPT, dispatch.execution_id, dispatch.attempt, self.name, json.dumps(data), timeout=2
+            )
         self.log.warning(
             "execution_interrupted", execution_id=str(dispatch.execution_id), attempt=dispatch.attempt, reason=reason
         )
@@ -300,8 +396,10 @@ class WorkerService:
                 # Fencing: the execution moved on (recovered elsewhere); this late outcome is dropped.
                 self.log.warning("outcome_fenced", status=outcome.status, **fields)
             elif outcome.status == "completed":
+                metrics.FINISHED.labels("completed").inc()
                 self.log.info("execution_completed", **fields)
             else:
+                metrics.FINISHED.labels(outcome.status).inc()
                 self.log.warning(
                     f"execution_{outcome.status}", error=(outcome.error or {}).get("error"), **fields
                 )
@@ -311,14 +409,36 @@ class WorkerService:
 
     async def _heartbeat_loop(self) -> None:
         interval_s = self.cfg.heartbeat_interval_s
+        stale_after_s = interval_s * self.settings.executor.heartbeat_staleness_multiplier
+        last_ok = time.monotonic()
         while True:
             await asyncio.sleep(interval_s)
+            metrics.IN_FLIGHT.set(len(self.running))
             try:
-                status = await self.pool.fetchval(wq.HEARTBEAT, self.name, self.incarnation, len(self.running))
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                self.log.warning("heartbeat_failed", error=str(exc))
+                await self._lock()
+                assert self.lock_conn is not None
+                status = await self.lock_conn.fetchval(
+                    wq.HEARTBEAT, self.name, self.incarnation, len(self.running), timeout=max(interval_s, 1.0)
+                )
+            except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                if self.lock_conn is not None and self.lock_conn.is_closed():
+                    self.lock_conn = None
+                silent_s = time.monotonic() - last_ok
+                metrics.OWN_HEARTBEAT_AGE.set(silent_s)
+                self.log.warning("heartbeat_failed", error=str(exc) or type(exc).__name__, silent_s=round(silent_s, 2))
+                if silent_s > stale_after_s:
+                    await self._stand_down("its heartbeat could not be recorded for longer than the staleness threshold")
                 continue
+            last_ok = time.monotonic()
+            metrics.OWN_HEARTBEAT_AGE.set(0)
             if status is None:
                 raise RuntimeError(
                     f"worker row {self.name!r} now belongs to another process: two workers share this name"
                 )
+            if status == "lost":
+                await self._stand_down("the executor declared it lost")
+            if self.stood_down and not self.draining:
+                try:
+                    await self._resume()
+                except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                    self.log.warning("reregister_failed", error=str(exc))

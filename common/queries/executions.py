@@ -34,7 +34,7 @@ WHERE id = ANY($1::uuid[]) OR idempotency_key = ANY($2::text[])
 
 # $1 limit, $2 the actions some live worker can take now (others would only block the head).
 SELECT_REQUESTED_FOR_UPDATE = """
-SELECT id, action_ref, parameters, attempt, timeout_s FROM executions
+SELECT id, action_ref, parameters, attempt, timeout_s, previous_worker FROM executions
 WHERE status = 'requested' AND action_ref = ANY($2::text[])
 ORDER BY updated_at
 LIMIT $1
@@ -45,25 +45,29 @@ FOR UPDATE SKIP LOCKED
 MARK_SCHEDULED = """
 WITH upd AS (
     UPDATE executions e
-    SET status = 'scheduled', worker = p.worker, attempt = e.attempt + 1, scheduled_at = now(),
+    SET status = 'scheduled', worker = p.worker, attempt = e.attempt + 1,
+        schedule_attempts = e.schedule_attempts + 1, scheduled_at = now(),
         updated_at = now(), last_event_seq = e.last_event_seq + 1
     FROM unnest($1::uuid[], $2::text[], $3::int[]) AS p(id, worker, attempt)
     WHERE e.id = p.id AND e.status = 'requested' AND e.attempt = p.attempt
-    RETURNING e.id, e.attempt, e.worker, e.last_event_seq
+    RETURNING e.id, e.attempt, e.worker, e.schedule_attempts, e.last_event_seq
 ), ev AS (
     INSERT INTO execution_events (execution_id, seq, type, data)
     SELECT id, last_event_seq, 'execution.scheduled', jsonb_build_object('worker', worker, 'attempt', attempt)
     FROM upd
 )
-SELECT id, attempt, worker FROM upd
+SELECT id, attempt, worker, schedule_attempts FROM upd
 """
 
-# A dispatch that did not reach its worker goes back to `requested`; the next pass places it again.
-# $1 id, $2 attempt, $3 event data
+# A dispatch that did not start goes back to `requested`; the next pass places it again, preferring
+# another worker. $1 id, $2 attempt, $3 event data, $4 whether this dispatch counts against
+# `max_schedule_attempts` (a broker outage is not the execution's fault).
 RESCHEDULE = """
 WITH upd AS (
     UPDATE executions e
-    SET status = 'requested', worker = NULL, updated_at = now(), last_event_seq = e.last_event_seq + 1
+    SET status = 'requested', previous_worker = e.worker, worker = NULL, updated_at = now(),
+        schedule_attempts = CASE WHEN $4::bool THEN e.schedule_attempts ELSE e.schedule_attempts - 1 END,
+        last_event_seq = e.last_event_seq + 1
     WHERE e.id = $1 AND e.status = 'scheduled' AND e.attempt = $2
     RETURNING e.id, e.last_event_seq
 ), ev AS (
@@ -78,7 +82,8 @@ SELECT id FROM upd
 CLAIM = """
 WITH upd AS (
     UPDATE executions e
-    SET status = 'running', started_at = now(), updated_at = now(), last_event_seq = e.last_event_seq + 1
+    SET status = 'running', started_at = now(), updated_at = now(), schedule_attempts = 0,
+        last_event_seq = e.last_event_seq + 1
     FROM unnest($1::uuid[], $2::int[]) AS c(id, attempt)
     WHERE e.id = c.id AND e.attempt = c.attempt AND e.worker = $3 AND e.status = 'scheduled'
     RETURNING e.id, e.attempt, e.last_event_seq
@@ -143,7 +148,19 @@ ORDER BY created_at DESC
 LIMIT $3
 """
 
-COUNT_BY_STATUS = "SELECT status, count(*) AS n FROM executions GROUP BY status"
+# Only states that still need something to happen: bounded by the work in flight, not by history.
+COUNT_ACTIVE_BY_STATUS = """
+SELECT status, count(*) AS n FROM executions
+WHERE status IN ('requested', 'scheduled', 'running', 'interrupted', 'paused', 'sleeping')
+GROUP BY status
+"""
+
+# What a worker holds as `running` (to find what it no longer runs). $1 worker
+SELECT_RUNNING_ON = """
+SELECT id, attempt, action_ref, recovery_attempts FROM executions
+WHERE worker = $1 AND status = 'running'
+FOR UPDATE
+"""
 
 # A worker gives up on a run it was told to stop (drain deadline): running -> interrupted, fenced,
 # with the `workflow.interrupted` event recovery reads. $1 id, $2 attempt, $3 worker, $4 event data
@@ -160,4 +177,80 @@ WITH upd AS (
     FROM upd
 )
 SELECT id FROM upd
+"""
+
+# Candidates of the scheduled-timeout monitor. $1 scheduled_timeout_s, $2 limit
+SELECT_SCHEDULED_TIMED_OUT = """
+SELECT id, attempt, schedule_attempts, worker, extract(epoch FROM now() - updated_at)::float8 AS age_s
+FROM executions
+WHERE status = 'scheduled' AND updated_at < now() - make_interval(secs => $1)
+ORDER BY updated_at
+LIMIT $2
+FOR UPDATE SKIP LOCKED
+"""
+
+# What a lost worker held. $1 worker
+SELECT_HELD_BY_WORKER = """
+SELECT id, attempt, schedule_attempts, status, action_ref, recovery_attempts FROM executions
+WHERE worker = $1 AND status IN ('scheduled', 'running')
+FOR UPDATE
+"""
+
+# The execution a dead-lettered dispatch was for. $1 id
+SELECT_FOR_UPDATE = """
+SELECT id, status, attempt, schedule_attempts, worker FROM executions WHERE id = $1 FOR UPDATE
+"""
+
+# Runs that an infrastructure failure stopped, for recovery. $1 limit
+SELECT_INTERRUPTED = """
+SELECT id, attempt, action_ref, recovery_attempts, worker FROM executions
+WHERE status = 'interrupted'
+ORDER BY updated_at
+LIMIT $1
+FOR UPDATE SKIP LOCKED
+"""
+
+# The executor interrupts the running executions of a lost worker. $1 id, $2 attempt, $3 event data
+INTERRUPT_BY_EXECUTOR = """
+WITH upd AS (
+    UPDATE executions e
+    SET status = 'interrupted', updated_at = now(), last_event_seq = e.last_event_seq + 1
+    WHERE e.id = $1 AND e.attempt = $2 AND e.status = 'running'
+    RETURNING e.id, e.last_event_seq
+), ev AS (
+    INSERT INTO execution_events (execution_id, seq, type, data)
+    SELECT id, last_event_seq, 'workflow.interrupted',
+           $3::jsonb || jsonb_build_object('last_event_sequence', last_event_seq - 1)
+    FROM upd
+)
+SELECT id FROM upd
+"""
+
+# Recovery: an interrupted run goes back in line, to start again (or, durable, to resume).
+# $1 id, $2 attempt
+RECOVER = """
+WITH upd AS (
+    UPDATE executions e
+    SET status = 'requested', previous_worker = e.worker, worker = NULL, schedule_attempts = 0,
+        recovery_attempts = e.recovery_attempts + 1, updated_at = now(),
+        last_event_seq = e.last_event_seq + 1
+    WHERE e.id = $1 AND e.status = 'interrupted' AND e.attempt = $2
+    RETURNING e.id, e.recovery_attempts, e.last_event_seq
+), ev AS (
+    INSERT INTO execution_events (execution_id, seq, type, data)
+    SELECT id, last_event_seq, 'execution.recovering', jsonb_build_object('recovery_attempt', recovery_attempts)
+    FROM upd
+)
+SELECT id, recovery_attempts FROM upd
+"""
+
+# Dispatched to workers that no longer take work (draining, stopped, lost): back in line at once
+# rather than after the queue TTL. The dispatch left in the queue is stale from then on (fenced).
+SELECT_SCHEDULED_ON_UNAVAILABLE = """
+SELECT e.id, e.attempt, e.schedule_attempts, e.worker, w.status AS worker_status
+FROM workers w
+JOIN executions e ON e.worker = w.name AND e.status = 'scheduled'
+WHERE w.status IN ('draining', 'inactive', 'lost')
+LIMIT 500
+FOR UPDATE OF e SKIP LOCKED
 """

@@ -1,21 +1,56 @@
 """Named queries on `workers`."""
 
+# The row as it was before this process registers (to find what a previous process left behind).
+PREVIOUS = "SELECT status, incarnation FROM workers WHERE name = $1 FOR UPDATE"
+
 # $1 name, $2 runtimes, $3 actions, $4 max_concurrent_tasks, $5 heartbeat_interval_s,
-# $6 hostname, $7 pid, $8 incarnation. Restarting with the same name reuses (and revives) the row.
+# $6 hostname, $7 pid, $8 incarnation, $9 lock_key. Restarting with the same name reuses the row.
 REGISTER = """
 WITH up AS (
     INSERT INTO workers (name, status, runtimes, actions, max_concurrent_tasks, heartbeat_interval_s,
-                         last_heartbeat, in_flight, hostname, pid, incarnation, started_at, updated_at)
-    VALUES ($1, 'active', $2, $3, $4, $5, now(), 0, $6, $7, $8, now(), now())
+                         last_heartbeat, in_flight, hostname, pid, incarnation, lock_key, started_at, updated_at)
+    VALUES ($1, 'active', $2, $3, $4, $5, now(), 0, $6, $7, $8, $9, now(), now())
     ON CONFLICT (name) DO UPDATE SET
         status = 'active', runtimes = EXCLUDED.runtimes, actions = EXCLUDED.actions,
         max_concurrent_tasks = EXCLUDED.max_concurrent_tasks,
         heartbeat_interval_s = EXCLUDED.heartbeat_interval_s, last_heartbeat = now(), in_flight = 0,
         hostname = EXCLUDED.hostname, pid = EXCLUDED.pid, incarnation = EXCLUDED.incarnation,
-        started_at = now(), updated_at = now()
+        lock_key = EXCLUDED.lock_key, started_at = now(), updated_at = now()
     RETURNING name
 )
 SELECT name, pg_notify('baton_wake', 'worker') FROM up
+"""
+
+# Workers to declare lost: heartbeat older than multiplier x interval ($1), or never written, or
+# the process's advisory lock is free (it died). The lock is trusted only once PostgreSQL has been
+# up longer than the staleness window, so that after a database restart workers have time to
+# take their locks again. A lock taken here is a transaction lock, gone at commit.
+FIND_LOST = """
+SELECT name, incarnation, last_heartbeat,
+       (last_heartbeat IS NULL
+        OR last_heartbeat < now() - make_interval(secs => heartbeat_interval_s * $1)) AS heartbeat_stale
+FROM workers
+WHERE status IN ('active', 'draining')
+  AND (last_heartbeat IS NULL
+       OR last_heartbeat < now() - make_interval(secs => heartbeat_interval_s * $1)
+       OR (lock_key IS NOT NULL
+           AND now() - pg_postmaster_start_time() > make_interval(secs => heartbeat_interval_s * $1)
+           AND pg_try_advisory_xact_lock(lock_key)))
+FOR UPDATE SKIP LOCKED
+"""
+
+# $1 name, $2 incarnation
+MARK_LOST = """
+UPDATE workers SET status = 'lost', updated_at = now()
+WHERE name = $1 AND incarnation = $2 AND status IN ('active', 'draining')
+RETURNING name
+"""
+
+COUNT_BY_STATUS = "SELECT status, count(*) AS n FROM workers GROUP BY status"
+
+HEARTBEAT_AGES = """
+SELECT name, extract(epoch FROM now() - last_heartbeat)::float8 AS age_s
+FROM workers WHERE status IN ('active', 'draining')
 """
 
 # $1 name, $2 incarnation, $3 in_flight. Returns the row's status (None: the row is another incarnation's).
@@ -35,7 +70,7 @@ RETURNING status
 # Candidates for placement: active and with a fresh heartbeat ($1 = staleness multiplier), with
 # what each already holds (scheduled or running on it).
 ELIGIBLE = """
-SELECT w.name, w.actions, w.max_concurrent_tasks,
+SELECT w.name, w.actions, w.max_concurrent_tasks, w.incarnation,
        (SELECT count(*) FROM executions e
         WHERE e.worker = w.name AND e.status IN ('scheduled', 'running')) AS outstanding
 FROM workers w

@@ -1,0 +1,95 @@
+"""Dead-letter handler: dispatches that expired in a worker's queue (TTL) or were handed back by a
+draining worker arrive here through the `<prefix>.dlx` fanout exchange. One whose execution is
+still `scheduled` at that attempt is rescheduled elsewhere (or failed); the rest are stale, logged
+and dropped."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from aio_pika.abc import AbstractIncomingMessage
+from pydantic import ValidationError
+
+from common import metrics
+from common.db import until_available
+from common.logging import get_logger
+from common.notifications import publish_terminal
+from common.queries import executions as q
+from common.schemas import Dispatch
+from executor.rescheduling import reschedule_or_fail
+
+if TYPE_CHECKING:
+    from executor.service import ExecutorContext
+
+log = get_logger("baton.executor.dead_letters")
+
+
+def death_reason(headers: dict | None) -> str:
+    """Why RabbitMQ dead-lettered it: `expired`, `rejected`, `maxlen`, ... (first death wins)."""
+    headers = headers or {}
+    reason = headers.get("x-first-death-reason")
+    if not reason:
+        deaths = headers.get("x-death") or []
+        reason = deaths[0].get("reason") if deaths else None
+    return reason.decode() if isinstance(reason, bytes) else str(reason or "unknown")
+
+
+async def run(ctx: ExecutorContext, stop_event: asyncio.Event) -> None:
+    channel = await ctx.amqp.channel()
+    await channel.set_qos(prefetch_count=50)
+    queue = await channel.get_queue(ctx.names.dead_letters_queue)
+    tag = await queue.consume(lambda message: handle(ctx, message))
+    log.info("dead_letter_handler_started", queue=queue.name)
+    try:
+        await stop_event.wait()
+    finally:
+        await queue.cancel(tag)
+        await channel.close()
+        log.info("dead_letter_handler_stopped")
+
+
+async def handle(ctx: ExecutorContext, message: AbstractIncomingMessage) -> None:
+    reason = death_reason(message.headers)
+    try:
+        dispatch = Dispatch.model_validate_json(message.body)
+    except ValidationError as exc:
+        metrics.DEAD_LETTERS.labels("invalid").inc()
+        log.error("dead_letter_invalid", death_reason=reason, error=str(exc)[:500], message_id=message.message_id)
+        await message.ack()
+        return
+    fields = {"execution_id": str(dispatch.execution_id), "attempt": dispatch.attempt, "death_reason": reason}
+    why = {
+        "expired": "its dispatch expired unconsumed in the worker's queue",
+        "rejected": "its worker handed the dispatch back",
+    }.get(reason, f"its dispatch was dead-lettered ({reason})")
+    cfg = ctx.settings.executor
+
+    async def settle():
+        async with ctx.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(q.SELECT_FOR_UPDATE, dispatch.execution_id)
+            if row is None or row["status"] != "scheduled" or row["attempt"] != dispatch.attempt:
+                return "stale", None
+            return await reschedule_or_fail(
+                conn,
+                row,
+                max_schedule_attempts=cfg.max_schedule_attempts,
+                reason=why,
+                kind=f"dead_letter_{reason}",
+                error={"error": f"no worker started it after {cfg.max_schedule_attempts} dispatches: {why}",
+                       "failed_by": "dead_letter_handler", "attempts": row["schedule_attempts"]},
+                # A worker hands a dispatch back when it drains or stands down: not the execution's fault.
+                counts=reason != "rejected",
+            )
+
+    status, failed = await until_available(settle, what="dead_letter")
+    if status == "stale" or status is None:
+        metrics.DEAD_LETTERS.labels("dropped").inc()
+        log.info("dead_letter_dropped", **fields)
+    else:
+        metrics.DEAD_LETTERS.labels(status).inc()
+        log.info("dead_letter_handled", outcome=status, **fields)
+        ctx.wake.set()
+    if failed is not None:
+        await publish_terminal(ctx.pool, ctx.exchanges.notifications, [failed])
+    await message.ack()

@@ -1,0 +1,83 @@
+"""Scheduled-timeout monitor: an execution dispatched but not started within `scheduled_timeout`
+is rescheduled to another worker, up to `max_schedule_attempts`, then failed (DESIGN section 4)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import TYPE_CHECKING, Any
+
+from common import metrics
+from common.logging import get_logger
+from common.notifications import publish_terminal
+from common.queries import executions as q
+from executor.resilience import riding_out_outages
+from executor.rescheduling import reschedule_or_fail
+
+if TYPE_CHECKING:
+    from executor.service import ExecutorContext
+
+log = get_logger("baton.executor.timeout_monitor")
+
+BATCH = 500
+
+
+def _number(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else value
+
+
+def scheduled_timeout_error(timeout_s: float, age_s: float) -> dict[str, Any]:
+    """The error object DESIGN section 4 specifies, field for field."""
+    timeout = _number(timeout_s)
+    age = int(age_s)
+    return {
+        "error": f"Execution timeout: worker did not pick up task within {timeout} seconds (scheduled for {age} seconds)",
+        "failed_by": "execution_timeout_monitor",
+        "timeout_seconds": timeout,
+        "age_seconds": age,
+        "original_status": "scheduled",
+    }
+
+
+async def run(ctx: ExecutorContext, stop_event: asyncio.Event) -> None:
+    cfg = ctx.settings.executor
+    if not cfg.enable_timeout_monitor:
+        log.info("timeout_monitor_disabled")
+        await stop_event.wait()
+        return
+    log.info("timeout_monitor_started", scheduled_timeout_s=cfg.scheduled_timeout_s, interval_s=cfg.timeout_check_interval_s)
+    while not stop_event.is_set():
+        async with riding_out_outages("timeout_check", stop_event):
+            while await check(ctx) == BATCH:
+                pass
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop_event.wait(), cfg.timeout_check_interval_s)
+    log.info("timeout_monitor_stopped")
+
+
+async def check(ctx: ExecutorContext) -> int:
+    cfg = ctx.settings.executor
+    failed = []
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        rows = await conn.fetch(q.SELECT_SCHEDULED_TIMED_OUT, cfg.scheduled_timeout_s, BATCH)
+        for row in rows:
+            error = scheduled_timeout_error(cfg.scheduled_timeout_s, row["age_s"])
+            metrics.TIMEOUTS.labels("scheduled").inc()
+            log.warning(
+                "scheduled_timeout", execution_id=str(row["id"]), attempt=row["attempt"], worker=row["worker"],
+                age_s=round(row["age_s"], 3),
+            )
+            _, done = await reschedule_or_fail(
+                conn,
+                row,
+                max_schedule_attempts=cfg.max_schedule_attempts,
+                reason=f"not started by {row['worker']} within {_number(cfg.scheduled_timeout_s)} s",
+                kind="scheduled_timeout",
+                error=error,
+            )
+            if done is not None:
+                failed.append(done)
+    await publish_terminal(ctx.pool, ctx.exchanges.notifications, failed)
+    if len(failed) < len(rows):
+        ctx.wake.set()
+    return len(rows)
