@@ -43,6 +43,7 @@ def place(
         if action_ref not in by_action:
             by_action[action_ref] = [c for c in candidates if action_ref in c.actions]
         best: Candidate | None = None
+        best_rank: tuple = ()
         for c in by_action[action_ref]:
             if load[c.name] >= c.capacity(backlog_factor):
                 continue

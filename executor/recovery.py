@@ -6,7 +6,6 @@ Runs after every sweep over all `interrupted` executions, whoever interrupted th
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING
 
 from common import metrics
@@ -48,7 +47,7 @@ async def recover_interrupted(ctx: ExecutorContext) -> int:
                 "recovery_attempts": row["recovery_attempts"],
                 "max_recovery_attempts": policy.max_recovery_attempts,
             }
-            done = await conn.fetchrow(q.FAIL, row["id"], "interrupted", row["attempt"], json.dumps(error))
+            done = await conn.fetchrow(q.FAIL, row["id"], "interrupted", row["attempt"], error)
             if done is not None:
                 failed.append(done)
                 metrics.RECOVERIES.labels("failed").inc()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any, Literal
 
 import asyncpg
@@ -36,13 +35,13 @@ async def reschedule_or_fail(
     ``counts=False`` (the broker was away) does not spend one of the execution's dispatches."""
     fields = {"execution_id": str(row["id"]), "attempt": row["attempt"], "reason": reason}
     if not counts or next_step(row["schedule_attempts"], max_schedule_attempts) == "reschedule":
-        data = json.dumps({"reason": reason, "attempt": row["attempt"]})
+        data = {"reason": reason, "attempt": row["attempt"]}
         if await conn.fetchrow(q.RESCHEDULE, row["id"], row["attempt"], data, counts) is None:
             return None, None
         metrics.RESCHEDULES.labels(kind).inc()
         log.info("execution_rescheduled", kind=kind, **fields)
         return "requested", None
-    failed = await conn.fetchrow(q.FAIL, row["id"], "scheduled", row["attempt"], json.dumps(error))
+    failed = await conn.fetchrow(q.FAIL, row["id"], "scheduled", row["attempt"], error)
     if failed is None:
         return None, None
     log.warning("execution_failed", error=error.get("error"), kind=kind, **fields)

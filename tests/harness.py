@@ -280,3 +280,11 @@ async def drop_database(name: str) -> None:
 def kill_group(service: Service, sig: int = signal.SIGKILL) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(service.process.pid, sig)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

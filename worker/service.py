@@ -177,7 +177,7 @@ class WorkerService:
                     policy=resolve_policy(action.spec if action else None, self.settings.recovery),
                     recovery_attempts=row["recovery_attempts"],
                 )
-                await conn.fetchrow(q.INTERRUPT_BY_EXECUTOR, row["id"], row["attempt"], json.dumps(event))
+                await conn.fetchrow(q.INTERRUPT_BY_EXECUTOR, row["id"], row["attempt"], event)
                 self.log.warning(
                     "execution_interrupted", execution_id=str(row["id"]), attempt=row["attempt"], reason="worker_lost"
                 )
@@ -352,7 +352,7 @@ class WorkerService:
                 reason=reason, worker=self.name, error=error, policy=policy, recovery_attempts=recovery_attempts or 0
             )
             await self.pool.fetch(
-                q.INTERRUPT, dispatch.execution_id, dispatch.attempt, self.name, json.dumps(data), timeout=2
+                q.INTERRUPT, dispatch.execution_id, dispatch.attempt, self.name, data, timeout=2
             )
         self.log.warning(
             "execution_interrupted", execution_id=str(dispatch.execution_id), attempt=dispatch.attempt, reason=reason

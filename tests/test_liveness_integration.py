@@ -1,0 +1,305 @@
+"""DESIGN sections 4 and 5 with real processes and real signals: workers that die, hang, or are
+stopped; dispatches that expire; the scheduled-timeout monitor."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import pytest
+
+from tests.harness import wait_until
+
+pytestmark = pytest.mark.integration
+
+RECOVER = {"BATON__RECOVERY__RECOVER_ON_WORKER_LOSS": "true"}
+
+
+async def _running_on(baton, execution_id, worker: str) -> dict:
+    async def check():
+        row = await baton.execution(execution_id)
+        return row if row["status"] == "running" and row["worker"] == worker else None
+
+    return await wait_until(check, what=f"execution {execution_id} running on {worker}")
+
+
+async def _events(baton, execution_id) -> list[dict]:
+    rows = await (await baton.pool()).fetch(
+        "SELECT seq, type, data FROM execution_events WHERE execution_id = $1 ORDER BY seq", execution_id
+    )
+    return [dict(r) for r in rows]
+
+
+async def _worker_status(baton, name: str) -> str:
+    return await (await baton.pool()).fetchval("SELECT status FROM workers WHERE name = $1", name)
+
+
+async def test_sigkill_transient_run_fails_with_reason_and_scheduled_work_moves(baton):
+    await baton.start_executor()
+    doomed = await baton.start_worker("doomed", concurrency=1)
+    client = await baton.client()
+    running = await client.submit("core.sleep", {"seconds": 30}, watch=True)
+    await _running_on(baton, running.execution_id, "doomed")
+    queued = [await client.submit("core.echo", {"message": f"q{i}"}, watch=True) for i in range(3)]
+    for s in queued:
+        row = await baton.wait_status(s.execution_id, "scheduled")
+        assert row["worker"] == "doomed"
+    await baton.start_worker("survivor", concurrency=2)
+
+    doomed.signal(signal.SIGKILL)
+    doomed.wait()
+    failed = await client.wait(running.execution_id, 20)
+    assert failed["status"] == "failed"
+    assert "recover_on_worker_loss is off" in failed["error"]["error"]
+    assert failed["error"]["failed_by"] == "recovery"
+    interrupted = [e for e in failed["events"] if e["type"] == "workflow.interrupted"]
+    assert len(interrupted) == 1
+    data = interrupted[0]["data"]
+    assert data["reason"] == "worker_lost" and data["worker_id"] == "doomed"
+    assert data["recoverable"] is False and data["recovery_attempt"] == 0
+    assert data["last_event_sequence"] == interrupted[0]["seq"] - 1 and "lost" in data["error"]
+    for s in queued:
+        done = await client.wait(s.execution_id, 20)
+        assert done["status"] == "completed" and done["worker"] == "survivor" and done["attempt"] == 2
+    assert await _worker_status(baton, "doomed") == "lost"
+
+
+async def test_sigkill_recoverable_run_restarts_on_another_worker(baton):
+    executor = await baton.start_executor(**RECOVER)
+    doomed = await baton.start_worker("doomed", concurrency=1)
+    client = await baton.client()
+    sub = await client.submit("tests.sleep_then_echo", {"seconds": 1.0, "message": "again"}, watch=True)
+    await _running_on(baton, sub.execution_id, "doomed")
+    await baton.start_worker("survivor")
+    doomed.signal(signal.SIGKILL)
+    done = await client.wait(sub.execution_id, 30)
+    assert done["status"] == "completed" and done["worker"] == "survivor"
+    assert done["result"] == {"message": "again"} and done["recovery_attempts"] == 1 and done["attempt"] == 2
+    types = [e["type"] for e in done["events"]]
+    assert types.index("workflow.interrupted") < types.index("execution.recovering") < types.index("execution.completed")
+    interrupted = next(e for e in done["events"] if e["type"] == "workflow.interrupted")
+    assert interrupted["data"]["recoverable"] is True and interrupted["data"]["recovery_attempt"] == 1
+    lost = executor.events("worker_lost")
+    assert [(e["worker"], e["signal"]) for e in lost] == [("doomed", "process_died")]
+
+
+async def test_recovery_attempts_are_capped(baton):
+    await baton.start_executor(BATON__RECOVERY__RECOVER_ON_WORKER_LOSS="true", BATON__RECOVERY__MAX_RECOVERY_ATTEMPTS="1")
+    client = await baton.client()
+    first = await baton.start_worker("first", concurrency=1)
+    sub = await client.submit("core.sleep", {"seconds": 30}, watch=True)
+    await _running_on(baton, sub.execution_id, "first")
+    second = await baton.start_worker("second", concurrency=1)
+    first.signal(signal.SIGKILL)
+    await _running_on(baton, sub.execution_id, "second")
+    second.signal(signal.SIGKILL)
+    failed = await client.wait(sub.execution_id, 20)
+    assert failed["status"] == "failed" and failed["recovery_attempts"] == 1
+    assert "used all 1 recovery attempts (max_recovery_attempts = 1)" in failed["error"]["error"]
+
+
+async def test_sigstop_hung_worker_is_lost_and_its_late_writes_are_fenced(baton):
+    executor = await baton.start_executor(**RECOVER)
+    hung = await baton.start_worker("hung", concurrency=1)
+    client = await baton.client()
+    sub = await client.submit("tests.sleep_then_echo", {"seconds": 1.0, "message": "mine"}, watch=True)
+    await _running_on(baton, sub.execution_id, "hung")
+    await baton.start_worker("healthy")
+    hung.signal(signal.SIGSTOP)
+    try:
+        done = await client.wait(sub.execution_id, 30)
+        assert done["status"] == "completed" and done["worker"] == "healthy" and done["attempt"] == 2
+        assert await _worker_status(baton, "hung") == "lost"
+        assert [e["signal"] for e in executor.events("worker_lost")] == ["heartbeat_stale"]
+    finally:
+        hung.signal(signal.SIGCONT)
+    # The zombie wakes up, finishes its copy, and is refused; then it stands down and comes back.
+    await wait_until(lambda: _logged(hung, "worker_reregistered"), what="the hung worker to re-register")
+    after = await baton.execution(sub.execution_id)
+    assert (after["status"], after["worker"], after["attempt"], after["last_event_seq"]) == (
+        "completed", "healthy", 2, done["events"][-1]["seq"]
+    )
+    assert hung.events("outcome_fenced") or hung.events("worker_standing_down")
+    assert await _worker_status(baton, "hung") == "active"
+
+
+async def test_sigterm_drains_in_flight_and_hands_back_the_rest(baton):
+    await baton.start_executor()
+    leaving = await baton.start_worker("leaving", concurrency=1)
+    client = await baton.client()
+    in_flight = await client.submit("tests.sleep_then_echo", {"seconds": 1.5, "message": "finished"}, watch=True)
+    await _running_on(baton, in_flight.execution_id, "leaving")
+    queued = [await client.submit("core.echo", {"message": f"q{i}"}, watch=True) for i in range(3)]
+    for s in queued:
+        assert (await baton.wait_status(s.execution_id, "scheduled"))["worker"] == "leaving"
+    await baton.start_worker("staying")
+
+    signalled_at = await (await baton.pool()).fetchval("SELECT now()")
+    leaving.signal(signal.SIGTERM)
+    done = await client.wait(in_flight.execution_id, 20)
+    assert done["status"] == "completed" and done["worker"] == "leaving" and done["result"] == {"message": "finished"}
+    for s in queued:
+        moved = await client.wait(s.execution_id, 20)
+        assert moved["status"] == "completed" and moved["worker"] == "staying"
+        assert moved["schedule_attempts"] == 0  # the hand-back cost it no dispatch (reset at start)
+    assert leaving.wait(20) == 0
+    assert await _worker_status(baton, "leaving") == "inactive"
+    late = await (await baton.pool()).fetchval(
+        "SELECT count(*) FROM execution_events WHERE type = 'execution.scheduled' AND data->>'worker' = 'leaving' "
+        "AND created_at > $1",
+        signalled_at,
+    )
+    assert late == 0
+    assert leaving.events("worker_draining") and leaving.events("worker_inactive")
+
+
+async def test_work_longer_than_the_drain_timeout_is_interrupted_with_reason_signal(baton):
+    baton.env.update(RECOVER)  # one configuration for every service, as in a deployment
+    await baton.start_executor()
+    leaving = await baton.start_worker("leaving", concurrency=2, BATON__WORKER__SHUTDOWN_TIMEOUT="0.5")
+    client = await baton.client()
+    long_run = await client.submit("tests.sleep_then_echo", {"seconds": 3, "message": "resumed"}, watch=True)
+    await _running_on(baton, long_run.execution_id, "leaving")
+    leaving.signal(signal.SIGTERM)
+    assert leaving.wait(20) == 0
+    row = await baton.wait_status(long_run.execution_id, "interrupted", "requested")
+    interrupted = [e for e in await _events(baton, long_run.execution_id) if e["type"] == "workflow.interrupted"]
+    data = interrupted[0]["data"]
+    assert data["reason"] == "signal" and data["worker_id"] == "leaving" and data["recoverable"] is True
+    await baton.start_worker("next")
+    done = await client.wait(long_run.execution_id, 30)
+    assert done["status"] == "completed" and done["worker"] == "next" and done["recovery_attempts"] == 1
+    assert row["attempt"] == 1
+
+
+async def test_second_signal_exits_at_once(baton):
+    await baton.start_executor()
+    leaving = await baton.start_worker("leaving", concurrency=1, BATON__WORKER__SHUTDOWN_TIMEOUT="30")
+    client = await baton.client()
+    sub = await client.submit("core.sleep", {"seconds": 30})
+    await _running_on(baton, sub.execution_id, "leaving")
+    leaving.signal(signal.SIGTERM)
+    await wait_until(lambda: _logged(leaving, "worker_draining"), what="draining")
+    started = time.monotonic()
+    leaving.signal(signal.SIGTERM)
+    assert leaving.wait(10) != 0 and time.monotonic() - started < 5
+
+
+async def test_expired_dispatch_is_dead_lettered_and_rescheduled(baton):
+    """Dispatches queued behind a stuck worker expire after the queue TTL and go elsewhere. (What a
+    worker has received, even one that is frozen, holds unacked: RabbitMQ does not expire it; the
+    sweeper and the scheduled-timeout monitor cover that case.)"""
+    executor = await baton.start_executor()
+    await baton.start_worker("stuck", concurrency=1, BATON__WORKER__QUEUE_TTL="1")
+    client = await baton.client()
+    blocker = await client.submit("core.sleep", {"seconds": 4}, watch=True)
+    await _running_on(baton, blocker.execution_id, "stuck")
+    queued = [await client.submit("core.echo", {"message": f"q{i}"}, watch=True) for i in range(3)]
+    for s in queued:
+        assert (await baton.wait_status(s.execution_id, "scheduled"))["worker"] == "stuck"
+    await baton.start_worker("free")
+    results = [await client.wait(s.execution_id, 20) for s in queued]
+    assert all(r["status"] == "completed" for r in results)
+    moved = [r for r in results if r["worker"] == "free"]
+    assert len(moved) >= 2 and all(r["attempt"] == 2 for r in moved)
+    handled = executor.events("dead_letter_handled")
+    assert len(handled) == len(moved) and {e["death_reason"] for e in handled} == {"expired"}
+    assert await baton.queue_depth(baton.names.worker_queue("stuck")) == 0
+    assert await baton.queue_depth(baton.names.dead_letters_queue) == 0
+
+
+async def test_scheduled_timeout_fails_with_the_design_error_and_notifies(baton):
+    blind = {"BATON__EXECUTOR__HEARTBEAT_STALENESS_MULTIPLIER": "10000"}
+    await baton.start_executor(
+        BATON__EXECUTOR__SCHEDULED_TIMEOUT="1", BATON__EXECUTOR__MAX_SCHEDULE_ATTEMPTS="2", **blind
+    )
+    frozen = await baton.start_worker("frozen", concurrency=1, **blind)
+    frozen.signal(signal.SIGSTOP)
+    try:
+        client = await baton.client()
+        sub = await client.submit("core.echo", {"message": "never"}, watch=True)
+        notification = await asyncio.wait_for(client._notified[str(sub.execution_id)], 20)
+        assert notification["status"] == "failed"
+        error = notification["error"]
+        assert set(error) == {"error", "failed_by", "timeout_seconds", "age_seconds", "original_status"}
+        assert error["failed_by"] == "execution_timeout_monitor"
+        assert error["timeout_seconds"] == 1 and error["original_status"] == "scheduled"
+        assert isinstance(error["age_seconds"], int) and error["age_seconds"] >= 1
+        assert error["error"] == (
+            f"Execution timeout: worker did not pick up task within 1 seconds (scheduled for {error['age_seconds']} seconds)"
+        )
+        # Rescheduled once (max_schedule_attempts = 2), then failed.
+        row = await baton.execution(sub.execution_id)
+        assert row["attempt"] == 2 and row["schedule_attempts"] == 2
+        kinds = [e["type"] for e in notification["events"]]
+        assert kinds.count("execution.scheduled") == 2 and kinds.count("execution.rescheduled") == 1
+    finally:
+        frozen.signal(signal.SIGCONT)
+
+
+async def test_timeout_monitor_can_be_turned_off(baton):
+    blind = {"BATON__EXECUTOR__HEARTBEAT_STALENESS_MULTIPLIER": "10000"}
+    executor = await baton.start_executor(
+        BATON__EXECUTOR__SCHEDULED_TIMEOUT="0.5", BATON__EXECUTOR__ENABLE_TIMEOUT_MONITOR="false", **blind
+    )
+    frozen = await baton.start_worker("frozen", concurrency=1, **blind)
+    frozen.signal(signal.SIGSTOP)
+    try:
+        client = await baton.client()
+        sub = await client.submit("core.echo", {"message": "waits"})
+        await baton.wait_status(sub.execution_id, "scheduled")
+        await asyncio.sleep(2)
+        assert (await baton.execution(sub.execution_id))["status"] == "scheduled"
+        assert executor.events("timeout_monitor_disabled")
+    finally:
+        frozen.signal(signal.SIGCONT)
+
+
+async def test_a_worker_restarted_under_the_same_name_hands_over_what_it_ran(baton):
+    await baton.start_executor(**RECOVER)
+    crashed = await baton.start_worker("phoenix", concurrency=1)
+    client = await baton.client()
+    sub = await client.submit("tests.sleep_then_echo", {"seconds": 0.5, "message": "reborn"}, watch=True)
+    await _running_on(baton, sub.execution_id, "phoenix")
+    crashed.signal(signal.SIGKILL)
+    crashed.wait()
+    await baton.start_worker("phoenix", concurrency=1)
+    done = await client.wait(sub.execution_id, 30)
+    assert done["status"] == "completed" and done["result"] == {"message": "reborn"} and done["attempt"] == 2
+
+
+async def test_metrics_endpoints(baton):
+    import urllib.request
+
+    from tests.harness import free_port
+
+    executor_port, worker_port = free_port(), free_port()
+    await baton.start_executor(BATON__EXECUTOR__METRICS_PORT=str(executor_port))
+    await baton.start_worker("measured", BATON__WORKER__METRICS_PORT=str(worker_port))
+    client = await baton.client()
+    await client.run("core.echo", {"message": "count me"}, wait_timeout_s=20)
+
+    def scrape(port: int) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            return response.read().decode()
+
+    async def executor_reports():
+        text = await asyncio.to_thread(scrape, executor_port)
+        return text if 'baton_workers{status="active"} 1.0' in text else None
+
+    text = await wait_until(executor_reports, what="executor metrics")
+    assert 'baton_requests_total{outcome="recorded"} 1.0' in text
+    assert 'baton_worker_heartbeat_age_seconds{worker="measured"}' in text
+    for name in ("baton_reschedules_total", "baton_timeouts_total", "baton_dead_letters_total",
+                 "baton_recovery_attempts_total", "baton_executions"):
+        assert f"# TYPE {name.removesuffix('_total')}" in text
+    worker_text = await asyncio.to_thread(scrape, worker_port)
+    assert 'baton_worker_executions_total{status="completed"} 1.0' in worker_text
+    assert "baton_worker_in_flight" in worker_text
+
+
+async def _logged(service, event: str) -> bool:
+    return bool(service.events(event))
+
+
