@@ -38,7 +38,10 @@ async def publish_terminal(
         body = json.dumps(execution_json(row, events[row["id"]])).encode()
         key = Names.notification_key(row["id"], row["status"])
         try:
-            await exchange.publish(persistent_json(body, message_id=str(row["id"])), routing_key=key)
+            # Not mandatory: nobody listening is normal, and no reason to hear back from the broker.
+            await exchange.publish(
+                persistent_json(body, message_id=str(row["id"])), routing_key=key, mandatory=False
+            )
         except Exception as exc:  # noqa: BLE001 - see docstring
             log.warning("notification_publish_failed", execution_id=str(row["id"]), error=str(exc))
 

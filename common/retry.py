@@ -29,6 +29,8 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.TooManyConnectionsError,
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.PostgresConnectionError,
+    # What asyncpg raises for an operation caught by a connection breaking under it.
+    asyncpg.exceptions.InternalClientError,
     aiormq.exceptions.AMQPConnectionError,
     aiormq.exceptions.ChannelInvalidStateError,
 )

@@ -192,6 +192,7 @@ async def _reply_and_notify(ctx: ExecutorContext, parsed, inserted: dict, existi
             ctx.publish_channel.default_exchange.publish(
                 persistent_json(reply.model_dump_json().encode(), correlation_id=message.correlation_id),
                 routing_key=message.reply_to,
+                mandatory=False,  # the client may be gone; that is its business
             )
         )
     results = await asyncio.gather(*replies, return_exceptions=True)
@@ -216,4 +217,5 @@ async def _park(ctx: ExecutorContext, message: AbstractIncomingMessage, reason: 
             headers=headers,
         ),
         routing_key=ctx.names.rejected_requests_queue,
+        mandatory=True,  # the parking queue must exist: a return raises, and the request is not acked
     )

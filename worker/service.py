@@ -250,7 +250,9 @@ class WorkerService:
             for task in list(self.running.values()):
                 task.cancel()
             await asyncio.gather(*self.running.values(), return_exceptions=True)
-        await self.outcomes.join()
+        # Bounded: if the recorder itself died, what it did not record is recovered by the executor.
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.outcomes.join(), self.cfg.shutdown_timeout_s)
         for task in loops:
             task.cancel()
         await asyncio.gather(*loops, return_exceptions=True)

@@ -22,28 +22,35 @@ SELECT name, pg_notify('baton_wake', 'worker') FROM up
 """
 
 # Workers to declare lost: heartbeat older than multiplier x interval ($1), or never written, or
-# the process's advisory lock is free (it died). The lock is trusted only once PostgreSQL has been
-# up longer than the staleness window, so that after a database restart workers have time to
-# take their locks again. A lock taken here is a transaction lock, gone at commit.
+# the process's advisory lock is free (it died). Staleness counts from PostgreSQL's own start when
+# that is later, and the lock is trusted only once PostgreSQL has been up for the staleness
+# window: after a database restart every worker gets a full window to reconnect and check in.
+# A lock taken here is a transaction lock, gone at commit.
 FIND_LOST = """
-SELECT name, incarnation, last_heartbeat,
-       (last_heartbeat IS NULL
-        OR last_heartbeat < now() - make_interval(secs => heartbeat_interval_s * $1)) AS heartbeat_stale
-FROM workers
-WHERE status IN ('active', 'draining')
-  AND (last_heartbeat IS NULL
-       OR last_heartbeat < now() - make_interval(secs => heartbeat_interval_s * $1)
-       OR (lock_key IS NOT NULL
-           AND now() - pg_postmaster_start_time() > make_interval(secs => heartbeat_interval_s * $1)
-           AND pg_try_advisory_xact_lock(lock_key)))
-FOR UPDATE SKIP LOCKED
+WITH w AS (
+    SELECT name, incarnation, last_heartbeat, lock_key, status,
+           make_interval(secs => heartbeat_interval_s * $1) AS stale_after,
+           GREATEST(last_heartbeat, pg_postmaster_start_time()) AS seen
+    FROM workers
+    WHERE status IN ('active', 'draining')
+)
+SELECT name, incarnation, last_heartbeat, (last_heartbeat IS NULL OR seen < now() - stale_after) AS heartbeat_stale
+FROM w
+WHERE last_heartbeat IS NULL
+   OR seen < now() - stale_after
+   OR (lock_key IS NOT NULL AND pg_postmaster_start_time() < now() - stale_after AND pg_try_advisory_xact_lock(lock_key))
 """
 
-# $1 name, $2 incarnation
+# Locks the row, so that replicas never handle the same loss twice. $1 name, $2 incarnation
 MARK_LOST = """
-UPDATE workers SET status = 'lost', updated_at = now()
-WHERE name = $1 AND incarnation = $2 AND status IN ('active', 'draining')
-RETURNING name
+WITH target AS (
+    SELECT name FROM workers
+    WHERE name = $1 AND incarnation = $2 AND status IN ('active', 'draining')
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE workers w SET status = 'lost', updated_at = now()
+FROM target WHERE w.name = target.name
+RETURNING w.name
 """
 
 COUNT_BY_STATUS = "SELECT status, count(*) AS n FROM workers GROUP BY status"

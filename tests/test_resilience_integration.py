@@ -1,0 +1,141 @@
+"""Replicas and restarts: two executors, one killed; the broker restarted; the database restarted.
+In each, every execution must end exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import uuid
+
+import pytest
+
+from tests.harness import wait_until
+
+pytestmark = pytest.mark.integration
+
+
+async def _post_many(baton, n: int, action_ref: str = "core.sleep", parameters: dict | None = None) -> list[str]:
+    ids = [str(uuid.uuid4()) for _ in range(n)]
+    body = json.dumps({"action_ref": action_ref, "parameters": parameters or {"seconds": 0.05}}).encode()
+    for execution_id in ids:
+        await baton.publish_raw(body, message_id=execution_id)
+    return ids
+
+
+async def _count(baton, status: str) -> int | None:
+    try:
+        return await (await baton.pool()).fetchval("SELECT count(*) FROM executions WHERE status = $1", status)
+    except Exception:  # noqa: BLE001 - the database may be restarting under this test
+        return None
+
+
+async def _all_completed(baton, n: int, timeout_s: float) -> None:
+    async def done():
+        return (await _count(baton, "completed")) == n
+
+    try:
+        await wait_until(done, timeout_s=timeout_s, what=f"{n} completed executions")
+    except AssertionError:
+        rows = await (await baton.pool()).fetch("SELECT status, count(*) FROM executions GROUP BY status")
+        raise AssertionError(f"not all completed: {[tuple(r) for r in rows]}") from None
+
+
+async def _assert_exactly_once(baton, ids: list[str]) -> None:
+    pool = await baton.pool()
+    assert await pool.fetchval("SELECT count(*) FROM executions") == len(ids)
+    rows = await pool.fetch(
+        """SELECT e.id, e.status,
+                  count(*) FILTER (WHERE v.type IN ('execution.completed', 'execution.failed',
+                                                    'execution.timeout', 'execution.cancelled')) AS terminal
+           FROM executions e JOIN execution_events v ON v.execution_id = e.id
+           GROUP BY e.id, e.status"""
+    )
+    assert {str(r["id"]) for r in rows} == set(ids)
+    assert all(r["status"] == "completed" and r["terminal"] == 1 for r in rows), [
+        tuple(r) for r in rows if r["terminal"] != 1
+    ]
+
+
+async def test_two_executors_one_killed_every_execution_ends_once(baton):
+    # A killed executor may leave work `scheduled` but never dispatched: the monitor of the other
+    # one picks it up after scheduled_timeout.
+    baton.env.update(BATON__EXECUTOR__SCHEDULED_TIMEOUT="2", BATON__EXECUTOR__MAX_SCHEDULE_ATTEMPTS="10")
+    first = await baton.start_executor("executor-1")
+    await baton.start_executor("executor-2")
+    await baton.start_worker("w1", concurrency=8)
+    await baton.start_worker("w2", concurrency=8)
+    ids = await _post_many(baton, 300)
+
+    async def some_done():
+        return (await _count(baton, "completed") or 0) >= 60
+
+    await wait_until(some_done, what="a fifth of the work to be done")
+    first.signal(signal.SIGKILL)
+    first.wait()
+    await _all_completed(baton, 300, timeout_s=60)
+    await _assert_exactly_once(baton, ids)
+
+
+def _rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
+
+
+@pytest.mark.skipif(shutil.which("rabbitmqctl") is None, reason="needs a local RabbitMQ to restart")
+async def test_rabbitmq_restart_loses_nothing(baton):
+    await baton.start_executor()
+    workers = [await baton.start_worker(f"w{i}", concurrency=4) for i in (1, 2)]
+    ids = await _post_many(baton, 80, parameters={"seconds": 0.1})
+
+    async def some_done():
+        return (await _count(baton, "completed") or 0) >= 15
+
+    await wait_until(some_done, what="some work to be done")
+    try:
+        await asyncio.to_thread(_rabbitmqctl, "stop_app")
+        await asyncio.sleep(1)
+    finally:
+        await asyncio.to_thread(_rabbitmqctl, "start_app")
+    await _all_completed(baton, 80, timeout_s=90)
+    await _assert_exactly_once(baton, ids)
+    # The services came through it: still running, and still serving new work.
+    assert all(w.process.poll() is None for w in [*workers, baton.services[0]])
+    done = await (await baton.client()).run("core.echo", {"message": "after"}, wait_timeout_s=30)
+    assert done["status"] == "completed"
+
+
+def _pg_restart() -> None:
+    for version in os.listdir("/etc/postgresql"):
+        subprocess.run(
+            ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+
+
+@pytest.mark.skipif(shutil.which("pg_ctlcluster") is None, reason="needs a local PostgreSQL cluster to restart")
+async def test_postgresql_restart_loses_nothing(baton):
+    # A restart here takes a few seconds; a worker that cannot write its heartbeat for longer than
+    # the staleness window stands down by design, so the window must outlast the restart.
+    baton.env.update(BATON__WORKER__HEARTBEAT_INTERVAL="2")
+    await baton.start_executor()
+    workers = [await baton.start_worker(f"w{i}", concurrency=4) for i in (1, 2)]
+    ids = await _post_many(baton, 80, parameters={"seconds": 0.1})
+
+    async def some_done():
+        return (await _count(baton, "completed") or 0) >= 15
+
+    await wait_until(some_done, what="some work to be done")
+    await asyncio.to_thread(_pg_restart)
+    await (await baton.pool()).expire_connections()
+    await _all_completed(baton, 80, timeout_s=90)
+    await _assert_exactly_once(baton, ids)
+    assert all(w.process.poll() is None for w in [*workers, baton.services[0]])
+    statuses = await (await baton.pool()).fetch("SELECT status FROM workers")
+    assert {r["status"] for r in statuses} == {"active"}
+    done = await (await baton.client()).run("core.echo", {"message": "after"}, wait_timeout_s=30)
+    assert done["status"] == "completed"
