@@ -39,3 +39,9 @@ async def typed(count: int, ratio: float = 0.5, tags: list[str] | None = None) -
 async def sleep_then_echo(seconds: float, message: str) -> dict[str, str]:
     await asyncio.sleep(seconds)
     return {"message": message}
+
+
+@action("tests.restartable", recover_on_worker_loss=True, max_recovery_attempts=1)
+async def restartable(seconds: float) -> dict[str, float]:
+    await asyncio.sleep(seconds)
+    return {"slept_s": seconds}

@@ -74,13 +74,20 @@ def action(
     *,
     timeout_s: float | None = None,
     description: str | None = None,
+    recover_on_worker_loss: bool | None = None,
+    max_recovery_attempts: int | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a Python function (sync or async) as action ``ref`` (``pack.name``).
 
     Its keyword parameters are the action's parameters; its return value (JSON-serialisable) is the
     execution's result; an exception fails the execution. A sync function runs in a thread and,
     unlike a coroutine, cannot be interrupted at its timeout: prefer ``async def`` for long work.
+
+    ``recover_on_worker_loss`` (restart from scratch on another worker when the worker running it
+    is lost) and ``max_recovery_attempts`` override the YAML `recovery:` section for this action.
     """
+    if max_recovery_attempts is not None and max_recovery_attempts < 0:
+        raise ValueError(f"action {ref!r}: max_recovery_attempts cannot be negative")
     if "." not in ref:
         raise ValueError(f"action ref {ref!r} must look like 'pack.name'")
 
@@ -103,6 +110,8 @@ def action(
                     parameters_schema=model.model_json_schema(),
                     timeout_s=timeout_s,
                     description=description or inspect.getdoc(func),
+                    recover_on_worker_loss=recover_on_worker_loss,
+                    max_recovery_attempts=max_recovery_attempts,
                 ),
                 params_model=model,
                 invoke=invoke,
