@@ -117,7 +117,7 @@ async def release_held(ctx: ExecutorContext, conn, worker: str, signal: str) -> 
             policy=resolve_policy(specs.get(row["action_ref"]), ctx.settings.recovery),
             recovery_attempts=row["recovery_attempts"],
         )
-        if await conn.fetchrow(q.INTERRUPT_BY_EXECUTOR, row["id"], row["attempt"], event) is not None:
+        if await conn.fetchrow(q.INTERRUPT, row["id"], row["attempt"], worker, event) is not None:
             log.warning(
                 "execution_interrupted", execution_id=str(row["id"]), attempt=row["attempt"], worker=worker,
                 reason="worker_lost", recoverable=event["recoverable"],

@@ -84,28 +84,21 @@ async def test_sigkill_recoverable_run_restarts_on_another_worker(baton):
     assert [(e["worker"], e["signal"]) for e in lost] == [("doomed", "process_died")]
 
 
-async def test_the_decorator_wins_over_the_yaml(baton):
-    # YAML says no recovery; tests.restartable says recover, at most once.
-    baton.env.update(BATON__RECOVERY__RECOVER_ON_WORKER_LOSS="false", BATON__RECOVERY__MAX_RECOVERY_ATTEMPTS="5")
+@pytest.mark.parametrize(
+    ("env", "action_ref"),
+    [
+        # The YAML allows one recovery.
+        ({"BATON__RECOVERY__RECOVER_ON_WORKER_LOSS": "true", "BATON__RECOVERY__MAX_RECOVERY_ATTEMPTS": "1"}, "core.sleep"),
+        # The YAML says no recovery; tests.restartable's decorator says recover, at most once: it wins.
+        ({"BATON__RECOVERY__RECOVER_ON_WORKER_LOSS": "false", "BATON__RECOVERY__MAX_RECOVERY_ATTEMPTS": "5"}, "tests.restartable"),
+    ],
+)
+async def test_recovery_attempts_are_capped(baton, env, action_ref):
+    baton.env.update(env)
     await baton.start_executor()
     client = await baton.client()
     first = await baton.start_worker("first", concurrency=1)
-    sub = await client.submit("tests.restartable", {"seconds": 30}, watch=True)
-    await _running_on(baton, sub.execution_id, "first")
-    second = await baton.start_worker("second", concurrency=1)
-    first.signal(signal.SIGKILL)
-    await _running_on(baton, sub.execution_id, "second")
-    second.signal(signal.SIGKILL)
-    failed = await client.wait(sub.execution_id, 20)
-    assert failed["status"] == "failed" and failed["recovery_attempts"] == 1
-    assert "(max_recovery_attempts = 1)" in failed["error"]["error"]
-
-
-async def test_recovery_attempts_are_capped(baton):
-    await baton.start_executor(BATON__RECOVERY__RECOVER_ON_WORKER_LOSS="true", BATON__RECOVERY__MAX_RECOVERY_ATTEMPTS="1")
-    client = await baton.client()
-    first = await baton.start_worker("first", concurrency=1)
-    sub = await client.submit("core.sleep", {"seconds": 30}, watch=True)
+    sub = await client.submit(action_ref, {"seconds": 30}, watch=True)
     await _running_on(baton, sub.execution_id, "first")
     second = await baton.start_worker("second", concurrency=1)
     first.signal(signal.SIGKILL)

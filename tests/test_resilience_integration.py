@@ -80,20 +80,26 @@ async def test_two_executors_one_killed_every_execution_ends_once(baton):
     await _assert_exactly_once(baton, ids)
 
 
+async def _serving_and_loaded(baton, n: int) -> tuple[list, list[str]]:
+    """An executor and two workers, with ``n`` executions posted and some of them done."""
+    await baton.start_executor()
+    workers = [await baton.start_worker(f"w{i}", concurrency=4) for i in (1, 2)]
+    ids = await _post_many(baton, n, parameters={"seconds": 0.1})
+
+    async def some_done():
+        return (await _count(baton, "completed") or 0) >= n // 5
+
+    await wait_until(some_done, what="some work to be done")
+    return workers, ids
+
+
 def _rabbitmqctl(*args: str) -> None:
     subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
 
 
 @pytest.mark.skipif(shutil.which("rabbitmqctl") is None, reason="needs a local RabbitMQ to restart")
 async def test_rabbitmq_restart_loses_nothing(baton):
-    await baton.start_executor()
-    workers = [await baton.start_worker(f"w{i}", concurrency=4) for i in (1, 2)]
-    ids = await _post_many(baton, 80, parameters={"seconds": 0.1})
-
-    async def some_done():
-        return (await _count(baton, "completed") or 0) >= 15
-
-    await wait_until(some_done, what="some work to be done")
+    workers, ids = await _serving_and_loaded(baton, 80)
     try:
         await asyncio.to_thread(_rabbitmqctl, "stop_app")
         await asyncio.sleep(1)
@@ -122,14 +128,7 @@ async def test_postgresql_restart_loses_nothing(baton):
     # A restart here takes a few seconds; a worker that cannot write its heartbeat for longer than
     # the staleness window stands down by design, so the window must outlast the restart.
     baton.env.update(BATON__WORKER__HEARTBEAT_INTERVAL="2")
-    await baton.start_executor()
-    workers = [await baton.start_worker(f"w{i}", concurrency=4) for i in (1, 2)]
-    ids = await _post_many(baton, 80, parameters={"seconds": 0.1})
-
-    async def some_done():
-        return (await _count(baton, "completed") or 0) >= 15
-
-    await wait_until(some_done, what="some work to be done")
+    workers, ids = await _serving_and_loaded(baton, 80)
     await asyncio.to_thread(_pg_restart)
     await (await baton.pool()).expire_connections()
     await _all_completed(baton, 80, timeout_s=90)

@@ -177,7 +177,7 @@ class WorkerService:
                     policy=resolve_policy(action.spec if action else None, self.settings.recovery),
                     recovery_attempts=row["recovery_attempts"],
                 )
-                await conn.fetchrow(q.INTERRUPT_BY_EXECUTOR, row["id"], row["attempt"], event)
+                await conn.fetchrow(q.INTERRUPT, row["id"], row["attempt"], self.name, event)
                 self.log.warning(
                     "execution_interrupted", execution_id=str(row["id"]), attempt=row["attempt"], reason="worker_lost"
                 )

@@ -162,8 +162,10 @@ WHERE worker = $1 AND status = 'running'
 FOR UPDATE
 """
 
-# A worker gives up on a run it was told to stop (drain deadline): running -> interrupted, fenced,
-# with the `workflow.interrupted` event recovery reads. $1 id, $2 attempt, $3 worker, $4 event data
+# running -> interrupted, fenced on attempt and worker, with the `workflow.interrupted` event that
+# recovery reads. Written by the sweeper for a lost worker's runs, by a worker for what it gives up
+# (drain deadline, standing down) or finds left behind by its predecessor.
+# $1 id, $2 attempt, $3 worker, $4 event data
 INTERRUPT = """
 WITH upd AS (
     UPDATE executions e
@@ -208,22 +210,6 @@ WHERE status = 'interrupted'
 ORDER BY updated_at
 LIMIT $1
 FOR UPDATE SKIP LOCKED
-"""
-
-# The executor interrupts the running executions of a lost worker. $1 id, $2 attempt, $3 event data
-INTERRUPT_BY_EXECUTOR = """
-WITH upd AS (
-    UPDATE executions e
-    SET status = 'interrupted', updated_at = now(), last_event_seq = e.last_event_seq + 1
-    WHERE e.id = $1 AND e.attempt = $2 AND e.status = 'running'
-    RETURNING e.id, e.last_event_seq
-), ev AS (
-    INSERT INTO execution_events (execution_id, seq, type, data)
-    SELECT id, last_event_seq, 'workflow.interrupted',
-           $3::jsonb || jsonb_build_object('last_event_sequence', last_event_seq - 1)
-    FROM upd
-)
-SELECT id FROM upd
 """
 
 # Recovery: an interrupted run goes back in line, to start again (or, durable, to resume).
