@@ -22,6 +22,7 @@ from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnectio
 from common import amqp, db
 from common.actions import CORE_ACTIONS
 from common.queries import actions as aq
+from common.retry import TRANSIENT_ERRORS
 from common.queries import executions as q
 from common.queries import workers as wq
 from common.schemas import TERMINAL_STATUSES, Acceptance, Status, execution_json, jsonable_row
@@ -179,14 +180,19 @@ class BatonClient:
             error=acceptance.error,
         )
 
-    async def wait(self, execution_id: uuid.UUID | str, timeout_s: float | None = None, recheck_s: float = 5.0) -> dict[str, Any]:
+    async def wait(
+        self, execution_id: uuid.UUID | str, timeout_s: float | None = None, recheck_s: float = 2.0
+    ) -> dict[str, Any]:
         """The execution once it is terminal. Raises TimeoutError after ``timeout_s``."""
         execution_id = uuid.UUID(str(execution_id))
         notified = await self._watch(execution_id)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         try:
             while True:
-                current = await self.get(execution_id)
+                try:
+                    current = await self.get(execution_id)
+                except TRANSIENT_ERRORS:
+                    current = None  # the database is restarting: keep listening, look again soon
                 if current is not None and current["status"] in _TERMINAL:
                     return current
                 remaining = recheck_s if deadline is None else min(recheck_s, deadline - time.monotonic())

@@ -32,14 +32,29 @@ async def run(ctx: ExecutorContext, stop_event: asyncio.Event) -> None:
     interval_s = ctx.settings.executor.sweep_interval_s
     log.info("sweeper_started", interval_s=interval_s)
     while not stop_event.is_set():
+        pause_s = interval_s
         async with riding_out_outages("sweep", stop_event):
             await sweep(ctx)
             await reclaim_from_unavailable(ctx)
             await recover_interrupted(ctx)
             await _observe(ctx)
+            pause_s = next_pause_s(
+                interval_s, await ctx.pool.fetchval(wq.NEXT_STALE_IN, ctx.settings.executor.heartbeat_staleness_multiplier)
+            )
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop_event.wait(), interval_s)
+            await asyncio.wait_for(stop_event.wait(), pause_s)
     log.info("sweeper_stopped")
+
+
+#: Past the moment a worker turns stale, so that the sweep that wakes then finds it stale.
+_STALE_MARGIN_S = 0.01
+
+
+def next_pause_s(interval_s: float, next_stale_in_s: float | None) -> float:
+    """Until the next sweep: one interval, or less if a live worker turns stale sooner."""
+    if next_stale_in_s is None:
+        return interval_s
+    return max(min(interval_s, next_stale_in_s + _STALE_MARGIN_S), _STALE_MARGIN_S)
 
 
 async def sweep(ctx: ExecutorContext) -> list[str]:

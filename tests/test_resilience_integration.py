@@ -138,3 +138,39 @@ async def test_postgresql_restart_loses_nothing(baton):
     assert {r["status"] for r in statuses} == {"active"}
     done = await (await baton.client()).run("core.echo", {"message": "after"}, wait_timeout_s=30)
     assert done["status"] == "completed"
+
+
+async def test_a_worker_cut_off_from_the_database_stands_down_and_comes_back(baton):
+    """A partition between one worker and PostgreSQL: the worker cannot write its heartbeat, so
+    past the staleness window it stops taking work and gives up its run; the executor declares it
+    lost and recovery runs the work elsewhere. Healed, the worker registers again."""
+    from tests.harness import CuttableProxy
+
+    baton.env.update(BATON__RECOVERY__RECOVER_ON_WORKER_LOSS="true")
+    proxy = CuttableProxy()
+    await proxy.start()
+    try:
+        await baton.start_executor()
+        island = await baton.start_worker("island", concurrency=1, BATON__DATABASE__URL=proxy.url(baton.db_name))
+        client = await baton.client()
+        sub = await client.submit("tests.sleep_then_echo", {"seconds": 3, "message": "made it"}, watch=True)
+        row = await baton.wait_status(sub.execution_id, "running")
+        assert row["worker"] == "island"
+        await proxy.cut()
+        await baton.start_worker("mainland")
+        done = await client.wait(sub.execution_id, 30)
+        assert done["status"] == "completed" and done["worker"] == "mainland" and done["recovery_attempts"] == 1
+        await wait_until(lambda: _logged_async(island, "worker_standing_down"), what="the cut-off worker to stand down")
+        assert await (await baton.pool()).fetchval("SELECT status FROM workers WHERE name = 'island'") == "lost"
+        await proxy.heal()
+        await wait_until(lambda: _logged_async(island, "worker_reregistered"), what="the worker to register again")
+        assert await (await baton.pool()).fetchval("SELECT status FROM workers WHERE name = 'island'") == "active"
+        assert island.process.poll() is None
+        after = await baton.execution(sub.execution_id)
+        assert (after["worker"], after["attempt"], after["result"]) == ("mainland", 2, {"message": "made it"})
+    finally:
+        await proxy.cut()
+
+
+async def _logged_async(service, event: str) -> bool:
+    return bool(service.events(event))

@@ -245,6 +245,15 @@ def test_recovery_decisions_and_interrupted_event():
     assert final["recoverable"] is False and final["recovery_attempt"] == 2
 
 
+def test_the_sweeper_wakes_when_the_next_worker_turns_stale():
+    from executor.sweeper import next_pause_s
+
+    assert next_pause_s(1.0, None) == 1.0
+    assert next_pause_s(1.0, 5.0) == 1.0
+    assert next_pause_s(1.0, 0.3) == pytest.approx(0.31)
+    assert next_pause_s(1.0, -2.0) == pytest.approx(0.01)  # already stale: sweep at once
+
+
 def test_death_reason():
     from executor.dead_letters import death_reason
 

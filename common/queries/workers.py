@@ -41,6 +41,15 @@ WHERE last_heartbeat IS NULL
    OR (lock_key IS NOT NULL AND pg_postmaster_start_time() < now() - stale_after AND pg_try_advisory_xact_lock(lock_key))
 """
 
+# Seconds until the first live worker turns stale (None: no live worker); the sweeper wakes then
+# rather than up to a whole sweep interval later. $1 staleness multiplier
+NEXT_STALE_IN = """
+SELECT extract(epoch FROM min(GREATEST(last_heartbeat, pg_postmaster_start_time())
+                              + make_interval(secs => heartbeat_interval_s * $1)) - now())::float8
+FROM workers
+WHERE status IN ('active', 'draining') AND last_heartbeat IS NOT NULL
+"""
+
 # Locks the row, so that replicas never handle the same loss twice. $1 name, $2 incarnation
 MARK_LOST = """
 WITH target AS (
