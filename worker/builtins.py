@@ -9,8 +9,13 @@ from common.actions import CORE_PARAMS, EchoParams, LocalParams, NoopParams, Sle
 from worker.registry import Invocation, core_action
 from worker.shell import ShellLimits, run_local
 
-#: Set by the worker at start: limits that shell actions get from its settings.
-SHELL_LIMITS = ShellLimits()
+#: Limits shell actions get from the worker's settings (see :func:`configure_shell`).
+_shell_limits = ShellLimits()
+
+
+def configure_shell(limits: ShellLimits) -> None:
+    global _shell_limits
+    _shell_limits = limits
 
 
 def _core(ref: str):
@@ -36,4 +41,4 @@ async def sleep(params: SleepParams, _inv: Invocation) -> dict[str, Any]:
 
 @_core("core.local")
 async def local(params: LocalParams, inv: Invocation) -> Any:
-    return await run_local(params, inv, SHELL_LIMITS)
+    return await run_local(params, inv, _shell_limits)

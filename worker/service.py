@@ -56,8 +56,8 @@ class WorkerService:
         self.names = amqp.Names(settings.message_queue.prefix)
         self.incarnation = uuid.uuid4()
         load_action_modules(self.cfg.action_modules)
-        builtins.SHELL_LIMITS.__dict__.update(
-            ShellLimits(max_output_bytes=self.cfg.max_output_bytes, kill_grace_s=self.cfg.kill_grace_s).__dict__
+        builtins.configure_shell(
+            ShellLimits(max_output_bytes=self.cfg.max_output_bytes, kill_grace_s=self.cfg.kill_grace_s)
         )
         self.actions: dict[str, RegisteredAction] = {
             ref: a for ref, a in registered().items() if a.spec.runtime in self.cfg.runtimes
