@@ -81,6 +81,8 @@ def cpu_split(
     before: dict[int, tuple[str, int, float]],
     after: dict[int, tuple[str, int, float]],
     roles: dict[int, str],
+    pg_backends: set[int] = frozenset(),
+    pg_background: set[int] = frozenset(),
 ) -> tuple[dict[str, float], dict[str, float]]:
     """CPU seconds used between two snapshots, grouped: executor, workers, postgres, rabbitmq, bench, other."""
     def role(pid: int, comm: str, ppid: int, snap) -> str:
@@ -92,7 +94,9 @@ def cpu_split(
             seen.add(p)
             p = snap.get(p, ("", 0, 0.0))[1]
         if comm == "postgres" or comm.startswith("postgres"):
-            return "postgres"
+            if pid in pg_backends:
+                return "postgres"
+            return "postgres (background)" if pid in pg_background else "postgres (other)"
         if comm in ("beam.smp", "epmd", "erl_child_setup", "inet_gethost") or comm.startswith("rabbit"):
             return "rabbitmq"
         if comm.startswith(("kworker", "jbd2", "kdamond", "ksoftirqd", "kswapd")):
@@ -153,6 +157,8 @@ async def wait_for(predicate, *, timeout_s: float, what: str, procs: list[subpro
 
 XACTS = "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()"
 
+SCANS = "SELECT relname, seq_scan, seq_tup_read FROM pg_stat_user_tables"
+
 BATCHES = """
 SELECT count(DISTINCT created_at) AS intake,
        count(DISTINCT scheduled_at) AS schedule,
@@ -174,7 +180,9 @@ def baton_command() -> list[str]:
 
 def service_env(args: argparse.Namespace, prefix: str) -> dict[str, str]:
     env = dict(os.environ)
-    env.setdefault("BATON_CONFIG", str(REPO / "config" / "config.yaml"))
+    env.setdefault("BATON_CONFIG", str(args.source / "config" / "config.yaml"))
+    if args.source != REPO:  # run the services from another checkout (say a `git archive` of a commit)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(args.source), env.get("PYTHONPATH")]))
     env["BATON__DATABASE__URL"] = args.database_url
     env["BATON__MESSAGE_QUEUE__URL"] = args.amqp_url
     env["BATON__MESSAGE_QUEUE__PREFIX"] = prefix
@@ -183,9 +191,9 @@ def service_env(args: argparse.Namespace, prefix: str) -> dict[str, str]:
     return env
 
 
-def start(cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+def start(cmd: list[str], env: dict[str, str], log_path: Path, cwd: Path) -> subprocess.Popen:
     out = open(log_path, "wb")
-    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def stop(procs: list[subprocess.Popen], timeout_s: float = 60.0) -> dict[int, int | None]:
@@ -208,8 +216,9 @@ def stop(procs: list[subprocess.Popen], timeout_s: float = 60.0) -> dict[int, in
 # -- posting ---------------------------------------------------------------------------------------
 
 
-async def post_all(amqp_url: str, names: amqp.Names, n: int, chunk: int) -> dict[str, float]:
-    """Publish n noop requests with confirms; returns {execution id: wall-clock post time}."""
+async def post_all(amqp_url: str, names: amqp.Names, n: int, chunk: int, rate: float | None) -> dict[str, float]:
+    """Publish n noop requests with confirms, as fast as possible (``chunk`` in flight at once) or
+    at ``rate`` per second; returns {execution id: wall-clock post time}."""
     connection = await aio_pika.connect(amqp_url)
     posted: dict[str, float] = {}
     try:
@@ -232,8 +241,18 @@ async def post_all(amqp_url: str, names: amqp.Names, n: int, chunk: int) -> dict
             )
 
         ids = [str(uuid.uuid4()) for _ in range(n)]
-        for start_at in range(0, n, chunk):
-            await asyncio.gather(*(one(i) for i in ids[start_at : start_at + chunk]))
+        if rate:
+            # A steady stream: every 20 ms, what is due by then (latency without a backlog).
+            step = max(1, int(rate * 0.02))
+            t0 = time.monotonic()
+            for start_at in range(0, n, step):
+                delay = t0 + start_at / rate - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                await asyncio.gather(*(one(i) for i in ids[start_at : start_at + step]))
+        else:
+            for start_at in range(0, n, chunk):
+                await asyncio.gather(*(one(i) for i in ids[start_at : start_at + chunk]))
     finally:
         await connection.close()
     return posted
@@ -287,13 +306,14 @@ async def run(args: argparse.Namespace) -> dict:
         "n": args.n,
         "workers": args.workers,
         "concurrency": args.concurrency,
+        "rate": args.rate,
         "prefix": prefix,
     }
     pool: asyncpg.Pool | None = None
     log(f"prefix {prefix}, database {args.database_url}, service logs in {log_dir}")
     try:
         await recreate_database(args.database_url)
-        executor = start([*cmd, "executor"], env, log_dir / "executor.log")
+        executor = start([*cmd, "executor"], env, log_dir / "executor.log", args.source)
         procs.append(executor)
         roles[executor.pid] = "executor"
         (log_dir / "pids").write_text(f"executor {executor.pid}\n")
@@ -310,6 +330,7 @@ async def run(args: argparse.Namespace) -> dict:
                 [*cmd, "worker", "--name", w, "--concurrency", str(args.concurrency), "--runtimes", "python"],
                 env,
                 log_dir / f"{w}.log",
+                args.source,
             )
             procs.append(p)
             roles[p.pid] = "workers"
@@ -326,10 +347,11 @@ async def run(args: argparse.Namespace) -> dict:
             await asyncio.sleep(args.settle)
 
         xact_before = await pool.fetchval(XACTS)
+        scans_before = {r["relname"]: r for r in await pool.fetch(SCANS)}
         cpu_before = cpu_snapshot()
         total_before = _total_cpu_seconds()
         t_post = time.time()
-        posted = await post_all(args.amqp_url, names, args.n, args.chunk)
+        posted = await post_all(args.amqp_url, names, args.n, args.chunk, args.rate)
         t_posted = time.time()
         post_s = t_posted - t_post
         log(f"posted {args.n} requests in {post_s:.2f} s ({args.n / post_s:.0f}/s)")
@@ -362,7 +384,22 @@ async def run(args: argparse.Namespace) -> dict:
         cpu_after = cpu_snapshot()
         total_after = _total_cpu_seconds()
         xacts = await pool.fetchval(XACTS) - xact_before
+        # Other projects may share this PostgreSQL: count only the backends serving our database.
+        backends = await pool.fetch(
+            "SELECT pid, backend_type = 'client backend' AS client, datname = current_database() AS ours"
+            " FROM pg_stat_activity"
+        )
+        pg_backends = {r["pid"] for r in backends if r["client"] and r["ours"]}
+        pg_background = {r["pid"] for r in backends if not r["client"]}
         batches = await pool.fetchrow(BATCHES)
+        await asyncio.sleep(1.0)  # backends report table statistics at most once a second
+        await pool.execute("SELECT pg_stat_clear_snapshot()")
+        scans = {}
+        for r in await pool.fetch(SCANS):
+            b = scans_before.get(r["relname"])
+            seq = r["seq_scan"] - (b["seq_scan"] if b else 0)
+            if seq:
+                scans[r["relname"]] = {"seq_scans": seq, "rows_read": r["seq_tup_read"] - (b["seq_tup_read"] if b else 0)}
 
         rows = await pool.fetch(
             """
@@ -403,13 +440,16 @@ async def run(args: argparse.Namespace) -> dict:
         for col, label in (("created", "-> created"), ("scheduled", "-> scheduled"), ("started", "-> started"), ("finished", "-> finished")):
             v = latencies[col]
             print(f"  {label:<22} {ms(pct(v, 50))}  {ms(pct(v, 99))}  {ms(max(v) if v else float('nan'))}")
-        split, others = cpu_split(cpu_before, cpu_after, roles)
+        split, others = cpu_split(cpu_before, cpu_after, roles, pg_backends, pg_background)
         total_cpu = total_after[0] - total_before[0]
         idle = total_after[1] - total_before[1]
         print(f"CPU during the run ({window_s:.1f} s window, {os.cpu_count()} cores, {100 * idle / total_cpu if total_cpu else 0:.0f}% idle):")
-        for k in ("executor", "workers", "postgres", "rabbitmq", "bench", "kernel", "other"):
+        for k in (
+            "executor", "workers", "postgres", "postgres (background)", "rabbitmq", "bench", "kernel",
+            "postgres (other)", "other",
+        ):
             if k in split:
-                print(f"  {k:<10} {split[k]:7.2f} s cpu   {100 * split[k] / window_s:6.1f}% of one core")
+                print(f"  {k:<21} {split[k]:7.2f} s cpu   {100 * split[k] / window_s:6.1f}% of one core")
         if others:
             top = sorted(others.items(), key=lambda kv: -kv[1])[:5]
             print("  other is: " + ", ".join(f"{c} {v:.2f} s" for c, v in top))
@@ -423,6 +463,12 @@ async def run(args: argparse.Namespace) -> dict:
                 for k in ("intake", "schedule", "claim", "finish")
             )
         )
+        if scans:
+            # Tables read whole, and how many rows that cost: a hot query that lost its index shows here.
+            print(
+                "sequential scans         "
+                + ", ".join(f"{t} {v['seq_scans']} ({v['rows_read']} rows)" for t, v in sorted(scans.items()))
+            )
         print("=" * 72)
         summary.update(
             {
@@ -441,6 +487,7 @@ async def run(args: argparse.Namespace) -> dict:
                 "cpu_idle_pct": round(100 * idle / total_cpu, 1) if total_cpu else None,
                 "db_xacts": xacts,
                 "batches": dict(batches),
+                "seq_scans": scans,
             }
         )
         return summary
@@ -475,14 +522,21 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the bench database afterwards")
     parser.add_argument("--timeout", type=float, default=300.0, help="give up after this many seconds")
     parser.add_argument("--poll", type=float, default=0.5, help="progress poll interval in seconds")
+    parser.add_argument(
+        "--rate", type=float, default=None, help="post at this many per second instead of all at once"
+    )
     parser.add_argument("--chunk", type=int, default=500, help="publishes in flight at once while posting")
     parser.add_argument("--settle", type=float, default=1.0, help="seconds to wait after registration")
     parser.add_argument("--log-level", default="warning", help="services' logging.level (default warning)")
     parser.add_argument(
         "--baton-cmd", default=None, help="command that starts a service (default: the baton script next to this Python)"
     )
+    parser.add_argument(
+        "--source", type=Path, default=REPO, help="source tree the services run from (default: this checkout)"
+    )
     parser.add_argument("--log-dir", default=None, help="where service logs go (default /tmp/<prefix>)")
     args = parser.parse_args()
+    args.source = args.source.resolve()
     summary = asyncio.run(run(args))
     print(json.dumps(summary, sort_keys=True))
     sys.exit(1 if summary.get("timed_out") else 0)

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue, AbstractRobustConnection
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
 
 from common.retry import connect_retrying
 
@@ -125,6 +132,19 @@ async def declare_worker_queue(
     )
     await queue.bind(exchanges.dispatch, names.worker_routing_key(worker))
     return queue
+
+
+async def ack_all(messages: list[AbstractIncomingMessage]) -> None:
+    """Ack a batch taken in delivery order with one `basic.ack(multiple)` per channel. Messages
+    already settled (rejected) are skipped by the broker. An ack that fails because the channel
+    died is fine: the message is redelivered, and every consumer of Baton's is idempotent to that."""
+    last: dict[int, AbstractIncomingMessage] = {}
+    for message in messages:
+        if not message.processed:
+            last[id(message.channel)] = message
+    for message in last.values():
+        with contextlib.suppress(Exception):
+            await message.ack(multiple=True)
 
 
 def persistent_json(body: bytes, **properties: object) -> aio_pika.Message:

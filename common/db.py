@@ -24,12 +24,17 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         await conn.set_type_codec(typename, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
+async def _keep_session(_conn: asyncpg.Connection) -> None:
+    """Pool connections carry no session state of ours (no session locks, no LISTEN, no SET):
+    skip asyncpg's reset query on every release. Open transactions are still ended by asyncpg."""
+
+
 async def connect(url: str, *, max_size: int = 10, max_wait_s: float = 60.0) -> asyncpg.Pool:
     """A pool to ``url``, waiting (with backoff) for PostgreSQL to accept connections."""
     async for attempt in connect_retrying(max_wait_s):
         with attempt:
             return await asyncpg.create_pool(
-                url, min_size=1, max_size=max_size, init=_init_connection, command_timeout=60
+                url, min_size=1, max_size=max_size, init=_init_connection, reset=_keep_session, command_timeout=60
             )
     raise AssertionError("unreachable")
 

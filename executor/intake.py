@@ -17,6 +17,7 @@ import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
 
 from common import metrics
+from common import amqp
 from common.amqp import persistent_json
 from common.db import until_available
 from common.retry import TRANSIENT_ERRORS
@@ -102,9 +103,7 @@ async def _process(ctx: ExecutorContext, batch: list[AbstractIncomingMessage], v
     for message, result in parsed:
         if isinstance(result, Rejection):
             await _park(ctx, message, result.reason)
-        # If the channel died meanwhile the request is redelivered, and recorded once all the same.
-        with contextlib.suppress(Exception):
-            await message.ack()
+    await amqp.ack_all(batch)
     metrics.REQUESTS.labels("recorded").inc(sum(1 for r in inserted.values() if r["status"] == "requested"))
     metrics.REQUESTS.labels("failed").inc(sum(1 for r in inserted.values() if r["status"] == "failed"))
     metrics.REQUESTS.labels("duplicate").inc(len(existing))

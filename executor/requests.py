@@ -99,15 +99,18 @@ class ParameterValidator:
     """Compiled JSON-schema validators for catalogue entries, reused across requests."""
 
     def __init__(self) -> None:
-        self._compiled: dict[tuple[str, str], jsonschema.protocols.Validator] = {}
+        # Per action: the schema it was compiled from, and the validator. A re-registered action
+        # brings a new schema object, which is compiled afresh.
+        self._compiled: dict[str, tuple[dict[str, Any], jsonschema.protocols.Validator]] = {}
 
     def errors(self, spec: ActionSpec, parameters: dict[str, Any]) -> list[str]:
-        key = (spec.ref, json.dumps(spec.parameters_schema, sort_keys=True))
-        validator = self._compiled.get(key)
-        if validator is None:
+        cached = self._compiled.get(spec.ref)
+        if cached is not None and cached[0] is spec.parameters_schema:
+            validator = cached[1]
+        else:
             cls = jsonschema.validators.validator_for(spec.parameters_schema, default=jsonschema.Draft202012Validator)
             validator = cls(spec.parameters_schema)
-            self._compiled[key] = validator
+            self._compiled[spec.ref] = (spec.parameters_schema, validator)
         return [
             f"{'.'.join(str(p) for p in err.absolute_path) or 'parameters'}: {err.message}"
             for err in sorted(validator.iter_errors(parameters), key=lambda e: list(e.absolute_path))

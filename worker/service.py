@@ -116,7 +116,9 @@ class WorkerService:
         cfg = self.cfg
         self.consume_channel = await self.connection.channel()
         await self.consume_channel.set_qos(prefetch_count=cfg.max_concurrent_tasks)
-        self.publish_channel = await self.connection.channel(publisher_confirms=True)
+        # Notifications are announcements of state already in PostgreSQL (waiters re-read it), so
+        # they go without publisher confirms: a confirm per outcome costs more than the action.
+        self.publish_channel = await self.connection.channel(publisher_confirms=False)
         self.exchanges = await amqp.declare_exchanges(self.publish_channel, self.names)
         # The queue exists before the worker is offered work, so no dispatch is ever unroutable.
         self.queue = await amqp.declare_worker_queue(
@@ -309,10 +311,7 @@ class WorkerService:
             what="claim",
         )
         claimed = {r["id"] for r in rows}
-        for message in batch:
-            with contextlib.suppress(Exception):
-                if not message.processed:
-                    await message.ack()
+        await amqp.ack_all(batch)
         for execution_id, dispatch in dispatches.items():
             fields = {"execution_id": str(execution_id), "attempt": dispatch.attempt, "action_ref": dispatch.action_ref}
             if execution_id in claimed:

@@ -134,10 +134,13 @@ GET = "SELECT * FROM executions WHERE id = $1"
 
 GET_MANY = "SELECT * FROM executions WHERE id = ANY($1::uuid[])"
 
+# One index lookup per execution (a plain `= ANY(...)` can turn into a scan of the whole table).
 EVENTS = """
-SELECT execution_id, seq, type, data, created_at FROM execution_events
-WHERE execution_id = ANY($1::uuid[])
-ORDER BY execution_id, seq
+SELECT v.execution_id, v.seq, v.type, v.data, v.created_at
+FROM unnest($1::uuid[]) AS i(id)
+CROSS JOIN LATERAL (
+    SELECT * FROM execution_events e WHERE e.execution_id = i.id ORDER BY e.seq
+) AS v
 """
 
 LIST = """
