@@ -140,8 +140,10 @@ async def ack_all(messages: list[AbstractIncomingMessage]) -> None:
     died is fine: the message is redelivered, and every consumer of Baton's is idempotent to that."""
     last: dict[int, AbstractIncomingMessage] = {}
     for message in messages:
-        if not message.processed:
-            last[id(message.channel)] = message
+        # `channel` raises once the channel has closed; such a message is redelivered anyway.
+        with contextlib.suppress(Exception):
+            if not message.processed:
+                last[id(message.channel)] = message
     for message in last.values():
         with contextlib.suppress(Exception):
             await message.ack(multiple=True)

@@ -36,6 +36,7 @@ async def run(ctx: ExecutorContext, stop_event: asyncio.Event) -> None:
         async with riding_out_outages("sweep", stop_event):
             await sweep(ctx)
             await reclaim_from_unavailable(ctx)
+            await interrupt_orphans(ctx)
             await recover_interrupted(ctx)
             await _observe(ctx)
             pause_s = next_pause_s(
@@ -103,6 +104,31 @@ async def reclaim_from_unavailable(ctx: ExecutorContext) -> int:
     return len(rows)
 
 
+async def interrupt_orphans(ctx: ExecutorContext) -> int:
+    """`running` executions of a stopped or lost worker are run by nobody: interrupt them."""
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        rows = await conn.fetch(q.SELECT_RUNNING_ON_STOPPED)
+        specs = await ctx.catalogue.resolve({r["action_ref"] for r in rows if r["action_ref"]})
+        for row in rows:
+            await _interrupt(ctx, conn, row, specs, f"worker {row['worker']} stopped without finishing it")
+    return len(rows)
+
+
+async def _interrupt(ctx: ExecutorContext, conn, row, specs, error: str) -> None:
+    event = interrupted_event(
+        reason="worker_lost",
+        worker=row["worker"],
+        error=error,
+        policy=resolve_policy(specs.get(row["action_ref"]), ctx.settings.recovery),
+        recovery_attempts=row["recovery_attempts"],
+    )
+    if await conn.fetchrow(q.INTERRUPT, row["id"], row["attempt"], row["worker"], event) is not None:
+        log.warning(
+            "execution_interrupted", execution_id=str(row["id"]), attempt=row["attempt"], worker=row["worker"],
+            reason="worker_lost", recoverable=event["recoverable"],
+        )
+
+
 async def release_held(ctx: ExecutorContext, conn, worker: str, signal: str) -> list:
     """A lost worker's `scheduled` executions go to another worker; its `running` ones become
     `interrupted` (recovery decides what follows). Returns the rows that failed instead."""
@@ -125,18 +151,7 @@ async def release_held(ctx: ExecutorContext, conn, worker: str, signal: str) -> 
             if done is not None:
                 failed.append(done)
             continue
-        event = interrupted_event(
-            reason="worker_lost",
-            worker=worker,
-            error=f"worker {worker} was lost ({signal}) while running it",
-            policy=resolve_policy(specs.get(row["action_ref"]), ctx.settings.recovery),
-            recovery_attempts=row["recovery_attempts"],
-        )
-        if await conn.fetchrow(q.INTERRUPT, row["id"], row["attempt"], worker, event) is not None:
-            log.warning(
-                "execution_interrupted", execution_id=str(row["id"]), attempt=row["attempt"], worker=worker,
-                reason="worker_lost", recoverable=event["recoverable"],
-            )
+        await _interrupt(ctx, conn, {**row, "worker": worker}, specs, f"worker {worker} was lost ({signal}) while running it")
     return failed
 
 

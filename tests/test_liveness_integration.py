@@ -313,3 +313,27 @@ async def _logged(service, event: str) -> bool:
     return bool(service.events(event))
 
 
+
+
+async def test_running_work_left_on_a_stopped_worker_is_interrupted(baton):
+    """Backstop: whatever path left an execution `running` on a worker that has stopped, the
+    sweeper interrupts it and recovery settles it."""
+    import uuid
+
+    await baton.start_executor()
+    pool = await baton.pool()
+    execution_id = uuid.uuid4()
+    await pool.execute(
+        "INSERT INTO workers (name, status, runtimes, actions, max_concurrent_tasks, heartbeat_interval_s, "
+        "last_heartbeat, incarnation) VALUES ('gone', 'inactive', '{python}', '{core.sleep}', 1, 0.2, now(), $1)",
+        uuid.uuid4(),
+    )
+    await pool.execute(
+        "INSERT INTO executions (id, action_ref, status, attempt, worker, started_at) "
+        "VALUES ($1, 'core.sleep', 'running', 1, 'gone', now())",
+        execution_id,
+    )
+    row = await baton.wait_status(execution_id, "failed")
+    assert "recover_on_worker_loss is off" in row["error"]["error"]
+    event = next(e for e in await _events(baton, execution_id) if e["type"] == "workflow.interrupted")
+    assert event["data"]["reason"] == "worker_lost" and "stopped without finishing it" in event["data"]["error"]

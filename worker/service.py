@@ -295,7 +295,8 @@ class WorkerService:
                 dispatch = Dispatch.model_validate_json(message.body)
             except ValidationError as exc:
                 self.log.error("dispatch_invalid", error=str(exc), message_id=message.message_id)
-                await message.reject(requeue=False)
+                with contextlib.suppress(Exception):  # a dead channel redelivers it; it is rejected again
+                    await message.reject(requeue=False)
                 continue
             if dispatch.execution_id in dispatches:  # a twin in the same batch (a redelivery) runs once
                 self.log.info(

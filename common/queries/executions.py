@@ -233,6 +233,17 @@ WITH upd AS (
 SELECT id, recovery_attempts FROM upd
 """
 
+# Still `running` on a worker that has stopped (or was declared lost after it started them): no
+# process is running them any more. A backstop for any path that would leave one behind.
+SELECT_RUNNING_ON_STOPPED = """
+SELECT e.id, e.attempt, e.action_ref, e.recovery_attempts, e.worker
+FROM workers w
+JOIN executions e ON e.worker = w.name AND e.status = 'running'
+WHERE w.status IN ('inactive', 'lost')
+LIMIT 500
+FOR UPDATE OF e SKIP LOCKED
+"""
+
 # Dispatched to workers that no longer take work (draining, stopped, lost): back in line at once
 # rather than after the queue TTL. The dispatch left in the queue is stale from then on (fenced).
 SELECT_SCHEDULED_ON_UNAVAILABLE = """
