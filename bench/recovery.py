@@ -156,22 +156,6 @@ async def drop_database(pg_url: str, name: str) -> None:
     await admin_execute(pg_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-async def delete_topology(amqp_url: str, names: amqp.Names, workers: list[str]) -> None:
-    connection = await aio_pika.connect(amqp_url)
-    try:
-        channel = await connection.channel()
-        queues = [names.requests_queue, names.rejected_requests_queue, names.dead_letters_queue]
-        queues += [names.worker_queue(w) for w in workers]
-        for q in queues:
-            with contextlib.suppress(Exception):
-                await channel.queue_delete(q)
-        for x in (names.executions_exchange, names.dispatch_exchange, names.dlx, names.notifications_exchange):
-            with contextlib.suppress(Exception):
-                await channel.exchange_delete(x)
-    finally:
-        await connection.close()
-
-
 async def post_sleep(amqp_url: str, names: amqp.Names, seconds: float) -> uuid.UUID:
     """Post like any AMQP client would; the message id becomes the execution id."""
     execution_id = uuid.uuid4()
@@ -451,7 +435,7 @@ async def run_trial(args: argparse.Namespace, kind: str, index: int, template: s
                 await conn.close()
         stop_all(procs)
         with contextlib.suppress(Exception):
-            await delete_topology(args.amqp_url, names, sorted(set(workers) | {worker_a, worker_b}))
+            await amqp.delete_topology(args.amqp_url, names, sorted(set(workers) | {worker_a, worker_b}))
         if created:
             with contextlib.suppress(Exception):
                 await drop_database(args.pg_url, db_name)

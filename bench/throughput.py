@@ -258,22 +258,6 @@ async def post_all(amqp_url: str, names: amqp.Names, n: int, chunk: int, rate: f
     return posted
 
 
-async def delete_topology(amqp_url: str, names: amqp.Names, worker_names: list[str]) -> None:
-    connection = await aio_pika.connect(amqp_url)
-    try:
-        channel = await connection.channel()
-        queues = [names.requests_queue, names.rejected_requests_queue, names.dead_letters_queue]
-        queues += [names.worker_queue(w) for w in worker_names]
-        for q in queues:
-            with contextlib.suppress(Exception):
-                await channel.queue_delete(q)
-        for x in (names.executions_exchange, names.dispatch_exchange, names.dlx, names.notifications_exchange):
-            with contextlib.suppress(Exception):
-                await channel.exchange_delete(x)
-    finally:
-        await connection.close()
-
-
 # -- reporting -------------------------------------------------------------------------------------
 
 
@@ -503,7 +487,7 @@ async def run(args: argparse.Namespace) -> dict:
             if bad:
                 log(f"services exited non-zero: {bad}; see logs in {log_dir}")
         with contextlib.suppress(Exception):
-            await delete_topology(args.amqp_url, names, worker_names)
+            await amqp.delete_topology(args.amqp_url, names, worker_names)
         if not args.keep:
             with contextlib.suppress(Exception):
                 await drop_database(args.database_url)

@@ -134,6 +134,24 @@ async def declare_worker_queue(
     return queue
 
 
+async def delete_topology(url: str, names: Names, workers: list[str] | tuple[str, ...] = ()) -> None:
+    """Remove every queue and exchange under ``names.prefix`` (and the named workers' queues):
+    how tests and benchmarks leave a shared broker as they found it."""
+    connection = await aio_pika.connect(url)
+    try:
+        channel = await connection.channel()
+        queues = [names.requests_queue, names.rejected_requests_queue, names.dead_letters_queue]
+        queues += [names.worker_queue(w) for w in workers]
+        for queue in queues:
+            with contextlib.suppress(Exception):
+                await channel.queue_delete(queue)
+        for exchange in (names.executions_exchange, names.dispatch_exchange, names.dlx, names.notifications_exchange):
+            with contextlib.suppress(Exception):
+                await channel.exchange_delete(exchange)
+    finally:
+        await connection.close()
+
+
 async def ack_all(messages: list[AbstractIncomingMessage]) -> None:
     """Ack a batch taken in delivery order with one `basic.ack(multiple)` per channel. Messages
     already settled (rejected) are skipped by the broker. An ack that fails because the channel

@@ -86,6 +86,7 @@ class Baton:
     prefix: str = field(default_factory=lambda: f"t{uuid.uuid4().hex[:10]}")
     services: list[Service] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    worker_names: set[str] = field(default_factory=set)
     _client: BatonClient | None = None
     _pool: asyncpg.Pool | None = None
     _amqp: aio_pika.abc.AbstractRobustConnection | None = None
@@ -119,31 +120,17 @@ class Baton:
         if self._client is not None:
             await self._client.close()
         await self.close_amqp()
-        workers: list[str] = []
+        workers = set(self.worker_names)
+        with contextlib.suppress(Exception):  # also any worker a test registered by other means
+            workers |= {r["name"] for r in await (await self.pool()).fetch("SELECT name FROM workers")}
         if self._pool is not None:
-            with contextlib.suppress(Exception):
-                workers = [r["name"] for r in await self._pool.fetch("SELECT name FROM workers")]
             await self._pool.close()
-        await self._delete_topology(workers)
+        await amqp.delete_topology(AMQP_URL, self.names, sorted(workers))
         admin = await asyncpg.connect(f"{PG_URL}/postgres")
         try:
             await admin.execute(f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)')
         finally:
             await admin.close()
-
-    async def _delete_topology(self, workers: list[str]) -> None:
-        n = self.names
-        connection = await aio_pika.connect(AMQP_URL)
-        try:
-            channel = await connection.channel()
-            for queue in [n.requests_queue, n.rejected_requests_queue, n.dead_letters_queue]:
-                await channel.queue_delete(queue)
-            for worker in workers:
-                await channel.queue_delete(n.worker_queue(worker))
-            for exchange in [n.executions_exchange, n.dispatch_exchange, n.dlx, n.notifications_exchange]:
-                await channel.exchange_delete(exchange)
-        finally:
-            await connection.close()
 
     # -- services --------------------------------------------------------------------------
 
@@ -186,6 +173,7 @@ class Baton:
         self, name: str, *, concurrency: int = 4, runtimes: str = "python,shell", **env: str
     ) -> Service:
         env.setdefault("BATON__WORKER__ACTION_MODULES", '["examples.actions", "tests.actions"]')
+        self.worker_names.add(name)
         service = self.spawn(name, "worker", "--name", name, "--concurrency", str(concurrency), "--runtimes", runtimes, **env)
         await wait_until(lambda: self._alive_and_logged(service, "worker_registered"), what=f"worker {name} to register")
         return service
