@@ -31,6 +31,12 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.PostgresConnectionError,
     # What asyncpg raises for an operation caught by a connection breaking under it.
     asyncpg.exceptions.InternalClientError,
+    # PostgreSQL recovering from a crash, a failover to a replica that is still read-only, and
+    # lost races that PostgreSQL resolved by aborting one side: all worth another try.
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.ReadOnlySQLTransactionError,
+    asyncpg.exceptions.DeadlockDetectedError,
+    asyncpg.exceptions.SerializationError,
     aiormq.exceptions.AMQPConnectionError,
     aiormq.exceptions.ChannelInvalidStateError,
 )

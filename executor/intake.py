@@ -75,12 +75,15 @@ async def _process(ctx: ExecutorContext, batch: list[AbstractIncomingMessage], v
     max_bytes = ctx.settings.message_queue.max_request_bytes
     parsed: list[tuple[AbstractIncomingMessage, NewExecution | Rejection]] = []
     for message in batch:
-        result = parse_request(
-            message.body,
-            message_id=message.message_id,
-            correlation_id=message.correlation_id,
-            max_bytes=max_bytes,
-        )
+        try:
+            result = parse_request(
+                message.body,
+                message_id=message.message_id,
+                correlation_id=message.correlation_id,
+                max_bytes=max_bytes,
+            )
+        except Exception as exc:  # noqa: BLE001 - say, JSON nested deeper than the parser's recursion
+            result = Rejection(f"request cannot be parsed: {type(exc).__name__}: {str(exc)[:200]}")
         if isinstance(result, NewExecution):
             result.reply_to = message.reply_to
         parsed.append((message, result))
@@ -88,7 +91,10 @@ async def _process(ctx: ExecutorContext, batch: list[AbstractIncomingMessage], v
     executions = [r for _, r in parsed if isinstance(r, NewExecution)]
     specs = await ctx.catalogue.resolve({e.action_ref for e in executions if e.action_ref and not e.error})
     for execution in executions:
-        check_action(execution, specs.get(execution.action_ref or ""), validator)
+        try:
+            check_action(execution, specs.get(execution.action_ref or ""), validator)
+        except Exception as exc:  # noqa: BLE001 - a schema a worker registered that cannot be used
+            execution.fail(f"parameters cannot be checked against the action's schema: {type(exc).__name__}: {exc}")
 
     inserted, unstorable = await _record(ctx.pool, executions)
     if unstorable:

@@ -45,3 +45,13 @@ async def sleep_then_echo(seconds: float, message: str) -> dict[str, str]:
 async def restartable(seconds: float) -> dict[str, float]:
     await asyncio.sleep(seconds)
     return {"slept_s": seconds}
+
+
+@action("tests.nan")
+async def nan() -> float:
+    return float("nan")
+
+
+@action("tests.nul_text")
+async def nul_text() -> str:
+    return "before\x00after"

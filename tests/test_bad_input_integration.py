@@ -145,3 +145,28 @@ def test_an_unknown_environment_override_is_a_clear_error(tmp_path):
         timeout=60,
     )
     assert result.returncode == 2 and "worker.heartbeat_interval_s" in result.stderr
+
+
+async def test_outputs_postgres_cannot_store_never_stop_a_worker(baton):
+    await baton.start_executor()
+    worker = await baton.start_worker("w1")
+    client = await baton.client()
+    binary = await client.run("core.local", {"cmd": ["printf", "a\\000b"]}, wait_timeout_s=20)
+    assert binary["status"] == "completed" and binary["result"]["stdout"] == "a\ufffdb"
+    nan = await client.run("tests.nan", wait_timeout_s=20)
+    assert nan["status"] == "failed" and "not JSON-serialisable" in nan["error"]["error"]
+    nul = await client.run("tests.nul_text", wait_timeout_s=20)
+    assert nul["status"] == "failed" and "the outcome cannot be stored" in nul["error"]["error"]
+    assert worker.process.poll() is None
+    await _still_works(baton)
+
+
+async def test_deeply_nested_json_is_parked(baton):
+    executor = await baton.start_executor()
+    await baton.start_worker("w1")
+    await baton.publish_raw(b"[" * 100_000 + b"]" * 100_000, message_id="deep-1")
+    parked = await _parked(baton, 1)
+    assert [m.message_id for m in parked] == ["deep-1"]
+    assert "cannot be parsed" in parked[0].headers["x-baton-reason"]
+    assert executor.process.poll() is None
+    await _still_works(baton)

@@ -43,3 +43,21 @@ async def test_stale_dispatch_is_dropped(baton):
 
 async def _count(service, event: str, n: int) -> bool:
     return len(service.events(event)) >= n
+
+
+async def test_the_claim_is_fenced_and_idempotent(baton):
+    """A retried claim (its first commit unacknowledged) gets the row back; nobody else can."""
+    from common.queries import executions as q
+
+    pool = await baton.pool()
+    execution_id = uuid.uuid4()
+    await pool.execute(
+        "INSERT INTO executions (id, action_ref, status, attempt, worker) VALUES ($1, 'core.noop', 'scheduled', 2, 'w1')",
+        execution_id,
+    )
+    assert await pool.fetch(q.CLAIM, [execution_id], [1], "w1") == []  # an older attempt
+    assert await pool.fetch(q.CLAIM, [execution_id], [2], "w2") == []  # another worker
+    assert [r["id"] for r in await pool.fetch(q.CLAIM, [execution_id], [2], "w1")] == [execution_id]
+    assert [r["id"] for r in await pool.fetch(q.CLAIM, [execution_id], [2], "w1")] == [execution_id]
+    row = await baton.execution(execution_id)
+    assert row["status"] == "running" and row["last_event_seq"] == 1  # started once, one event

@@ -183,6 +183,26 @@ async def test_work_longer_than_the_drain_timeout_is_interrupted_with_reason_sig
     assert row["attempt"] == 1
 
 
+async def test_a_full_worker_still_drains_within_its_timeout(baton):
+    """Every slot busy with long work and a dispatch prefetched: the drain must not wait for a
+    slot to free up; the prefetched dispatch goes back, the run is interrupted at the deadline."""
+    await baton.start_executor()
+    full = await baton.start_worker("full", concurrency=1, BATON__WORKER__SHUTDOWN_TIMEOUT="1")
+    client = await baton.client()
+    long_run = await client.submit("core.sleep", {"seconds": 60}, watch=True)
+    await _running_on(baton, long_run.execution_id, "full")
+    waiting = await client.submit("core.echo", {"message": "handed back"}, watch=True)
+    await baton.wait_status(waiting.execution_id, "scheduled")
+    started = time.monotonic()
+    full.signal(signal.SIGTERM)
+    assert full.wait(20) == 0 and time.monotonic() - started < 10
+    interrupted = [e for e in await _events(baton, long_run.execution_id) if e["type"] == "workflow.interrupted"]
+    assert interrupted and interrupted[0]["data"]["reason"] == "signal"
+    await baton.start_worker("next")
+    done = await client.wait(waiting.execution_id, 20)
+    assert done["status"] == "completed" and done["worker"] == "next"
+
+
 async def test_second_signal_exits_at_once(baton):
     await baton.start_executor()
     leaving = await baton.start_worker("leaving", concurrency=1, BATON__WORKER__SHUTDOWN_TIMEOUT="30")

@@ -36,7 +36,7 @@ def _error(message: str, **details: Any) -> dict[str, Any]:
 
 def _bounded_result(result: Any, max_bytes: int) -> Outcome:
     try:
-        encoded = json.dumps(result)
+        encoded = json.dumps(result, allow_nan=False)  # NaN and Infinity are not JSON
     except (TypeError, ValueError) as exc:
         return Outcome("failed", error=_error(f"result is not JSON-serialisable: {exc}"))
     if len(encoded) > max_bytes:

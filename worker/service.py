@@ -71,6 +71,7 @@ class WorkerService:
         self.idle.set()
         self.outcomes: asyncio.Queue[tuple[Dispatch, Outcome]] = asyncio.Queue()
         self.draining = False
+        self.claiming = False
         # Standing down: the database cannot be reached, or the executor declared this worker lost;
         # it takes no work until it has registered again.
         self.stood_down = False
@@ -80,6 +81,7 @@ class WorkerService:
         # PostgreSQL releases this session lock the moment the process dies: the sweeper's signal.
         self.lock_key = secrets.randbits(62)
         self.lock_conn: asyncpg.Connection | None = None
+        self.lock_lost = asyncio.Event()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -159,6 +161,10 @@ class WorkerService:
         except BaseException:
             await conn.close()
             raise
+        # Without its lock this process looks dead to the sweeper: take it again at once, not at
+        # the next heartbeat.
+        conn.add_termination_listener(lambda _conn: self.lock_lost.set())
+        self.lock_lost.clear()
         self.lock_conn = conn
 
     async def _register(self) -> None:
@@ -242,6 +248,10 @@ class WorkerService:
         self.resumed.set()
         claimer = next((t for t in loops if t.get_name() == "claimer"), None)
         if claimer is not None:
+            # Waiting for a slot can last as long as the longest run: stop waiting. A claim under
+            # way is let finish, so that what it claimed is started and tracked.
+            if not self.claiming:
+                claimer.cancel()
             with contextlib.suppress(BaseException):
                 await claimer
         await self._hand_back()
@@ -282,11 +292,15 @@ class WorkerService:
             if self.draining or self.stood_down:
                 self.slots.release()
                 continue
-            batch = [self.inbox.popleft()]
-            while self.inbox and not self.slots.locked():
-                await self.slots.acquire()
-                batch.append(self.inbox.popleft())
-            await self._claim(batch)
+            self.claiming = True
+            try:
+                batch = [self.inbox.popleft()]
+                while self.inbox and not self.slots.locked():
+                    await self.slots.acquire()  # free: returns at once
+                    batch.append(self.inbox.popleft())
+                await self._claim(batch)
+            finally:
+                self.claiming = False
 
     async def _claim(self, batch: list[AbstractIncomingMessage]) -> None:
         dispatches: dict[uuid.UUID, Dispatch] = {}
@@ -298,17 +312,20 @@ class WorkerService:
                 with contextlib.suppress(Exception):  # a dead channel redelivers it; it is rejected again
                     await message.reject(requeue=False)
                 continue
-            if dispatch.execution_id in dispatches:  # a twin in the same batch (a redelivery) runs once
+            twin = dispatches.get(dispatch.execution_id)
+            if twin is not None or dispatch.execution_id in self.running:
+                # A redelivery, or an older attempt beside a newer one: only the newest can match.
+                stale = dispatch if twin is None or twin.attempt >= dispatch.attempt else twin
                 self.log.info(
-                    "dispatch_stale", execution_id=str(dispatch.execution_id), attempt=dispatch.attempt,
-                    action_ref=dispatch.action_ref, twin=True,
+                    "dispatch_stale", execution_id=str(stale.execution_id), attempt=stale.attempt,
+                    action_ref=stale.action_ref, twin=True,
                 )
-                continue
+                if stale is dispatch:
+                    continue
             dispatches[dispatch.execution_id] = dispatch
+        ordered = sorted(dispatches.values(), key=lambda d: d.execution_id)  # one lock order: no deadlocks
         rows = await db.until_available(
-            lambda: self.pool.fetch(
-                q.CLAIM, list(dispatches), [d.attempt for d in dispatches.values()], self.name
-            ),
+            lambda: self.pool.fetch(q.CLAIM, [d.execution_id for d in ordered], [d.attempt for d in ordered], self.name),
             what="claim",
         )
         claimed = {r["id"] for r in rows}
@@ -378,8 +395,9 @@ class WorkerService:
                     self._release(dispatch.execution_id)
                     self.outcomes.task_done()
 
-    async def _record(self, batch: list[tuple[Dispatch, Outcome]]) -> None:
-        rows = await db.until_available(
+    async def _finish(self, batch: list[tuple[Dispatch, Outcome]]) -> list[asyncpg.Record]:
+        batch = sorted(batch, key=lambda item: item[0].execution_id)  # rows locked in one order: no deadlocks
+        return await db.until_available(
             lambda: self.pool.fetch(
                 q.FINISH,
                 [d.execution_id for d, _ in batch],
@@ -391,6 +409,22 @@ class WorkerService:
             ),
             what="record_outcomes",
         )
+
+    async def _record(self, batch: list[tuple[Dispatch, Outcome]]) -> None:
+        try:
+            rows = await self._finish(batch)
+        except asyncpg.exceptions.DataError:
+            # Something PostgreSQL refuses to store (a NUL in a string): one by one, so that only
+            # the offending outcome is replaced by a failure that says why.
+            rows = []
+            for dispatch, outcome in batch:
+                try:
+                    rows += await self._finish([(dispatch, outcome)])
+                except asyncpg.exceptions.DataError as exc:
+                    unstorable = Outcome(
+                        "failed", error={"error": f"the outcome cannot be stored: {exc}", "failed_by": "worker"}
+                    )
+                    rows += await self._finish([(dispatch, unstorable)])
         recorded = {r["id"] for r in rows}
         for dispatch, outcome in batch:
             fields = {"execution_id": str(dispatch.execution_id), "attempt": dispatch.attempt}
@@ -414,7 +448,10 @@ class WorkerService:
         stale_after_s = interval_s * self.settings.executor.heartbeat_staleness_multiplier
         last_ok = time.monotonic()
         while True:
-            await asyncio.sleep(interval_s)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.lock_lost.wait(), interval_s)
+            if self.lock_lost.is_set():
+                self.lock_conn = None
             metrics.IN_FLIGHT.set(len(self.running))
             try:
                 await self._lock()

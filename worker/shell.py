@@ -36,6 +36,11 @@ async def _read_capped(stream: asyncio.StreamReader, cap: int) -> tuple[bytes, i
     return bytes(kept), total
 
 
+def _text(raw: bytes) -> str:
+    """Output as text PostgreSQL can store: undecodable bytes and NULs become U+FFFD."""
+    return raw.decode(errors="replace").replace("\x00", "\ufffd")
+
+
 def _signal_group(proc: asyncio.subprocess.Process, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, sig)
@@ -94,8 +99,8 @@ async def run_local(params: LocalParams, inv: Invocation, limits: ShellLimits) -
         raise
     result = {
         "exit_code": proc.returncode,
-        "stdout": out.decode(errors="replace"),
-        "stderr": err.decode(errors="replace"),
+        "stdout": _text(out),
+        "stderr": _text(err),
         "stdout_truncated": out_total > len(out),
         "stderr_truncated": err_total > len(err),
     }

@@ -77,14 +77,18 @@ WITH upd AS (
 SELECT id FROM upd
 """
 
-# The fenced claim: scheduled -> running, only for this worker at this attempt.
+# The fenced claim: scheduled -> running, only for this worker at this attempt. Idempotent: a
+# retry after a claim whose commit was not acknowledged (connection lost) gets the row back rather
+# than leaving it `running` with nobody running it; the worker skips what it already runs.
 # $1 ids, $2 attempts, $3 worker
 CLAIM = """
-WITH upd AS (
+WITH c AS (
+    SELECT * FROM unnest($1::uuid[], $2::int[]) AS c(id, attempt)
+), upd AS (
     UPDATE executions e
     SET status = 'running', started_at = now(), updated_at = now(), schedule_attempts = 0,
         last_event_seq = e.last_event_seq + 1
-    FROM unnest($1::uuid[], $2::int[]) AS c(id, attempt)
+    FROM c
     WHERE e.id = c.id AND e.attempt = c.attempt AND e.worker = $3 AND e.status = 'scheduled'
     RETURNING e.id, e.attempt, e.last_event_seq
 ), ev AS (
@@ -93,6 +97,9 @@ WITH upd AS (
     FROM upd
 )
 SELECT id FROM upd
+UNION ALL
+SELECT e.id FROM executions e JOIN c ON e.id = c.id AND e.attempt = c.attempt
+WHERE e.worker = $3 AND e.status = 'running'
 """
 
 # The fenced finish: running -> terminal, only for this worker at this attempt.
@@ -162,6 +169,7 @@ GROUP BY status
 SELECT_RUNNING_ON = """
 SELECT id, attempt, action_ref, recovery_attempts FROM executions
 WHERE worker = $1 AND status = 'running'
+ORDER BY id
 FOR UPDATE
 """
 
@@ -198,6 +206,7 @@ FOR UPDATE SKIP LOCKED
 SELECT_HELD_BY_WORKER = """
 SELECT id, attempt, schedule_attempts, status, action_ref, recovery_attempts FROM executions
 WHERE worker = $1 AND status IN ('scheduled', 'running')
+ORDER BY id
 FOR UPDATE
 """
 
@@ -235,11 +244,12 @@ SELECT id, recovery_attempts FROM upd
 
 # Still `running` on a worker that has stopped (or was declared lost after it started them): no
 # process is running them any more. A backstop for any path that would leave one behind.
+# Driven from executions still in flight (a partial index), not from every worker ever seen.
 SELECT_RUNNING_ON_STOPPED = """
 SELECT e.id, e.attempt, e.action_ref, e.recovery_attempts, e.worker
-FROM workers w
-JOIN executions e ON e.worker = w.name AND e.status = 'running'
-WHERE w.status IN ('inactive', 'lost')
+FROM executions e
+JOIN workers w ON w.name = e.worker
+WHERE e.status = 'running' AND w.status IN ('inactive', 'lost')
 LIMIT 500
 FOR UPDATE OF e SKIP LOCKED
 """
@@ -248,9 +258,9 @@ FOR UPDATE OF e SKIP LOCKED
 # rather than after the queue TTL. The dispatch left in the queue is stale from then on (fenced).
 SELECT_SCHEDULED_ON_UNAVAILABLE = """
 SELECT e.id, e.attempt, e.schedule_attempts, e.worker, w.status AS worker_status
-FROM workers w
-JOIN executions e ON e.worker = w.name AND e.status = 'scheduled'
-WHERE w.status IN ('draining', 'inactive', 'lost')
+FROM executions e
+JOIN workers w ON w.name = e.worker
+WHERE e.status = 'scheduled' AND w.status IN ('draining', 'inactive', 'lost')
 LIMIT 500
 FOR UPDATE OF e SKIP LOCKED
 """

@@ -22,13 +22,14 @@ SELECT name, pg_notify('baton_wake', 'worker') FROM up
 """
 
 # Workers to declare lost: heartbeat older than multiplier x interval ($1), or never written, or
-# the process's advisory lock is free (it died). Staleness counts from PostgreSQL's own start when
+# the process's advisory lock is free (it died) and it has not checked in for half an interval (a
+# live worker whose lock connection merely dropped takes its lock again at once). Staleness counts from PostgreSQL's own start when
 # that is later, and the lock is trusted only once PostgreSQL has been up for the staleness
 # window: after a database restart every worker gets a full window to reconnect and check in.
 # A lock taken here is a transaction lock, gone at commit.
 FIND_LOST = """
 WITH w AS (
-    SELECT name, incarnation, last_heartbeat, lock_key, status,
+    SELECT name, incarnation, last_heartbeat, lock_key, status, heartbeat_interval_s,
            make_interval(secs => heartbeat_interval_s * $1) AS stale_after,
            GREATEST(last_heartbeat, pg_postmaster_start_time()) AS seen
     FROM workers
@@ -38,7 +39,10 @@ SELECT name, incarnation, last_heartbeat, (last_heartbeat IS NULL OR seen < now(
 FROM w
 WHERE last_heartbeat IS NULL
    OR seen < now() - stale_after
-   OR (lock_key IS NOT NULL AND pg_postmaster_start_time() < now() - stale_after AND pg_try_advisory_xact_lock(lock_key))
+   OR (lock_key IS NOT NULL
+       AND pg_postmaster_start_time() < now() - stale_after
+       AND last_heartbeat < now() - make_interval(secs => heartbeat_interval_s / 2)
+       AND pg_try_advisory_xact_lock(lock_key))
 """
 
 # Seconds until the first live worker turns stale (None: no live worker); the sweeper wakes then
