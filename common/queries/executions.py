@@ -82,13 +82,11 @@ SELECT id FROM upd
 # than leaving it `running` with nobody running it; the worker skips what it already runs.
 # $1 ids, $2 attempts, $3 worker
 CLAIM = """
-WITH c AS (
-    SELECT * FROM unnest($1::uuid[], $2::int[]) AS c(id, attempt)
-), upd AS (
+WITH upd AS (
     UPDATE executions e
     SET status = 'running', started_at = now(), updated_at = now(), schedule_attempts = 0,
         last_event_seq = e.last_event_seq + 1
-    FROM c
+    FROM unnest($1::uuid[], $2::int[]) AS c(id, attempt)
     WHERE e.id = c.id AND e.attempt = c.attempt AND e.worker = $3 AND e.status = 'scheduled'
     RETURNING e.id, e.attempt, e.last_event_seq
 ), ev AS (
@@ -98,8 +96,8 @@ WITH c AS (
 )
 SELECT id FROM upd
 UNION ALL
-SELECT e.id FROM executions e JOIN c ON e.id = c.id AND e.attempt = c.attempt
-WHERE e.worker = $3 AND e.status = 'running'
+SELECT e.id FROM executions e, unnest($1::uuid[], $2::int[]) AS c(id, attempt)
+WHERE e.id = c.id AND e.attempt = c.attempt AND e.worker = $3 AND e.status = 'running'
 """
 
 # The fenced finish: running -> terminal, only for this worker at this attempt.
