@@ -67,7 +67,7 @@ async def handle(ctx: ExecutorContext, message: AbstractIncomingMessage) -> None
 
     async def settle():
         async with ctx.pool.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow(q.SELECT_FOR_UPDATE, dispatch.execution_id)
+            row = await conn.fetchrow(q.SELECT_FOR_UPDATE, dispatch.execution_id, cfg.heartbeat_staleness_multiplier)
             if row is None or row["status"] != "scheduled" or row["attempt"] != dispatch.attempt:
                 return "stale", None
             return await reschedule_or_fail(
@@ -78,8 +78,9 @@ async def handle(ctx: ExecutorContext, message: AbstractIncomingMessage) -> None
                 kind=f"dead_letter_{reason}",
                 error={"error": f"no worker started it after {cfg.max_schedule_attempts} dispatches: {why}",
                        "failed_by": "dead_letter_handler", "attempts": row["schedule_attempts"]},
-                # A worker hands a dispatch back when it drains or stands down: not the execution's fault.
-                counts=reason != "rejected",
+                # Not the execution's fault, so no dispatch spent: a worker hands a dispatch back when it
+                # drains or stands down, and one that expired behind a live worker waited on a busy one.
+                counts=not (reason == "rejected" or row["worker_alive"]),
             )
 
     status, failed = await until_available(settle, what="dead_letter")

@@ -208,9 +208,16 @@ ORDER BY id
 FOR UPDATE
 """
 
-# The execution a dead-lettered dispatch was for. $1 id
+# The execution a dead-lettered dispatch was for, and whether its worker is alive (active, with a
+# fresh heartbeat: merely busy). $1 id, $2 staleness multiplier
 SELECT_FOR_UPDATE = """
-SELECT id, status, attempt, schedule_attempts, worker FROM executions WHERE id = $1 FOR UPDATE
+SELECT e.id, e.status, e.attempt, e.schedule_attempts, e.worker,
+       COALESCE(w.status = 'active'
+                AND w.last_heartbeat > now() - make_interval(secs => w.heartbeat_interval_s * $2), false)
+           AS worker_alive
+FROM executions e LEFT JOIN workers w ON w.name = e.worker
+WHERE e.id = $1
+FOR UPDATE OF e
 """
 
 # Runs that an infrastructure failure stopped, for recovery. $1 limit
