@@ -6,6 +6,7 @@ import contextlib
 from dataclasses import dataclass
 
 import aio_pika
+import aiormq.exceptions
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
@@ -125,11 +126,23 @@ async def declare_worker_queue(
 ) -> AbstractQueue:
     """The worker's inbox. Never `x-expires`: an expired queue drops dispatches without dead-lettering."""
     exchanges = await declare_exchanges(channel, names)
-    queue = await channel.declare_queue(
-        names.worker_queue(worker),
-        durable=True,
-        arguments={"x-message-ttl": queue_ttl_ms, "x-dead-letter-exchange": names.dlx},
-    )
+    name = names.worker_queue(worker)
+    arguments = {"x-message-ttl": queue_ttl_ms, "x-dead-letter-exchange": names.dlx}
+    try:
+        queue = await channel.declare_queue(name, durable=True, arguments=arguments)
+    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        # The queue exists with other arguments: `worker.queue_ttl` was changed. An empty queue is
+        # simply declared anew; one still holding dispatches is left alone (they would be lost).
+        await channel.reopen()
+        try:
+            await channel.queue_delete(name, if_empty=True)
+        except aiormq.exceptions.ChannelPreconditionFailed:
+            raise RuntimeError(
+                f"queue {name} exists with other arguments than worker.queue_ttl = {queue_ttl_ms} ms asks for, "
+                f"and still holds dispatches: start the worker once with the old value to drain it, "
+                f"or delete the queue (its executions are rescheduled by the scheduled-timeout monitor)"
+            ) from exc
+        queue = await channel.declare_queue(name, durable=True, arguments=arguments)
     await queue.bind(exchanges.dispatch, names.worker_routing_key(worker))
     return queue
 

@@ -191,3 +191,15 @@ async def test_a_restarted_worker_reuses_its_row(baton):
     assert [(r["name"], r["status"]) for r in rows] == [("again", "active")]
     done = await (await baton.client()).run("core.noop", wait_timeout_s=20)
     assert done["worker"] == "again"
+
+
+async def test_changing_the_queue_ttl_takes_effect_on_restart(baton):
+    import signal
+
+    await baton.start_executor()
+    first = await baton.start_worker("tuned", BATON__WORKER__QUEUE_TTL="300")
+    first.signal(signal.SIGTERM)
+    assert first.wait() == 0
+    await baton.start_worker("tuned", BATON__WORKER__QUEUE_TTL="60")
+    done = await (await baton.client()).run("core.echo", {"message": "tuned"}, wait_timeout_s=20)
+    assert done["status"] == "completed" and done["worker"] == "tuned"
