@@ -357,3 +357,25 @@ async def test_running_work_left_on_a_stopped_worker_is_interrupted(baton):
     assert "recover_on_worker_loss is off" in row["error"]["error"]
     event = next(e for e in await _events(baton, execution_id) if e["type"] == "workflow.interrupted")
     assert event["data"]["reason"] == "worker_lost" and "stopped without finishing it" in event["data"]["error"]
+
+
+async def test_a_live_worker_interrupts_what_it_is_recorded_running_but_is_not(baton):
+    """Say a zombie process under the same name claimed it and then died: the live worker's audit
+    interrupts it, and recovery settles it."""
+    import uuid
+
+    await baton.start_executor()
+    await baton.start_worker("auditor")
+    execution_id = uuid.uuid4()
+    await (await baton.pool()).execute(
+        "INSERT INTO executions (id, action_ref, status, attempt, worker, started_at) "
+        "VALUES ($1, 'core.sleep', 'running', 1, 'auditor', now() - interval '5 seconds')",
+        execution_id,
+    )
+    row = await baton.wait_status(execution_id, "failed")
+    event = next(e for e in await _events(baton, execution_id) if e["type"] == "workflow.interrupted")
+    assert event["data"]["worker_id"] == "auditor" and "which is not running it" in event["data"]["error"]
+    assert "recover_on_worker_loss is off" in row["error"]["error"]
+    # Its own work is untouched by the audit.
+    done = await (await baton.client()).run("core.sleep", {"seconds": 1}, wait_timeout_s=20)
+    assert done["status"] == "completed" and done["attempt"] == 1

@@ -202,6 +202,29 @@ class WorkerService:
                 self.lock_key,
             )
 
+    async def _audit(self, *, grace_s: float) -> None:
+        """Interrupt what the database says runs here but does not (another process under this
+        name claimed it and died, say): nothing stays `running` with nobody running it."""
+        if self.claiming:  # a claim committed but not yet a task here would look orphaned
+            return
+        with contextlib.suppress(OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            rows = await self.pool.fetch(q.SELECT_RUNNING_SINCE, self.name, grace_s, timeout=grace_s)
+            for row in rows:
+                if row["id"] in self.running or self.claiming:
+                    continue
+                action = self.actions.get(row["action_ref"])
+                event = interrupted_event(
+                    reason="worker_lost",
+                    worker=self.name,
+                    error="recorded as running on this worker, which is not running it",
+                    policy=resolve_policy(action.spec if action else None, self.settings.recovery),
+                    recovery_attempts=row["recovery_attempts"],
+                )
+                if await self.pool.fetchrow(q.INTERRUPT, row["id"], row["attempt"], self.name, event):
+                    self.log.warning(
+                        "execution_interrupted", execution_id=str(row["id"]), attempt=row["attempt"], reason="orphaned"
+                    )
+
     async def _stand_down(self, why: str) -> None:
         """Stop taking work and give up what runs here: it is about to be recovered elsewhere."""
         if self.stood_down:
@@ -476,6 +499,8 @@ class WorkerService:
                 )
             if status == "lost":
                 await self._stand_down("the executor declared it lost")
+            elif not self.stood_down:
+                await self._audit(grace_s=max(2 * interval_s, 1.0))
             if self.stood_down and not self.draining:
                 try:
                     await self._resume()

@@ -163,6 +163,13 @@ WHERE status IN ('requested', 'scheduled', 'running', 'interrupted', 'paused', '
 GROUP BY status
 """
 
+# A worker's audit: what the database says it runs, started longer ago than a claim takes to
+# become a task here. $1 worker, $2 grace in seconds
+SELECT_RUNNING_SINCE = """
+SELECT id, attempt, action_ref, recovery_attempts FROM executions
+WHERE worker = $1 AND status = 'running' AND started_at < now() - make_interval(secs => $2)
+"""
+
 # What a worker holds as `running` (to find what it no longer runs). $1 worker
 SELECT_RUNNING_ON = """
 SELECT id, attempt, action_ref, recovery_attempts FROM executions
