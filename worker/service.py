@@ -175,20 +175,8 @@ class WorkerService:
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.fetchrow(wq.PREVIOUS, self.name)
             for row in await conn.fetch(q.SELECT_RUNNING_ON, self.name):
-                if row["id"] in self.running:
-                    continue
-                action = self.actions.get(row["action_ref"])
-                event = interrupted_event(
-                    reason="worker_lost",
-                    worker=self.name,
-                    error="the worker restarted or lost contact while running it",
-                    policy=resolve_policy(action.spec if action else None, self.settings.recovery),
-                    recovery_attempts=row["recovery_attempts"],
-                )
-                await conn.fetchrow(q.INTERRUPT, row["id"], row["attempt"], self.name, event)
-                self.log.warning(
-                    "execution_interrupted", execution_id=str(row["id"]), attempt=row["attempt"], reason="worker_lost"
-                )
+                if row["id"] not in self.running:
+                    await self._interrupt_orphan(conn, row, "the worker restarted or lost contact while running it")
             await conn.fetch(
                 wq.REGISTER,
                 self.name,
@@ -210,20 +198,25 @@ class WorkerService:
         with contextlib.suppress(OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
             rows = await self.pool.fetch(q.SELECT_RUNNING_SINCE, self.name, grace_s, timeout=grace_s)
             for row in rows:
-                if row["id"] in self.running or self.claiming:
-                    continue
-                action = self.actions.get(row["action_ref"])
-                event = interrupted_event(
-                    reason="worker_lost",
-                    worker=self.name,
-                    error="recorded as running on this worker, which is not running it",
-                    policy=resolve_policy(action.spec if action else None, self.settings.recovery),
-                    recovery_attempts=row["recovery_attempts"],
-                )
-                if await self.pool.fetchrow(q.INTERRUPT, row["id"], row["attempt"], self.name, event):
-                    self.log.warning(
-                        "execution_interrupted", execution_id=str(row["id"]), attempt=row["attempt"], reason="orphaned"
+                if row["id"] not in self.running and not self.claiming:
+                    await self._interrupt_orphan(
+                        self.pool, row, "recorded as running on this worker, which is not running it"
                     )
+
+    async def _interrupt_orphan(self, conn: asyncpg.Connection | asyncpg.Pool, row: Any, error: str) -> None:
+        """A run recorded as `running` here that this process does not run: hand it to recovery."""
+        action = self.actions.get(row["action_ref"])
+        event = interrupted_event(
+            reason="worker_lost",
+            worker=self.name,
+            error=error,
+            policy=resolve_policy(action.spec if action else None, self.settings.recovery),
+            recovery_attempts=row["recovery_attempts"],
+        )
+        if await conn.fetchrow(q.INTERRUPT, row["id"], row["attempt"], self.name, event):
+            self.log.warning(
+                "execution_interrupted", execution_id=str(row["id"]), attempt=row["attempt"], reason="worker_lost"
+            )
 
     async def _stand_down(self, why: str) -> None:
         """Stop taking work and give up what runs here: it is about to be recovered elsewhere."""
