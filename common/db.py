@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from importlib import resources
 from urllib.parse import urlsplit
-from typing import Any
 
 import asyncpg
 
@@ -105,10 +104,6 @@ async def migrate(conn: asyncpg.Connection | asyncpg.Pool) -> list[str]:
     for name in applied:
         log.info("migration_applied", migration=name)
     return applied
-
-
-def record(row: asyncpg.Record | None) -> dict[str, Any] | None:
-    return dict(row) if row is not None else None
 
 
 async def until_available(operation, *, what: str, max_wait_s: float = 300.0):

@@ -5,6 +5,8 @@ a statement that matches no row lost a race, and its caller does nothing more (D
 Each transition appends its event in the same statement, numbered from `last_event_seq`.
 """
 
+from common.queries import WAKE_CHANNEL
+
 # $1 id, $2 action_ref, $3 parameters, $4 status, $5 idempotency_key, $6 message_id,
 # $7 correlation_id, $8 timeout_s, $9 error (all arrays, one element per request)
 INSERT_REQUESTS = """
@@ -102,7 +104,7 @@ WHERE e.id = c.id AND e.attempt = c.attempt AND e.worker = $3 AND e.status = 'ru
 
 # The fenced finish: running -> terminal, only for this worker at this attempt.
 # $1 ids, $2 attempts, $3 statuses, $4 results, $5 errors, $6 worker
-FINISH = """
+FINISH = f"""
 WITH upd AS (
     UPDATE executions e
     SET status = f.status, result = f.result::jsonb, error = f.error::jsonb, finished_at = now(),
@@ -114,10 +116,10 @@ WITH upd AS (
 ), ev AS (
     INSERT INTO execution_events (execution_id, seq, type, data)
     SELECT id, last_event_seq, 'execution.' || status,
-           COALESCE(error, '{}'::jsonb) || jsonb_build_object('worker', worker, 'attempt', attempt)
+           COALESCE(error, '{{}}'::jsonb) || jsonb_build_object('worker', worker, 'attempt', attempt)
     FROM upd
 )
-SELECT upd.*, pg_notify('baton_wake', 'capacity') FROM upd
+SELECT upd.*, pg_notify('{WAKE_CHANNEL}', 'capacity') FROM upd
 """
 
 # $1 id, $2 from-status, $3 attempt, $4 error object. For failures the executor decides.
@@ -136,8 +138,6 @@ SELECT * FROM upd
 """
 
 GET = "SELECT * FROM executions WHERE id = $1"
-
-GET_MANY = "SELECT * FROM executions WHERE id = ANY($1::uuid[])"
 
 # One index lookup per execution (a plain `= ANY(...)` can turn into a scan of the whole table).
 EVENTS = """

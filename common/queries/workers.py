@@ -1,11 +1,13 @@
 """Named queries on `workers`."""
 
+from common.queries import WAKE_CHANNEL
+
 # The row as it was before this process registers (to find what a previous process left behind).
 PREVIOUS = "SELECT status, incarnation FROM workers WHERE name = $1 FOR UPDATE"
 
 # $1 name, $2 runtimes, $3 actions, $4 max_concurrent_tasks, $5 heartbeat_interval_s,
 # $6 hostname, $7 pid, $8 incarnation, $9 lock_key. Restarting with the same name reuses the row.
-REGISTER = """
+REGISTER = f"""
 WITH up AS (
     INSERT INTO workers (name, status, runtimes, actions, max_concurrent_tasks, heartbeat_interval_s,
                          last_heartbeat, in_flight, hostname, pid, incarnation, lock_key, started_at, updated_at)
@@ -18,7 +20,7 @@ WITH up AS (
         lock_key = EXCLUDED.lock_key, started_at = now(), updated_at = now()
     RETURNING name
 )
-SELECT name, pg_notify('baton_wake', 'worker') FROM up
+SELECT name, pg_notify('{WAKE_CHANNEL}', 'worker') FROM up
 """
 
 # Workers to declare lost: heartbeat older than multiplier x interval ($1), or never written, or
