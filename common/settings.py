@@ -77,6 +77,10 @@ class MessageQueueSettings(_Section):
     rejected_requests_max_length: int = Field(100_000, ge=1)
     """How many rejected (unparseable or oversized) requests the parking queue keeps for operators."""
 
+    queue_type: Literal["classic", "quorum"] = "classic"
+    """`quorum` declares the request, dead-letter and worker queues as quorum queues (RabbitMQ 3.10+
+    clusters: replicated, with at-least-once dead-lettering); `classic` suits a single node."""
+
 
 class ExecutorSettings(_Section):
     scheduled_timeout_s: Seconds = Field(300.0, alias="scheduled_timeout")
@@ -100,9 +104,13 @@ class ExecutorSettings(_Section):
     scheduler_fallback_interval_s: Seconds = Field(5.0, alias="scheduler_fallback_interval")
     """The scheduler is woken by notifications; this is its safety net should one be missed."""
 
-    dispatch_backlog_factor: int = Field(4, ge=1)
-    """A worker is offered at most `max_concurrent_tasks` x this many scheduled-or-running executions;
-    beyond that work waits as `requested` instead of piling up in a queue with a TTL."""
+    dispatch_pipeline: int = Field(0, ge=0)
+    """Dispatches a worker may hold beyond its free slots. Work goes to free slots first; what waits
+    for a slot waits as `requested` in PostgreSQL, not in a busy worker's inbox."""
+
+    requested_timeout_s: Seconds = Field(3600.0, alias="requested_timeout")
+    """A request that has waited this long as `requested` while no live worker serves its action
+    fails with a reason naming the action; 0 turns this off."""
 
     intake_batch_size: int = Field(500, ge=1)
     """Requests taken from the queue and recorded in one database round trip."""
@@ -110,13 +118,25 @@ class ExecutorSettings(_Section):
     schedule_batch_size: int = Field(500, ge=1)
     """Requested executions placed and dispatched in one scheduler pass."""
 
+    intake_buffer_bytes: int = Field(268_435_456, ge=1_048_576)
+    """Upper bound on request bytes intake holds in memory at once: its prefetch is this divided by
+    `message_queue.max_request_bytes` (at most twice `intake_batch_size`)."""
+
+    shutdown_timeout_s: Seconds = Field(10.0, alias="shutdown_timeout")
+    """How long a stopping executor lets its loops finish their current pass before cancelling them."""
+
+    health_file: str | None = None
+    """A file the executor rewrites while it is connected to PostgreSQL and RabbitMQ; `baton health`
+    reads it. Unset means none is written."""
+
     metrics_port: int | None = None
     """Port of the Prometheus `/metrics` endpoint; unset means off."""
 
 
 class WorkerSettings(_Section):
-    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.\-]+$")
-    """The worker's name; its queue is `<prefix>.worker.<name>`. `baton worker --name` overrides it."""
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.\-]+$", max_length=200)
+    """The worker's name; its queue is `<prefix>.worker.<name>`. `baton worker --name` overrides it;
+    unset means `<hostname>-<pid>`, unique per host and container. One live process per name."""
 
     max_concurrent_tasks: int = Field(10, ge=1)
     """Executions one worker runs at once; also its queue prefetch."""
@@ -148,6 +168,10 @@ class WorkerSettings(_Section):
     metrics_port: int | None = None
     """Port of the Prometheus `/metrics` endpoint; unset means off."""
 
+    health_file: str | None = None
+    """A file the worker rewrites while it is registered and connected; `baton health` reads it.
+    Unset means none is written."""
+
     @property
     def queue_ttl_ms(self) -> int:
         return int(self.queue_ttl_s * 1000)
@@ -159,6 +183,20 @@ class RecoverySettings(_Section):
 
     max_recovery_attempts: int = Field(3, ge=0)
     """Recoveries of one run after worker loss before it fails."""
+
+
+class RetentionSettings(_Section):
+    executions_days: float = Field(30.0, ge=0)
+    """Finished executions (and their events) older than this many days are deleted; 0 keeps them."""
+
+    workers_days: float = Field(7.0, ge=0)
+    """Stopped or lost workers not seen for this many days are deleted with their empty queues; 0 keeps them."""
+
+    prune_interval_s: Seconds = Field(3600.0, alias="prune_interval")
+    """How often the executor prunes."""
+
+    batch_size: int = Field(1000, ge=1)
+    """Rows deleted per statement, so that pruning never holds long locks."""
 
 
 class LoggingSettings(_Section):
@@ -196,6 +234,9 @@ class Settings(BaseSettings):
 
     recovery: RecoverySettings = Field(default_factory=RecoverySettings)
     """What happens to runs whose worker was lost."""
+
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    """How long history is kept."""
 
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     """Log output."""
