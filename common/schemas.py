@@ -7,7 +7,7 @@ import enum
 import uuid
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class Status(str, enum.Enum):
@@ -26,15 +26,47 @@ class Status(str, enum.Enum):
 TERMINAL_STATUSES = frozenset({Status.COMPLETED, Status.FAILED, Status.TIMEOUT, Status.CANCELLED})
 
 
+#: Deepest nesting of arrays and objects in an invocation's parameters, the parameters object
+#: itself being level 1. Both sides apply it (the executor to the request, the worker before its
+#: model), well below where a JSON parser on the way gives up (pydantic's stops at 200 levels).
+MAX_PARAMETERS_DEPTH = 100
+
+
+def json_depth(value: Any) -> int:
+    """How deeply ``value``'s arrays and objects nest (a scalar is 0); without recursion."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
+
+
 class ExecutionRequest(BaseModel):
     """The body of `execution.requested` (DESIGN section 2)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Strict: a JSON body's values are taken as they are ("5" is not a timeout), so that each field
+    # that passed its checks can be stored as it came even when another field failed.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     action_ref: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)+$")
     parameters: dict[str, Any] = Field(default_factory=dict)
     idempotency_key: str | None = Field(None, min_length=1, max_length=500)
-    timeout_seconds: float | None = Field(None, gt=0)
+    timeout_seconds: float | None = Field(None, gt=0, allow_inf_nan=False)
+
+    @field_validator("parameters")
+    @classmethod
+    def _not_too_deep(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if json_depth(value) > MAX_PARAMETERS_DEPTH:
+            raise ValueError(f"nested deeper than {MAX_PARAMETERS_DEPTH} levels")
+        return value
 
 
 class Dispatch(BaseModel):

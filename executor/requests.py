@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,23 +59,61 @@ class NewExecution:
         self.error = {"error": message, "failed_by": "executor_intake", **details}
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400: JSON, but no float holds it (and PostgreSQL refuses inf)
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+#: At most this many problems, each naming its field in at most this many characters, go into the
+#: error of a failed request: a body may have many or huge unknown keys.
+_MAX_PROBLEMS = 20
+_MAX_LOC_CHARS = 100
+
+
+def _bounded(problem: str, limit: int = 300) -> str:
+    """A problem quotes the value at fault, which may be huge."""
+    return problem if len(problem) <= limit else problem[:limit] + "..."
+
+
+def _problems(exc: ValidationError) -> list[str]:
+    problems = []
+    for err in exc.errors(include_url=False, include_input=False)[:_MAX_PROBLEMS]:
+        loc = ".".join(str(p) for p in err["loc"]) or "body"
+        if len(loc) > _MAX_LOC_CHARS:
+            loc = loc[:_MAX_LOC_CHARS] + "..."
+        problems.append(f"{loc}: {err['msg']}")
+    if exc.error_count() > _MAX_PROBLEMS:
+        problems.append(f"... and {exc.error_count() - _MAX_PROBLEMS} more")
+    return problems
+
+
 def parse_request(
     body: bytes, *, message_id: str | None, correlation_id: str | None, max_bytes: int
 ) -> NewExecution | Rejection:
-    """Parse and check the envelope; the action itself is checked by :func:`check_action`."""
+    """Parse and check the envelope; the action itself is checked by :func:`check_action`.
+
+    A request that fails the envelope's checks is recorded as failed with only the fields that
+    passed them: a field that failed (an idempotency key too long to index, say) is never stored.
+    """
     if len(body) > max_bytes:
         return Rejection(f"request body is {len(body)} bytes, larger than the limit of {max_bytes}")
     try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return Rejection(f"request body is not JSON: {exc}")
+        data = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        return Rejection(f"request body is not JSON: {str(exc)[:200]}")
     if not isinstance(data, dict):
         return Rejection(f"request body is JSON {type(data).__name__}, not an object")
     execution = NewExecution(
         id=execution_id_for(message_id),
-        action_ref=data.get("action_ref") if isinstance(data.get("action_ref"), str) else None,
-        parameters=data.get("parameters") if isinstance(data.get("parameters"), dict) else {},
-        idempotency_key=data.get("idempotency_key") if isinstance(data.get("idempotency_key"), str) else None,
+        action_ref=None,
+        parameters={},
+        idempotency_key=None,
         message_id=message_id,
         correlation_id=correlation_id,
         timeout_s=None,
@@ -82,10 +121,15 @@ def parse_request(
     try:
         request = ExecutionRequest.model_validate(data)
     except ValidationError as exc:
-        problems = [
-            f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}"
-            for err in exc.errors(include_url=False)
-        ]
+        failed = {err["loc"][0] if err["loc"] else None for err in exc.errors(include_url=False, include_input=False)}
+        if None not in failed:  # each field is checked on its own (the model is strict: no coercion)
+            valid = {k: data[k] for k in ExecutionRequest.model_fields if k in data and k not in failed}
+            execution.action_ref = valid.get("action_ref")
+            execution.parameters = valid.get("parameters") or {}
+            execution.idempotency_key = valid.get("idempotency_key")
+            timeout = valid.get("timeout_seconds")
+            execution.timeout_s = float(timeout) if timeout is not None else None
+        problems = _problems(exc)
         execution.fail("invalid request: " + "; ".join(problems), problems=problems)
         return execution
     execution.action_ref = request.action_ref
@@ -95,26 +139,51 @@ def parse_request(
     return execution
 
 
+def _is_strict_integer(_checker: Any, instance: Any) -> bool:
+    """JSON Schema's "integer" as the worker's pydantic (strict, JSON mode) reads it: a JSON
+    integer literal only. Not a bool, and not a float with no fractional part (3.0), which
+    JSON Schema's own rule would take and pydantic's strict int refuses."""
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
+def _strict_validator_class(cls: type[jsonschema.protocols.Validator]) -> type[jsonschema.protocols.Validator]:
+    return jsonschema.validators.extend(
+        cls, type_checker=cls.TYPE_CHECKER.redefine("integer", _is_strict_integer)
+    )
+
+
 class ParameterValidator:
-    """Compiled JSON-schema validators for catalogue entries, reused across requests."""
+    """Compiled JSON-schema validators for catalogue entries, reused across requests.
+
+    One rule decides whether parameters fit an action, on both sides: the worker validates them
+    with the action's pydantic model in strict JSON mode (`worker.runner`), and this validator
+    reads the model's JSON Schema with the same notion of an integer."""
 
     def __init__(self) -> None:
         # Per action: the schema it was compiled from, and the validator. A re-registered action
         # brings a new schema object, which is compiled afresh.
         self._compiled: dict[str, tuple[dict[str, Any], jsonschema.protocols.Validator]] = {}
+        self._classes: dict[type, type] = {}
 
     def errors(self, spec: ActionSpec, parameters: dict[str, Any]) -> list[str]:
         cached = self._compiled.get(spec.ref)
         if cached is not None and cached[0] is spec.parameters_schema:
             validator = cached[1]
         else:
-            cls = jsonschema.validators.validator_for(spec.parameters_schema, default=jsonschema.Draft202012Validator)
+            base = jsonschema.validators.validator_for(spec.parameters_schema, default=jsonschema.Draft202012Validator)
+            cls = self._classes.get(base)
+            if cls is None:
+                cls = self._classes[base] = _strict_validator_class(base)
             validator = cls(spec.parameters_schema)
             self._compiled[spec.ref] = (spec.parameters_schema, validator)
-        return [
-            f"{'.'.join(str(p) for p in err.absolute_path) or 'parameters'}: {err.message}"
-            for err in sorted(validator.iter_errors(parameters), key=lambda e: list(e.absolute_path))
+        errors = sorted(validator.iter_errors(parameters), key=lambda e: [str(p) for p in e.absolute_path])
+        problems = [
+            _bounded(f"{'.'.join(str(p) for p in err.absolute_path) or 'parameters'}: {err.message}")
+            for err in errors[:_MAX_PROBLEMS]
         ]
+        if len(errors) > _MAX_PROBLEMS:
+            problems.append(f"... and {len(errors) - _MAX_PROBLEMS} more")
+        return problems
 
 
 def check_action(execution: NewExecution, spec: ActionSpec | None, validator: ParameterValidator) -> None:

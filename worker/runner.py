@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from common.schemas import Dispatch
+from common.schemas import MAX_PARAMETERS_DEPTH, Dispatch, json_depth
 from worker.errors import ActionFailed, ActionTimedOut
 from worker.registry import Invocation, RegisteredAction
 
@@ -46,6 +46,15 @@ def _bounded_result(result: Any, max_bytes: int) -> Outcome:
     return Outcome("completed", result=result)
 
 
+def validate_parameters(action: RegisteredAction, parameters: dict[str, Any]) -> Any:
+    """The action's parameters as its model, by the rule the executor also applies: pydantic in
+    strict JSON mode (the parameters came as JSON; "3" is not an int, 3.0 is not an int, 3 is a
+    float), which `executor.requests.ParameterValidator` mirrors on the model's JSON Schema."""
+    if json_depth(parameters) > MAX_PARAMETERS_DEPTH:
+        raise ValueError(f"parameters nested deeper than {MAX_PARAMETERS_DEPTH} levels")
+    return action.params_model.model_validate_json(json.dumps(parameters), strict=True)
+
+
 async def execute(
     action: RegisteredAction | None, dispatch: Dispatch, *, default_timeout_s: float, max_output_bytes: int
 ) -> Outcome:
@@ -54,8 +63,8 @@ async def execute(
         return Outcome("failed", error=_error(f"this worker does not serve action {dispatch.action_ref!r}"))
     timeout_s = resolve_timeout_s(dispatch.timeout_s, action.spec.timeout_s, default_timeout_s)
     try:
-        params = action.params_model.model_validate(dispatch.parameters)
-    except ValidationError as exc:
+        params = validate_parameters(action, dispatch.parameters)
+    except (ValidationError, ValueError) as exc:
         return Outcome("failed", error=_error(f"invalid parameters: {exc}"))
     inv = Invocation(str(dispatch.execution_id), dispatch.attempt, dispatch.action_ref, timeout_s)
     # The shell runner enforces the timeout itself (SIGTERM, grace, SIGKILL); Python is cancelled.
