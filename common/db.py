@@ -7,9 +7,10 @@ from importlib import resources
 from urllib.parse import urlsplit
 
 import asyncpg
+from tenacity import retry_if_exception_type
 
 from common.logging import get_logger
-from common.retry import connect_retrying
+from common.retry import TRANSIENT_ERRORS, connect_retrying
 
 log = get_logger("baton.db")
 
@@ -48,29 +49,66 @@ async def connect_one(url: str, *, max_wait_s: float = 60.0) -> asyncpg.Connecti
     raise AssertionError("unreachable")
 
 
-async def ensure_database(url: str) -> bool:
-    """Create the database ``url`` names if it does not exist yet; True if it was created."""
+def _lost_create_race(exc: asyncpg.PostgresError) -> bool:
+    """Whether CREATE DATABASE failed because another process took the name first: it saw the
+    database (``DuplicateDatabaseError``), or both inserted into pg_database at once and this one
+    lost on its unique name index (``UniqueViolationError``)."""
+    if isinstance(exc, asyncpg.exceptions.DuplicateDatabaseError):
+        return True
+    return isinstance(exc, asyncpg.exceptions.UniqueViolationError) and (
+        getattr(exc, "table_name", None) == "pg_database"
+        or (getattr(exc, "constraint_name", None) or "").startswith("pg_database")
+    )
+
+
+class _NotThereYet(Exception):
+    """The database was created (here or elsewhere) but cannot be connected to yet: look again."""
+
+
+async def _exists(url: str) -> bool:
     try:
-        async for attempt in connect_retrying(60.0):
-            with attempt:
-                conn = await asyncpg.connect(url)
+        conn = await asyncpg.connect(url)
     except asyncpg.exceptions.InvalidCatalogNameError:
-        pass
-    else:
-        await conn.close()
         return False
-    name = urlsplit(url).path.lstrip("/")
-    if not name or '"' in name:
-        raise ValueError(f"database.url names no database that can be created: {url!r}")
-    admin = await asyncpg.connect(url, database="postgres")
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    except asyncpg.exceptions.DuplicateDatabaseError:
-        return False
-    finally:
-        await admin.close()
-    log.info("database_created", database=name)
+    await conn.close()
     return True
+
+
+async def ensure_database(url: str, *, max_wait_s: float = 60.0) -> bool:
+    """Create the database ``url`` names if it does not exist yet; True if this call created it.
+
+    Safe for any number of processes starting at once against a missing database: a lost race to
+    create it means another process created it, and the database is only reported there once a
+    connection to it succeeds (a process that looks before the creator's commit is visible looks
+    again, with backoff). Transient errors (PostgreSQL not up yet, another session briefly on the
+    template database) are retried for up to ``max_wait_s``."""
+    name = urlsplit(url).path.lstrip("/")
+    created = False
+    retrying = connect_retrying(max_wait_s).copy(
+        retry=retry_if_exception_type((*TRANSIENT_ERRORS, asyncpg.exceptions.ObjectInUseError, _NotThereYet))
+    )
+    async for attempt in retrying:
+        with attempt:
+            if await _exists(url):
+                return created
+            if not name or '"' in name:
+                raise ValueError(f"database.url names no database that can be created: {url!r}")
+            admin = await asyncpg.connect(url, database="postgres")
+            try:
+                await admin.execute(f'CREATE DATABASE "{name}"')
+            except asyncpg.PostgresError as exc:
+                if not _lost_create_race(exc):
+                    raise
+                log.info("database_created_elsewhere", database=name)
+            else:
+                created = True
+                log.info("database_created", database=name)
+            finally:
+                await admin.close()
+            if await _exists(url):
+                return created
+            raise _NotThereYet(f"database {name!r} was created but cannot be connected to yet")
+    raise AssertionError("unreachable")
 
 
 def _migrations() -> list[tuple[int, str, str]]:
