@@ -1,9 +1,19 @@
-"""structlog set-up: one JSON object per event, with stable snake_case event names."""
+"""structlog set-up: one JSON object per line, with stable snake_case event names.
+
+Everything a service prints goes through one stdlib handler whose formatter is structlog's
+``ProcessorFormatter``: Baton's own structlog events, and whatever libraries (asyncpg, aio-pika,
+aiormq, tenacity) or any other code log through the stdlib ``logging`` module. Each line carries
+``event``, ``level``, ``timestamp``, ``logger`` and the process's context (``service``, ``worker``).
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
+import threading
+from collections.abc import MutableMapping
+from types import TracebackType
+from typing import Any
 
 import structlog
 
@@ -11,32 +21,102 @@ from common.settings import LoggingSettings
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
+#: Baton's own loggers (structlog's and stdlib's, e.g. ``baton.retry``) live under this name and
+#: follow the configured level; every other logger (the libraries') inherits the root's WARNING.
+BATON_LOGGER = "baton"
+LIBRARY_LEVEL = logging.WARNING
+
+
+class _StaticContext:
+    """Adds the process's context to every event, including those logged by threads that did not
+    inherit the context variables (``loop.run_in_executor`` does not copy them)."""
+
+    def __init__(self, context: dict[str, Any]) -> None:
+        self.context = context
+
+    def __call__(self, _logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        for key, value in self.context.items():
+            event_dict.setdefault(key, value)
+        return event_dict
+
 
 def configure_logging(settings: LoggingSettings, **context: object) -> None:
-    """Configure structlog for this process; ``context`` (service, worker) is bound to every event."""
+    """Configure logging for this process; ``context`` (service, worker) is bound to every event."""
+    level = _LEVELS[settings.level]
     renderer: structlog.typing.Processor
     if settings.format == "json":
         renderer = structlog.processors.JSONRenderer()
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    # Run for every event, whether it came from structlog or from a stdlib logger.
+    shared: list[structlog.typing.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        _StaticContext(dict(context)),
+        structlog.stdlib.add_logger_name,
+        structlog.stdlib.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[settings.level]),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.stdlib.LoggerFactory(),
         cache_logger_on_first_use=False,
     )
     structlog.contextvars.clear_contextvars()
     if context:
         structlog.contextvars.bind_contextvars(**context)
-    # Libraries (aio-pika, asyncpg) log through stdlib logging; keep their warnings, in one stream.
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
+
+    formatter = structlog.stdlib.ProcessorFormatter(
+        # A stdlib record arrives with its message already formatted (``record.getMessage()``).
+        foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.StackInfoRenderer(),
+            # The console renderer prints exceptions itself (and warns if they come pre-formatted).
+            *([structlog.processors.format_exc_info] if settings.format == "json" else []),
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    handler._baton = True  # type: ignore[attr-defined]  # so that configuring again replaces it
+
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "_baton", False) or _is_plain_stderr(h)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(max(LIBRARY_LEVEL, level))
+    logging.getLogger(BATON_LOGGER).setLevel(level)
+    logging.captureWarnings(True)
+    if settings.format == "json":
+        # A crash's traceback, too, is one JSON line rather than many lines of text.
+        sys.excepthook = _log_uncaught
+        threading.excepthook = _log_uncaught_in_thread
+
+
+def _log_uncaught(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+    logging.getLogger(BATON_LOGGER).critical("uncaught_exception", exc_info=(exc_type, exc, tb))
+
+
+def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+    if args.exc_value is None or isinstance(args.exc_value, SystemExit):
+        return  # as the default hook: a thread that exits is not an error
+    logging.getLogger(BATON_LOGGER).error(
+        "uncaught_exception_in_thread",
+        exc_info=args.exc_value,
+        extra={"thread_name": args.thread.name if args.thread else None},
+    )
+
+
+def _is_plain_stderr(handler: logging.Handler) -> bool:
+    """A handler that ``logging.basicConfig`` (or a library) put on the root to print plain text."""
+    return (
+        type(handler) is logging.StreamHandler
+        and getattr(handler, "stream", None) in (sys.stderr, sys.__stderr__)
+    )
 
 
 def get_logger(name: str | None = None) -> structlog.typing.FilteringBoundLogger:
-    return structlog.get_logger(name) if name else structlog.get_logger()
+    """A structlog logger; the name (by default ``baton``) should be under ``baton`` so that it
+    follows the configured level rather than the libraries' WARNING."""
+    return structlog.get_logger(name or BATON_LOGGER)
