@@ -4,24 +4,72 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import weakref
 from collections.abc import AsyncIterator
+
+from tenacity import RetryCallState, wait_exponential, wait_random_exponential
 
 from common.logging import get_logger
 from common.retry import TRANSIENT_ERRORS
 
 log = get_logger("baton.executor")
 
+#: The pause after the n-th consecutive failure of one loop: "equal jitter", half fixed and half
+#: random, so that it grows (0.1-0.2 s, 0.2-0.4 s, 0.4-0.8 s, ...) up to 2.5-5 s, and executors that
+#: lost the database at the same moment do not all come back at the same moment.
+BACKOFF = wait_exponential(multiplier=0.1, max=2.5) + wait_random_exponential(multiplier=0.1, max=2.5)
+
+
+class Backoff:
+    """Consecutive failures of one loop, and the pause after the latest."""
+
+    def __init__(self) -> None:
+        self.failures = 0
+
+    def next_delay_s(self) -> float:
+        self.failures += 1
+        state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
+        state.attempt_number = self.failures
+        return BACKOFF(state)
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+# One backoff per loop (``what``) of each running service (its stop event), forgotten with it.
+_backoffs: weakref.WeakKeyDictionary[asyncio.Event, dict[str, Backoff]] = weakref.WeakKeyDictionary()
+
+
+def backoff_for(what: str, stop_event: asyncio.Event) -> Backoff:
+    return _backoffs.setdefault(stop_event, {}).setdefault(what, Backoff())
 
 
 @contextlib.asynccontextmanager
-async def riding_out_outages(what: str, stop_event: asyncio.Event, pause_s: float = 1.0) -> AsyncIterator[None]:
+async def riding_out_outages(
+    what: str, stop_event: asyncio.Event, pause_s: float | None = None
+) -> AsyncIterator[None]:
     """Run one iteration of a loop; on a transient infrastructure error, log it and pause (or stop
     early if the service is stopping). Anything else is a bug and propagates: the supervisor then
     stops the service loudly. Every transition is a compare-and-set, so a half-done iteration is
-    safe to repeat."""
+    safe to repeat.
+
+    The pause grows with the loop's consecutive failures (jittered exponential backoff, see
+    ``BACKOFF``) and starts over after an iteration that succeeds; ``pause_s`` fixes it instead."""
+    backoff = backoff_for(what, stop_event)
     try:
         yield
     except TRANSIENT_ERRORS as exc:
-        log.warning("infrastructure_unavailable", during=what, error=str(exc) or type(exc).__name__)
+        delay_s = backoff.next_delay_s()
+        if pause_s is not None:
+            delay_s = pause_s
+        log.warning(
+            "infrastructure_unavailable",
+            during=what,
+            error=str(exc) or type(exc).__name__,
+            failures=backoff.failures,
+            retry_in_s=round(delay_s, 3),
+        )
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop_event.wait(), pause_s)
+            await asyncio.wait_for(stop_event.wait(), delay_s)
+    else:
+        backoff.reset()

@@ -1,0 +1,78 @@
+"""Units of executor.resilience: the pause after an outage grows per loop and starts over after a
+success. No services needed."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from structlog.testing import capture_logs
+
+from executor.resilience import Backoff, backoff_for, riding_out_outages
+
+
+def _window(failures: int) -> tuple[float, float]:
+    """Equal jitter: between the exponential base and twice it, capped at 5 s."""
+    base = min(0.1 * 2 ** (failures - 1), 2.5)
+    return base, 2 * base
+
+
+def test_backoff_grows_within_its_window_and_is_capped():
+    backoff = Backoff()
+    for failures in range(1, 13):
+        delay = backoff.next_delay_s()
+        low, high = _window(failures)
+        assert low <= delay <= high, (failures, delay)
+        assert delay <= 5.0
+    assert backoff.failures == 12
+    backoff.reset()
+    assert _window(1)[0] <= backoff.next_delay_s() <= _window(1)[1]
+
+
+async def _fail(what: str, stop_event: asyncio.Event, exc: BaseException | None = None) -> None:
+    async with riding_out_outages(what, stop_event):
+        if exc is not None:
+            raise exc
+
+
+async def test_delays_grow_with_consecutive_failures_per_loop_and_reset_after_success():
+    stop_event = asyncio.Event()
+    stop_event.set()  # a stopping service: the pause is logged but not waited out
+    with capture_logs() as logs:
+        for _ in range(6):
+            await _fail("schedule", stop_event, OSError("connection refused"))
+        await _fail("sweep", stop_event, OSError("connection refused"))  # another loop: its own count
+        await _fail("schedule", stop_event)  # success
+        await _fail("schedule", stop_event, ConnectionResetError())
+    events = [e for e in logs if e["event"] == "infrastructure_unavailable"]
+    schedule = [e for e in events if e["during"] == "schedule"]
+    assert [e["failures"] for e in schedule] == [1, 2, 3, 4, 5, 6, 1]
+    for event in schedule:
+        low, high = _window(event["failures"])
+        assert low - 0.001 <= event["retry_in_s"] <= high + 0.001, event
+    # Consecutive failures only ever widen the window: the sixth pause is longer than the first.
+    assert schedule[5]["retry_in_s"] > schedule[0]["retry_in_s"]
+    [sweep] = [e for e in events if e["during"] == "sweep"]
+    assert sweep["failures"] == 1 and sweep["retry_in_s"] <= _window(1)[1] + 0.001
+    assert schedule[-1]["error"] == "ConnectionResetError"
+
+
+async def test_pause_ends_early_when_the_service_stops():
+    stop_event = asyncio.Event()
+    for _ in range(10):  # the next pause would be seconds long
+        backoff_for("timeout_check", stop_event).next_delay_s()
+    pausing = asyncio.create_task(_fail("timeout_check", stop_event, OSError("down")))
+    await asyncio.sleep(0)  # let it reach its pause
+    assert not pausing.done()
+    stop_event.set()
+    await asyncio.wait_for(pausing, timeout=30)  # ends on the stop event, not on the pause
+
+
+async def test_anything_else_propagates_and_keeps_the_count():
+    stop_event = asyncio.Event()
+    stop_event.set()
+    await _fail("schedule", stop_event, OSError())
+    with pytest.raises(ValueError):
+        await _fail("schedule", stop_event, ValueError("a bug"))
+    assert backoff_for("schedule", stop_event).failures == 1
+
