@@ -70,7 +70,16 @@ class ExecutionRequest(BaseModel):
 
 
 class Dispatch(BaseModel):
-    """What the executor sends to a worker's queue; `(execution_id, attempt)` fences the worker."""
+    """What the executor sends to a worker's queue: identity and fencing only. What to run (action,
+    parameters, timeout) the worker reads from the row its fenced claim returns, never from the
+    message, which anyone able to reach the broker could have written."""
+
+    execution_id: uuid.UUID
+    attempt: int
+
+
+class Assignment(BaseModel):
+    """A claimed run as recorded in PostgreSQL: what the worker runs."""
 
     execution_id: uuid.UUID
     attempt: int

@@ -79,8 +79,8 @@ async def handle(ctx: ExecutorContext, message: AbstractIncomingMessage) -> None
                 error={"error": f"no worker started it after {cfg.max_schedule_attempts} dispatches: {why}",
                        "failed_by": "dead_letter_handler", "attempts": row["schedule_attempts"]},
                 # Not the execution's fault, so no dispatch spent: a worker hands a dispatch back when it
-                # drains or stands down, and one that expired behind a live worker waited on a busy one.
-                counts=not (reason == "rejected" or row["worker_alive"]),
+                # drains or stands down, and one that expired behind a live, busy worker waited on it.
+                counts=not (reason == "rejected" or row["worker_busy"]),
             )
 
     status, failed = await until_available(settle, what="dead_letter")

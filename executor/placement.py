@@ -1,10 +1,15 @@
-"""Which worker gets which execution. Pure: the scheduler feeds it rows and candidates."""
+"""Which worker gets which execution. Pure: the scheduler feeds it rows and candidates.
+
+Work goes to free slots: a worker holds at most `max_concurrent_tasks` scheduled-or-running
+executions, plus `executor.dispatch_pipeline` more when no worker serving the action has a free
+slot. What finds no room waits as `requested` in PostgreSQL, where the next worker to free a slot
+takes it, instead of waiting behind a busy worker while another one is idle.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Hashable
 
 
 @dataclass
@@ -16,26 +21,31 @@ class Candidate:
     max_concurrent_tasks: int
     outstanding: int  # scheduled or running on it
 
-    def capacity(self, backlog_factor: int) -> int:
-        return self.max_concurrent_tasks * backlog_factor
+    def room(self, pipeline: int) -> int:
+        """How many more executions it may be given now."""
+        return max(self.max_concurrent_tasks + pipeline - self.outstanding, 0)
 
 
-def servable_actions(candidates: Iterable[Candidate], backlog_factor: int) -> set[str]:
-    """Actions that some candidate with room left can take now."""
-    served: set[str] = set()
+def room_by_action(candidates: Iterable[Candidate], pipeline: int) -> dict[str, int]:
+    """For each action some candidate with room serves: how many executions of it could be placed
+    now (an upper bound when workers share actions; placement decides the rest)."""
+    room: dict[str, int] = {}
     for c in candidates:
-        if c.outstanding < c.capacity(backlog_factor):
-            served |= c.actions
-    return served
+        free = c.room(pipeline)
+        if free:
+            for action in c.actions:
+                room[action] = room.get(action, 0) + free
+    return room
 
 
 def place(
-    executions: Sequence[tuple[Hashable, str, str | None]], candidates: Sequence[Candidate], backlog_factor: int
+    executions: Sequence[tuple[Hashable, str, str | None]], candidates: Sequence[Candidate], pipeline: int
 ) -> dict[Hashable, str]:
-    """Assign each ``(execution_id, action_ref, previous_worker)`` to the worker serving its action
-    that holds the fewest executions and still has room, other than the worker a rescheduled
-    execution last went to unless no other can take it. Executions no worker can take now are left
-    out (they stay `requested`). Ties go to the larger worker, then by name: results are deterministic."""
+    """Assign each ``(execution_id, action_ref, previous_worker)``, in order, to a worker that
+    serves its action and has room: first any with a free slot, most free slots first; only then
+    one whose pipeline has room. The worker a rescheduled execution last went to is avoided unless
+    no other can take it on the same terms. Executions no worker can take now are left out (they
+    stay `requested`). Ties go by name: results are deterministic."""
     load = {c.name: c.outstanding for c in candidates}
     by_action: dict[str, list[Candidate]] = {}
     plan: dict[Hashable, str] = {}
@@ -43,12 +53,13 @@ def place(
         if action_ref not in by_action:
             by_action[action_ref] = [c for c in candidates if action_ref in c.actions]
         best: Candidate | None = None
-        best_rank: tuple = ()
+        best_rank: tuple[bool, bool, int, str] | None = None
         for c in by_action[action_ref]:
-            if load[c.name] >= c.capacity(backlog_factor):
+            if load[c.name] >= c.max_concurrent_tasks + pipeline:
                 continue
-            rank = (c.name == previous_worker, load[c.name], -c.max_concurrent_tasks, c.name)
-            if best is None or rank < best_rank:
+            free_slots = c.max_concurrent_tasks - load[c.name]
+            rank = (free_slots <= 0, c.name == previous_worker, -free_slots, c.name)
+            if best_rank is None or rank < best_rank:
                 best, best_rank = c, rank
         if best is not None:
             plan[execution_id] = best.name

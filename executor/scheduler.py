@@ -23,7 +23,7 @@ from common.queries import WAKE_CHANNEL
 from common.queries import executions as q
 from common.queries import workers as wq
 from common.schemas import Dispatch
-from executor.placement import Candidate, place, servable_actions
+from executor.placement import Candidate, place, room_by_action
 from executor.resilience import riding_out_outages
 from executor.rescheduling import reschedule_or_fail
 
@@ -56,7 +56,7 @@ async def run(ctx: ExecutorContext, stop_event: asyncio.Event) -> None:
             ctx.wake.clear()
             async with riding_out_outages("schedule", stop_event):
                 while not stop_event.is_set():
-                    more, state["blocked"] = await _pass(ctx)
+                    more, state["blocked"] = await _pass(ctx, stop_event)
                     if not more:
                         break
             if listener.is_closed():
@@ -79,7 +79,16 @@ async def _first(*aws) -> None:
             t.cancel()
 
 
-async def _pass(ctx: ExecutorContext) -> tuple[bool, bool]:
+async def _connected_or_stopping(ctx: ExecutorContext, stop_event: asyncio.Event) -> bool:
+    """Wait for the broker connection; False if the executor is stopping first."""
+    if ctx.amqp.connected.is_set():
+        return True
+    log.warning("dispatch_waiting_for_broker")
+    await _first(ctx.amqp.connected.wait(), stop_event.wait())
+    return ctx.amqp.connected.is_set()
+
+
+async def _pass(ctx: ExecutorContext, stop_event: asyncio.Event) -> tuple[bool, bool]:
     """One placement pass; returns (another pass may find more, work was left unplaced)."""
     cfg = ctx.settings.executor
     async with ctx.pool.acquire() as conn, conn.transaction():
@@ -87,21 +96,25 @@ async def _pass(ctx: ExecutorContext) -> tuple[bool, bool]:
             Candidate(r["name"], frozenset(r["actions"]), r["max_concurrent_tasks"], r["outstanding"])
             for r in await conn.fetch(wq.ELIGIBLE, cfg.heartbeat_staleness_multiplier)
         ]
-        servable = servable_actions(candidates, cfg.dispatch_backlog_factor)
-        if not servable:
+        room = room_by_action(candidates, cfg.dispatch_pipeline)
+        if not room:
             return False, True
-        rows = await conn.fetch(q.SELECT_REQUESTED_FOR_UPDATE, cfg.schedule_batch_size, list(servable))
-        plan = place(
-            [(r["id"], r["action_ref"], r["previous_worker"]) for r in rows], candidates, cfg.dispatch_backlog_factor
-        )
+        rows = await conn.fetch(q.SELECT_REQUESTED_FOR_UPDATE, cfg.schedule_batch_size, list(room), list(room.values()))
+        plan = place([(r["id"], r["action_ref"], r["previous_worker"]) for r in rows], candidates, cfg.dispatch_pipeline)
         if not plan:
             return False, bool(rows)
         by_id = {r["id"]: r for r in rows}
         scheduled = await conn.fetch(
             q.MARK_SCHEDULED, list(plan), list(plan.values()), [by_id[i]["attempt"] for i in plan]
         )
-    # While the broker is away, hold on rather than spend dispatches that cannot arrive.
-    await ctx.amqp.connected.wait()
+    # While the broker is away, hold on rather than spend dispatches that cannot arrive; a stopping
+    # executor puts them back in line, at no cost to them, for a replica or its successor.
+    if not await _connected_or_stopping(ctx, stop_event):
+        for s in scheduled:
+            await ctx.pool.fetchrow(
+                q.RESCHEDULE, s["id"], s["attempt"], {"reason": "the executor stopped before dispatching it"}, False
+            )
+        return False, False
     outcomes = await asyncio.gather(*(_dispatch(ctx, by_id[s["id"]], s) for s in scheduled))
     failed = [row for row in outcomes if row is not None]
     await publish_terminal(ctx.pool, ctx.exchanges.notifications, failed)
@@ -112,13 +125,7 @@ async def _dispatch(ctx: ExecutorContext, row, scheduled):
     """Publish one dispatch; if it cannot be handed over, reschedule it (returns the row if that
     failed the execution instead)."""
     worker, attempt = scheduled["worker"], scheduled["attempt"]
-    dispatch = Dispatch(
-        execution_id=row["id"],
-        attempt=attempt,
-        action_ref=row["action_ref"],
-        parameters=row["parameters"],
-        timeout_s=row["timeout_s"],
-    )
+    dispatch = Dispatch(execution_id=row["id"], attempt=attempt)
     fields = {"execution_id": str(row["id"]), "worker": worker, "attempt": attempt}
     try:
         await ctx.exchanges.dispatch.publish(

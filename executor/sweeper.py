@@ -65,7 +65,10 @@ async def sweep(ctx: ExecutorContext) -> list[str]:
     failed = []
     async with ctx.pool.acquire() as conn, conn.transaction():
         for worker in await conn.fetch(wq.FIND_LOST, cfg.heartbeat_staleness_multiplier):
-            if await conn.fetchrow(wq.MARK_LOST, worker["name"], worker["incarnation"]) is None:
+            marked = await conn.fetchrow(
+                wq.MARK_LOST, cfg.heartbeat_staleness_multiplier, worker["name"], worker["incarnation"]
+            )
+            if marked is None:  # it checked in meanwhile, or a replica handled it first
                 continue
             signal = "heartbeat_stale" if worker["heartbeat_stale"] else "process_died"
             lost.append(worker["name"])
@@ -122,7 +125,7 @@ async def _interrupt(ctx: ExecutorContext, conn, row, specs, error: str) -> None
         policy=resolve_policy(specs.get(row["action_ref"]), ctx.settings.recovery),
         recovery_attempts=row["recovery_attempts"],
     )
-    if await conn.fetchrow(q.INTERRUPT, row["id"], row["attempt"], row["worker"], event) is not None:
+    if await conn.fetchrow(q.INTERRUPT, row["id"], row["attempt"], row["worker"], event, None) is not None:
         log.warning(
             "execution_interrupted", execution_id=str(row["id"]), attempt=row["attempt"], worker=row["worker"],
             reason="worker_lost", recoverable=event["recoverable"],

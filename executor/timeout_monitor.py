@@ -1,5 +1,8 @@
 """Scheduled-timeout monitor: an execution dispatched but not started within `scheduled_timeout`
-is rescheduled to another worker, up to `max_schedule_attempts`, then failed (DESIGN section 4)."""
+is rescheduled to another worker, up to `max_schedule_attempts`, then failed (DESIGN section 4).
+
+Only a worker that is not taking work costs the execution a dispatch: one that is alive and merely
+busy (every slot taken) was never at fault, so its waiting work goes back in line for free."""
 
 from __future__ import annotations
 
@@ -59,13 +62,15 @@ async def check(ctx: ExecutorContext) -> int:
     cfg = ctx.settings.executor
     failed = []
     async with ctx.pool.acquire() as conn, conn.transaction():
-        rows = await conn.fetch(q.SELECT_SCHEDULED_TIMED_OUT, cfg.scheduled_timeout_s, BATCH)
+        rows = await conn.fetch(
+            q.SELECT_SCHEDULED_TIMED_OUT, cfg.scheduled_timeout_s, BATCH, cfg.heartbeat_staleness_multiplier
+        )
         for row in rows:
             error = scheduled_timeout_error(cfg.scheduled_timeout_s, row["age_s"])
             metrics.TIMEOUTS.labels("scheduled").inc()
             log.warning(
                 "scheduled_timeout", execution_id=str(row["id"]), attempt=row["attempt"], worker=row["worker"],
-                age_s=round(row["age_s"], 3),
+                age_s=round(row["age_s"], 3), worker_busy=row["worker_busy"],
             )
             _, done = await reschedule_or_fail(
                 conn,
@@ -74,6 +79,7 @@ async def check(ctx: ExecutorContext) -> int:
                 reason=f"not started by {row['worker']} within {_number(cfg.scheduled_timeout_s)} s",
                 kind="scheduled_timeout",
                 error=error,
+                counts=not row["worker_busy"],
             )
             if done is not None:
                 failed.append(done)

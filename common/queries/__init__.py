@@ -2,3 +2,6 @@
 
 #: Channel on which the scheduler is woken (new requests, a worker registered, capacity freed).
 WAKE_CHANNEL = "baton_wake"
+
+#: The cheapest round trip: is the database there?
+PING = "SELECT 1"

@@ -19,4 +19,7 @@ ON CONFLICT (ref) DO UPDATE SET
 
 GET_MANY = f"SELECT {_COLUMNS} FROM actions WHERE ref = ANY($1::text[])"
 
+# Every registered action (the catalogue is small: one row per action, not per execution).
+REFS = "SELECT ref FROM actions"
+
 GET = f"SELECT {_COLUMNS} FROM actions WHERE ref = $1"

@@ -6,6 +6,7 @@ Each transition appends its event in the same statement, numbered from `last_eve
 """
 
 from common.queries import WAKE_CHANNEL
+from common.queries.workers import busy
 
 # $1 id, $2 action_ref, $3 parameters, $4 status, $5 idempotency_key, $6 message_id,
 # $7 correlation_id, $8 timeout_s, $9 error (all arrays, one element per request)
@@ -28,19 +29,43 @@ WITH ins AS (
 SELECT * FROM ins
 """
 
-# Requests that were not inserted: a redelivery (same id) or a repeated idempotency key.
+# Requests that were not inserted: the same request seen again (same id: whole rows, so that a
+# failed one's notification can be published again) or a repeated idempotency key.
 FIND_EXISTING = """
-SELECT id, status, idempotency_key FROM executions
+SELECT * FROM executions
 WHERE id = ANY($1::uuid[]) OR idempotency_key = ANY($2::text[])
 """
 
-# $1 limit, $2 the actions some live worker can take now (others would only block the head).
+# The oldest requested rows of each action some live worker has room for now, each action read
+# through its own index range, so that a backlog of actions nobody can take is never walked.
+# $1 limit, $2 actions, $3 room per action
 SELECT_REQUESTED_FOR_UPDATE = """
-SELECT id, action_ref, parameters, attempt, timeout_s, previous_worker FROM executions
-WHERE status = 'requested' AND action_ref = ANY($2::text[])
-ORDER BY updated_at
+SELECT r.id, r.action_ref, r.attempt, r.previous_worker
+FROM unnest($2::text[], $3::int[]) AS a(ref, room)
+CROSS JOIN LATERAL (
+    SELECT id, action_ref, attempt, previous_worker, updated_at FROM executions
+    WHERE status = 'requested' AND action_ref = a.ref
+    ORDER BY updated_at
+    LIMIT LEAST(a.room, $1)
+    FOR UPDATE SKIP LOCKED
+) AS r
+ORDER BY r.updated_at
 LIMIT $1
-FOR UPDATE SKIP LOCKED
+"""
+
+# Requested for longer than $1 seconds for actions that no live worker serves ($2), oldest
+# first per action through the same index. $3 limit
+SELECT_REQUESTED_EXPIRED = """
+SELECT r.id, r.attempt, r.action_ref, r.age_s
+FROM unnest($2::text[]) AS a(ref)
+CROSS JOIN LATERAL (
+    SELECT id, attempt, action_ref, extract(epoch FROM now() - updated_at)::float8 AS age_s FROM executions
+    WHERE status = 'requested' AND action_ref = a.ref AND updated_at < now() - make_interval(secs => $1)
+    ORDER BY updated_at
+    LIMIT $3
+    FOR UPDATE SKIP LOCKED
+) AS r
+LIMIT $3
 """
 
 # $1 ids, $2 workers, $3 current attempts
@@ -79,31 +104,38 @@ WITH upd AS (
 SELECT id FROM upd
 """
 
-# The fenced claim: scheduled -> running, only for this worker at this attempt. Idempotent: a
-# retry after a claim whose commit was not acknowledged (connection lost) gets the row back rather
-# than leaving it `running` with nobody running it; the worker skips what it already runs.
-# $1 ids, $2 attempts, $3 worker
+# The fenced claim: scheduled -> running, only for this worker at this attempt, and only while
+# this process is the name's live incarnation (it is recorded on the run, and fences what follows).
+# It returns what to run from the row: a dispatch message carries identity and fencing only.
+# Idempotent: a retry after a claim whose commit was not acknowledged (connection lost) gets the
+# row back rather than leaving it `running` with nobody running it; the worker skips what it
+# already runs. $1 ids, $2 attempts, $3 worker, $4 incarnation
 CLAIM = """
-WITH upd AS (
+WITH me AS (
+    SELECT name FROM workers WHERE name = $3 AND incarnation = $4 AND status IN ('active', 'draining')
+), upd AS (
     UPDATE executions e
     SET status = 'running', started_at = now(), updated_at = now(), schedule_attempts = 0,
-        last_event_seq = e.last_event_seq + 1
-    FROM unnest($1::uuid[], $2::int[]) AS c(id, attempt)
-    WHERE e.id = c.id AND e.attempt = c.attempt AND e.worker = $3 AND e.status = 'scheduled'
-    RETURNING e.id, e.attempt, e.last_event_seq
+        incarnation = $4, last_event_seq = e.last_event_seq + 1
+    FROM unnest($1::uuid[], $2::int[]) AS c(id, attempt), me
+    WHERE e.id = c.id AND e.attempt = c.attempt AND e.worker = me.name AND e.status = 'scheduled'
+    RETURNING e.id, e.attempt, e.action_ref, e.parameters, e.timeout_s, e.last_event_seq
 ), ev AS (
     INSERT INTO execution_events (execution_id, seq, type, data)
     SELECT id, last_event_seq, 'execution.started', jsonb_build_object('worker', $3::text, 'attempt', attempt)
     FROM upd
 )
-SELECT id FROM upd
+SELECT id, attempt, action_ref, parameters, timeout_s FROM upd
 UNION ALL
-SELECT e.id FROM executions e, unnest($1::uuid[], $2::int[]) AS c(id, attempt)
-WHERE e.id = c.id AND e.attempt = c.attempt AND e.worker = $3 AND e.status = 'running'
+SELECT e.id, e.attempt, e.action_ref, e.parameters, e.timeout_s
+FROM executions e, unnest($1::uuid[], $2::int[]) AS c(id, attempt)
+WHERE e.id = c.id AND e.attempt = c.attempt AND e.worker = $3 AND e.incarnation = $4 AND e.status = 'running'
 """
 
-# The fenced finish: running -> terminal, only for this worker at this attempt.
-# $1 ids, $2 attempts, $3 statuses, $4 results, $5 errors, $6 worker
+# The fenced finish: running -> terminal, only for this worker process at this attempt.
+# Idempotent: a retry after a finish whose commit was not acknowledged finds its own committed
+# outcome and returns it, so that its one notification is still published.
+# $1 ids, $2 attempts, $3 statuses, $4 results, $5 errors, $6 worker, $7 incarnation
 FINISH = f"""
 WITH upd AS (
     UPDATE executions e
@@ -111,7 +143,7 @@ WITH upd AS (
         updated_at = now(), last_event_seq = e.last_event_seq + 1
     FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::text[])
          AS f(id, attempt, status, result, error)
-    WHERE e.id = f.id AND e.attempt = f.attempt AND e.worker = $6 AND e.status = 'running'
+    WHERE e.id = f.id AND e.attempt = f.attempt AND e.worker = $6 AND e.incarnation = $7 AND e.status = 'running'
     RETURNING e.*
 ), ev AS (
     INSERT INTO execution_events (execution_id, seq, type, data)
@@ -119,7 +151,11 @@ WITH upd AS (
            COALESCE(error, '{{}}'::jsonb) || jsonb_build_object('worker', worker, 'attempt', attempt)
     FROM upd
 )
-SELECT upd.*, pg_notify('{WAKE_CHANNEL}', 'capacity') FROM upd
+SELECT upd.*, pg_notify('{WAKE_CHANNEL}', 'capacity') AS pg_notify FROM upd
+UNION ALL
+SELECT e.*, NULL AS pg_notify
+FROM executions e, unnest($1::uuid[], $2::int[], $3::text[]) AS f(id, attempt, status)
+WHERE e.id = f.id AND e.attempt = f.attempt AND e.worker = $6 AND e.incarnation = $7 AND e.status = f.status
 """
 
 # $1 id, $2 from-status, $3 attempt, $4 error object. For failures the executor decides.
@@ -138,6 +174,8 @@ SELECT * FROM upd
 """
 
 GET = "SELECT * FROM executions WHERE id = $1"
+
+RECOVERY_ATTEMPTS = "SELECT recovery_attempts FROM executions WHERE id = $1"
 
 # One index lookup per execution (a plain `= ANY(...)` can turn into a scan of the whole table).
 EVENTS = """
@@ -178,15 +216,16 @@ ORDER BY id
 FOR UPDATE
 """
 
-# running -> interrupted, fenced on attempt and worker, with the `workflow.interrupted` event that
-# recovery reads. Written by the sweeper for a lost worker's runs, by a worker for what it gives up
-# (drain deadline, standing down) or finds left behind by its predecessor.
-# $1 id, $2 attempt, $3 worker, $4 event data
+# running -> interrupted, fenced on attempt and worker (and on the incarnation when one is given),
+# with the `workflow.interrupted` event that recovery reads. Written by the sweeper for a lost
+# worker's runs, by a worker for what it gives up (drain deadline, standing down) or finds left
+# behind by its predecessor. $1 id, $2 attempt, $3 worker, $4 event data, $5 incarnation or NULL
 INTERRUPT = """
 WITH upd AS (
     UPDATE executions e
     SET status = 'interrupted', updated_at = now(), last_event_seq = e.last_event_seq + 1
     WHERE e.id = $1 AND e.attempt = $2 AND e.worker = $3 AND e.status = 'running'
+      AND ($5::uuid IS NULL OR e.incarnation = $5)
     RETURNING e.id, e.last_event_seq
 ), ev AS (
     INSERT INTO execution_events (execution_id, seq, type, data)
@@ -197,14 +236,17 @@ WITH upd AS (
 SELECT id FROM upd
 """
 
-# Candidates of the scheduled-timeout monitor. $1 scheduled_timeout_s, $2 limit
-SELECT_SCHEDULED_TIMED_OUT = """
-SELECT id, attempt, schedule_attempts, worker, extract(epoch FROM now() - updated_at)::float8 AS age_s
-FROM executions
-WHERE status = 'scheduled' AND updated_at < now() - make_interval(secs => $1)
-ORDER BY updated_at
+# Candidates of the scheduled-timeout monitor, and whether their worker is merely busy.
+# $1 scheduled_timeout_s, $2 limit, $3 staleness multiplier
+SELECT_SCHEDULED_TIMED_OUT = f"""
+SELECT e.id, e.attempt, e.schedule_attempts, e.worker,
+       extract(epoch FROM now() - e.updated_at)::float8 AS age_s,
+       COALESCE({busy("$3")}, false) AS worker_busy
+FROM executions e LEFT JOIN workers w ON w.name = e.worker
+WHERE e.status = 'scheduled' AND e.updated_at < now() - make_interval(secs => $1)
+ORDER BY e.updated_at
 LIMIT $2
-FOR UPDATE SKIP LOCKED
+FOR UPDATE OF e SKIP LOCKED
 """
 
 # What a lost worker held. $1 worker
@@ -215,13 +257,10 @@ ORDER BY id
 FOR UPDATE
 """
 
-# The execution a dead-lettered dispatch was for, and whether its worker is alive (active, with a
-# fresh heartbeat: merely busy). $1 id, $2 staleness multiplier
-SELECT_FOR_UPDATE = """
-SELECT e.id, e.status, e.attempt, e.schedule_attempts, e.worker,
-       COALESCE(w.status = 'active'
-                AND w.last_heartbeat > now() - make_interval(secs => w.heartbeat_interval_s * $2), false)
-           AS worker_alive
+# The execution a dead-lettered dispatch was for, and whether its worker is merely busy.
+# $1 id, $2 staleness multiplier
+SELECT_FOR_UPDATE = f"""
+SELECT e.id, e.status, e.attempt, e.schedule_attempts, e.worker, COALESCE({busy("$2")}, false) AS worker_busy
 FROM executions e LEFT JOIN workers w ON w.name = e.worker
 WHERE e.id = $1
 FOR UPDATE OF e
@@ -275,4 +314,17 @@ JOIN workers w ON w.name = e.worker
 WHERE e.status = 'scheduled' AND w.status IN ('draining', 'inactive', 'lost')
 LIMIT 500
 FOR UPDATE OF e SKIP LOCKED
+"""
+
+# Retention: finished executions older than $1 seconds, oldest first, in batches of $2 (their
+# events go with them, ON DELETE CASCADE).
+PRUNE_FINISHED = """
+DELETE FROM executions WHERE id IN (
+    SELECT id FROM executions
+    WHERE status IN ('completed', 'failed', 'timeout', 'cancelled')
+      AND finished_at < now() - make_interval(secs => $1)
+    ORDER BY finished_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
 """

@@ -2,8 +2,30 @@
 
 from common.queries import WAKE_CHANNEL
 
-# The row as it was before this process registers (to find what a previous process left behind).
-PREVIOUS = "SELECT status, incarnation FROM workers WHERE name = $1 FOR UPDATE"
+
+def alive(multiplier: str, w: str = "w") -> str:
+    """The one definition of "this worker is alive": active, with a heartbeat fresher than
+    ``multiplier`` x its own interval. ``multiplier`` is the query's parameter, ``w`` the alias."""
+    return (
+        f"({w}.status = 'active' AND {w}.last_heartbeat > now() - make_interval(secs => {w}.heartbeat_interval_s * {multiplier}))"
+    )
+
+
+def busy(multiplier: str, w: str = "w") -> str:
+    """Alive and with every slot taken: healthy, merely busy. Work waiting on such a worker is not
+    its fault, so the scheduled-timeout monitor and the TTL count nothing against the execution."""
+    return f"({alive(multiplier, w)} AND {w}.in_flight >= {w}.max_concurrent_tasks)"
+
+
+# The row as it was before this process registers (to find what a previous process left behind),
+# and whether a live process still holds the name: its session lock is held (PostgreSQL releases
+# it the moment the process dies). A transaction lock taken here is gone at commit.
+PREVIOUS = """
+SELECT status, incarnation, hostname, pid,
+       (status IN ('active', 'draining') AND lock_key IS NOT NULL AND incarnation <> $2
+        AND NOT pg_try_advisory_xact_lock(lock_key)) AS held
+FROM workers WHERE name = $1 FOR UPDATE
+"""
 
 # $1 name, $2 runtimes, $3 actions, $4 max_concurrent_tasks, $5 heartbeat_interval_s,
 # $6 hostname, $7 pid, $8 incarnation, $9 lock_key. Restarting with the same name reuses the row.
@@ -23,28 +45,27 @@ WITH up AS (
 SELECT name, pg_notify('{WAKE_CHANNEL}', 'worker') FROM up
 """
 
-# Workers to declare lost: heartbeat older than multiplier x interval ($1), or never written, or
-# the process's advisory lock is free (it died) and it has not checked in for half an interval (a
-# live worker whose lock connection merely dropped takes its lock again at once). Staleness counts from PostgreSQL's own start when
-# that is later, and the lock is trusted only once PostgreSQL has been up for the staleness
-# window: after a database restart every worker gets a full window to reconnect and check in.
-# A lock taken here is a transaction lock, gone at commit.
-FIND_LOST = """
-WITH w AS (
-    SELECT name, incarnation, last_heartbeat, lock_key, status, heartbeat_interval_s,
-           make_interval(secs => heartbeat_interval_s * $1) AS stale_after,
-           GREATEST(last_heartbeat, pg_postmaster_start_time()) AS seen
-    FROM workers
-    WHERE status IN ('active', 'draining')
+# When a worker is lost ($1 = staleness multiplier): heartbeat older than multiplier x interval,
+# or never written, or the process's advisory lock is free (it died) and it has not checked in for
+# half an interval (a live worker whose lock connection merely dropped takes its lock again at
+# once). Staleness counts from PostgreSQL's own start when that is later, and the lock is trusted
+# only once PostgreSQL has been up for the staleness window: after a database restart every worker
+# gets a full window to reconnect and check in. A lock taken here is a transaction lock, gone at
+# commit. One definition, used to find candidates and again in the compare-and-set that marks them.
+_STALE = (
+    "(w.last_heartbeat IS NULL OR GREATEST(w.last_heartbeat, pg_postmaster_start_time())"
+    " < now() - make_interval(secs => w.heartbeat_interval_s * $1))"
 )
-SELECT name, incarnation, last_heartbeat, (last_heartbeat IS NULL OR seen < now() - stale_after) AS heartbeat_stale
-FROM w
-WHERE last_heartbeat IS NULL
-   OR seen < now() - stale_after
-   OR (lock_key IS NOT NULL
-       AND pg_postmaster_start_time() < now() - stale_after
-       AND last_heartbeat < now() - make_interval(secs => heartbeat_interval_s / 2)
-       AND pg_try_advisory_xact_lock(lock_key))
+_LOST = f"""({_STALE}
+    OR (w.lock_key IS NOT NULL
+        AND pg_postmaster_start_time() < now() - make_interval(secs => w.heartbeat_interval_s * $1)
+        AND w.last_heartbeat < now() - make_interval(secs => w.heartbeat_interval_s / 2)
+        AND pg_try_advisory_xact_lock(w.lock_key)))"""
+
+FIND_LOST = f"""
+SELECT w.name, w.incarnation, w.last_heartbeat, {_STALE} AS heartbeat_stale
+FROM workers w
+WHERE w.status IN ('active', 'draining') AND {_LOST}
 """
 
 # Seconds until the first live worker turns stale (None: no live worker); the sweeper wakes then
@@ -56,15 +77,12 @@ FROM workers
 WHERE status IN ('active', 'draining') AND last_heartbeat IS NOT NULL
 """
 
-# Locks the row, so that replicas never handle the same loss twice. $1 name, $2 incarnation
-MARK_LOST = """
-WITH target AS (
-    SELECT name FROM workers
-    WHERE name = $1 AND incarnation = $2 AND status IN ('active', 'draining')
-    FOR UPDATE SKIP LOCKED
-)
+# The compare-and-set: the loss is checked again on the row as it is now (a heartbeat that
+# committed since FIND_LOST keeps the worker alive), and a replica that handled it first leaves
+# nothing to match. $1 staleness multiplier, $2 name, $3 incarnation
+MARK_LOST = f"""
 UPDATE workers w SET status = 'lost', updated_at = now()
-FROM target WHERE w.name = target.name
+WHERE w.name = $2 AND w.incarnation = $3 AND w.status IN ('active', 'draining') AND {_LOST}
 RETURNING w.name
 """
 
@@ -89,16 +107,29 @@ WHERE name = $1 AND incarnation = $2
 RETURNING status
 """
 
-# Candidates for placement: active and with a fresh heartbeat ($1 = staleness multiplier), with
-# what each already holds (scheduled or running on it).
-ELIGIBLE = """
+# Candidates for placement: alive ($1 = staleness multiplier), with what each already holds
+# (scheduled or running on it).
+ELIGIBLE = f"""
 SELECT w.name, w.actions, w.max_concurrent_tasks, w.incarnation,
        (SELECT count(*) FROM executions e
         WHERE e.worker = w.name AND e.status IN ('scheduled', 'running')) AS outstanding
 FROM workers w
-WHERE w.status = 'active'
-  AND w.last_heartbeat > now() - make_interval(secs => w.heartbeat_interval_s * $1)
+WHERE {alive("$1")}
 """
+
+# Every action some live worker serves, busy or not. $1 staleness multiplier
+SERVED_ACTIONS = f"SELECT DISTINCT unnest(w.actions) AS ref FROM workers w WHERE {alive('$1')}"
+
+# Stopped or lost workers not seen for a while, for retention. $1 age in seconds, $2 limit
+SELECT_GONE = """
+SELECT name FROM workers
+WHERE status IN ('inactive', 'lost') AND updated_at < now() - make_interval(secs => $1)
+ORDER BY updated_at
+LIMIT $2
+"""
+
+# Deletes them unless one came back meanwhile (a registration makes it active). $1 names
+DELETE_GONE = "DELETE FROM workers WHERE name = ANY($1::text[]) AND status IN ('inactive', 'lost') RETURNING name"
 
 LIST = """
 SELECT name, status, runtimes, max_concurrent_tasks, in_flight, last_heartbeat,

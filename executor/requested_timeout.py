@@ -1,0 +1,80 @@
+"""Requested-timeout monitor: a request that has waited `executor.requested_timeout` as `requested`
+for an action that no live worker serves fails with a reason naming the action, instead of
+waiting forever. Work for an action that some live worker serves is only waiting its turn and is
+left alone. Each action's backlog is read through its own index range, oldest first."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import TYPE_CHECKING, Any
+
+from common import metrics
+from common.actions import CORE_ACTIONS
+from common.logging import get_logger
+from common.notifications import publish_terminal
+from common.queries import actions as aq
+from common.queries import executions as q
+from common.queries import workers as wq
+from executor.resilience import riding_out_outages
+
+if TYPE_CHECKING:
+    from executor.service import ExecutorContext
+
+log = get_logger("baton.executor.requested_timeout")
+
+BATCH = 500
+
+
+def requested_timeout_error(action_ref: str, timeout_s: float, age_s: float) -> dict[str, Any]:
+    return {
+        "error": (
+            f"no live worker serves action {action_ref!r}: the request waited {int(age_s)} s as requested "
+            f"(executor.requested_timeout = {timeout_s:g} s); start a worker that serves it and submit again"
+        ),
+        "failed_by": "requested_timeout_monitor",
+        "timeout_seconds": timeout_s,
+        "age_seconds": int(age_s),
+        "original_status": "requested",
+    }
+
+
+async def run(ctx: ExecutorContext, stop_event: asyncio.Event) -> None:
+    cfg = ctx.settings.executor
+    if cfg.requested_timeout_s <= 0:
+        log.info("requested_timeout_disabled")
+        await stop_event.wait()
+        return
+    interval_s = min(cfg.timeout_check_interval_s, cfg.requested_timeout_s)
+    log.info("requested_timeout_started", requested_timeout_s=cfg.requested_timeout_s, interval_s=interval_s)
+    while not stop_event.is_set():
+        async with riding_out_outages("requested_timeout_check", stop_event):
+            while await check(ctx) == BATCH:
+                pass
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop_event.wait(), interval_s)
+    log.info("requested_timeout_stopped")
+
+
+async def check(ctx: ExecutorContext) -> int:
+    cfg = ctx.settings.executor
+    failed = []
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        served = {r["ref"] for r in await conn.fetch(wq.SERVED_ACTIONS, cfg.heartbeat_staleness_multiplier)}
+        known = {r["ref"] for r in await conn.fetch(aq.REFS)} | set(CORE_ACTIONS)
+        unserved = sorted(known - served)
+        if not unserved:
+            return 0
+        rows = await conn.fetch(q.SELECT_REQUESTED_EXPIRED, cfg.requested_timeout_s, unserved, BATCH)
+        for row in rows:
+            error = requested_timeout_error(row["action_ref"], cfg.requested_timeout_s, row["age_s"])
+            done = await conn.fetchrow(q.FAIL, row["id"], "requested", row["attempt"], error)
+            if done is not None:
+                failed.append(done)
+                metrics.TIMEOUTS.labels("requested").inc()
+                log.warning(
+                    "requested_timeout", execution_id=str(row["id"]), action_ref=row["action_ref"],
+                    age_s=round(row["age_s"], 3),
+                )
+    await publish_terminal(ctx.pool, ctx.exchanges.notifications, failed)
+    return len(rows)
