@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import aio_pika
 import aiormq.exceptions
@@ -18,6 +19,8 @@ from aio_pika.abc import (
 from common.retry import connect_retrying
 
 REQUESTED_KEY = "execution.requested"
+
+QueueType = Literal["classic", "quorum"]
 
 
 @dataclass(frozen=True)
@@ -97,52 +100,111 @@ async def declare_exchanges(channel: AbstractChannel, names: Names) -> Exchanges
     )
 
 
-async def declare_requests_queue(channel: AbstractChannel, names: Names) -> AbstractQueue:
+def queue_arguments(queue_type: QueueType, arguments: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A durable queue's arguments for ``message_queue.queue_type``. The type is always explicit, so
+    that a switch either way is noticed when the queue is declared again (and a vhost's default
+    queue type does not decide it)."""
+    if queue_type not in ("classic", "quorum"):
+        raise ValueError(f"unknown queue type {queue_type!r}: classic or quorum")
+    return {"x-queue-type": queue_type, **(arguments or {})}
+
+
+def worker_queue_arguments(names: Names, *, queue_ttl_ms: int, queue_type: QueueType) -> dict[str, Any]:
+    """A dispatch left `queue_ttl_ms` in a worker's queue is dead-lettered to the DLX. On a quorum
+    queue that is at-least-once: the queue keeps the message until the dead-letter queue has
+    confirmed it, so no node loss drops an expired dispatch (the default, at-most-once, may). The
+    broker requires `reject-publish` overflow for that; with no length limit set it refuses nothing."""
+    arguments: dict[str, Any] = {"x-message-ttl": queue_ttl_ms, "x-dead-letter-exchange": names.dlx}
+    if queue_type == "quorum":
+        arguments |= {"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
+    return queue_arguments(queue_type, arguments)
+
+
+async def _declare_durable(
+    channel: AbstractChannel, name: str, arguments: dict[str, Any], *, replace: bool, fix: str
+) -> AbstractQueue:
+    """Declare a durable queue. One that already exists with other arguments (another queue type or
+    TTL: the broker refuses the declaration) is, with ``replace``, deleted and declared anew if it
+    is empty and has no consumer; one holding messages is never deleted (they would be lost), so
+    then this raises, saying why and what to do (``fix``). Without ``replace`` the existing queue is
+    used as it is."""
+    try:
+        return await channel.declare_queue(name, durable=True, arguments=arguments)
+    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        await channel.reopen()
+        if not replace:
+            return await channel.declare_queue(name, passive=True)
+        try:
+            await channel.queue_delete(name, if_empty=True, if_unused=True)
+        except aiormq.exceptions.ChannelPreconditionFailed as refused:
+            raise RuntimeError(
+                f"queue {name} exists with other arguments than {arguments} ({exc}), and it cannot be declared "
+                f"anew: {refused}. {fix}"
+            ) from exc
+        return await channel.declare_queue(name, durable=True, arguments=arguments)
+
+
+async def declare_requests_queue(
+    channel: AbstractChannel, names: Names, *, queue_type: QueueType = "classic", replace: bool = False
+) -> AbstractQueue:
+    """The request queue, bound to the executions exchange. Publishers declare it too (so that a
+    request posted before any executor ran is kept), without ``replace``: if it exists, of whatever
+    type, they use it; the executor, which owns it, declares it with ``replace``."""
     exchange = await channel.declare_exchange(names.executions_exchange, aio_pika.ExchangeType.TOPIC, durable=True)
-    queue = await channel.declare_queue(names.requests_queue, durable=True)
+    queue = await _declare_durable(
+        channel,
+        names.requests_queue,
+        queue_arguments(queue_type),
+        replace=replace,
+        fix="Stop the clients and executors that use the old message_queue.queue_type, let an executor with it "
+        "take what the queue holds, then start them with the new one.",
+    )
     await queue.bind(exchange, REQUESTED_KEY)
     return queue
 
 
 async def declare_executor_topology(
-    channel: AbstractChannel, names: Names, *, rejected_max_length: int
+    channel: AbstractChannel, names: Names, *, rejected_max_length: int, queue_type: QueueType = "classic"
 ) -> tuple[Exchanges, AbstractQueue]:
-    """Everything the executor consumes from or publishes to; idempotent."""
+    """Everything the executor consumes from or publishes to; idempotent. A queue left by another
+    `message_queue.queue_type` is declared anew if it is empty and unused."""
     exchanges = await declare_exchanges(channel, names)
-    requests = await declare_requests_queue(channel, names)
-    dead_letters = await channel.declare_queue(names.dead_letters_queue, durable=True)
+    requests = await declare_requests_queue(channel, names, queue_type=queue_type, replace=True)
+    dead_letters = await _declare_durable(
+        channel,
+        names.dead_letters_queue,
+        queue_arguments(queue_type),
+        replace=True,
+        fix="Run the executors with the old message_queue.queue_type until the queue is empty, then switch.",
+    )
     await dead_letters.bind(exchanges.dlx)
     # Requests that cannot be tied to an execution are parked here with their reason, for operators.
-    await channel.declare_queue(
+    # Quorum queues support both the length limit and `drop-head`, so this one follows the setting too.
+    await _declare_durable(
+        channel,
         names.rejected_requests_queue,
-        durable=True,
-        arguments={"x-max-length": rejected_max_length, "x-overflow": "drop-head"},
+        queue_arguments(queue_type, {"x-max-length": rejected_max_length, "x-overflow": "drop-head"}),
+        replace=True,
+        fix="Read what is parked there, then purge or delete the queue.",
     )
     return exchanges, requests
 
 
 async def declare_worker_queue(
-    channel: AbstractChannel, names: Names, worker: str, *, queue_ttl_ms: int
+    channel: AbstractChannel, names: Names, worker: str, *, queue_ttl_ms: int, queue_type: QueueType = "classic"
 ) -> AbstractQueue:
-    """The worker's inbox. Never `x-expires`: an expired queue drops dispatches without dead-lettering."""
+    """The worker's inbox. Never `x-expires`: an expired queue drops dispatches without dead-lettering.
+    A changed `worker.queue_ttl` or `message_queue.queue_type` takes effect on restart: an empty
+    queue with the old arguments is declared anew; one still holding dispatches is left alone."""
     exchanges = await declare_exchanges(channel, names)
-    name = names.worker_queue(worker)
-    arguments = {"x-message-ttl": queue_ttl_ms, "x-dead-letter-exchange": names.dlx}
-    try:
-        queue = await channel.declare_queue(name, durable=True, arguments=arguments)
-    except aiormq.exceptions.ChannelPreconditionFailed as exc:
-        # The queue exists with other arguments: `worker.queue_ttl` was changed. An empty queue is
-        # simply declared anew; one still holding dispatches is left alone (they would be lost).
-        await channel.reopen()
-        try:
-            await channel.queue_delete(name, if_empty=True)
-        except aiormq.exceptions.ChannelPreconditionFailed:
-            raise RuntimeError(
-                f"queue {name} exists with other arguments than worker.queue_ttl = {queue_ttl_ms} ms asks for, "
-                f"and still holds dispatches: start the worker once with the old value to drain it, "
-                f"or delete the queue (its executions are rescheduled by the scheduled-timeout monitor)"
-            ) from exc
-        queue = await channel.declare_queue(name, durable=True, arguments=arguments)
+    queue = await _declare_durable(
+        channel,
+        names.worker_queue(worker),
+        worker_queue_arguments(names, queue_ttl_ms=queue_ttl_ms, queue_type=queue_type),
+        replace=True,
+        fix="Start the worker once with the old worker.queue_ttl and message_queue.queue_type to drain it, or "
+        "delete the queue (its executions are rescheduled by the scheduled-timeout monitor).",
+    )
     await queue.bind(exchanges.dispatch, names.worker_routing_key(worker))
     return queue
 

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from common.logging import configure_logging
-from common.settings import Settings, load_settings
+from common.settings import Settings, load_settings, parse_duration
 
 app = typer.Typer(help="Baton: run actions on workers; nothing stuck, nothing silently lost.", no_args_is_help=True)
 executions_app = typer.Typer(help="Look at executions.", no_args_is_help=True)
@@ -104,10 +104,10 @@ def worker(
     except ValidationError as exc:
         typer.echo(f"invalid worker options: {exc}", err=True)
         raise typer.Exit(2) from None
+    from worker.service import WorkerService, default_name
+
     if not settings.worker.name:
-        typer.echo("a worker needs a name: --name NAME (or worker.name in config)", err=True)
-        raise typer.Exit(2)
-    from worker.service import WorkerService
+        settings.worker.name = default_name()
 
     configure_logging(settings.logging, service="worker", worker=settings.worker.name)
 
@@ -129,7 +129,7 @@ def worker(
     try:
         _serve(main())
     except RuntimeError as exc:
-        typer.echo(f"worker error: {exc}", err=True)
+        typer.echo(f"worker {settings.worker.name}: {exc}", err=True)
         raise typer.Exit(1) from None
 
 
@@ -311,6 +311,100 @@ def workers_list(as_json: bool = typer.Option(False, "--json")) -> None:
             str(r["pid"] or ""),
         )
     console.print(table)
+
+
+@executions_app.command("prune")
+def executions_prune(
+    older_than: str = typer.Option(..., "--older-than", help="Age of finished executions to delete: 30d, 12h, 90m."),
+) -> None:
+    """Delete finished executions (and their events) older than the given age, in batches."""
+    from common import db
+    from common.retention import prune_executions
+
+    try:
+        older_than_s = parse_age(older_than)
+    except ValueError as exc:
+        typer.echo(f"--older-than: {exc}", err=True)
+        raise typer.Exit(2) from None
+    settings = _settings()
+
+    async def main() -> int:
+        pool = await db.connect(settings.database.url, max_size=1, max_wait_s=10)
+        try:
+            return await prune_executions(pool, older_than_s=older_than_s, batch_size=settings.retention.batch_size)
+        finally:
+            await pool.close()
+
+    typer.echo(f"deleted {asyncio.run(main())} finished execution(s) older than {older_than}")
+
+
+def parse_age(value: str) -> float:
+    """Seconds from a duration that may also be given in days (``30d``)."""
+    text = value.strip()
+    if text.endswith("d") and text[:-1].replace(".", "", 1).isdigit():
+        return float(text[:-1]) * 86400
+    return parse_duration(text)
+
+
+@app.command()
+def health(
+    service: Optional[str] = typer.Option(
+        None, "--service", help="executor or worker: also require that local service to be alive and connected."
+    ),
+) -> None:
+    """Check that PostgreSQL and RabbitMQ are reachable and, with --service, that the local
+    executor or worker is alive and connected (read from its health file). Exit 0 when healthy."""
+    from common import health as health_files
+
+    settings = _settings()
+    ok = True
+    if service is not None:
+        if service not in ("executor", "worker"):
+            typer.echo("--service must be executor or worker", err=True)
+            raise typer.Exit(2)
+        path = settings.executor.health_file if service == "executor" else settings.worker.health_file
+        if path is None:
+            typer.echo(f"{service}.health_file is not set, so the {service} writes no health file: set it in the config", err=True)
+            raise typer.Exit(2)
+        # A few missed beats are tolerated: the executor writes every 2 s, a worker every heartbeat.
+        max_age_s = 10.0 if service == "executor" else max(3 * settings.worker.heartbeat_interval_s, 10.0)
+        healthy, line = health_files.check(path, max_age_s)
+        ok &= healthy
+        typer.echo(f"{service}: {line}")
+    for name, reachable, line in asyncio.run(_probe(settings)):
+        ok &= reachable
+        typer.echo(f"{name}: {line}")
+    raise typer.Exit(0 if ok else 1)
+
+
+async def _probe(settings: Settings) -> list[tuple[str, bool, str]]:
+    import aio_pika
+    import asyncpg
+
+    from common.retry import TRANSIENT_ERRORS
+
+    results = []
+    try:
+        conn = await asyncpg.connect(settings.database.url, timeout=5)
+        await conn.close()
+        results.append(("postgresql", True, f"reachable at {_where(settings.database.url)}"))
+    except (*TRANSIENT_ERRORS, asyncpg.PostgresError) as exc:
+        results.append(("postgresql", False, f"cannot connect to {_where(settings.database.url)}: {type(exc).__name__}: {exc}"))
+    try:
+        connection = await asyncio.wait_for(aio_pika.connect(settings.message_queue.url), 5)
+        await connection.close()
+        results.append(("rabbitmq", True, f"reachable at {_where(settings.message_queue.url)}"))
+    except (*TRANSIENT_ERRORS, aio_pika.exceptions.AMQPError) as exc:
+        results.append(("rabbitmq", False, f"cannot connect to {_where(settings.message_queue.url)}: {type(exc).__name__}: {exc}"))
+    return results
+
+
+def _where(url: str) -> str:
+    """host:port of a URL, never its credentials."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return f"{parts.hostname}:{parts.port}" if parts.port else str(parts.hostname)
 
 
 @db_app.command("migrate")

@@ -101,7 +101,9 @@ class BatonClient:
             self._channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
             await amqp.declare_exchanges(self._channel, self.names)
             # Declared here too, so that a request posted before any executor ever ran is kept.
-            await amqp.declare_requests_queue(self._channel, self.names)
+            await amqp.declare_requests_queue(
+                self._channel, self.names, queue_type=self.settings.message_queue.queue_type
+            )
             self._inbox = await self._channel.declare_queue(exclusive=True, auto_delete=True)
             await self._inbox.consume(self._on_inbox, no_ack=True)
         return self._channel, self._inbox
@@ -126,6 +128,18 @@ class BatonClient:
             exchange = await channel.get_exchange(self.names.notifications_exchange)
             await inbox.bind(exchange, f"execution.{key}.*")
         return self._notified[key]
+
+    async def _unwatch(self, execution_id: uuid.UUID) -> None:
+        """Forget the execution and unbind its key: a long-lived client does not pile up bindings."""
+        key = str(execution_id)
+        if self._notified.pop(key, None) is None or self._channel is None or self._inbox is None:
+            return
+        try:
+            exchange = await self._channel.get_exchange(self.names.notifications_exchange)
+            await self._inbox.unbind(exchange, f"execution.{key}.*")
+        except (aio_pika.exceptions.AMQPError, *TRANSIENT_ERRORS):
+            # A closed channel took its exclusive queue, and every binding, with it.
+            pass
 
     # -- posting and waiting ---------------------------------------------------------------
 
@@ -201,7 +215,7 @@ class BatonClient:
                 with contextlib.suppress(asyncio.TimeoutError):
                     return await asyncio.wait_for(asyncio.shield(notified), remaining)
         finally:
-            self._notified.pop(str(execution_id), None)
+            await self._unwatch(execution_id)
 
     async def run(self, action_ref: str, parameters: dict[str, Any] | None = None, *, timeout_s: float | None = None,
                   wait_timeout_s: float | None = None, **kwargs: Any) -> dict[str, Any]:

@@ -21,9 +21,11 @@ from common.settings import LoggingSettings
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
-#: Baton's own loggers (structlog's and stdlib's, e.g. ``baton.retry``) live under this name and
-#: follow the configured level; every other logger (the libraries') inherits the root's WARNING.
+#: Baton's own loggers (structlog's and stdlib's, e.g. ``baton.retry``) live under this name.
 BATON_LOGGER = "baton"
+#: Libraries that are chatty below WARNING; they keep WARNING whatever the configured level, while
+#: everything else (Baton's own loggers, users' action modules) follows it.
+LIBRARY_LOGGERS = ("asyncpg", "aio_pika", "aiormq", "pamqp", "tenacity", "urllib3", "asyncio")
 LIBRARY_LEVEL = logging.WARNING
 
 
@@ -85,8 +87,9 @@ def configure_logging(settings: LoggingSettings, **context: object) -> None:
     for old in [h for h in root.handlers if getattr(h, "_baton", False) or _is_plain_stderr(h)]:
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(max(LIBRARY_LEVEL, level))
-    logging.getLogger(BATON_LOGGER).setLevel(level)
+    root.setLevel(level)
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(max(LIBRARY_LEVEL, level))
     logging.captureWarnings(True)
     if settings.format == "json":
         # A crash's traceback, too, is one JSON line rather than many lines of text.
@@ -117,6 +120,5 @@ def _is_plain_stderr(handler: logging.Handler) -> bool:
 
 
 def get_logger(name: str | None = None) -> structlog.typing.FilteringBoundLogger:
-    """A structlog logger; the name (by default ``baton``) should be under ``baton`` so that it
-    follows the configured level rather than the libraries' WARNING."""
+    """A structlog logger (by default named ``baton``)."""
     return structlog.get_logger(name or BATON_LOGGER)

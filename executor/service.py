@@ -19,7 +19,7 @@ from common import amqp, db
 from common.logging import get_logger
 from common.settings import Settings
 from common import metrics
-from executor import dead_letters, intake, scheduler, sweeper, timeout_monitor
+from executor import dead_letters, health, intake, requested_timeout, retention, scheduler, sweeper, timeout_monitor
 from executor.catalogue import Catalogue
 
 log = get_logger("baton.executor")
@@ -47,6 +47,9 @@ LOOPS: dict[str, Loop] = {
     "intake": intake.run,
     "scheduler": scheduler.run,
     "timeout_monitor": timeout_monitor.run,
+    "requested_timeout": requested_timeout.run,
+    "retention": retention.run,
+    "health": health.run,
     "sweeper": sweeper.run,
     "dead_letters": dead_letters.run,
 }
@@ -62,7 +65,8 @@ async def serve(settings: Settings, stop_event: asyncio.Event) -> None:
         connection = await amqp.connect(settings.message_queue.url)
         publish_channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         exchanges, _ = await amqp.declare_executor_topology(
-            publish_channel, names, rejected_max_length=settings.message_queue.rejected_requests_max_length
+            publish_channel, names, rejected_max_length=settings.message_queue.rejected_requests_max_length,
+            queue_type=settings.message_queue.queue_type,
         )
         ctx = ExecutorContext(
             settings=settings,
@@ -88,8 +92,16 @@ async def supervise(ctx: ExecutorContext, loops: dict[str, Loop], stop_event: as
     tasks = {asyncio.create_task(loop(ctx, stop_event), name=name): name for name, loop in loops.items()}
     stopper = asyncio.create_task(stop_event.wait())
     done, _ = await asyncio.wait({stopper, *tasks}, return_when=asyncio.FIRST_COMPLETED)
-    died = [t for t in done if t is not stopper]
+    # A loop that returns when told to stop (a disabled one waits for that) has not died.
+    stopping = stopper in done
+    died = [t for t in done if t is not stopper and (not stopping or t.exception() is not None)]
     stop_event.set()
+    # Each loop finishes its pass and returns; one stuck on an outage (waiting for a connection
+    # that does not come back) is cancelled after the deadline, so that the executor always stops.
+    _, stuck = await asyncio.wait(tasks, timeout=ctx.settings.executor.shutdown_timeout_s)
+    for task in stuck:
+        log.warning("loop_cancelled", loop=tasks[task], after_s=ctx.settings.executor.shutdown_timeout_s)
+        task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     stopper.cancel()
     for task in died:

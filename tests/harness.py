@@ -210,13 +210,14 @@ class Baton:
         return await wait_until(check, timeout_s=timeout_s, what=f"execution {execution_id} to be {statuses}")
 
     async def publish_raw(
-        self, body: bytes, *, message_id: str | None = None, reply_to: str | None = None, correlation_id: str | None = None
+        self, body: bytes, *, message_id: str | None = None, reply_to: str | None = None, correlation_id: str | None = None,
+        queue_type: amqp.QueueType = "classic",
     ) -> None:
         """Post like a client in another language would: just a message on the exchange."""
         if self._amqp is None:
             self._amqp = await aio_pika.connect_robust(AMQP_URL)
         channel = await self._amqp.channel()
-        await amqp.declare_requests_queue(channel, self.names)
+        await amqp.declare_requests_queue(channel, self.names, queue_type=queue_type)
         exchange = await channel.get_exchange(self.names.executions_exchange)
         await exchange.publish(
             aio_pika.Message(

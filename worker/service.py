@@ -19,6 +19,7 @@ import uuid
 from collections import deque
 from typing import Any
 
+import aiormq.exceptions
 import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
@@ -30,14 +31,24 @@ from common.queries import actions as aq
 from common.queries import executions as q
 from common.queries import workers as wq
 from common.recovery import InterruptReason, interrupted_event, resolve_policy
-from common.schemas import Dispatch
+from common.schemas import Assignment, Dispatch
 from common.settings import Settings
+from common import health
 from worker import builtins
 from worker.registry import RegisteredAction, registered
 from worker.runner import Outcome, execute
 from worker.shell import ShellLimits
 
 log = get_logger("baton.worker")
+
+
+class WorkerNameInUse(RuntimeError):
+    """Another live process holds this worker name."""
+
+
+def default_name() -> str:
+    """Unique per host (and so per container): a second process on the same host gets another pid."""
+    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 def load_action_modules(modules: list[str]) -> None:
@@ -69,7 +80,7 @@ class WorkerService:
         self.running: dict[uuid.UUID, asyncio.Task[None]] = {}
         self.idle = asyncio.Event()
         self.idle.set()
-        self.outcomes: asyncio.Queue[tuple[Dispatch, Outcome]] = asyncio.Queue()
+        self.outcomes: asyncio.Queue[tuple[Assignment, Outcome]] = asyncio.Queue()
         self.draining = False
         self.claiming = False
         # Standing down: the database cannot be reached, or the executor declared this worker lost;
@@ -103,6 +114,7 @@ class WorkerService:
             for task in done - {stopper}:
                 self.log.error("loop_died", loop=task.get_name(), error=repr(task.exception()))
             await self._drain(loops)
+            await self._delete_queue_if_empty()
             for task in done - {stopper}:
                 raise RuntimeError(f"worker loop {task.get_name()!r} stopped unexpectedly") from task.exception()
         finally:
@@ -112,6 +124,7 @@ class WorkerService:
                 with contextlib.suppress(Exception):
                     await self.lock_conn.close()
             await self.pool.close()
+            health.remove(self.cfg.health_file)
             self.log.info("worker_stopped")
 
     async def _start(self) -> None:
@@ -124,7 +137,8 @@ class WorkerService:
         self.exchanges = await amqp.declare_exchanges(self.publish_channel, self.names)
         # The queue exists before the worker is offered work, so no dispatch is ever unroutable.
         self.queue = await amqp.declare_worker_queue(
-            self.consume_channel, self.names, self.name, queue_ttl_ms=cfg.queue_ttl_ms
+            self.consume_channel, self.names, self.name, queue_ttl_ms=cfg.queue_ttl_ms,
+            queue_type=self.settings.message_queue.queue_type,
         )
         specs = [a.spec for a in self.actions.values()]
         await self.pool.execute(
@@ -173,7 +187,12 @@ class WorkerService:
         was away) is interrupted first, so that recovery takes it over."""
         cfg = self.cfg
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.fetchrow(wq.PREVIOUS, self.name)
+            previous = await conn.fetchrow(wq.PREVIOUS, self.name, self.incarnation)
+            if previous is not None and previous["held"]:
+                raise WorkerNameInUse(
+                    f"worker name {self.name!r} is held by a live process (host {previous['hostname']}, "
+                    f"pid {previous['pid']}): stop that process, or start this one under another --name"
+                )
             for row in await conn.fetch(q.SELECT_RUNNING_ON, self.name):
                 if row["id"] not in self.running:
                     await self._interrupt_orphan(conn, row, "the worker restarted or lost contact while running it")
@@ -213,7 +232,8 @@ class WorkerService:
             policy=resolve_policy(action.spec if action else None, self.settings.recovery),
             recovery_attempts=row["recovery_attempts"],
         )
-        if await conn.fetchrow(q.INTERRUPT, row["id"], row["attempt"], self.name, event):
+        # Any incarnation's: a predecessor's runs, or runs this process gave up while away.
+        if await conn.fetchrow(q.INTERRUPT, row["id"], row["attempt"], self.name, event, None):
             self.log.warning(
                 "execution_interrupted", execution_id=str(row["id"]), attempt=row["attempt"], reason="worker_lost"
             )
@@ -250,6 +270,16 @@ class WorkerService:
         if handed_back:
             self.log.info("dispatches_handed_back", count=handed_back)
         return handed_back
+
+    async def _delete_queue_if_empty(self) -> None:
+        """A cleanly stopped worker leaves no empty queue behind; one still holding dispatches is
+        kept (its TTL dead-letters them) and removed later by the executor's retention."""
+        try:
+            await self.consume_channel.queue_delete(self.queue.name, if_empty=True)
+        except aiormq.exceptions.AMQPError as exc:
+            self.log.info("worker_queue_kept", queue=self.queue.name, reason=str(exc) or type(exc).__name__)
+        else:
+            self.log.info("worker_queue_deleted", queue=self.queue.name)
 
     async def _drain(self, loops: set[asyncio.Task[Any]]) -> None:
         """DESIGN section 5: draining, consumer cancelled, unstarted handed back, in-flight finished
@@ -332,26 +362,33 @@ class WorkerService:
             if twin is not None or dispatch.execution_id in self.running:
                 # A redelivery, or an older attempt beside a newer one: only the newest can match.
                 stale = dispatch if twin is None or twin.attempt >= dispatch.attempt else twin
-                self.log.info(
-                    "dispatch_stale", execution_id=str(stale.execution_id), attempt=stale.attempt,
-                    action_ref=stale.action_ref, twin=True,
-                )
+                self.log.info("dispatch_stale", execution_id=str(stale.execution_id), attempt=stale.attempt, twin=True)
                 if stale is dispatch:
                     continue
             dispatches[dispatch.execution_id] = dispatch
         ordered = sorted(dispatches.values(), key=lambda d: d.execution_id)  # one lock order: no deadlocks
         rows = await db.until_available(
-            lambda: self.pool.fetch(q.CLAIM, [d.execution_id for d in ordered], [d.attempt for d in ordered], self.name),
+            lambda: self.pool.fetch(
+                q.CLAIM, [d.execution_id for d in ordered], [d.attempt for d in ordered], self.name, self.incarnation
+            ),
             what="claim",
         )
-        claimed = {r["id"] for r in rows}
+        # What runs is what PostgreSQL recorded, never what the message says.
+        claimed = {
+            r["id"]: Assignment(
+                execution_id=r["id"], attempt=r["attempt"], action_ref=r["action_ref"],
+                parameters=r["parameters"], timeout_s=r["timeout_s"],
+            )
+            for r in rows
+        }
         await amqp.ack_all(batch)
         for execution_id, dispatch in dispatches.items():
-            fields = {"execution_id": str(execution_id), "attempt": dispatch.attempt, "action_ref": dispatch.action_ref}
-            if execution_id in claimed:
-                self.log.info("execution_started", **fields)
+            fields = {"execution_id": str(execution_id), "attempt": dispatch.attempt}
+            assignment = claimed.get(execution_id)
+            if assignment is not None and execution_id not in self.running:
+                self.log.info("execution_started", action_ref=assignment.action_ref, **fields)
                 self.idle.clear()
-                self.running[execution_id] = asyncio.create_task(self._run_one(dispatch))
+                self.running[execution_id] = asyncio.create_task(self._run_one(assignment))
             else:
                 self.log.info("dispatch_stale", **fields)
         for _ in range(len(batch) - len(claimed)):
@@ -359,7 +396,7 @@ class WorkerService:
 
     # -- running and recording --------------------------------------------------------------
 
-    async def _run_one(self, dispatch: Dispatch) -> None:
+    async def _run_one(self, dispatch: Assignment) -> None:
         try:
             outcome = await execute(
                 self.actions.get(dispatch.action_ref),
@@ -374,20 +411,18 @@ class WorkerService:
             raise
         await self.outcomes.put((dispatch, outcome))
 
-    async def _interrupt(self, dispatch: Dispatch, *, reason: InterruptReason, error: str) -> None:
+    async def _interrupt(self, dispatch: Assignment, *, reason: InterruptReason, error: str) -> None:
         """Fenced: only if the run is still this worker's at this attempt. If the database cannot be
         reached, the executor interrupts it instead once this worker is declared lost."""
         action = self.actions.get(dispatch.action_ref)
         policy = resolve_policy(action.spec if action else None, self.settings.recovery)
         with contextlib.suppress(Exception):
-            recovery_attempts = await self.pool.fetchval(
-                "SELECT recovery_attempts FROM executions WHERE id = $1", dispatch.execution_id, timeout=2
-            )
+            recovery_attempts = await self.pool.fetchval(q.RECOVERY_ATTEMPTS, dispatch.execution_id, timeout=2)
             data = interrupted_event(
                 reason=reason, worker=self.name, error=error, policy=policy, recovery_attempts=recovery_attempts or 0
             )
             await self.pool.fetch(
-                q.INTERRUPT, dispatch.execution_id, dispatch.attempt, self.name, data, timeout=2
+                q.INTERRUPT, dispatch.execution_id, dispatch.attempt, self.name, data, self.incarnation, timeout=2
             )
         self.log.warning(
             "execution_interrupted", execution_id=str(dispatch.execution_id), attempt=dispatch.attempt, reason=reason
@@ -411,7 +446,7 @@ class WorkerService:
                     self._release(dispatch.execution_id)
                     self.outcomes.task_done()
 
-    async def _finish(self, batch: list[tuple[Dispatch, Outcome]]) -> list[asyncpg.Record]:
+    async def _finish(self, batch: list[tuple[Assignment, Outcome]]) -> list[asyncpg.Record]:
         batch = sorted(batch, key=lambda item: item[0].execution_id)  # rows locked in one order: no deadlocks
         return await db.until_available(
             lambda: self.pool.fetch(
@@ -422,11 +457,12 @@ class WorkerService:
                 [json.dumps(o.result) if o.result is not None else None for _, o in batch],
                 [json.dumps(o.error) if o.error is not None else None for _, o in batch],
                 self.name,
+                self.incarnation,
             ),
             what="record_outcomes",
         )
 
-    async def _record(self, batch: list[tuple[Dispatch, Outcome]]) -> None:
+    async def _record(self, batch: list[tuple[Assignment, Outcome]]) -> None:
         try:
             rows = await self._finish(batch)
         except asyncpg.exceptions.DataError:
@@ -486,6 +522,10 @@ class WorkerService:
                 continue
             last_ok = time.monotonic()
             metrics.OWN_HEARTBEAT_AGE.set(0)
+            health.write(
+                self.cfg.health_file, service="worker", worker=self.name, status=status,
+                amqp_connected=self.connection.connected.is_set(), stood_down=self.stood_down,
+            )
             if status is None:
                 raise RuntimeError(
                     f"worker row {self.name!r} now belongs to another process: two workers share this name"

@@ -1,0 +1,297 @@
+"""Hardening with real services and processes: busy workers, one live process per name, fencing
+by incarnation, idempotent finishes, the lost-worker compare-and-set, stopping without a broker,
+the requested timeout, retention, health."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from common.queries import executions as q
+from common.queries import workers as wq
+from tests.harness import REPO, CuttableProxy, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+async def _scheduled_on(baton, execution_id) -> list[str]:
+    rows = await (await baton.pool()).fetch(
+        "SELECT data->>'worker' AS w FROM execution_events WHERE execution_id = $1 AND type = 'execution.scheduled'",
+        uuid.UUID(str(execution_id)),
+    )
+    return [r["w"] for r in rows]
+
+
+# -- busy workers -------------------------------------------------------------------------------
+
+
+async def test_no_execution_waits_behind_a_busy_worker_while_another_has_a_free_slot(baton):
+    await baton.start_executor()
+    await baton.start_worker("busy", concurrency=1)
+    client = await baton.client()
+    long = await client.submit("core.sleep", {"seconds": 30}, watch=True)
+    await baton.wait_status(long.execution_id, "running")
+    # Only now does a second worker appear; everything posted next must go to it, never queue
+    # behind the busy one.
+    await baton.start_worker("idle", concurrency=1)
+    quick = [await client.submit("core.echo", {"message": f"m{i}"}, watch=True) for i in range(4)]
+    for s in quick:
+        done = await client.wait(s.execution_id, 20)
+        assert done["status"] == "completed" and done["worker"] == "idle"
+        assert await _scheduled_on(baton, s.execution_id) == ["idle"]
+    assert (await baton.execution(long.execution_id))["status"] == "running"
+
+
+@pytest.mark.parametrize("pipeline", ["0", "1"])
+async def test_a_worker_busy_past_scheduled_timeout_fails_nothing(baton, pipeline):
+    """One worker of one slot, busy far longer than scheduled_timeout, and a single dispatch
+    allowed: what waits for it is never failed for waiting."""
+    executor = await baton.start_executor(
+        BATON__EXECUTOR__SCHEDULED_TIMEOUT="0.5",
+        BATON__EXECUTOR__MAX_SCHEDULE_ATTEMPTS="1",
+        BATON__EXECUTOR__DISPATCH_PIPELINE=pipeline,
+    )
+    await baton.start_worker("only", concurrency=1, BATON__WORKER__QUEUE_TTL="1")
+    client = await baton.client()
+    first = await client.submit("core.sleep", {"seconds": 4}, watch=True)
+    await baton.wait_status(first.execution_id, "running")
+    waiting = [await client.submit("core.echo", {"message": f"w{i}"}, watch=True) for i in range(3)]
+    if pipeline == "1":
+        # The pipeline holds one dispatch behind the busy worker: the monitor sees it time out
+        # (and its TTL expire) and puts it back in line at no cost.
+        await wait_until(lambda: _has_event(executor, "scheduled_timeout"), timeout_s=20, what="a scheduled timeout")
+    for s in [first, *waiting]:
+        done = await client.wait(s.execution_id, 30)
+        assert done["status"] == "completed", done["error"]
+
+
+# -- one live process per name, fencing by incarnation ----------------------------------------
+
+
+async def test_a_name_held_by_a_live_process_is_refused(baton):
+    await baton.start_executor()
+    first = await baton.start_worker("twin")
+    second = baton.spawn("twin-2", "worker", "--name", "twin", "--runtimes", "python")
+    assert second.wait(30) == 1
+    output = second.log_path.read_text().strip().splitlines()
+    assert output[-1].startswith("worker twin: worker name 'twin' is held by a live process")
+    assert "stop that process, or start this one under another --name" in output[-1]
+    assert first.process.poll() is None
+    done = await (await baton.client()).run("core.echo", {"message": "still here"}, wait_timeout_s=20)
+    assert done["status"] == "completed" and done["worker"] == "twin"
+    # Once the holder is dead, the name is free again at once (its lock went with it).
+    first.signal(signal.SIGKILL)
+    first.wait()
+    await baton.start_worker("twin")
+
+
+async def test_the_default_name_is_unique_per_process(baton):
+    await baton.start_executor()
+    services = [baton.spawn(f"anon{i}", "worker", "--runtimes", "python") for i in range(2)]
+    for service in services:
+        await wait_until(lambda service=service: baton._alive_and_logged(service, "worker_registered"), what="register")
+    names = {r["name"] for r in await (await baton.pool()).fetch("SELECT name FROM workers WHERE status = 'active'")}
+    import socket
+
+    assert names == {f"{socket.gethostname()}-{s.process.pid}" for s in services}
+    baton.worker_names |= names
+
+
+async def test_finish_and_interrupt_are_fenced_by_incarnation_and_finish_is_idempotent(baton):
+    await baton.start_executor()
+    await baton.start_worker("fenced", concurrency=1)
+    client = await baton.client()
+    running = await client.submit("core.sleep", {"seconds": 30}, watch=True)
+    row = await baton.wait_status(running.execution_id, "running")
+    pool = await baton.pool()
+    incarnation = await pool.fetchval("SELECT incarnation FROM workers WHERE name = 'fenced'")
+    assert row["incarnation"] == incarnation
+    args = ([row["id"]], [row["attempt"]], ["completed"], [json.dumps({"x": 1})], [None], "fenced")
+    # Same name, another incarnation (a second process under the name): nothing happens.
+    assert await pool.fetch(q.FINISH, *args, uuid.uuid4()) == []
+    assert await pool.fetch(q.INTERRUPT, row["id"], row["attempt"], "fenced", {}, uuid.uuid4()) == []
+    assert (await baton.execution(row["id"]))["status"] == "running"
+    # The right incarnation; then the same finish again, as after a lost commit reply: the row
+    # comes back (so its one notification is published), with one terminal event only.
+    first = await pool.fetch(q.FINISH, *args, incarnation)
+    again = await pool.fetch(q.FINISH, *args, incarnation)
+    assert [r["status"] for r in first] == [r["status"] for r in again] == ["completed"]
+    events = await pool.fetch("SELECT type FROM execution_events WHERE execution_id = $1", row["id"])
+    assert [e["type"] for e in events].count("execution.completed") == 1
+
+
+# -- the lost-worker compare-and-set ---------------------------------------------------------
+
+
+async def test_a_heartbeat_between_find_and_mark_keeps_the_worker_alive(baton):
+    pool = await baton.pool()
+    incarnation = uuid.uuid4()
+    await pool.execute(
+        "INSERT INTO workers (name, status, runtimes, actions, max_concurrent_tasks, heartbeat_interval_s,"
+        " last_heartbeat, incarnation) VALUES ('late', 'active', '{python}', '{}', 1, 0.1, now() - interval '1 hour', $1)",
+        incarnation,
+    )
+    async with pool.acquire() as conn, conn.transaction():
+        found = [r["name"] for r in await conn.fetch(wq.FIND_LOST, 3.0)]
+        assert found == ["late"]
+        # The worker checks in on another connection between the two statements.
+        await pool.execute(wq.HEARTBEAT, "late", incarnation, 0)
+        assert await conn.fetchrow(wq.MARK_LOST, 3.0, "late", incarnation) is None
+    assert await pool.fetchval("SELECT status FROM workers WHERE name = 'late'") == "active"
+
+
+# -- stopping while RabbitMQ is away ----------------------------------------------------------
+
+
+async def test_the_executor_stops_while_rabbitmq_is_down(baton):
+    proxy = CuttableProxy(target_port=5672)
+    await proxy.start()
+    url = f"amqp://guest:guest@127.0.0.1:{proxy.port}/"
+    executor = await baton.start_executor(BATON__MESSAGE_QUEUE__URL=url, BATON__EXECUTOR__SHUTDOWN_TIMEOUT="2")
+    await baton.start_worker("w1", concurrency=1)
+    client = await baton.client()
+    running = await client.submit("core.sleep", {"seconds": 2}, watch=True)
+    await baton.wait_status(running.execution_id, "running")
+    # This one waits as `requested` for the slot; when the slot frees, the broker is gone, and the
+    # scheduler is left holding a dispatch it cannot send.
+    waiting = await client.submit("core.echo", {"message": "later"})
+    await baton.wait_status(waiting.execution_id, "requested")
+    await proxy.cut()
+    await wait_until(lambda: _has_event(executor, "dispatch_waiting_for_broker"), timeout_s=30,
+                     what="the scheduler to wait for the broker")
+    executor.signal(signal.SIGTERM)
+    assert await asyncio.to_thread(executor.wait, 60) == 0
+    assert executor.events("executor_stopped")
+    # Put back in line at no cost, for the next executor.
+    row = await baton.execution(waiting.execution_id)
+    assert row["status"] == "requested" and row["schedule_attempts"] == 0
+
+
+async def _has_event(service, *names: str) -> bool:
+    return any(service.events(n) for n in names)
+
+
+# -- the requested timeout ------------------------------------------------------------------
+
+
+async def test_a_request_no_live_worker_serves_fails_after_requested_timeout(baton):
+    await baton.start_executor(BATON__EXECUTOR__REQUESTED_TIMEOUT="1", BATON__EXECUTOR__TIMEOUT_CHECK_INTERVAL="0.3")
+    gone = await baton.start_worker("gone", concurrency=1)
+    gone.signal(signal.SIGTERM)
+    assert gone.wait() == 0
+    busy = await baton.start_worker("busy", concurrency=1, runtimes="python")
+    client = await baton.client()
+    # `core.local` was registered by `gone` and nobody serves it now; `core.sleep` waits for `busy`.
+    orphan = await client.submit("core.local", {"cmd": ["true"]}, watch=True)
+    blocker = await client.submit("core.sleep", {"seconds": 4}, watch=True)
+    await baton.wait_status(blocker.execution_id, "running")
+    patient = await client.submit("core.echo", {"message": "waits its turn"}, watch=True)
+    failed = await client.wait(orphan.execution_id, 20)
+    assert failed["status"] == "failed"
+    assert failed["error"]["failed_by"] == "requested_timeout_monitor"
+    assert "no live worker serves action 'core.local'" in failed["error"]["error"]
+    done = await client.wait(patient.execution_id, 20)
+    assert done["status"] == "completed" and done["worker"] == busy.name
+
+
+# -- retention -------------------------------------------------------------------------------
+
+
+async def test_retention_prunes_old_history_and_gone_workers(baton):
+    pool = await baton.pool()
+    old, recent = uuid.uuid4(), uuid.uuid4()
+    for execution_id, age in ((old, "40 days"), (recent, "1 day")):
+        await pool.execute(
+            "INSERT INTO executions (id, action_ref, status, finished_at, last_event_seq) "
+            f"VALUES ($1, 'core.noop', 'completed', now() - interval '{age}', 1)",
+            execution_id,
+        )
+        await pool.execute("INSERT INTO execution_events (execution_id, seq, type) VALUES ($1, 1, 'x')", execution_id)
+    await pool.execute(
+        "INSERT INTO workers (name, status, runtimes, actions, max_concurrent_tasks, heartbeat_interval_s,"
+        " incarnation, updated_at) VALUES ('ancient', 'inactive', '{python}', '{}', 1, 1, $1, now() - interval '30 days')",
+        uuid.uuid4(),
+    )
+    executor = await baton.start_executor(BATON__RETENTION__PRUNE_INTERVAL="0.3")
+    await wait_until(lambda: _gone(pool, old), what="the old execution to be pruned")
+    assert await pool.fetchval("SELECT count(*) FROM execution_events WHERE execution_id = $1", old) == 0
+    assert await pool.fetchval("SELECT count(*) FROM executions WHERE id = $1", recent) == 1
+    await wait_until(lambda: _worker_gone(pool, "ancient"), what="the gone worker to be pruned")
+    assert executor.events("pruned")
+
+
+async def _gone(pool, execution_id) -> bool:
+    return await pool.fetchval("SELECT count(*) FROM executions WHERE id = $1", execution_id) == 0
+
+
+async def _worker_gone(pool, name) -> bool:
+    return await pool.fetchval("SELECT count(*) FROM workers WHERE name = $1", name) == 0
+
+
+async def test_prune_by_hand(baton):
+    pool = await baton.pool()
+    await pool.execute(
+        "INSERT INTO executions (id, action_ref, status, finished_at) VALUES ($1, 'core.noop', 'failed', now() - interval '3 days'),"
+        " ($2, 'core.noop', 'requested', NULL)",
+        uuid.uuid4(), uuid.uuid4(),
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "common.cli", "executions", "prune", "--older-than", "2d"],
+        cwd=REPO, env=baton.service_env(), capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "deleted 1 finished execution(s) older than 2d"
+    assert await pool.fetchval("SELECT count(*) FROM executions") == 1  # the unfinished one stays
+
+
+async def test_a_cleanly_stopped_worker_deletes_its_empty_queue(baton):
+    await baton.start_executor()
+    worker = await baton.start_worker("tidy")
+    assert await baton.queue_depth(baton.names.worker_queue("tidy")) == 0
+    worker.signal(signal.SIGTERM)
+    assert worker.wait() == 0
+    assert worker.events("worker_queue_deleted")
+    with pytest.raises(Exception, match="NOT_FOUND"):
+        await baton.queue_depth(baton.names.worker_queue("tidy"))
+
+
+async def test_the_client_unbinds_what_it_bound(baton):
+    await baton.start_executor()
+    await baton.start_worker("w")
+    client = await baton.client()
+    for i in range(3):
+        assert (await client.run("core.echo", {"message": str(i)}, wait_timeout_s=20))["status"] == "completed"
+    bindings = subprocess.run(
+        ["rabbitmqctl", "-q", "list_bindings", "source_name", "routing_key"], capture_output=True, text=True, timeout=60
+    ).stdout
+    assert not [line for line in bindings.splitlines() if line.startswith(baton.names.notifications_exchange)]
+
+
+# -- health ----------------------------------------------------------------------------------
+
+
+async def test_health_reports_a_live_connected_executor_and_a_dead_one(baton, tmp_path):
+    health_file = str(tmp_path / "executor.health")
+    executor = await baton.start_executor(BATON__EXECUTOR__HEALTH_FILE=health_file)
+
+    def health() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "common.cli", "health", "--service", "executor"],
+            cwd=REPO, env=baton.service_env(BATON__EXECUTOR__HEALTH_FILE=health_file),
+            capture_output=True, text=True, timeout=60,
+        )
+
+    await wait_until(lambda: asyncio.to_thread(lambda: health().returncode == 0), what="a healthy report")
+    out = health().stdout
+    assert "executor: executor pid" in out and "postgresql: reachable at 127.0.0.1:5432" in out
+    assert "rabbitmq: reachable at 127.0.0.1:5672" in out
+    executor.signal(signal.SIGKILL)
+    executor.wait()
+    result = health()
+    assert result.returncode == 1 and "is gone" in result.stdout
