@@ -18,6 +18,7 @@ from typing import Any
 import aio_pika
 import asyncpg
 from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
+from pydantic import ValidationError
 
 from common import amqp, db
 from common.actions import CORE_ACTIONS
@@ -73,7 +74,9 @@ class BatonClient:
         self._channel: AbstractChannel | None = None
         self._inbox: AbstractQueue | None = None
         self._replies: dict[str, asyncio.Future[Acceptance]] = {}
-        self._notified: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        # A notification only wakes a waiter, which then reads the row: anyone who can publish to
+        # the exchange could have written one, and PostgreSQL's row is the only truth.
+        self._notified: dict[str, asyncio.Event] = {}
 
     async def __aenter__(self) -> BatonClient:
         return self
@@ -109,22 +112,26 @@ class BatonClient:
         return self._channel, self._inbox
 
     async def _on_inbox(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        if not (message.routing_key or "").startswith("execution."):  # a reply to one of our requests
-            future = self._replies.pop(message.correlation_id or "", None)
-            if future is not None and not future.done():
-                future.set_result(Acceptance.model_validate_json(message.body))
+        routing_key = message.routing_key or ""
+        if routing_key.startswith("execution."):  # execution.<id>.<status>: wake its waiter
+            woken = self._notified.get(routing_key.split(".")[1] if routing_key.count(".") == 2 else "")
+            if woken is not None:
+                woken.set()
             return
-        body = json.loads(message.body)
-        future = self._notified.get(body.get("id", ""))
-        if future is not None and not future.done():
-            future.set_result(body)
+        future = self._replies.pop(message.correlation_id or "", None)  # a reply to one of our requests
+        if future is None or future.done():
+            return
+        try:
+            future.set_result(Acceptance.model_validate_json(message.body))
+        except ValidationError as exc:
+            future.set_exception(RequestRejected(f"the executor's reply cannot be read: {exc.errors()[0]['msg']}"))
 
-    async def _watch(self, execution_id: uuid.UUID) -> asyncio.Future[dict[str, Any]]:
+    async def _watch(self, execution_id: uuid.UUID) -> asyncio.Event:
         """Subscribe to the execution's terminal notification (before looking at its state)."""
         channel, inbox = await self._amqp()
         key = str(execution_id)
         if key not in self._notified:
-            self._notified[key] = asyncio.get_running_loop().create_future()
+            self._notified[key] = asyncio.Event()
             exchange = await channel.get_exchange(self.names.notifications_exchange)
             await inbox.bind(exchange, f"execution.{key}.*")
         return self._notified[key]
@@ -213,7 +220,8 @@ class BatonClient:
                 if remaining <= 0:
                     raise TimeoutError(f"execution {execution_id} did not finish within {timeout_s} s")
                 with contextlib.suppress(asyncio.TimeoutError):
-                    return await asyncio.wait_for(asyncio.shield(notified), remaining)
+                    await asyncio.wait_for(notified.wait(), remaining)
+                notified.clear()
         finally:
             await self._unwatch(execution_id)
 

@@ -92,5 +92,5 @@ async def handle(ctx: ExecutorContext, message: AbstractIncomingMessage) -> None
         log.info("dead_letter_handled", outcome=status, **fields)
         ctx.wake.set()
     if failed is not None:
-        await publish_terminal(ctx.pool, ctx.exchanges.notifications, [failed])
+        await publish_terminal(ctx.exchanges.notifications, [failed])
     await message.ack()

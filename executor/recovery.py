@@ -52,7 +52,7 @@ async def recover_interrupted(ctx: ExecutorContext) -> int:
                 failed.append(done)
                 metrics.RECOVERIES.labels("failed").inc()
                 log.warning("execution_failed", error=error["error"], **fields)
-    await publish_terminal(ctx.pool, ctx.exchanges.notifications, failed)
+    await publish_terminal(ctx.exchanges.notifications, failed)
     if recovered:
         ctx.wake.set()
     return recovered + len(failed)

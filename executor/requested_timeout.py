@@ -76,5 +76,5 @@ async def check(ctx: ExecutorContext) -> int:
                     "requested_timeout", execution_id=str(row["id"]), action_ref=row["action_ref"],
                     age_s=round(row["age_s"], 3),
                 )
-    await publish_terminal(ctx.pool, ctx.exchanges.notifications, failed)
+    await publish_terminal(ctx.exchanges.notifications, failed)
     return len(rows)

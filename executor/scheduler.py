@@ -117,7 +117,7 @@ async def _pass(ctx: ExecutorContext, stop_event: asyncio.Event) -> tuple[bool, 
         return False, False
     outcomes = await asyncio.gather(*(_dispatch(ctx, by_id[s["id"]], s) for s in scheduled))
     failed = [row for row in outcomes if row is not None]
-    await publish_terminal(ctx.pool, ctx.exchanges.notifications, failed)
+    await publish_terminal(ctx.exchanges.notifications, failed)
     return len(rows) == cfg.schedule_batch_size, len(plan) < len(rows)
 
 

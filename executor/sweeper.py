@@ -80,7 +80,7 @@ async def sweep(ctx: ExecutorContext) -> list[str]:
                 last_heartbeat=str(worker["last_heartbeat"]),
             )
             failed += await release_held(ctx, conn, worker["name"], signal)
-    await publish_terminal(ctx.pool, ctx.exchanges.notifications, failed)
+    await publish_terminal(ctx.exchanges.notifications, failed)
     if lost:
         ctx.wake.set()
     return lost

@@ -83,7 +83,7 @@ async def check(ctx: ExecutorContext) -> int:
             )
             if done is not None:
                 failed.append(done)
-    await publish_terminal(ctx.pool, ctx.exchanges.notifications, failed)
+    await publish_terminal(ctx.exchanges.notifications, failed)
     if len(failed) < len(rows):
         ctx.wake.set()
     return len(rows)

@@ -491,7 +491,7 @@ class WorkerService:
                 self.log.warning(
                     f"execution_{outcome.status}", error=(outcome.error or {}).get("error"), **fields
                 )
-        await publish_terminal(self.pool, self.exchanges.notifications, rows)
+        await publish_terminal(self.exchanges.notifications, rows)
 
     # -- liveness ----------------------------------------------------------------------------
 
