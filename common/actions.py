@@ -7,9 +7,10 @@ workers register in PostgreSQL, plus the core pack below, which is part of Baton
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
 
 Runtime = Literal["python", "shell"]
 
@@ -43,9 +44,64 @@ class SleepParams(_Params):
     seconds: float = Field(ge=0)
 
 
+#: Environment variables an invocation may not set: each makes a shell, the dynamic linker or an
+#: interpreter run code of the caller's choosing even when the command itself is fixed.
+REFUSED_ENV_NAMES = frozenset({
+    "BASH_ENV", "ENV", "SHELLOPTS", "BASHOPTS", "PS4", "PROMPT_COMMAND", "IFS", "CDPATH", "GLOBIGNORE",
+    "BASH_XTRACEFD", "PYTHONSTARTUP", "PYTHONPATH", "PYTHONHOME", "PYTHONINSPECT", "PERL5OPT", "PERL5LIB",
+    "PERLLIB", "RUBYOPT", "RUBYLIB", "NODE_OPTIONS", "GCONV_PATH", "HOSTALIASES", "LOCALDOMAIN", "RES_OPTIONS",
+})
+#: ... and names starting with these (bash exported functions, loaders; BATON_ is Baton's own).
+REFUSED_ENV_PREFIXES = ("BASH_FUNC_", "LD_", "DYLD_", "BATON_")
+_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+_SECRET_NAME = r"^[A-Za-z0-9_.\-]{1,200}$"
+
+
+def check_env_name(name: str) -> str:
+    if not re.fullmatch(_ENV_NAME, name):
+        raise ValueError(f"{name[:80]!r} is not an environment variable name")
+    if name in REFUSED_ENV_NAMES or name.startswith(REFUSED_ENV_PREFIXES):
+        raise ValueError(f"environment variable {name} may not be set by an invocation")
+    return name
+
+
+class SecretRef(_Params):
+    """``{"secret": "name"}``: resolved on the worker (worker.secrets_dir, or BATON_SECRET_<NAME>),
+    so that the value never enters PostgreSQL or RabbitMQ."""
+
+    secret: str = Field(pattern=_SECRET_NAME)
+
+
+# The executor validates with this JSON Schema and the worker with the model: both say the same.
+_ENV_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {
+            "type": "object",
+            "propertyNames": {
+                "pattern": _ENV_NAME,
+                "not": {"anyOf": [
+                    {"enum": sorted(REFUSED_ENV_NAMES)},
+                    {"pattern": "^(" + "|".join(REFUSED_ENV_PREFIXES) + ")"},
+                ]},
+            },
+            "additionalProperties": {"anyOf": [
+                {"type": "string"},
+                {"type": "object", "properties": {"secret": {"type": "string", "pattern": _SECRET_NAME}},
+                 "required": ["secret"], "additionalProperties": False},
+            ]},
+        },
+        {"type": "null"},
+    ],
+    "default": None,
+    "description": "extra environment variables for the process; a value may be {\"secret\": \"name\"}",
+}
+
+EnvName = Annotated[str, AfterValidator(check_env_name)]
+
+
 class LocalParams(_Params):
     cmd: list[str] | str = Field(description="argv list, run directly; or a string, run by bash -c")
-    env: dict[str, str] | None = Field(None, description="extra environment variables for the process")
+    env: Annotated[dict[EnvName, str | SecretRef] | None, WithJsonSchema(_ENV_SCHEMA)] = None
     cwd: str | None = Field(None, description="working directory")
     stdin: str | None = Field(None, description="text written to the process's standard input")
 

@@ -162,6 +162,16 @@ class WorkerSettings(_Section):
     kill_grace_s: Seconds = Field(5.0, alias="kill_grace")
     """Between SIGTERM and SIGKILL of a shell action that ran past its timeout."""
 
+    shell_env_passthrough: list[str] = Field(default_factory=list)
+    """Names of the worker's own environment variables that shell actions also get, beyond the
+    minimal set (PATH, LANG, LC_ALL, HOME, TZ, TMPDIR, USER). Nothing else of the worker's
+    environment (its database URL, say) reaches a command."""
+
+    secrets_dir: str | None = None
+    """Where `{"secret": "name"}` references in a shell action's `env` are read from (one file per
+    secret, as Docker and Kubernetes mount them); `BATON_SECRET_<NAME>` in the worker's environment
+    is the fallback. Secrets never enter PostgreSQL or RabbitMQ, and are masked in captured output."""
+
     max_output_bytes: int = Field(1_048_576, ge=64)
     """Cap on each of stdout and stderr of a shell action, and on a Python action's result."""
 

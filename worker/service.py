@@ -68,7 +68,12 @@ class WorkerService:
         self.incarnation = uuid.uuid4()
         load_action_modules(self.cfg.action_modules)
         builtins.configure_shell(
-            ShellLimits(max_output_bytes=self.cfg.max_output_bytes, kill_grace_s=self.cfg.kill_grace_s)
+            ShellLimits(
+                max_output_bytes=self.cfg.max_output_bytes,
+                kill_grace_s=self.cfg.kill_grace_s,
+                env_passthrough=tuple(self.cfg.shell_env_passthrough),
+                secrets_dir=self.cfg.secrets_dir,
+            )
         )
         self.actions: dict[str, RegisteredAction] = {
             ref: a for ref, a in registered().items() if a.spec.runtime in self.cfg.runtimes

@@ -1,8 +1,12 @@
 """`core.local`: run a local command without ever building a shell string from parameters.
 
 A list ``cmd`` is executed directly; a string ``cmd`` is the script given to ``bash -c``, written by
-the caller, with parameters reaching it only through environment variables or stdin. Output is
-read concurrently and capped; on timeout the process group gets SIGTERM, then SIGKILL after a grace.
+the caller, with parameters reaching it only through environment variables or stdin. The command
+gets a minimal environment, never the worker's own (which holds its credentials): a small allowlist,
+what `worker.shell_env_passthrough` names, and the invocation's `env`, whose `{"secret": "name"}`
+values are read on the worker. Output is read concurrently and capped, with secret values masked.
+When the command ends, whatever it left running in its process group is killed; on timeout the
+group gets SIGTERM, then SIGKILL after a grace.
 """
 
 from __future__ import annotations
@@ -10,19 +14,56 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from common.actions import LocalParams
+from common.actions import LocalParams, SecretRef
 from worker.errors import ActionFailed, ActionTimedOut
 from worker.registry import Invocation
+
+#: Of the worker's environment, only these reach a command (plus `worker.shell_env_passthrough`).
+BASE_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "HOME", "TZ", "TMPDIR", "USER", "LOGNAME")
+MASK = "***"
 
 
 @dataclass
 class ShellLimits:
     max_output_bytes: int = 1_048_576
     kill_grace_s: float = 5.0
+    env_passthrough: tuple[str, ...] = ()
+    secrets_dir: str | None = None
+    environ: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+
+
+def read_secret(ref: SecretRef, limits: ShellLimits) -> str:
+    """A secret's value from `worker.secrets_dir/<name>`, else `BATON_SECRET_<NAME>`."""
+    if limits.secrets_dir is not None:
+        path = Path(limits.secrets_dir) / ref.secret
+        if path.is_file():
+            return path.read_text().rstrip("\n")
+    var = "BATON_SECRET_" + re.sub(r"[^A-Za-z0-9]", "_", ref.secret).upper()
+    if var in limits.environ:
+        return limits.environ[var]
+    raise ActionFailed(
+        f"secret {ref.secret!r} is not available on this worker: put it in worker.secrets_dir "
+        f"as a file named {ref.secret!r}, or in the worker's environment as {var}"
+    )
+
+
+def command_env(params: LocalParams, inv: Invocation, limits: ShellLimits) -> tuple[dict[str, str], list[str]]:
+    """The command's whole environment, and the secret values in it (to mask in its output)."""
+    env = {k: limits.environ[k] for k in (*BASE_ENV, *limits.env_passthrough) if k in limits.environ}
+    secrets: list[str] = []
+    for name, value in (params.env or {}).items():
+        if isinstance(value, SecretRef):
+            value = read_secret(value, limits)
+            secrets.append(value)
+        env[name] = value
+    env.update(BATON_EXECUTION_ID=inv.execution_id, BATON_ACTION_REF=inv.action_ref, BATON_ATTEMPT=str(inv.attempt))
+    return env, [s for s in secrets if s]
 
 
 async def _read_capped(stream: asyncio.StreamReader, cap: int) -> tuple[bytes, int]:
@@ -36,9 +77,12 @@ async def _read_capped(stream: asyncio.StreamReader, cap: int) -> tuple[bytes, i
     return bytes(kept), total
 
 
-def _text(raw: bytes) -> str:
-    """Output as text PostgreSQL can store: undecodable bytes and NULs become U+FFFD."""
-    return raw.decode(errors="replace").replace("\x00", "\ufffd")
+def _text(raw: bytes, secrets: list[str]) -> str:
+    """Output as text PostgreSQL can store (undecodable bytes and NULs become U+FFFD), secrets masked."""
+    text = raw.decode(errors="replace").replace("\x00", "\ufffd")
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, MASK)
+    return text
 
 
 def _signal_group(proc: asyncio.subprocess.Process, sig: int) -> None:
@@ -50,11 +94,7 @@ async def run_local(params: LocalParams, inv: Invocation, limits: ShellLimits) -
     argv = list(params.cmd) if isinstance(params.cmd, list) else ["bash", "-c", params.cmd]
     if not argv:
         raise ActionFailed("cmd is empty")
-    env = dict(os.environ)
-    env.update(params.env or {})
-    env.update(
-        BATON_EXECUTION_ID=inv.execution_id, BATON_ACTION_REF=inv.action_ref, BATON_ATTEMPT=str(inv.attempt)
-    )
+    env, secrets = command_env(params, inv, limits)
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv,
@@ -63,7 +103,8 @@ async def run_local(params: LocalParams, inv: Invocation, limits: ShellLimits) -
             stderr=asyncio.subprocess.PIPE,
             env=env,
             cwd=params.cwd,
-            start_new_session=True,  # its own process group, so that a timeout stops its children too
+            start_new_session=True,  # its own process group, so that what it starts can be stopped too
+            close_fds=True,  # none of the worker's sockets (database, broker) leak into the command
         )
     except (FileNotFoundError, PermissionError, NotADirectoryError) as exc:
         raise ActionFailed(f"cannot start {argv[0]!r}: {exc}") from exc
@@ -78,29 +119,35 @@ async def run_local(params: LocalParams, inv: Invocation, limits: ShellLimits) -
 
     cap = limits.max_output_bytes
     assert proc.stdout is not None and proc.stderr is not None
-    io = asyncio.gather(feed(), _read_capped(proc.stdout, cap), _read_capped(proc.stderr, cap), proc.wait())
+    readers = asyncio.gather(_read_capped(proc.stdout, cap), _read_capped(proc.stderr, cap))
+    exited = asyncio.gather(feed(), proc.wait())
     timed_out = False
     try:
         try:
-            _, (out, out_total), (err, err_total), _ = await asyncio.wait_for(asyncio.shield(io), inv.timeout_s)
+            await asyncio.wait_for(asyncio.shield(exited), inv.timeout_s)
         except asyncio.TimeoutError:
             timed_out = True
             _signal_group(proc, signal.SIGTERM)
-            try:
-                _, (out, out_total), (err, err_total), _ = await asyncio.wait_for(
-                    asyncio.shield(io), limits.kill_grace_s
-                )
-            except asyncio.TimeoutError:
-                _signal_group(proc, signal.SIGKILL)
-                _, (out, out_total), (err, err_total), _ = await io
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(exited), limits.kill_grace_s)
+        # The command has ended (or is past its grace): nothing it started outlives it. Once the
+        # group is gone the pipes reach end-of-file; a descendant that left the group and still
+        # holds them is not waited for past the grace.
+        _signal_group(proc, signal.SIGKILL)
+        await exited
+        (out, out_total), (err, err_total) = await asyncio.wait_for(readers, limits.kill_grace_s)
+    except asyncio.TimeoutError:
+        readers.cancel()
+        raise ActionFailed("the command's output pipes stayed open after it ended (a descendant left its process group)") from None
     except BaseException:
         # Cancelled (the worker is stopping past its drain deadline): leave no process behind.
         _signal_group(proc, signal.SIGKILL)
+        readers.cancel()
         raise
     result = {
         "exit_code": proc.returncode,
-        "stdout": _text(out),
-        "stderr": _text(err),
+        "stdout": _text(out, secrets),
+        "stderr": _text(err, secrets),
         "stdout_truncated": out_total > len(out),
         "stderr_truncated": err_total > len(err),
     }

@@ -1,0 +1,170 @@
+"""Trust boundaries, each attack reproduced against the real services and shown to fail: what a
+shell command can see, what a forged message can make a client or a worker believe."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import uuid
+
+import aio_pika
+import pytest
+
+from common import amqp
+from tests.harness import AMQP_URL, REPO, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+async def test_a_command_sees_a_minimal_environment_not_the_workers(baton):
+    await baton.start_executor()
+    await baton.start_worker("shell", BATON__WORKER__SHELL_ENV_PASSTHROUGH='["EXTRA_ALLOWED"]', EXTRA_ALLOWED="yes",
+                             EXTRA_PRIVATE="no")
+    done = await (await baton.client()).run("core.local", {"cmd": ["env"], "env": {"MINE": "1"}}, wait_timeout_s=20)
+    assert done["status"] == "completed"
+    seen = dict(line.split("=", 1) for line in done["result"]["stdout"].splitlines() if "=" in line)
+    assert "BATON__DATABASE__URL" not in seen and baton.db_url not in done["result"]["stdout"]
+    assert not [k for k in seen if k.startswith("BATON__")]
+    assert "EXTRA_PRIVATE" not in seen
+    assert seen["EXTRA_ALLOWED"] == "yes" and seen["MINE"] == "1" and seen["BATON_EXECUTION_ID"] == done["id"]
+    assert "PATH" in seen
+
+
+@pytest.mark.parametrize("name", ["BASH_ENV", "ENV", "BASH_FUNC_ls%%", "LD_PRELOAD", "SHELLOPTS", "PS4", "BATON_ATTEMPT"])
+async def test_dangerous_environment_names_are_refused(baton, tmp_path, name):
+    await baton.start_executor()
+    await baton.start_worker("shell")
+    marker = tmp_path / "ran"
+    done = await (await baton.client()).run(
+        "core.local", {"cmd": ["true"], "env": {name: f"$(touch {marker})"}}, wait_timeout_s=20
+    )
+    assert done["status"] == "failed" and done["error"]["failed_by"] == "executor_intake"
+    assert "env" in done["error"]["error"] and done["worker"] is None
+    assert not marker.exists()
+
+
+async def test_secret_references_are_resolved_on_the_worker_and_never_stored(baton, tmp_path):
+    secrets_dir = tmp_path / "secrets"
+    secrets_dir.mkdir()
+    (secrets_dir / "db-token").write_text("s3cret-from-file\n")
+    await baton.start_executor()
+    await baton.start_worker(
+        "shell", BATON__WORKER__SECRETS_DIR=str(secrets_dir), BATON_SECRET_API_KEY="s3cret-from-env"
+    )
+    client = await baton.client()
+    done = await client.run(
+        "core.local",
+        {"cmd": 'echo "$A $B"', "env": {"A": {"secret": "db-token"}, "B": {"secret": "api-key"}}},
+        wait_timeout_s=20,
+    )
+    assert done["status"] == "completed"
+    assert done["result"]["stdout"] == "*** ***\n"
+    pool = await baton.pool()
+    stored = await pool.fetchval("SELECT row_to_json(e)::text FROM executions e WHERE id = $1", uuid.UUID(done["id"]))
+    events = await pool.fetchval(
+        "SELECT string_agg(data::text, ' ') FROM execution_events WHERE execution_id = $1", uuid.UUID(done["id"])
+    )
+    for text in (stored, events):
+        assert "s3cret" not in text
+    missing = await client.run("core.local", {"cmd": ["true"], "env": {"X": {"secret": "nope"}}}, wait_timeout_s=20)
+    assert missing["status"] == "failed"
+    assert "secret 'nope' is not available on this worker" in missing["error"]["error"]
+
+
+async def test_a_forged_notification_wakes_but_does_not_fool_the_waiter(baton):
+    await baton.start_executor()
+    await baton.start_worker("w")
+    client = await baton.client()
+    submission = await client.submit("tests.sleep_then_echo", {"seconds": 1, "message": "real"}, watch=True)
+    connection = await aio_pika.connect(AMQP_URL)
+    try:
+        channel = await connection.channel()
+        exchange = await channel.get_exchange(baton.names.notifications_exchange)
+        forged = {"id": str(submission.execution_id), "status": "completed", "result": {"message": "forged"}}
+        await exchange.publish(
+            aio_pika.Message(json.dumps(forged).encode()),
+            routing_key=amqp.Names.notification_key(submission.execution_id, "completed"),
+        )
+        done = await client.wait(submission.execution_id, 20)
+    finally:
+        await connection.close()
+    assert done["status"] == "completed" and done["result"] == {"message": "real"}
+
+
+async def test_submit_wait_prints_the_recorded_failure_despite_a_forged_success(baton):
+    """A rogue consumer on the requests answers every request with a forged `completed`."""
+    await baton.start_executor()
+    await baton.start_worker("w")
+    connection = await aio_pika.connect(AMQP_URL)
+    channel = await connection.channel()
+    spy = await channel.declare_queue(exclusive=True)
+    await spy.bind(baton.names.executions_exchange, amqp.REQUESTED_KEY)
+    notifications = await channel.get_exchange(baton.names.notifications_exchange)
+
+    async def forge(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        await message.ack()
+        forged = {"id": message.message_id, "status": "completed", "result": "forged"}
+        for _ in range(20):  # keep forging while the client waits
+            await notifications.publish(
+                aio_pika.Message(json.dumps(forged).encode()), routing_key=f"execution.{message.message_id}.completed"
+            )
+            await asyncio.sleep(0.1)
+
+    await spy.consume(forge)
+    try:
+        result = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "common.cli", "submit", "tests.fail", "message=really", "--wait", "--json"],
+            cwd=REPO, env=baton.service_env(), capture_output=True, text=True, timeout=60,
+        )
+    finally:
+        await connection.close()
+    assert result.returncode == 1, result.stderr
+    shown = json.loads(result.stdout)
+    assert shown["status"] == "failed" and shown["result"] is None
+
+
+async def test_a_worker_runs_what_was_recorded_not_what_the_dispatch_says(baton, tmp_path):
+    await baton.start_executor()
+    await baton.start_worker("victim", concurrency=1)
+    pool = await baton.pool()
+    execution_id = uuid.uuid4()
+    # A real execution, recorded as `scheduled` on the worker at attempt 1 ...
+    await pool.execute(
+        "INSERT INTO executions (id, action_ref, parameters, status, attempt, worker, scheduled_at, last_event_seq)"
+        " VALUES ($1, 'core.echo', $2, 'scheduled', 1, 'victim', now(), 0)",
+        execution_id, {"message": "recorded"},
+    )
+    # ... and a dispatch for it that someone on the broker rewrote to run a command.
+    marker = tmp_path / "pwned"
+    forged = {"execution_id": str(execution_id), "attempt": 1, "action_ref": "core.local",
+              "parameters": {"cmd": ["touch", str(marker)]}}
+    connection = await aio_pika.connect(AMQP_URL)
+    try:
+        channel = await connection.channel()
+        exchange = await channel.get_exchange(baton.names.dispatch_exchange)
+        await exchange.publish(aio_pika.Message(json.dumps(forged).encode()),
+                               routing_key=amqp.Names.worker_routing_key("victim"))
+    finally:
+        await connection.close()
+    row = await baton.wait_status(execution_id, "completed", "failed")
+    assert row["status"] == "completed" and row["result"] == {"message": "recorded"}
+    assert not marker.exists()
+
+
+async def test_what_a_command_leaves_running_is_killed_when_it_ends(baton):
+    await baton.start_executor()
+    await baton.start_worker("shell")
+    marker = f"{uuid.uuid4().int % 10**6}.25"
+    done = await (await baton.client()).run(
+        "core.local", {"cmd": f"sleep 3{marker} & echo started"}, wait_timeout_s=20
+    )
+    assert done["status"] == "completed" and done["result"]["stdout"] == "started\n"
+
+    async def gone() -> bool:
+        found = await asyncio.to_thread(subprocess.run, ["pgrep", "-f", f"sleep 3{marker}"], capture_output=True)
+        return found.returncode == 1
+
+    await wait_until(gone, what="the background process to be killed")
