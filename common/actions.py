@@ -26,6 +26,41 @@ class ActionSpec(BaseModel):
     durable: bool = False
     recover_on_worker_loss: bool | None = None  # None: the YAML `recovery:` section or the default decides
     max_recovery_attempts: int | None = None
+    version: int = 1  # a changed schema or runtime is deployed as a higher version
+
+
+#: Refs under this prefix are Baton's built-ins: defined by its code, never by a registration.
+CORE_PREFIX = "core."
+
+
+def registration_conflict(existing: ActionSpec | None, new: ActionSpec) -> str | None:
+    """Why a worker may not register ``new`` over the catalogue's ``existing`` entry (None: it may).
+
+    The rule: the same version must mean the same action (runtime and parameter schema), so that
+    the executor never validates against a schema the workers do not run. A change is deployed as a
+    higher version, which replaces the entry; a worker with a lower version than the catalogue's is
+    an old deployment and is refused, rather than overwrite the newer one."""
+    if new.ref.startswith(CORE_PREFIX):
+        return f"{new.ref}: actions under {CORE_PREFIX}* are Baton's own and cannot be registered"
+    if existing is None or new.version > existing.version:
+        return None
+    if new.version < existing.version:
+        return (
+            f"{new.ref}: this worker has version {new.version}, the catalogue has version {existing.version} "
+            f"(a newer deployment registered it): deploy the newer code"
+        )
+    changed = [
+        what for what, differs in (
+            ("runtime", new.runtime != existing.runtime),
+            ("parameter schema", new.parameters_schema != existing.parameters_schema),
+        ) if differs
+    ]
+    if changed:
+        return (
+            f"{new.ref}: version {new.version} is already registered with another {' and '.join(changed)}: "
+            f"give the changed action a higher version (@action(..., version={new.version + 1}))"
+        )
+    return None
 
 
 class _Params(BaseModel):

@@ -256,9 +256,8 @@ class BatonClient:
         return [jsonable_row(r) for r in await pool.fetch(wq.LIST)]
 
     async def action_schema(self, action_ref: str) -> dict[str, Any] | None:
+        if action_ref in CORE_ACTIONS:
+            return CORE_ACTIONS[action_ref].parameters_schema
         pool = await self.pool()
         row = await pool.fetchrow(aq.GET, action_ref)
-        if row is not None:
-            return row["parameters_schema"]
-        spec = CORE_ACTIONS.get(action_ref)
-        return spec.parameters_schema if spec else None
+        return row["parameters_schema"] if row is not None else None

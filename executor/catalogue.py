@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 import asyncpg
 
-from common.actions import CORE_ACTIONS, ActionSpec
+from common.actions import CORE_ACTIONS, CORE_PREFIX, ActionSpec
 from common.queries import actions as q
 
 
@@ -23,12 +23,12 @@ class Catalogue:
         """Specs for the refs that are known; unknown refs are absent. One query for all misses;
         misses are not cached, since a worker may register the action at any moment."""
         wanted = set(refs)
-        missing = [r for r in wanted if r not in self._cache]
+        # `core.*` comes from Baton's own code: no registration can shadow it.
+        found = {r: CORE_ACTIONS[r] for r in wanted if r in CORE_ACTIONS}
+        missing = [r for r in wanted - found.keys() if r not in self._cache]
         if missing:
             for row in await self._pool.fetch(q.GET_MANY, missing):
-                self._cache[row["ref"]] = ActionSpec(**dict(row))
-        found = {r: self._cache[r] for r in wanted if r in self._cache}
-        for ref in wanted - found.keys():
-            if ref in CORE_ACTIONS:
-                found[ref] = CORE_ACTIONS[ref]
+                if not row["ref"].startswith(CORE_PREFIX):
+                    self._cache[row["ref"]] = ActionSpec(**dict(row))
+        found.update({r: self._cache[r] for r in wanted - found.keys() if r in self._cache})
         return found

@@ -168,3 +168,48 @@ async def test_what_a_command_leaves_running_is_killed_when_it_ends(baton):
         return found.returncode == 1
 
     await wait_until(gone, what="the background process to be killed")
+
+
+# -- the catalogue ---------------------------------------------------------------------------
+
+
+async def test_core_actions_cannot_be_overridden_by_the_catalogue(baton):
+    await baton.start_executor()
+    await baton.start_worker("w")
+    pool = await baton.pool()
+    assert await pool.fetchval("SELECT count(*) FROM actions WHERE ref LIKE 'core.%'") == 0
+    # A row written behind Baton's back (a rogue worker with database access) changes nothing.
+    await pool.execute(
+        "INSERT INTO actions (ref, runtime, parameters_schema) VALUES ('core.echo', 'shell', '{}'::jsonb)"
+    )
+    client = await baton.client()
+    done = await client.run("core.echo", {"message": "hi"}, wait_timeout_s=20)
+    assert done["status"] == "completed" and done["result"] == {"message": "hi"}
+    bad = await client.run("core.echo", {"message": "hi", "cmd": "id"}, wait_timeout_s=20)
+    assert bad["status"] == "failed" and "cmd" in bad["error"]["error"]
+
+
+@pytest.mark.parametrize(
+    ("tamper", "expected"),
+    [
+        ("UPDATE actions SET version = 2 WHERE ref = 'tests.typed'",
+         "tests.typed: this worker has version 1, the catalogue has version 2"),
+        ("UPDATE actions SET parameters_schema = '{\"type\": \"object\"}' WHERE ref = 'tests.typed'",
+         "tests.typed: version 1 is already registered with another parameter schema"),
+        ("UPDATE actions SET runtime = 'shell' WHERE ref = 'tests.typed'",
+         "tests.typed: version 1 is already registered with another runtime"),
+    ],
+)
+async def test_a_conflicting_registration_is_refused(baton, tamper, expected):
+    await baton.start_executor()
+    first = await baton.start_worker("first")
+    pool = await baton.pool()
+    await pool.execute(tamper)
+    before = await pool.fetchrow("SELECT * FROM actions WHERE ref = 'tests.typed'")
+    second = baton.spawn("second", "worker", "--name", "second", "--runtimes", "python",
+                         BATON__WORKER__ACTION_MODULES='["examples.actions", "tests.actions"]')
+    assert second.wait(30) == 1
+    last = second.log_path.read_text().strip().splitlines()[-1]
+    assert last.startswith("worker second: cannot register its actions: " + expected), last
+    assert dict(await pool.fetchrow("SELECT * FROM actions WHERE ref = 'tests.typed'")) == dict(before)
+    assert first.process.poll() is None

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, create_model
 
-from common.actions import ActionSpec, Runtime
+from common.actions import CORE_PREFIX, ActionSpec, Runtime
 
 #: Runs an action given its validated parameters; shell actions also get the execution's context.
 Invoker = Callable[[BaseModel, "Invocation"], Awaitable[Any]]
@@ -76,12 +76,16 @@ def action(
     description: str | None = None,
     recover_on_worker_loss: bool | None = None,
     max_recovery_attempts: int | None = None,
+    version: int = 1,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a Python function (sync or async) as action ``ref`` (``pack.name``).
 
     Its keyword parameters are the action's parameters; its return value (JSON-serialisable) is the
     execution's result; an exception fails the execution. A sync function runs in a thread and,
     unlike a coroutine, cannot be interrupted at its timeout: prefer ``async def`` for long work.
+
+    ``version`` must grow whenever the parameters or the runtime change: the catalogue refuses a
+    changed action under a version it already has, and any worker older than its newest version.
 
     ``recover_on_worker_loss`` (restart from scratch on another worker when the worker running it
     is lost) and ``max_recovery_attempts`` override the YAML `recovery:` section for this action.
@@ -90,6 +94,10 @@ def action(
         raise ValueError(f"action {ref!r}: max_recovery_attempts cannot be negative")
     if "." not in ref:
         raise ValueError(f"action ref {ref!r} must look like 'pack.name'")
+    if ref.startswith(CORE_PREFIX):
+        raise ValueError(f"action ref {ref!r}: {CORE_PREFIX}* is reserved for Baton's built-in actions")
+    if version < 1:
+        raise ValueError(f"action {ref!r}: version must be 1 or more")
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
         model = params_model_for(ref, func)
@@ -112,6 +120,7 @@ def action(
                     description=description or inspect.getdoc(func),
                     recover_on_worker_loss=recover_on_worker_loss,
                     max_recovery_attempts=max_recovery_attempts,
+                    version=version,
                 ),
                 params_model=model,
                 invoke=invoke,

@@ -27,6 +27,7 @@ from pydantic import ValidationError
 from common import amqp, db, metrics
 from common.logging import get_logger
 from common.notifications import publish_terminal
+from common.actions import CORE_PREFIX, ActionSpec, registration_conflict
 from common.queries import actions as aq
 from common.queries import executions as q
 from common.queries import workers as wq
@@ -44,6 +45,10 @@ log = get_logger("baton.worker")
 
 class WorkerNameInUse(RuntimeError):
     """Another live process holds this worker name."""
+
+
+class CatalogueConflict(RuntimeError):
+    """An action this worker serves conflicts with the catalogue's entry for it."""
 
 
 def default_name() -> str:
@@ -132,20 +137,17 @@ class WorkerService:
             health.remove(self.cfg.health_file)
             self.log.info("worker_stopped")
 
-    async def _start(self) -> None:
-        cfg = self.cfg
-        self.consume_channel = await self.connection.channel()
-        await self.consume_channel.set_qos(prefetch_count=cfg.max_concurrent_tasks)
-        # Notifications are announcements of state already in PostgreSQL (waiters re-read it), so
-        # they go without publisher confirms: a confirm per outcome costs more than the action.
-        self.publish_channel = await self.connection.channel(publisher_confirms=False)
-        self.exchanges = await amqp.declare_exchanges(self.publish_channel, self.names)
-        # The queue exists before the worker is offered work, so no dispatch is ever unroutable.
-        self.queue = await amqp.declare_worker_queue(
-            self.consume_channel, self.names, self.name, queue_ttl_ms=cfg.queue_ttl_ms,
-            queue_type=self.settings.message_queue.queue_type,
-        )
-        specs = [a.spec for a in self.actions.values()]
+    async def _register_actions(self) -> None:
+        """Enter this worker's actions in the catalogue, or refuse to start if one conflicts with
+        what is registered there (see `registration_conflict`). `core.*` is the executor's own."""
+        specs = [a.spec for a in self.actions.values() if not a.spec.ref.startswith(CORE_PREFIX)]
+        existing = {
+            r["ref"]: ActionSpec(**dict(r)) for r in await self.pool.fetch(aq.GET_MANY, [s.ref for s in specs])
+        }
+        conflicts = [c for s in specs if (c := registration_conflict(existing.get(s.ref), s)) is not None]
+        if conflicts:
+            more = f" (and {len(conflicts) - 1} more)" if len(conflicts) > 1 else ""
+            raise CatalogueConflict(f"cannot register its actions: {conflicts[0]}{more}")
         await self.pool.execute(
             aq.UPSERT,
             [s.ref for s in specs],
@@ -156,6 +158,22 @@ class WorkerService:
             [s.durable for s in specs],
             [s.recover_on_worker_loss for s in specs],
             [s.max_recovery_attempts for s in specs],
+            [s.version for s in specs],
+        )
+
+    async def _start(self) -> None:
+        cfg = self.cfg
+        await self._register_actions()
+        self.consume_channel = await self.connection.channel()
+        await self.consume_channel.set_qos(prefetch_count=cfg.max_concurrent_tasks)
+        # Notifications are announcements of state already in PostgreSQL (waiters re-read it), so
+        # they go without publisher confirms: a confirm per outcome costs more than the action.
+        self.publish_channel = await self.connection.channel(publisher_confirms=False)
+        self.exchanges = await amqp.declare_exchanges(self.publish_channel, self.names)
+        # The queue exists before the worker is offered work, so no dispatch is ever unroutable.
+        self.queue = await amqp.declare_worker_queue(
+            self.consume_channel, self.names, self.name, queue_ttl_ms=cfg.queue_ttl_ms,
+            queue_type=self.settings.message_queue.queue_type,
         )
         await self._lock()
         await self._register()

@@ -1,0 +1,51 @@
+"""The catalogue's registration rule (pure)."""
+
+from __future__ import annotations
+
+import pytest
+
+from common.actions import ActionSpec, registration_conflict
+
+SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}}}
+
+
+def _spec(version: int = 1, runtime: str = "python", schema: dict | None = None, ref: str = "pack.act") -> ActionSpec:
+    return ActionSpec(ref=ref, runtime=runtime, parameters_schema=schema or SCHEMA, version=version)
+
+
+def test_new_and_identical_registrations_are_accepted():
+    assert registration_conflict(None, _spec()) is None
+    assert registration_conflict(_spec(), _spec()) is None
+
+
+def test_a_higher_version_replaces_whatever_changed():
+    assert registration_conflict(_spec(1), _spec(2, runtime="shell", schema={"type": "object"})) is None
+
+
+@pytest.mark.parametrize(
+    ("new", "fragment"),
+    [
+        (_spec(1, runtime="shell"), "version 1 is already registered with another runtime: give the changed action a higher version"),
+        (_spec(1, schema={"type": "object"}), "another parameter schema"),
+        (_spec(1, runtime="shell", schema={}), "another runtime and parameter schema"),
+    ],
+)
+def test_a_change_under_the_same_version_is_refused(new, fragment):
+    assert fragment in registration_conflict(_spec(1), new)
+
+
+def test_an_older_deployment_is_refused():
+    assert "this worker has version 1, the catalogue has version 3" in registration_conflict(_spec(3), _spec(1))
+
+
+def test_core_is_never_registered():
+    assert "Baton's own" in registration_conflict(None, _spec(ref="core.echo"))
+
+
+def test_the_decorator_refuses_core_refs_and_bad_versions():
+    from worker import action
+
+    with pytest.raises(ValueError, match="reserved"):
+        action("core.mine")(lambda: None)
+    with pytest.raises(ValueError, match="version must be 1 or more"):
+        action("pack.zero", version=0)(lambda: None)
