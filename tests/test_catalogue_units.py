@@ -27,7 +27,7 @@ def test_a_higher_version_replaces_whatever_changed():
     [
         (_spec(1, runtime="shell"), "version 1 is already registered with another runtime: give the changed action a higher version"),
         (_spec(1, schema={"type": "object"}), "another parameter schema"),
-        (_spec(1, runtime="shell", schema={}), "another runtime and parameter schema"),
+        (_spec(1, runtime="shell", schema={"type": "array"}), "another runtime and parameter schema"),
     ],
 )
 def test_a_change_under_the_same_version_is_refused(new, fragment):
