@@ -12,6 +12,7 @@ from typing import Any, Optional
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from common.logging import configure_logging
@@ -62,7 +63,12 @@ def _settings(**overrides: Any) -> Settings:
 
 def _styled(status: str | None) -> str:
     style = STATUS_STYLE.get(status or "", "")
-    return f"[{style}]{status}[/{style}]" if style else str(status)
+    return f"[{style}]{escape(str(status))}[/{style}]" if style else escape(str(status))
+
+
+def _cell(value: Any) -> str:
+    """A stored value as table text: never read as rich markup (`[/oops]` in a message is text)."""
+    return escape("" if value is None else str(value))
 
 
 def _print_json(data: Any) -> None:
@@ -193,7 +199,7 @@ def submit(
                     dup = " (duplicate: the existing execution)" if submission.duplicate else ""
                     console.print(f"execution {submission.execution_id}: {_styled(state)}{dup}")
                     if submission.error:
-                        console.print(f"[red]error:[/red] {submission.error}")
+                        console.print(f"[red]error:[/red] {_cell(submission.error)}")
                 return 1 if submission.status == "failed" else 0
             try:
                 execution = await client.wait(submission.execution_id, wait_timeout)
@@ -216,10 +222,10 @@ def _show(execution: dict[str, Any]) -> None:
     table = Table(show_header=False, box=None)
     for key in ("id", "action_ref", "status", "attempt", "worker", "created_at", "started_at", "finished_at"):
         value = execution.get(key)
-        table.add_row(f"[bold]{key}[/bold]", _styled(value) if key == "status" else str(value))
+        table.add_row(f"[bold]{key}[/bold]", _styled(value) if key == "status" else _cell(value))
     for key in ("parameters", "result", "error"):
         if execution.get(key) is not None:
-            table.add_row(f"[bold]{key}[/bold]", json.dumps(execution[key], indent=2))
+            table.add_row(f"[bold]{key}[/bold]", _cell(json.dumps(execution[key], indent=2)))
     console.print(table)
     events = execution.get("events") or []
     if events:
@@ -227,7 +233,7 @@ def _show(execution: dict[str, Any]) -> None:
         for column in ("seq", "type", "at", "data"):
             ev_table.add_column(column)
         for ev in events:
-            ev_table.add_row(str(ev["seq"]), ev["type"], str(ev["created_at"]), json.dumps(ev["data"]))
+            ev_table.add_row(_cell(ev["seq"]), _cell(ev["type"]), _cell(ev["created_at"]), _cell(json.dumps(ev["data"])))
         console.print(ev_table)
 
 
@@ -264,13 +270,13 @@ def executions_list(
         table.add_column(column)
     for r in rows:
         table.add_row(
-            r["id"],
-            r["action_ref"] or "",
+            _cell(r["id"]),
+            _cell(r["action_ref"]),
             _styled(r["status"]),
-            str(r["attempt"]),
-            r["worker"] or "",
-            str(r["created_at"])[:23],
-            ((r["error"] or {}).get("error") or "")[:80],
+            _cell(r["attempt"]),
+            _cell(r["worker"]),
+            _cell(str(r["created_at"])[:23]),
+            _cell(((r["error"] or {}).get("error") or "")[:80]),
         )
     console.print(table)
 
@@ -301,14 +307,14 @@ def workers_list(as_json: bool = typer.Option(False, "--json")) -> None:
     for r in rows:
         age = r["heartbeat_age_s"]
         table.add_row(
-            r["name"],
+            _cell(r["name"]),
             _styled(r["status"]),
-            ",".join(r["runtimes"]),
-            str(r["in_flight"]),
-            str(r["max_concurrent_tasks"]),
+            _cell(",".join(r["runtimes"])),
+            _cell(r["in_flight"]),
+            _cell(r["max_concurrent_tasks"]),
             "-" if age is None else f"{float(age):.1f}s",
-            r["hostname"] or "",
-            str(r["pid"] or ""),
+            _cell(r["hostname"]),
+            _cell(r["pid"]),
         )
     console.print(table)
 

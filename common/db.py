@@ -10,6 +10,7 @@ import asyncpg
 from tenacity import retry_if_exception_type
 
 from common.logging import get_logger
+from common.settings import masked_url
 from common.retry import TRANSIENT_ERRORS, connect_retrying
 
 log = get_logger("baton.db")
@@ -92,7 +93,7 @@ async def ensure_database(url: str, *, max_wait_s: float = 60.0) -> bool:
             if await _exists(url):
                 return created
             if not name or '"' in name:
-                raise ValueError(f"database.url names no database that can be created: {url!r}")
+                raise ValueError(f"database.url names no database that can be created: {masked_url(url)!r}")
             admin = await asyncpg.connect(url, database="postgres")
             try:
                 await admin.execute(f'CREATE DATABASE "{name}"')

@@ -25,9 +25,9 @@ FINISHED = Counter("baton_worker_executions_total", "Executions this worker fini
 OWN_HEARTBEAT_AGE = Gauge("baton_worker_own_heartbeat_age_seconds", "Seconds since this worker's last recorded heartbeat.")
 
 
-def serve(port: int | None) -> None:
-    """Serve `/metrics` on ``port`` (None: metrics are off)."""
+def serve(port: int | None, host: str = "127.0.0.1") -> None:
+    """Serve `/metrics` on ``host:port`` (port None: metrics are off)."""
     if port is None:
         return
-    start_http_server(port)
-    log.info("metrics_serving", port=port)
+    start_http_server(port, addr=host)
+    log.info("metrics_serving", host=host, port=port)

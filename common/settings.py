@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
@@ -50,6 +51,15 @@ def parse_duration(value: Any) -> float:
 
 
 Seconds = Annotated[float, BeforeValidator(parse_duration)]
+
+
+def masked_url(url: str) -> str:
+    """``url`` with its password replaced by ``***``: what an error message or a log may show."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{netloc}"))
 
 
 class _Section(BaseModel):
@@ -132,6 +142,9 @@ class ExecutorSettings(_Section):
     metrics_port: int | None = None
     """Port of the Prometheus `/metrics` endpoint; unset means off."""
 
+    metrics_host: str = "127.0.0.1"
+    """Address the `/metrics` endpoint listens on; loopback unless exposed on purpose (compose: 0.0.0.0)."""
+
 
 class WorkerSettings(_Section):
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.\-]+$", max_length=200)
@@ -177,6 +190,9 @@ class WorkerSettings(_Section):
 
     metrics_port: int | None = None
     """Port of the Prometheus `/metrics` endpoint; unset means off."""
+
+    metrics_host: str = "127.0.0.1"
+    """Address the `/metrics` endpoint listens on; loopback unless exposed on purpose (compose: 0.0.0.0)."""
 
     health_file: str | None = None
     """A file the worker rewrites while it is registered and connected; `baton health` reads it.

@@ -77,7 +77,7 @@ async def serve(settings: Settings, stop_event: asyncio.Event) -> None:
             exchanges=exchanges,
             catalogue=Catalogue(pool),
         )
-        metrics.serve(settings.executor.metrics_port)
+        metrics.serve(settings.executor.metrics_port, settings.executor.metrics_host)
         log.info("executor_started", prefix=names.prefix)
         await supervise(ctx, LOOPS, stop_event)
     finally:

@@ -213,3 +213,28 @@ async def test_a_conflicting_registration_is_refused(baton, tamper, expected):
     assert last.startswith("worker second: cannot register its actions: " + expected), last
     assert dict(await pool.fetchrow("SELECT * FROM actions WHERE ref = 'tests.typed'")) == dict(before)
     assert first.process.poll() is None
+
+
+# -- what people read ------------------------------------------------------------------------
+
+
+async def test_markup_in_stored_values_is_printed_as_text(baton):
+    await baton.start_executor()
+    await baton.start_worker("w")
+    done = await (await baton.client()).run("tests.fail", {"message": "[/oops] [bold]x"}, wait_timeout_s=20)
+    assert done["status"] == "failed"
+    for args in (["executions", "list"], ["executions", "show", done["id"]]):
+        result = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "common.cli", *args], cwd=REPO, env=baton.service_env(COLUMNS="250"),
+            capture_output=True, text=True, timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        assert "[/oops] [bold]x" in result.stdout
+
+
+def test_credentials_are_masked():
+    from common.settings import masked_url
+
+    assert masked_url("postgresql://baton:hunter2@db:5432/baton") == "postgresql://baton:***@db:5432/baton"
+    assert masked_url("amqp://guest:guest@mq:5672/") == "amqp://guest:***@mq:5672/"
+    assert masked_url("postgresql://postgres@127.0.0.1/baton") == "postgresql://postgres@127.0.0.1/baton"

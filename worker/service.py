@@ -177,7 +177,7 @@ class WorkerService:
         )
         await self._lock()
         await self._register()
-        metrics.serve(cfg.metrics_port)
+        metrics.serve(cfg.metrics_port, cfg.metrics_host)
         self.consumer_tag = await self.queue.consume(self._on_message)
         self.log.info(
             "worker_registered",
