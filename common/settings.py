@@ -154,8 +154,9 @@ class WorkerSettings(_Section):
     max_concurrent_tasks: int = Field(10, ge=1)
     """Executions one worker runs at once; also its queue prefetch."""
 
-    runtimes: list[Literal["python", "shell"]] = Field(default_factory=lambda: ["python", "shell"])
-    """Runtimes this worker serves; it is offered only actions of these runtimes."""
+    runtimes: list[Literal["python", "shell"]] = Field(default_factory=lambda: ["python"])
+    """Runtimes this worker serves; it is offered only actions of these runtimes. `shell` is opt-in:
+    it runs `core.local`, arbitrary commands as the worker's user, for whoever can post."""
 
     action_modules: list[str] = Field(default_factory=list)
     """Python modules imported at start so that their `@action` functions are registered."""
