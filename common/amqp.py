@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -120,28 +121,71 @@ def worker_queue_arguments(names: Names, *, queue_ttl_ms: int, queue_type: Queue
     return queue_arguments(queue_type, arguments)
 
 
+async def _busy(channel: AbstractChannel, name: str) -> str | None:
+    """Why the queue must not be deleted now (it holds messages or has a consumer), or None."""
+    declared = await (await channel.get_underlay_channel()).queue_declare(name, passive=True)
+    if declared.message_count:
+        return f"it holds messages ({declared.message_count})"
+    if declared.consumer_count:
+        return f"it has consumers ({declared.consumer_count})"
+    return None
+
+
+async def delete_queue_if_idle(
+    channel: AbstractChannel, name: str, *, bindings: Sequence[tuple[str, str]] = ()
+) -> str | None:
+    """Delete the queue, of either type, unless it holds messages or has a consumer; returns why it
+    was kept, or None once it is deleted.
+
+    Quorum queues refuse `queue.delete` with `if-empty` or `if-unused` (NOT_IMPLEMENTED, an error
+    that closes the whole connection), so a passive declare checks instead. The queue is unbound
+    from ``bindings`` ((exchange, routing key) pairs) and checked again before the delete, so that
+    nothing routed to it in between is lost; a queue found busy keeps its bindings."""
+    reason = await _busy(channel, name)
+    if reason is None and bindings:
+        underlay = await channel.get_underlay_channel()
+        for exchange, key in bindings:
+            await underlay.queue_unbind(name, exchange, key)
+        reason = await _busy(channel, name)  # what was routed to it before the unbind
+        if reason is not None:
+            for exchange, key in bindings:
+                await underlay.queue_bind(name, exchange, key)
+    if reason is None:
+        await channel.queue_delete(name)
+    return reason
+
+
 async def _declare_durable(
-    channel: AbstractChannel, name: str, arguments: dict[str, Any], *, replace: bool, fix: str
+    channel: AbstractChannel,
+    name: str,
+    arguments: dict[str, Any],
+    *,
+    bindings: Sequence[tuple[str, str]],
+    replace: bool,
+    fix: str,
 ) -> AbstractQueue:
-    """Declare a durable queue. One that already exists with other arguments (another queue type or
-    TTL: the broker refuses the declaration) is, with ``replace``, deleted and declared anew if it
-    is empty and has no consumer; one holding messages is never deleted (they would be lost), so
-    then this raises, saying why and what to do (``fix``). Without ``replace`` the existing queue is
-    used as it is."""
+    """Declare a durable queue and bind it. One that already exists with other arguments (another
+    queue type or TTL: the broker refuses the declaration) is, with ``replace``, deleted and declared
+    anew if it is empty and has no consumer; one holding messages is never deleted (they would be
+    lost), so then this raises, saying why and what to do (``fix``). Without ``replace`` the
+    existing queue is used as it is."""
     try:
-        return await channel.declare_queue(name, durable=True, arguments=arguments)
+        queue = await channel.declare_queue(name, durable=True, arguments=arguments)
     except aiormq.exceptions.ChannelPreconditionFailed as exc:
         await channel.reopen()
         if not replace:
-            return await channel.declare_queue(name, passive=True)
-        try:
-            await channel.queue_delete(name, if_empty=True, if_unused=True)
-        except aiormq.exceptions.ChannelPreconditionFailed as refused:
-            raise RuntimeError(
-                f"queue {name} exists with other arguments than {arguments} ({exc}), and it cannot be declared "
-                f"anew: {refused}. {fix}"
-            ) from exc
-        return await channel.declare_queue(name, durable=True, arguments=arguments)
+            queue = await channel.declare_queue(name, passive=True)
+        else:
+            kept = await delete_queue_if_idle(channel, name, bindings=bindings)
+            if kept is not None:
+                raise RuntimeError(
+                    f"queue {name} exists with other arguments than {arguments} ({exc}), and it is not "
+                    f"declared anew because {kept}. {fix}"
+                ) from exc
+            queue = await channel.declare_queue(name, durable=True, arguments=arguments)
+    for exchange, key in bindings:
+        await queue.bind(exchange, key)
+    return queue
 
 
 async def declare_requests_queue(
@@ -150,17 +194,16 @@ async def declare_requests_queue(
     """The request queue, bound to the executions exchange. Publishers declare it too (so that a
     request posted before any executor ran is kept), without ``replace``: if it exists, of whatever
     type, they use it; the executor, which owns it, declares it with ``replace``."""
-    exchange = await channel.declare_exchange(names.executions_exchange, aio_pika.ExchangeType.TOPIC, durable=True)
-    queue = await _declare_durable(
+    await channel.declare_exchange(names.executions_exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+    return await _declare_durable(
         channel,
         names.requests_queue,
         queue_arguments(queue_type),
+        bindings=[(names.executions_exchange, REQUESTED_KEY)],
         replace=replace,
         fix="Stop the clients and executors that use the old message_queue.queue_type, let an executor with it "
         "take what the queue holds, then start them with the new one.",
     )
-    await queue.bind(exchange, REQUESTED_KEY)
-    return queue
 
 
 async def declare_executor_topology(
@@ -170,20 +213,21 @@ async def declare_executor_topology(
     `message_queue.queue_type` is declared anew if it is empty and unused."""
     exchanges = await declare_exchanges(channel, names)
     requests = await declare_requests_queue(channel, names, queue_type=queue_type, replace=True)
-    dead_letters = await _declare_durable(
+    await _declare_durable(
         channel,
         names.dead_letters_queue,
         queue_arguments(queue_type),
+        bindings=[(names.dlx, names.dead_letters_queue)],  # a fanout ignores the key; this is the one it always had
         replace=True,
         fix="Run the executors with the old message_queue.queue_type until the queue is empty, then switch.",
     )
-    await dead_letters.bind(exchanges.dlx)
     # Requests that cannot be tied to an execution are parked here with their reason, for operators.
     # Quorum queues support both the length limit and `drop-head`, so this one follows the setting too.
     await _declare_durable(
         channel,
         names.rejected_requests_queue,
         queue_arguments(queue_type, {"x-max-length": rejected_max_length, "x-overflow": "drop-head"}),
+        bindings=[],  # published to through the default exchange
         replace=True,
         fix="Read what is parked there, then purge or delete the queue.",
     )
@@ -196,17 +240,16 @@ async def declare_worker_queue(
     """The worker's inbox. Never `x-expires`: an expired queue drops dispatches without dead-lettering.
     A changed `worker.queue_ttl` or `message_queue.queue_type` takes effect on restart: an empty
     queue with the old arguments is declared anew; one still holding dispatches is left alone."""
-    exchanges = await declare_exchanges(channel, names)
-    queue = await _declare_durable(
+    await declare_exchanges(channel, names)
+    return await _declare_durable(
         channel,
         names.worker_queue(worker),
         worker_queue_arguments(names, queue_ttl_ms=queue_ttl_ms, queue_type=queue_type),
+        bindings=[(names.dispatch_exchange, names.worker_routing_key(worker))],
         replace=True,
         fix="Start the worker once with the old worker.queue_ttl and message_queue.queue_type to drain it, or "
         "delete the queue (its executions are rescheduled by the scheduled-timeout monitor).",
     )
-    await queue.bind(exchanges.dispatch, names.worker_routing_key(worker))
-    return queue
 
 
 async def delete_topology(url: str, names: Names, workers: list[str] | tuple[str, ...] = ()) -> None:
