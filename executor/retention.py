@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import aiormq.exceptions
 
+from common import amqp
 from common.logging import get_logger
 from common.queries import workers as wq
 from common.retention import prune_executions
@@ -64,13 +65,17 @@ async def prune(ctx: ExecutorContext) -> tuple[int, int]:
 async def _delete_queue_if_idle(ctx: ExecutorContext, worker: str) -> bool:
     """Delete the worker's queue unless it holds dispatches or has a consumer; True if it is gone."""
     queue = ctx.names.worker_queue(worker)
-    channel = await ctx.amqp.channel()  # a refused delete closes its channel: one per attempt
+    channel = await ctx.amqp.channel()  # a failed passive declare closes its channel: one per attempt
     try:
-        await channel.queue_delete(queue, if_empty=True, if_unused=True)
-    except aiormq.exceptions.ChannelPreconditionFailed:
-        log.info("worker_queue_kept", queue=queue, reason="it still holds dispatches or has a consumer")
-        return False
+        reason = await amqp.delete_queue_if_idle(
+            channel, queue, bindings=[(ctx.names.dispatch_exchange, ctx.names.worker_routing_key(worker))]
+        )
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        return True  # already gone
     finally:
         if not channel.is_closed:
             await channel.close()
+    if reason is not None:
+        log.info("worker_queue_kept", queue=queue, reason=reason)
+        return False
     return True

@@ -11,11 +11,12 @@ import subprocess
 import sys
 import uuid
 
+import aio_pika
 import pytest
 
 from common.queries import executions as q
 from common.queries import workers as wq
-from tests.harness import REPO, CuttableProxy, wait_until
+from tests.harness import AMQP_URL, REPO, CuttableProxy, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -218,12 +219,24 @@ async def test_retention_prunes_old_history_and_gone_workers(baton):
         " incarnation, updated_at) VALUES ('ancient', 'inactive', '{python}', '{}', 1, 1, $1, now() - interval '30 days')",
         uuid.uuid4(),
     )
+    # The gone worker's queue is still there, empty: it goes with the row. A quorum queue, whose
+    # kind refuses a conditional delete.
+    connection = await aio_pika.connect(AMQP_URL)
+    try:
+        channel = await connection.channel()
+        await channel.declare_queue(baton.names.worker_queue("ancient"), durable=True,
+                                    arguments={"x-queue-type": "quorum"})
+    finally:
+        await connection.close()
     executor = await baton.start_executor(BATON__RETENTION__PRUNE_INTERVAL="0.3")
     await wait_until(lambda: _gone(pool, old), what="the old execution to be pruned")
     assert await pool.fetchval("SELECT count(*) FROM execution_events WHERE execution_id = $1", old) == 0
     assert await pool.fetchval("SELECT count(*) FROM executions WHERE id = $1", recent) == 1
     await wait_until(lambda: _worker_gone(pool, "ancient"), what="the gone worker to be pruned")
     assert executor.events("pruned")
+    with pytest.raises(Exception, match="NOT_FOUND"):
+        await baton.queue_depth(baton.names.worker_queue("ancient"))
+    assert executor.process.poll() is None
 
 
 async def _gone(pool, execution_id) -> bool:
@@ -250,7 +263,9 @@ async def test_prune_by_hand(baton):
     assert await pool.fetchval("SELECT count(*) FROM executions") == 1  # the unfinished one stays
 
 
-async def test_a_cleanly_stopped_worker_deletes_its_empty_queue(baton):
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
+async def test_a_cleanly_stopped_worker_deletes_its_empty_queue(baton, queue_type):
+    baton.env["BATON__MESSAGE_QUEUE__QUEUE_TYPE"] = queue_type
     await baton.start_executor()
     worker = await baton.start_worker("tidy")
     assert await baton.queue_depth(baton.names.worker_queue("tidy")) == 0

@@ -297,12 +297,22 @@ class WorkerService:
     async def _delete_queue_if_empty(self) -> None:
         """A cleanly stopped worker leaves no empty queue behind; one still holding dispatches is
         kept (its TTL dead-letters them) and removed later by the executor's retention."""
+        channel = await self.connection.channel()
         try:
-            await self.consume_channel.queue_delete(self.queue.name, if_empty=True)
+            reason = await amqp.delete_queue_if_idle(
+                channel,
+                self.queue.name,
+                bindings=[(self.names.dispatch_exchange, self.names.worker_routing_key(self.name))],
+            )
         except aiormq.exceptions.AMQPError as exc:
-            self.log.info("worker_queue_kept", queue=self.queue.name, reason=str(exc) or type(exc).__name__)
-        else:
+            reason = str(exc) or type(exc).__name__
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+        if reason is None:
             self.log.info("worker_queue_deleted", queue=self.queue.name)
+        else:
+            self.log.info("worker_queue_kept", queue=self.queue.name, reason=reason)
 
     async def _drain(self, loops: set[asyncio.Task[Any]]) -> None:
         """DESIGN section 5: draining, consumer cancelled, unstarted handed back, in-flight finished
