@@ -85,7 +85,11 @@ def executor() -> None:
 
     settings = _settings()
     configure_logging(settings.logging, service="executor")
-    _serve(main(settings))
+    try:
+        _serve(main(settings))
+    except RuntimeError as exc:  # a refusal to start, or a loop that died (logged with its cause)
+        typer.echo(f"executor: {exc}", err=True)
+        raise typer.Exit(1) from None
 
 
 @app.command()
