@@ -401,6 +401,22 @@ async def test_headers_a_broker_acts_on_are_not_acted_on_when_parked(baton, publ
     assert len(executor.events("request_rejected")) == 1
 
 
+async def test_headers_that_cannot_be_written_back_do_not_stop_parking(baton, publisher):
+    """A long-string header that is not UTF-8 is decoded as bytes, which pamqp cannot encode
+    again; headers near the frame size leave no room for the reason. Parking such a request used
+    to raise, and intake with it."""
+    executor = await baton.start_executor()
+    await publisher.publish(b"not json", message_id="bytes-1", headers=raw_table(b"\x01kS\x00\x00\x00\x02\xff\xfe"))
+    await publisher.publish(b"not json", message_id="huge-1", headers={"big": "h" * 130_000})
+    await publisher.publish(b"not json", message_id="odd-1", headers={"d": 2**62, "when": dt.datetime(2020, 1, 2)})
+    await _still_works_without_worker(baton, executor)
+    parked = {m.message_id: m for m in await _parked(baton, 3)}
+    assert parked["bytes-1"].headers["x-baton-original-headers"] == {"k": bytearray(b"\xff\xfe")}
+    assert "more than 16384" in parked["huge-1"].headers["x-baton-headers-dropped"]
+    assert parked["odd-1"].headers["x-baton-original-headers"]["d"] == 2**62
+    assert all("not JSON" in m.headers["x-baton-reason"] for m in parked.values())
+
+
 async def _still_works_without_worker(baton, executor) -> None:
     execution_id = uuid.uuid4()
     await baton.publish_raw(_request(action_ref="core.echo"), message_id=str(execution_id))
