@@ -274,6 +274,40 @@ async def test_any_error_storing_one_request_parks_that_request_alone(baton, pub
     await _still_works(baton)
 
 
+async def test_a_database_that_refuses_everything_is_an_outage_not_a_bad_request(baton, publisher):
+    """An error that says the database is unwell (here a full disk, SQLSTATE 53100, raised by a
+    trigger while a flag is set) parks nothing: the batch goes back to the queue, intake backs
+    off, and the request is recorded once the database is well again."""
+    pool = await baton.pool()
+    await pool.execute("""
+        CREATE TABLE disk_full (flag int);
+        INSERT INTO disk_full VALUES (1);
+        CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF EXISTS (SELECT 1 FROM disk_full) THEN
+                RAISE EXCEPTION 'could not extend file' USING ERRCODE = '53100';
+            END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER refuse BEFORE INSERT ON executions FOR EACH ROW EXECUTE FUNCTION refuse();
+    """)
+    executor = await baton.start_executor()
+    await baton.start_worker("w1")
+    execution_id = uuid.uuid4()
+    await publisher.publish(_request(), message_id=str(execution_id))
+
+    async def backing_off() -> bool:
+        return len(executor.events("infrastructure_unavailable")) >= 3
+
+    await wait_until(backing_off, what="intake to put the batch back three times")
+    assert "DiskFullError" in executor.events("infrastructure_unavailable")[0]["error"]
+    await pool.execute("DELETE FROM disk_full")
+    await _recorded(baton, execution_id)
+    await baton.wait_status(execution_id, "completed")
+    assert await baton.queue_depth(baton.names.rejected_requests_queue) == 0
+    assert executor.process.poll() is None
+
+
 # -- the same request seen again is not a duplicate ------------------------------------------
 
 
