@@ -58,6 +58,11 @@ class Names:
     def notifications_exchange(self) -> str:
         return f"{self.prefix}.notifications"
 
+    def reply_queue(self, token: str) -> str:
+        """A client's exclusive inbox for replies and notifications: the only kind of queue,
+        besides a server-named `amq.gen-*` one, that the executor sends a reply to."""
+        return f"{self.prefix}.reply.{token}"
+
     def worker_queue(self, worker: str) -> str:
         return f"{self.prefix}.worker.{worker}"
 

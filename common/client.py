@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
+import aiormq.exceptions
 import asyncpg
 from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
 from pydantic import ValidationError
@@ -101,13 +102,24 @@ class BatonClient:
     async def _amqp(self) -> tuple[AbstractChannel, AbstractQueue]:
         if self._channel is None or self._inbox is None:
             self._connection = await amqp.connect(self.settings.message_queue.url, max_wait_s=10)
+            # Declared here too, so that a request posted before any executor ever ran is kept. A
+            # submitter's credentials may not configure Baton's topology (README, trust model):
+            # then the executor has declared it, and this client only uses it.
+            setup = await self._connection.channel()
+            try:
+                await amqp.declare_exchanges(setup, self.names)
+                await amqp.declare_requests_queue(setup, self.names, queue_type=self.settings.message_queue.queue_type)
+            except aiormq.exceptions.ChannelAccessRefused:
+                pass
+            finally:
+                if not setup.is_closed:
+                    await setup.close()
             self._channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
-            await amqp.declare_exchanges(self._channel, self.names)
-            # Declared here too, so that a request posted before any executor ever ran is kept.
-            await amqp.declare_requests_queue(
-                self._channel, self.names, queue_type=self.settings.message_queue.queue_type
+            # Exclusive, and named under `<prefix>.reply.` so that the executor answers it (it
+            # answers no other kind of queue, a worker's above all).
+            self._inbox = await self._channel.declare_queue(
+                self.names.reply_queue(uuid.uuid4().hex), exclusive=True, auto_delete=True
             )
-            self._inbox = await self._channel.declare_queue(exclusive=True, auto_delete=True)
             await self._inbox.consume(self._on_inbox, no_ack=True)
         return self._channel, self._inbox
 

@@ -10,6 +10,7 @@ import sys
 import uuid
 
 import aio_pika
+import aiormq.exceptions
 import pytest
 
 from common import amqp
@@ -238,3 +239,73 @@ def test_credentials_are_masked():
     assert masked_url("postgresql://baton:hunter2@db:5432/baton") == "postgresql://baton:***@db:5432/baton"
     assert masked_url("amqp://guest:guest@mq:5672/") == "amqp://guest:***@mq:5672/"
     assert masked_url("postgresql://postgres@127.0.0.1/baton") == "postgresql://postgres@127.0.0.1/baton"
+
+
+# -- roles -----------------------------------------------------------------------------------
+
+
+def _create_roles(which: str, **env: str) -> None:
+    import os
+
+    result = subprocess.run(
+        ["bash", str(REPO / "scripts" / "create-roles.sh"), which], env={**os.environ, **env},
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+async def test_a_submitter_can_post_and_hear_back_but_cannot_touch_a_workers_queue(baton):
+    await baton.start_executor()
+    await baton.start_worker("w")
+    password = uuid.uuid4().hex
+    vhost_user = "baton-submitter"
+    # The script creates fixed user names; this test's prefix keeps its permissions to itself, and
+    # the users are removed afterwards.
+    _create_roles("rabbitmq", BATON_PREFIX=baton.prefix, BATON_MQ_PASSWORD=uuid.uuid4().hex,
+                  BATON_SUBMITTER_PASSWORD=password)
+    try:
+        from common.client import BatonClient
+
+        url = f"amqp://{vhost_user}:{password}@127.0.0.1:5672/"
+        settings = baton.settings().model_copy(
+            update={"message_queue": baton.settings().message_queue.model_copy(update={"url": url})}
+        )
+        async with BatonClient(settings) as submitter:
+            submission = await submitter.submit("core.echo", {"message": "allowed"})
+            assert submission.accepted and submission.status == "requested"
+        connection = await aio_pika.connect(url)
+        try:
+            channel = await connection.channel()
+            with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
+                queue = await channel.get_queue(baton.names.worker_queue("w"))
+                await queue.consume(lambda m: None)
+            channel = await connection.channel()
+            with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
+                await channel.queue_delete(baton.names.requests_queue)
+        finally:
+            await connection.close()
+        done = await (await baton.client()).wait(submission.execution_id, 20)
+        assert done["status"] == "completed"
+    finally:
+        for user in ("baton", "baton-submitter"):
+            subprocess.run(["rabbitmqctl", "-q", "delete_user", user], capture_output=True, timeout=60)
+
+
+async def test_the_operator_role_reads_but_cannot_write(baton):
+    import asyncpg
+
+    await baton.start_executor()
+    await baton.start_worker("w")
+    done = await (await baton.client()).run("core.noop", {}, wait_timeout_s=20)
+    password = uuid.uuid4().hex
+    _create_roles("postgres", BATON_DB=baton.db_name, BATON_DB_PASSWORD=uuid.uuid4().hex,
+                  BATON_OPERATOR_PASSWORD=password, PSQL="psql -h 127.0.0.1 -U postgres")
+    conn = await asyncpg.connect(f"postgresql://baton_operator:{password}@127.0.0.1:5432/{baton.db_name}")
+    try:
+        assert await conn.fetchval("SELECT status FROM executions WHERE id = $1", uuid.UUID(done["id"])) == "completed"
+        with pytest.raises(asyncpg.exceptions.InsufficientPrivilegeError):
+            await conn.execute("UPDATE executions SET status = 'failed'")
+        with pytest.raises(asyncpg.exceptions.InsufficientPrivilegeError):
+            await conn.execute("COPY executions TO PROGRAM 'true'")
+    finally:
+        await conn.close()
