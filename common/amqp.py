@@ -17,6 +17,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
+from common import amqp_decoding
 from common.retry import connect_retrying
 
 REQUESTED_KEY = "execution.requested"
@@ -76,7 +77,9 @@ class Names:
 
 
 async def connect(url: str, *, max_wait_s: float = 60.0) -> AbstractRobustConnection:
-    """A robust connection (it reconnects and re-declares by itself), waiting for the broker first."""
+    """A robust connection (it reconnects and re-declares by itself), waiting for the broker first.
+    Frames are decoded leniently (`common.amqp_decoding`): no message can close the connection."""
+    amqp_decoding.install()
     async for attempt in connect_retrying(max_wait_s):
         with attempt:
             return await aio_pika.connect_robust(url)
@@ -297,3 +300,23 @@ def persistent_json(body: bytes, **properties: object) -> aio_pika.Message:
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         **properties,  # type: ignore[arg-type]
     )
+
+
+def property_text(value: Any) -> str | None:
+    """A message property as text (the AMQP library may hand over anything it decoded)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", "replace")
+    return value if isinstance(value, str) else str(value)
+
+
+def short_string(value: Any) -> str | None:
+    """``value`` if AMQP can carry it as a short string (at most 255 bytes of UTF-8), else None."""
+    text = property_text(value)
+    if text is None:
+        return None
+    try:
+        return text if len(text.encode("utf-8")) <= 255 else None
+    except UnicodeEncodeError:
+        return None

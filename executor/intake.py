@@ -18,27 +18,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
-import decimal
 import json
-import struct
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
-from pamqp import decode as amqp_decode
-from pamqp import encode as amqp_encode
-from tenacity import RetryCallState, wait_random_exponential
 
 from common import amqp, metrics
-from common.amqp import persistent_json
+from common.amqp import persistent_json, property_text, short_string
 from common.db import until_available
 from common.logging import get_logger
 from common.notifications import publish_terminal
 from common.queries import executions as q
-from common.retry import TRANSIENT_ERRORS
 from common.schemas import Acceptance
+from executor.parking import park
 from executor.requests import (
     NewExecution,
     ParameterValidator,
@@ -46,6 +40,7 @@ from executor.requests import (
     check_action,
     parse_request,
 )
+from executor.resilience import Backoff, being_cancelled, describe, unavailable
 
 if TYPE_CHECKING:
     from common.settings import Settings
@@ -53,53 +48,14 @@ if TYPE_CHECKING:
 
 log = get_logger("baton.executor.intake")
 
-#: A parked request too large to take in keeps only its first bytes (and its size in a header).
-PARKED_BODY_BYTES = 4096
-#: A parked request keeps its headers (under `x-baton-original-headers`) only up to this size.
-PARKED_HEADERS_BYTES = 16 * 1024
 #: How long one reply may take before it is given up (the request is recorded either way).
 REPLY_TIMEOUT_S = 5.0
-
-#: PostgreSQL error classes that say the database, not the request, is at fault: connection (08),
-#: transaction rollback (40), the schema or the statement (42), resources (53), object state
-#: (55), operator intervention (57), system (58), internal (XX). The batch goes back to the queue.
-_UNWELL_SQLSTATE_CLASSES = frozenset({"08", "40", "42", "53", "55", "57", "58", "XX"})
-
-
-class Unavailable(Exception):
-    """Something intake needs (the database, the parking queue) is failing for every request."""
-
-
-def unavailable(exc: BaseException) -> bool:
-    """True when ``exc`` is an outage rather than something wrong with one request."""
-    if isinstance(exc, (Unavailable, *TRANSIENT_ERRORS)):
-        return True
-    return isinstance(exc, asyncpg.PostgresError) and (exc.sqlstate or "")[:2] in _UNWELL_SQLSTATE_CLASSES
-
 
 def intake_prefetch(settings: Settings) -> int:
     """Deliveries intake holds at once: at most two batches, and at most
     `executor.intake_buffer_bytes` worth of requests of the largest accepted size."""
     by_bytes = settings.executor.intake_buffer_bytes // settings.message_queue.max_request_bytes
     return max(1, min(2 * settings.executor.intake_batch_size, by_bytes))
-
-
-class Backoff:
-    """The pause after consecutive outages: exponential with full jitter (tenacity's
-    `wait_random_exponential`), at most ``cap_s``, and back to short once a batch goes through."""
-
-    def __init__(self, first_s: float = 0.25, cap_s: float = 5.0) -> None:
-        self._wait = wait_random_exponential(multiplier=first_s, max=cap_s)
-        self.failures = 0
-
-    def next_pause(self) -> float:
-        self.failures += 1
-        state = RetryCallState(None, None, (), {})
-        state.attempt_number = self.failures
-        return self._wait(state)
-
-    def reset(self) -> None:
-        self.failures = 0
 
 
 @dataclass
@@ -111,7 +67,6 @@ class _State:
 
 
 async def run(ctx: ExecutorContext, stop_event: asyncio.Event) -> None:
-    install_lenient_amqp_decoding()
     inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
     channel = await ctx.amqp.channel()
     prefetch = intake_prefetch(ctx.settings)
@@ -135,9 +90,9 @@ async def run(ctx: ExecutorContext, stop_event: asyncio.Event) -> None:
                 await _process_guarded(ctx, batch, state)
             except Exception as exc:  # noqa: BLE001 - only outages get here (see _process_guarded)
                 # Back to the queue; a request recorded before the failure maps to the same id again.
-                pause = state.backoff.next_pause()
+                pause = state.backoff.next_delay_s()
                 log.warning(
-                    "infrastructure_unavailable", during="intake", error=_describe(exc), retry_in_s=round(pause, 2)
+                    "infrastructure_unavailable", during="intake", error=describe(exc), retry_in_s=round(pause, 2)
                 )
                 for message in batch:
                     if not message.processed:
@@ -167,7 +122,7 @@ async def _process_guarded(ctx: ExecutorContext, batch: list[AbstractIncomingMes
     except Exception as exc:
         if unavailable(exc):
             raise
-        log.exception("intake_batch_failed", error=_describe(exc), batch=len(batch))
+        log.exception("intake_batch_failed", error=describe(exc), batch=len(batch))
     for message in batch:
         if message.processed:
             continue
@@ -176,7 +131,7 @@ async def _process_guarded(ctx: ExecutorContext, batch: list[AbstractIncomingMes
         except Exception as exc:
             if unavailable(exc):
                 raise
-            await _park(ctx, message, f"intake failed on this request: {_describe(exc)}", bare=True)
+            await park(ctx, message, f"intake failed on this request: {describe(exc)}", bare=True)
             await amqp.ack_all([message])
 
 
@@ -187,14 +142,14 @@ async def _process(ctx: ExecutorContext, batch: list[AbstractIncomingMessage], s
         try:
             result = parse_request(
                 message.body,
-                message_id=_text(message.message_id),
-                correlation_id=_text(message.correlation_id),
+                message_id=property_text(message.message_id),
+                correlation_id=property_text(message.correlation_id),
                 max_bytes=max_bytes,
             )
         except Exception as exc:  # noqa: BLE001 - say, JSON nested deeper than the parser's recursion
-            result = Rejection(f"request cannot be parsed: {_describe(exc)}")
+            result = Rejection(f"request cannot be parsed: {describe(exc)}")
         if isinstance(result, NewExecution):
-            result.reply_to = _text(message.reply_to)
+            result.reply_to = property_text(message.reply_to)
         parsed.append((message, result))
 
     executions = [r for _, r in parsed if isinstance(r, NewExecution)]
@@ -203,7 +158,7 @@ async def _process(ctx: ExecutorContext, batch: list[AbstractIncomingMessage], s
         try:
             check_action(execution, specs.get(execution.action_ref or ""), state.validator)
         except Exception as exc:  # noqa: BLE001 - a schema a worker registered that cannot be used
-            execution.fail(f"parameters cannot be checked against the action's schema: {_describe(exc)}")
+            execution.fail(f"parameters cannot be checked against the action's schema: {describe(exc)}")
 
     inserted, unstorable = await _record(ctx.pool, executions)
     if unstorable:
@@ -217,7 +172,7 @@ async def _process(ctx: ExecutorContext, batch: list[AbstractIncomingMessage], s
     await _reply_and_notify(ctx, parsed, inserted, same, duplicates)
     for message, result in parsed:
         if isinstance(result, Rejection):
-            await _park(ctx, message, result.reason)
+            await park(ctx, message, result.reason)
     await amqp.ack_all(batch)
     metrics.REQUESTS.labels("recorded").inc(sum(1 for r in inserted.values() if r["status"] == "requested"))
     metrics.REQUESTS.labels("failed").inc(sum(1 for r in inserted.values() if r["status"] == "failed"))
@@ -240,7 +195,7 @@ async def _record(pool: asyncpg.Pool, executions: list[NewExecution]) -> tuple[d
         if unavailable(exc):
             raise
         if len(executions) > 1:
-            log.warning("record_batch_refused", error=_describe(exc), batch=len(executions))
+            log.warning("record_batch_refused", error=describe(exc), batch=len(executions))
     inserted: dict = {}
     unstorable: dict = {}
     for execution in executions:
@@ -249,7 +204,7 @@ async def _record(pool: asyncpg.Pool, executions: list[NewExecution]) -> tuple[d
         except Exception as exc:
             if unavailable(exc):
                 raise
-            unstorable[execution.id] = f"request cannot be stored: {_describe(exc)}"
+            unstorable[execution.id] = f"request cannot be stored: {describe(exc)}"
     return inserted, unstorable
 
 
@@ -307,7 +262,7 @@ def _failed_at_intake(row: dict) -> bool:
 async def _reply_and_notify(ctx: ExecutorContext, parsed, inserted: dict, same: dict, duplicates: dict) -> None:
     replies = []
     for message, result in parsed:
-        reply_to = _text(message.reply_to)
+        reply_to = property_text(message.reply_to)
         if not reply_to:
             continue
         if isinstance(result, Rejection):
@@ -333,16 +288,16 @@ def reply_allowed(reply_to: str, prefix: str) -> bool:
     `amq.gen-*` one. Never to Baton's own queues (a worker would take a reply as a dispatch, the
     request queue as a request), nor to RabbitMQ's direct reply-to names, a malformed one of which
     makes the broker close the publishing connection: the executor's own."""
-    return reply_to.startswith((f"{prefix}.reply.", "amq.gen-")) and _shortstr(reply_to) is not None
+    return reply_to.startswith((f"{prefix}.reply.", "amq.gen-")) and short_string(reply_to) is not None
 
 
 async def _reply(ctx: ExecutorContext, message: AbstractIncomingMessage, reply_to: str, reply: Acceptance) -> None:
     """Send one reply; never raises (the request is recorded either way, and the client can read
     it from PostgreSQL)."""
     if not reply_allowed(reply_to, ctx.names.prefix):
-        log.warning("reply_refused", reply_to=reply_to[:300], message_id=_text(message.message_id))
+        log.warning("reply_refused", reply_to=reply_to[:300], message_id=property_text(message.message_id))
         return
-    outgoing = persistent_json(reply.model_dump_json().encode(), correlation_id=_shortstr(message.correlation_id))
+    outgoing = persistent_json(reply.model_dump_json().encode(), correlation_id=short_string(message.correlation_id))
     try:
         await asyncio.wait_for(
             ctx.publish_channel.default_exchange.publish(
@@ -353,224 +308,8 @@ async def _reply(ctx: ExecutorContext, message: AbstractIncomingMessage, reply_t
             REPLY_TIMEOUT_S,
         )
     except asyncio.CancelledError:
-        if _being_cancelled():
+        if being_cancelled():
             raise
         log.warning("reply_publish_failed", reply_to=reply_to[:300], error="cancelled by the AMQP library")
     except Exception as exc:  # noqa: BLE001 - see docstring
-        log.warning("reply_publish_failed", reply_to=reply_to[:300], error=_describe(exc))
-
-
-async def _park(ctx: ExecutorContext, message: AbstractIncomingMessage, reason: str, *, bare: bool = False) -> None:
-    """Keep a request that fits no execution, with its reason, before acking it. Its body is kept
-    whole unless it is over the size limit (then only its first bytes); its headers are kept under
-    `x-baton-original-headers` when they can be written back to AMQP and are not too large.
-    If the broker refuses even a bare copy (no headers, first bytes only), raises :class:`Unavailable`."""
-    max_bytes = ctx.settings.message_queue.max_request_bytes
-    size = len(message.body)
-    log.warning("request_rejected", reason=reason[:500], message_id=_text(message.message_id), body_bytes=size)
-    attempts = [] if bare else [False]
-    attempts.append(True)
-    for bare_copy in attempts:
-        truncated = bare_copy or size > max_bytes
-        headers: dict[str, Any] = {} if bare_copy else _parked_headers(message)
-        headers["x-baton-reason"] = reason[:1000]
-        if truncated and size > PARKED_BODY_BYTES:
-            headers["x-baton-original-bytes"] = size
-        try:
-            await ctx.publish_channel.default_exchange.publish(
-                persistent_json(
-                    message.body[:PARKED_BODY_BYTES] if truncated else message.body,
-                    message_id=_shortstr(message.message_id),
-                    correlation_id=_shortstr(message.correlation_id),
-                    headers=headers,
-                ),
-                routing_key=ctx.names.rejected_requests_queue,
-                mandatory=True,  # the parking queue must exist: a return raises, and the request is not acked
-            )
-            return
-        except asyncio.CancelledError:
-            if _being_cancelled():
-                raise
-            error: BaseException = Unavailable("publishing was cancelled by the AMQP library")
-        except Exception as exc:  # noqa: BLE001
-            error = exc
-        log.warning("park_failed", message_id=_text(message.message_id), bare=bare_copy, error=_describe(error))
-        if unavailable(error):
-            raise error
-    raise Unavailable(f"the parking queue refuses requests: {_describe(error)}") from error
-
-
-def _parked_headers(message: AbstractIncomingMessage) -> dict[str, Any]:
-    """The original headers, nested (so that the broker acts on none of them: `CC` and `BCC`
-    would route the parked copy elsewhere), as far as AMQP can carry them back."""
-    try:
-        original = message.headers or {}
-        if not original:
-            return {}
-        headers = {"x-baton-original-headers": _writable(original)}
-        encoded = amqp_encode.field_table(headers)
-        if len(encoded) > PARKED_HEADERS_BYTES:
-            return {"x-baton-headers-dropped": f"{len(encoded)} bytes of headers, more than {PARKED_HEADERS_BYTES}"}
-        return headers
-    except Exception as exc:  # noqa: BLE001 - whatever the headers are, the request is still parked
-        return {"x-baton-headers-dropped": f"headers cannot be written back: {_describe(exc)}"[:500]}
-
-
-def _writable(value: Any, depth: int = 0) -> Any:
-    """``value`` as something pamqp can encode again (what it decoded is not always that)."""
-    if depth > 32:
-        return "(nested too deep)"
-    if isinstance(value, dict):
-        return {(_shortstr(str(k)) or "?")[:128]: _writable(v, depth + 1) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_writable(v, depth + 1) for v in value]
-    if isinstance(value, bytes):  # a long string that was not UTF-8
-        return bytearray(value)
-    if isinstance(value, (bool, int, float, str, bytearray, decimal.Decimal, dt.datetime)) or value is None:
-        try:
-            amqp_encode.encode_table_value(value)
-            return value
-        except Exception:  # noqa: BLE001 - an int too large, a Decimal out of AMQP's range
-            return repr(value)[:200]
-    return repr(value)[:200]
-
-
-def _text(value: Any) -> str | None:
-    """A message property as text (the AMQP library may hand over anything it decoded)."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value).decode("utf-8", "replace")
-    return value if isinstance(value, str) else str(value)
-
-
-def _shortstr(value: Any) -> str | None:
-    """``value`` if AMQP can carry it as a short string (at most 255 bytes of UTF-8), else None."""
-    text = _text(value)
-    if text is None:
-        return None
-    try:
-        return text if len(text.encode("utf-8")) <= 255 else None
-    except UnicodeEncodeError:
-        return None
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {str(exc)[:300]}"
-
-
-def _being_cancelled() -> bool:
-    """Whether the current task was asked to stop (rather than hit by a library's own cancel)."""
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
-
-
-# -- lenient AMQP decoding ----------------------------------------------------------------------
-#
-# pamqp (under aio-pika) raises while decoding a frame whose properties hold invalid UTF-8 in a
-# short string (message_id, correlation_id, reply_to, a header name) or a timestamp past year
-# 9999, and recurses without bound into nested header tables. RabbitMQ relays all of these, and
-# the AMQP client then closes the whole connection, gets the message redelivered, and closes it
-# again, for ever. Decoding them leniently instead keeps one message from cutting the executor off.
-
-_DEEPEST_TABLE = 32
-_UNDECODABLE = "x-baton-undecodable"
-
-
-def _lenient_short_str(value: bytes) -> tuple[int, str]:
-    try:
-        length = value[0]
-    except IndexError as exc:
-        raise ValueError("Could not unpack short string value") from exc
-    return length + 1, bytes(value[1 : length + 1]).decode("utf-8", "replace")
-
-
-def _lenient_timestamp(value: bytes) -> tuple[int, dt.datetime | None]:
-    try:
-        return amqp_decode._baton_original_timestamp(value)  # type: ignore[attr-defined]
-    except (ValueError, OverflowError, OSError):
-        if len(value) < 8:
-            raise ValueError("Could not unpack timestamp value") from None
-        return 8, None  # a time no datetime holds
-
-
-def _lenient_value(value: bytes, depth: int) -> tuple[int, Any]:
-    kind = value[0:1]
-    if kind == b"F":
-        consumed, item = _lenient_table(value[1:], depth)
-    elif kind == b"A":
-        consumed, item = _lenient_array(value[1:], depth)
-    elif kind == b"T":
-        consumed, item = _lenient_timestamp(value[1:])
-    else:
-        decoder = amqp_decode._baton_original_table_mapping.get(kind)  # type: ignore[attr-defined]
-        if decoder is None:
-            raise ValueError(f"Unknown type: {kind!r}")
-        consumed, item = decoder(value[1:])
-    return consumed + 1, item
-
-
-def _container(value: bytes) -> tuple[int, bytes]:
-    try:
-        length = struct.unpack_from(">I", value, 0)[0]
-    except struct.error as exc:
-        raise ValueError("Could not unpack table length") from exc
-    if 4 + length > len(value):
-        raise ValueError("Field table length exceeds available data")
-    return 4 + length, bytes(value[4 : 4 + length])
-
-
-def _lenient_table(value: bytes, depth: int = 0) -> tuple[int, dict[str, Any]]:
-    end, body = _container(value)
-    if depth >= _DEEPEST_TABLE:
-        return end, {_UNDECODABLE: f"nested deeper than {_DEEPEST_TABLE} levels"}
-    data: dict[str, Any] = {}
-    offset = 0
-    try:
-        while offset < len(body):
-            key_length = body[offset]
-            key = body[offset + 1 : offset + 1 + key_length].decode("utf-8", "replace")
-            offset += 1 + key_length
-            consumed, data[key] = _lenient_value(body[offset:], depth + 1)
-            offset += consumed
-    except Exception as exc:  # noqa: BLE001 - the rest of this table is skipped, not the frame
-        data[_UNDECODABLE] = f"{type(exc).__name__}: {exc}"[:200]
-    return end, data
-
-
-def _lenient_array(value: bytes, depth: int = 0) -> tuple[int, list[Any]]:
-    end, body = _container(value)
-    if depth >= _DEEPEST_TABLE:
-        return end, [f"{_UNDECODABLE}: nested deeper than {_DEEPEST_TABLE} levels"]
-    data: list[Any] = []
-    offset = 0
-    try:
-        while offset < len(body):
-            consumed, item = _lenient_value(body[offset:], depth + 1)
-            data.append(item)
-            offset += consumed
-    except Exception as exc:  # noqa: BLE001 - the rest of this array is skipped, not the frame
-        data.append(f"{_UNDECODABLE}: {type(exc).__name__}: {exc}"[:200])
-    return end, data
-
-
-def install_lenient_amqp_decoding() -> None:
-    """Make pamqp decode what it would otherwise raise on (see above); idempotent, process-wide."""
-    if getattr(amqp_decode, "_baton_lenient", False):
-        return
-    amqp_decode._baton_original_timestamp = amqp_decode.timestamp  # type: ignore[attr-defined]
-    amqp_decode._baton_original_table_mapping = dict(amqp_decode.TABLE_MAPPING)  # type: ignore[attr-defined]
-
-    def table(value: bytes) -> tuple[int, dict[str, Any]]:
-        return _lenient_table(value)
-
-    def array(value: bytes) -> tuple[int, list[Any]]:
-        return _lenient_array(value)
-
-    amqp_decode.short_str = _lenient_short_str
-    amqp_decode.timestamp = _lenient_timestamp
-    amqp_decode.field_table = table
-    amqp_decode.field_array = array
-    amqp_decode.METHODS.update(shortstr=_lenient_short_str, timestamp=_lenient_timestamp, table=table, array=array)
-    amqp_decode.TABLE_MAPPING.update({b"T": _lenient_timestamp, b"F": table, b"A": array})
-    amqp_decode._baton_lenient = True  # type: ignore[attr-defined]
+        log.warning("reply_publish_failed", reply_to=reply_to[:300], error=describe(exc))

@@ -7,6 +7,7 @@ import contextlib
 import weakref
 from collections.abc import AsyncIterator
 
+import asyncpg
 from tenacity import RetryCallState, wait_exponential, wait_random_exponential
 
 from common.logging import get_logger
@@ -18,6 +19,34 @@ log = get_logger("baton.executor")
 #: random, so that it grows (0.1-0.2 s, 0.2-0.4 s, 0.4-0.8 s, ...) up to 2.5-5 s, and executors that
 #: lost the database at the same moment do not all come back at the same moment.
 BACKOFF = wait_exponential(multiplier=0.1, max=2.5) + wait_random_exponential(multiplier=0.1, max=2.5)
+
+
+class Unavailable(Exception):
+    """Something a loop needs (the database, a queue) is failing for everything, not for one message."""
+
+
+#: PostgreSQL error classes that say the database, not the request, is at fault: connection (08),
+#: transaction rollback (40), the schema or the statement (42), resources (53), object state
+#: (55), operator intervention (57), system (58), internal (XX). The batch goes back to the queue.
+UNWELL_SQLSTATE_CLASSES = frozenset({"08", "40", "42", "53", "55", "57", "58", "XX"})
+
+
+def unavailable(exc: BaseException) -> bool:
+    """True when ``exc`` is an outage rather than something wrong with one request."""
+    if isinstance(exc, (Unavailable, *TRANSIENT_ERRORS)):
+        return True
+    return isinstance(exc, asyncpg.PostgresError) and (exc.sqlstate or "")[:2] in UNWELL_SQLSTATE_CLASSES
+
+
+def describe(exc: BaseException) -> str:
+    """An error as one short line for a log or a reason."""
+    return f"{type(exc).__name__}: {str(exc)[:300]}"
+
+
+def being_cancelled() -> bool:
+    """Whether the current task was asked to stop (rather than hit by a library's own cancel)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 class Backoff:

@@ -676,25 +676,13 @@ def test_prefetch_is_bounded_by_bytes_and_by_batches():
     assert prefetch(500, 1 << 20, 4 << 20) == 1  # never nothing
 
 
-def test_backoff_grows_to_its_cap_with_jitter_and_starts_again_after_a_success():
-    from executor.intake import Backoff
-
-    backoff = Backoff(first_s=0.25, cap_s=5.0)
-    pauses = [backoff.next_pause() for _ in range(40)]
-    assert all(0 <= p <= 5.0 for p in pauses)
-    assert max(pauses[:2]) <= 0.5  # the first ones are short
-    assert len({round(p, 6) for p in pauses[20:]}) > 1  # at the cap, still jittered
-    backoff.reset()
-    assert backoff.next_pause() <= 0.25
-
-
 def test_lenient_decoding_reads_what_pamqp_cannot():
     from pamqp import decode as amqp_decode
 
-    from executor.intake import install_lenient_amqp_decoding
+    from common import amqp_decoding
 
-    install_lenient_amqp_decoding()
-    install_lenient_amqp_decoding()  # idempotent
+    amqp_decoding.install()
+    amqp_decoding.install()  # idempotent
     assert amqp_decode.by_type(b"\x02\xff\xfe", "shortstr") == (3, "\ufffd\ufffd")
     assert amqp_decode.by_type(struct.pack(">Q", 2**64 - 1), "timestamp") == (8, None)
     consumed, table = amqp_decode.by_type(bytes(nested_table(10_000)), "table")
