@@ -173,6 +173,9 @@ class WorkerSettings(_Section):
     task_timeout_s: Seconds = Field(3600.0, alias="task_timeout")
     """Action timeout when neither the action nor the invocation sets one."""
 
+    max_task_timeout_s: Seconds = Field(86400.0, alias="max_task_timeout", gt=0)
+    """Ceiling on any action timeout, the invocation's `timeout_seconds` included."""
+
     kill_grace_s: Seconds = Field(5.0, alias="kill_grace")
     """Between SIGTERM and SIGKILL of a shell action that ran past its timeout."""
 

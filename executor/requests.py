@@ -178,12 +178,36 @@ class ParameterValidator:
             self._compiled[spec.ref] = (spec.parameters_schema, validator)
         errors = sorted(validator.iter_errors(parameters), key=lambda e: [str(p) for p in e.absolute_path])
         problems = [
-            _bounded(f"{'.'.join(str(p) for p in err.absolute_path) or 'parameters'}: {err.message}")
+            _bounded(f"{'.'.join(str(p) for p in err.absolute_path) or 'parameters'}: {value_free_message(err)}")
             for err in errors[:_MAX_PROBLEMS]
         ]
         if len(errors) > _MAX_PROBLEMS:
             problems.append(f"... and {len(errors) - _MAX_PROBLEMS} more")
         return problems
+
+
+#: Rules whose jsonschema message names only the schema's property names, never a value.
+_NAMES_ONLY = frozenset({"required", "additionalProperties", "dependentRequired"})
+
+
+def value_free_message(err: jsonschema.ValidationError) -> str:
+    """What a parameter got wrong, without its value: parameters may hold secrets, and the error
+    is stored, logged and shown. (jsonschema's own messages quote the value.)"""
+    if err.validator in _NAMES_ONLY:
+        return err.message
+    rule = err.validator_value
+    if err.validator == "type":
+        kinds = " or ".join(rule) if isinstance(rule, list) else rule
+        return f"must be of type {kinds}"
+    if err.validator in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength", "maxLength",
+                         "minItems", "maxItems", "minProperties", "maxProperties", "multipleOf", "pattern",
+                         "format", "const", "enum", "uniqueItems"):
+        return f"fails {err.validator} {json.dumps(rule, default=str)[:200]}"
+    if err.validator == "propertyNames":
+        return "has a name that is not allowed"
+    if err.validator in ("anyOf", "oneOf"):
+        return f"matches none of the {len(rule)} allowed forms" if isinstance(rule, list) else "matches no allowed form"
+    return f"fails the schema's {err.validator} rule"
 
 
 def check_action(execution: NewExecution, spec: ActionSpec | None, validator: ParameterValidator) -> None:

@@ -309,3 +309,38 @@ async def test_the_operator_role_reads_but_cannot_write(baton):
             await conn.execute("COPY executions TO PROGRAM 'true'")
     finally:
         await conn.close()
+
+
+async def test_validation_errors_never_echo_parameter_values(baton):
+    executor = await baton.start_executor()
+    await baton.start_worker("w")
+    client = await baton.client()
+    secret = "hunter2-" + uuid.uuid4().hex
+    cases = [
+        ("tests.typed", {"count": secret}),
+        ("tests.typed", {"count": 1, "tags": [secret, 3]}),
+        ("core.local", {"cmd": ["true"], "env": {"A": 1, "B": secret, "C": [secret]}}),
+        ("core.sleep", {"seconds": -1, "note": secret}),
+    ]
+    for action_ref, parameters in cases:
+        done = await client.run(action_ref, parameters, wait_timeout_s=20)
+        assert done["status"] == "failed" and done["error"]["failed_by"] == "executor_intake"
+        assert secret not in json.dumps(done["error"]), done["error"]
+    assert secret not in executor.log_path.read_text()
+
+
+def test_the_workers_validation_errors_never_echo_values():
+    from common.schemas import Assignment
+    from worker.registry import registered
+    from worker.runner import execute
+
+    import tests.actions  # noqa: F401 - registers tests.typed
+
+    secret = "hunter2-" + uuid.uuid4().hex
+    outcome = asyncio.run(execute(
+        registered()["tests.typed"],
+        Assignment(execution_id=uuid.uuid4(), attempt=1, action_ref="tests.typed", parameters={"count": secret}),
+        default_timeout_s=5, max_output_bytes=1000,
+    ))
+    assert outcome.status == "failed" and "count" in outcome.error["error"]
+    assert secret not in json.dumps(outcome.error)

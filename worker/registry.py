@@ -56,7 +56,8 @@ def params_model_for(ref: str, func: Callable[..., Any]) -> type[BaseModel]:
     function takes ``**kwargs``."""
     fields: dict[str, Any] = {}
     extra = "forbid"
-    for name, param in inspect.signature(func).parameters.items():
+    # eval_str: a module with `from __future__ import annotations` has its annotations as strings.
+    for name, param in inspect.signature(func, eval_str=True).parameters.items():
         if param.kind is inspect.Parameter.VAR_KEYWORD:
             extra = "allow"
             continue

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import traceback
 from dataclasses import dataclass
 from typing import Any
@@ -22,12 +23,15 @@ class Outcome:
     error: dict[str, Any] | None = None
 
 
-def resolve_timeout_s(invocation_s: float | None, action_s: float | None, default_s: float) -> float:
-    """The invocation's own timeout wins, then the action's, then `worker.task_timeout`."""
+def resolve_timeout_s(
+    invocation_s: float | None, action_s: float | None, default_s: float, ceiling_s: float = math.inf
+) -> float:
+    """The invocation's own timeout wins, then the action's, then `worker.task_timeout`; none may
+    exceed `worker.max_task_timeout` (whoever posts chooses `timeout_seconds`)."""
     for value in (invocation_s, action_s):
         if value is not None and value > 0:
-            return value
-    return default_s
+            return min(value, ceiling_s)
+    return min(default_s, ceiling_s)
 
 
 def _error(message: str, **details: Any) -> dict[str, Any]:
@@ -56,15 +60,27 @@ def validate_parameters(action: RegisteredAction, parameters: dict[str, Any]) ->
 
 
 async def execute(
-    action: RegisteredAction | None, dispatch: Dispatch, *, default_timeout_s: float, max_output_bytes: int
+    action: RegisteredAction | None,
+    dispatch: Assignment,
+    *,
+    default_timeout_s: float,
+    max_output_bytes: int,
+    max_timeout_s: float = math.inf,
 ) -> Outcome:
     """Never raises for anything the action does; only cancellation (worker stopping) propagates."""
     if action is None:
         return Outcome("failed", error=_error(f"this worker does not serve action {dispatch.action_ref!r}"))
-    timeout_s = resolve_timeout_s(dispatch.timeout_s, action.spec.timeout_s, default_timeout_s)
+    timeout_s = resolve_timeout_s(dispatch.timeout_s, action.spec.timeout_s, default_timeout_s, max_timeout_s)
     try:
         params = validate_parameters(action, dispatch.parameters)
-    except (ValidationError, ValueError) as exc:
+    except ValidationError as exc:
+        # Locations and reasons only: parameters may hold secrets, and the error is stored.
+        problems = [
+            f"{'.'.join(str(p) for p in e['loc']) or 'parameters'}: {e['msg']}"
+            for e in exc.errors(include_url=False, include_input=False, include_context=False)[:20]
+        ]
+        return Outcome("failed", error=_error("invalid parameters: " + "; ".join(problems)))
+    except ValueError as exc:
         return Outcome("failed", error=_error(f"invalid parameters: {exc}"))
     inv = Invocation(str(dispatch.execution_id), dispatch.attempt, dispatch.action_ref, timeout_s)
     # The shell runner enforces the timeout itself (SIGTERM, grace, SIGKILL); Python is cancelled.

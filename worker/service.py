@@ -436,6 +436,7 @@ class WorkerService:
                 dispatch,
                 default_timeout_s=self.cfg.task_timeout_s,
                 max_output_bytes=self.cfg.max_output_bytes,
+                max_timeout_s=self.cfg.max_task_timeout_s,
             )
         except asyncio.CancelledError:
             reason, error = self.cancel_reason

@@ -1,4 +1,4 @@
-"""The catalogue's registration rule (pure)."""
+"""Trust rules without services: catalogue registrations, the timeout ceiling."""
 
 from __future__ import annotations
 
@@ -49,3 +49,12 @@ def test_the_decorator_refuses_core_refs_and_bad_versions():
         action("core.mine")(lambda: None)
     with pytest.raises(ValueError, match="version must be 1 or more"):
         action("pack.zero", version=0)(lambda: None)
+
+
+def test_no_timeout_exceeds_the_ceiling():
+    from worker.runner import resolve_timeout_s
+
+    assert resolve_timeout_s(10**9, None, 60, ceiling_s=3600) == 3600
+    assert resolve_timeout_s(None, 7200, 60, ceiling_s=3600) == 3600
+    assert resolve_timeout_s(None, None, 7200, ceiling_s=3600) == 3600
+    assert resolve_timeout_s(5, None, 60, ceiling_s=3600) == 5
