@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import jsonschema
+import re2
+import referencing
 from pydantic import ValidationError
 
 from common.actions import ActionSpec
@@ -146,10 +150,69 @@ def _is_strict_integer(_checker: Any, instance: Any) -> bool:
     return isinstance(instance, int) and not isinstance(instance, bool)
 
 
+class UnsafePattern(ValueError):
+    """A schema's regular expression that a linear-time engine cannot run."""
+
+
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False
+
+
+@functools.lru_cache(maxsize=4096)
+def linear_pattern(pattern: str) -> Any:
+    """``pattern`` compiled by RE2, whose matching time is linear in the input: a schema a worker
+    registered cannot make the executor backtrack for seconds (`^(a+)+$`). Patterns RE2 cannot run
+    (look-arounds, back-references) are refused; pydantic's own engine refuses them on the worker."""
+    try:
+        return re2.compile(pattern, _RE2_OPTIONS)
+    except re2.error as exc:
+        raise UnsafePattern(f"pattern {pattern[:100]!r} is not supported (no look-arounds or back-references): {exc}") from None
+
+
+def _pattern(validator: Any, pattern: str, instance: Any, schema: Any) -> Iterator[jsonschema.ValidationError]:
+    if validator.is_type(instance, "string") and not linear_pattern(pattern).search(instance):
+        yield jsonschema.ValidationError(f"does not match {pattern!r}")
+
+
+def _pattern_properties(validator: Any, patterns: dict[str, Any], instance: Any, schema: Any) -> Iterator[Any]:
+    if not validator.is_type(instance, "object"):
+        return
+    for pattern, subschema in patterns.items():
+        regex = linear_pattern(pattern)
+        for key, value in instance.items():
+            if regex.search(key):
+                yield from validator.descend(value, subschema, path=key, schema_path=pattern)
+
+
+def _additional_properties(validator: Any, additional: Any, instance: Any, schema: Any) -> Iterator[Any]:
+    if not validator.is_type(instance, "object"):
+        return
+    patterns = [linear_pattern(p) for p in schema.get("patternProperties", {})]
+    extras = [
+        key for key in instance
+        if key not in schema.get("properties", {}) and not any(p.search(key) for p in patterns)
+    ]
+    if validator.is_type(additional, "object"):
+        for extra in extras:
+            yield from validator.descend(instance[extra], additional, path=extra)
+    elif additional is False and extras:
+        names = ", ".join(repr(e)[:80] for e in sorted(extras)[:10])
+        yield jsonschema.ValidationError(f"Additional properties are not allowed ({names} unexpected)")
+
+
 def _strict_validator_class(cls: type[jsonschema.protocols.Validator]) -> type[jsonschema.protocols.Validator]:
+    """``cls`` with pydantic's strict notion of an integer, and every regular expression run by RE2."""
     return jsonschema.validators.extend(
-        cls, type_checker=cls.TYPE_CHECKER.redefine("integer", _is_strict_integer)
+        cls,
+        validators={"pattern": _pattern, "patternProperties": _pattern_properties,
+                    "additionalProperties": _additional_properties},
+        type_checker=cls.TYPE_CHECKER.redefine("integer", _is_strict_integer),
     )
+
+
+#: Schemas are resolved against themselves only: a `$ref` to anything else (a URL, a file) is
+#: never fetched, so a registered schema cannot make the executor wait on the network or read files.
+_NO_RETRIEVAL = referencing.Registry()
 
 
 class ParameterValidator:
@@ -174,7 +237,7 @@ class ParameterValidator:
             cls = self._classes.get(base)
             if cls is None:
                 cls = self._classes[base] = _strict_validator_class(base)
-            validator = cls(spec.parameters_schema)
+            validator = cls(spec.parameters_schema, registry=_NO_RETRIEVAL)
             self._compiled[spec.ref] = (spec.parameters_schema, validator)
         errors = sorted(validator.iter_errors(parameters), key=lambda e: [str(p) for p in e.absolute_path])
         problems = [

@@ -344,3 +344,32 @@ def test_the_workers_validation_errors_never_echo_values():
     ))
     assert outcome.status == "failed" and "count" in outcome.error["error"]
     assert secret not in json.dumps(outcome.error)
+
+
+async def test_a_registered_schema_cannot_stall_the_executor(baton):
+    """A remote `$ref` to a listener that never answers, and a backtracking pattern: each request
+    is decided at once, and the executor keeps taking others."""
+    silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    await baton.start_executor()
+    await baton.start_worker("w")
+    pool = await baton.pool()
+    schemas = {
+        "evil.remote_ref": {"type": "object", "properties": {"x": {"$ref": f"http://127.0.0.1:{port}/s.json"}}},
+        "evil.file_ref": {"type": "object", "properties": {"x": {"$ref": "file:///etc/passwd"}}},
+        "evil.backtracking": {"type": "object", "properties": {"x": {"type": "string", "pattern": "^(a+)+$"}}},
+    }
+    for ref, schema in schemas.items():
+        await pool.execute("INSERT INTO actions (ref, runtime, parameters_schema) VALUES ($1, 'python', $2)", ref, schema)
+    client = await baton.client()
+    try:
+        for ref in ("evil.remote_ref", "evil.file_ref"):
+            done = await client.run(ref, {"x": 1}, wait_timeout_s=20)
+            assert done["status"] == "failed"
+            assert "parameters cannot be checked against the action's schema" in done["error"]["error"]
+            assert "Unresolvable" in done["error"]["error"]
+        done = await client.run("evil.backtracking", {"x": "a" * 50 + "b"}, wait_timeout_s=20)
+        assert done["status"] == "failed" and 'x: fails pattern "^(a+)+$"' in done["error"]["error"]
+        assert (await client.run("core.echo", {"message": "still here"}, wait_timeout_s=20))["status"] == "completed"
+    finally:
+        silent.close()
