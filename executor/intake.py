@@ -161,14 +161,28 @@ async def _process(ctx: ExecutorContext, batch: list[AbstractIncomingMessage], s
             execution.fail(f"parameters cannot be checked against the action's schema: {describe(exc)}")
 
     inserted, unstorable = await _record(ctx.pool, executions)
+    same, duplicates = await _existing(
+        ctx.pool, [e for e in executions if e.id not in inserted and e.id not in unstorable]
+    )
+    # A key reused with other parameters is refused: recorded as failed, under its own id and
+    # without the key, naming the execution that holds it.
+    conflicts = []
+    for execution in executions:
+        reason = key_conflict(execution, duplicates[execution.id]) if execution.id in duplicates else None
+        if reason is not None:
+            existing_id = duplicates.pop(execution.id)["id"]
+            execution.idempotency_key = None
+            execution.fail(reason, conflicts_with=str(existing_id))
+            conflicts.append(execution)
+    if conflicts:
+        recorded, refused = await _record(ctx.pool, conflicts)
+        inserted.update(recorded)
+        unstorable.update(refused)
     if unstorable:
         parsed = [
             (m, Rejection(unstorable[r.id]) if isinstance(r, NewExecution) and r.id in unstorable else r)
             for m, r in parsed
         ]
-    same, duplicates = await _existing(
-        ctx.pool, [e for e in executions if e.id not in inserted and e.id not in unstorable]
-    )
     await _reply_and_notify(ctx, parsed, inserted, same, duplicates)
     for message, result in parsed:
         if isinstance(result, Rejection):
@@ -237,22 +251,38 @@ async def _existing(pool: asyncpg.Pool, repeated: list[NewExecution]) -> tuple[d
     idempotency key only, it is another request that duplicates an earlier one."""
     if not repeated:
         return {}, {}
+    keyed = [e for e in repeated if e.idempotency_key]
     rows = await pool.fetch(
-        q.FIND_EXISTING, [e.id for e in repeated], [e.idempotency_key for e in repeated if e.idempotency_key]
+        q.FIND_EXISTING,
+        [e.id for e in repeated],
+        [e.action_ref for e in keyed],
+        [e.idempotency_key for e in keyed],
     )
     by_id = {r["id"]: dict(r) for r in rows}
-    by_key = {r["idempotency_key"]: dict(r) for r in rows if r["idempotency_key"]}
+    by_key = {(r["action_ref"], r["idempotency_key"]): dict(r) for r in rows if r["idempotency_key"]}
     same: dict = {}
     duplicates: dict = {}
     for e in repeated:
         if e.id in by_id:
             same[e.id] = by_id[e.id]
             log.info("execution_redelivered", execution_id=str(e.id), status=by_id[e.id]["status"])
-        elif e.idempotency_key in by_key:
-            row = by_key[e.idempotency_key]
+        elif (e.action_ref, e.idempotency_key) in by_key:
+            row = by_key[(e.action_ref, e.idempotency_key)]
             duplicates[e.id] = row
-            log.info("execution_duplicate", execution_id=str(row["id"]), idempotency_key=e.idempotency_key[:100])
+            log.info("execution_duplicate", execution_id=str(row["id"]), idempotency_key=(e.idempotency_key or "")[:100])
     return same, duplicates
+
+
+def key_conflict(execution: NewExecution, existing: dict[str, Any]) -> str | None:
+    """Why a request that reuses an idempotency key is not the same request (None: it is). Keys are
+    scoped by action; under one action, a key names one set of parameters."""
+    if execution.parameters == existing["parameters"] and execution.timeout_s == existing["timeout_s"]:
+        return None
+    return (
+        f"idempotency key {(execution.idempotency_key or '')[:100]!r} of {execution.action_ref} is already used "
+        f"by execution {existing['id']} with other parameters: use another key, or the same parameters "
+        f"to get that execution"
+    )
 
 
 def _failed_at_intake(row: dict) -> bool:

@@ -373,3 +373,34 @@ async def test_a_registered_schema_cannot_stall_the_executor(baton):
         assert (await client.run("core.echo", {"message": "still here"}, wait_timeout_s=20))["status"] == "completed"
     finally:
         silent.close()
+
+
+# -- idempotency keys ------------------------------------------------------------------------
+
+
+async def test_idempotency_keys_are_scoped_by_action_and_cannot_be_squatted(baton):
+    await baton.start_executor()
+    await baton.start_worker("w", runtimes="python,shell")
+    client = await baton.client()
+    squatter = await client.submit("core.local", {"cmd": ["echo", "squatted"]}, idempotency_key="nightly-1")
+    await client.wait(squatter.execution_id, 20)
+    # Another action, the same key: its own execution, not the squatter's output.
+    mine = await client.submit("core.echo", {"message": "mine"}, idempotency_key="nightly-1")
+    assert not mine.duplicate and mine.execution_id != squatter.execution_id
+    assert (await client.wait(mine.execution_id, 20))["result"] == {"message": "mine"}
+    # The same action and key with the same parameters: that execution again.
+    again = await client.submit("core.echo", {"message": "mine"}, idempotency_key="nightly-1")
+    assert again.duplicate and again.execution_id == mine.execution_id
+    # ... with other parameters: a conflict that names the execution holding the key.
+    other = await client.submit("core.echo", {"message": "other"}, idempotency_key="nightly-1")
+    assert other.status == "failed" and not other.duplicate
+    assert f"is already used by execution {mine.execution_id}" in other.error
+    row = await client.wait(other.execution_id, 20)
+    assert row["error"]["conflicts_with"] == str(mine.execution_id) and row["idempotency_key"] is None
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "common.cli", "submit", "core.echo", "message=third", "--idempotency-key", "nightly-1",
+         "--wait"],
+        cwd=REPO, env=baton.service_env(), capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 1

@@ -32,8 +32,10 @@ SELECT * FROM ins
 # Requests that were not inserted: the same request seen again (same id: whole rows, so that a
 # failed one's notification can be published again) or a repeated idempotency key.
 FIND_EXISTING = """
-SELECT * FROM executions
-WHERE id = ANY($1::uuid[]) OR idempotency_key = ANY($2::text[])
+SELECT * FROM executions WHERE id = ANY($1::uuid[])
+UNION ALL
+SELECT e.* FROM unnest($2::text[], $3::text[]) AS k(action_ref, idempotency_key)
+JOIN executions e ON e.action_ref = k.action_ref AND e.idempotency_key = k.idempotency_key
 """
 
 # The oldest requested rows of each action some live worker has room for now, each action read
