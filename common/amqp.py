@@ -171,12 +171,14 @@ async def _declare_durable(
     bindings: Sequence[tuple[str, str]],
     replace: bool,
     fix: str,
+    busy_ok: bool = False,
 ) -> AbstractQueue:
     """Declare a durable queue and bind it. One that already exists with other arguments (another
     queue type or TTL: the broker refuses the declaration) is, with ``replace``, deleted and declared
     anew if it is empty and has no consumer; one holding messages is never deleted (they would be
-    lost), so then this raises, saying why and what to do (``fix``). Without ``replace`` the
-    existing queue is used as it is."""
+    lost), so then this raises, saying why and what to do (``fix``), unless ``busy_ok`` (the old
+    arguments will do until it is empty: it is used as it is). Without ``replace`` the existing
+    queue is used as it is."""
     try:
         queue = await channel.declare_queue(name, durable=True, arguments=arguments)
     except aiormq.exceptions.ChannelPreconditionFailed as exc:
@@ -185,6 +187,12 @@ async def _declare_durable(
             queue = await channel.declare_queue(name, passive=True)
         else:
             kept = await delete_queue_if_idle(channel, name, bindings=bindings)
+            if kept is not None and busy_ok:
+                await channel.reopen()
+                queue = await channel.declare_queue(name, passive=True)
+                for exchange, key in bindings:
+                    await queue.bind(exchange, key)
+                return queue
             if kept is not None:
                 raise RuntimeError(
                     f"queue {name} exists with other arguments than {arguments} ({exc}), and it is not "
@@ -215,7 +223,12 @@ async def declare_requests_queue(
 
 
 async def declare_executor_topology(
-    channel: AbstractChannel, names: Names, *, rejected_max_length: int, queue_type: QueueType = "classic"
+    channel: AbstractChannel,
+    names: Names,
+    *,
+    rejected_max_length: int,
+    rejected_max_bytes: int = 64 * 1024 * 1024,
+    queue_type: QueueType = "classic",
 ) -> tuple[Exchanges, AbstractQueue]:
     """Everything the executor consumes from or publishes to; idempotent. A queue left by another
     `message_queue.queue_type` is declared anew if it is empty and unused."""
@@ -229,14 +242,20 @@ async def declare_executor_topology(
         replace=True,
         fix="Run the executors with the old message_queue.queue_type until the queue is empty, then switch.",
     )
-    # Requests that cannot be tied to an execution are parked here with their reason, for operators.
-    # Quorum queues support both the length limit and `drop-head`, so this one follows the setting too.
+    # Requests that cannot be tied to an execution are parked here with their reason, for operators,
+    # bounded in count and in bytes (the oldest go first). Quorum queues support both limits and
+    # `drop-head`, so this one follows the setting too. One still holding parked requests under
+    # older limits is kept as it is until an operator empties it.
     await _declare_durable(
         channel,
         names.rejected_requests_queue,
-        queue_arguments(queue_type, {"x-max-length": rejected_max_length, "x-overflow": "drop-head"}),
+        queue_arguments(
+            queue_type,
+            {"x-max-length": rejected_max_length, "x-max-length-bytes": rejected_max_bytes, "x-overflow": "drop-head"},
+        ),
         bindings=[],  # published to through the default exchange
         replace=True,
+        busy_ok=True,
         fix="Read what is parked there, then purge or delete the queue.",
     )
     return exchanges, requests

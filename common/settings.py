@@ -87,6 +87,10 @@ class MessageQueueSettings(_Section):
     rejected_requests_max_length: int = Field(100_000, ge=1)
     """How many rejected (unparseable or oversized) requests the parking queue keeps for operators."""
 
+    rejected_requests_max_bytes: int = Field(67_108_864, ge=1_048_576)
+    """How many bytes of rejected requests the parking queue keeps (the oldest go first); each is
+    parked with at most its first 4 KiB when it is over `max_request_bytes`."""
+
     queue_type: Literal["classic", "quorum"] = "classic"
     """`quorum` declares the request, dead-letter and worker queues as quorum queues (RabbitMQ 3.10+
     clusters: replicated, with at-least-once dead-lettering); `classic` suits a single node."""

@@ -66,6 +66,7 @@ async def serve(settings: Settings, stop_event: asyncio.Event) -> None:
         publish_channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         exchanges, _ = await amqp.declare_executor_topology(
             publish_channel, names, rejected_max_length=settings.message_queue.rejected_requests_max_length,
+            rejected_max_bytes=settings.message_queue.rejected_requests_max_bytes,
             queue_type=settings.message_queue.queue_type,
         )
         ctx = ExecutorContext(

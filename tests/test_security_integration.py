@@ -404,3 +404,34 @@ async def test_idempotency_keys_are_scoped_by_action_and_cannot_be_squatted(bato
         cwd=REPO, env=baton.service_env(), capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 1
+
+
+# -- bounded parking -------------------------------------------------------------------------
+
+
+def _queue_arguments(name: str) -> str:
+    listing = subprocess.run(
+        ["rabbitmqctl", "-q", "list_queues", "name", "arguments"], capture_output=True, text=True, timeout=60
+    ).stdout
+    return next((line for line in listing.splitlines() if line.split("\t")[0] == name), "")
+
+
+async def test_the_parking_queue_is_bounded_in_bytes(baton):
+    await baton.start_executor(BATON__MESSAGE_QUEUE__REJECTED_REQUESTS_MAX_BYTES="2097152")
+    assert "{\"x-max-length-bytes\",2097152}" in _queue_arguments(baton.names.rejected_requests_queue)
+
+
+async def test_an_executor_starts_beside_a_parking_queue_left_with_older_limits(baton):
+    connection = await aio_pika.connect(AMQP_URL)
+    try:
+        channel = await connection.channel()
+        old = await channel.declare_queue(
+            baton.names.rejected_requests_queue, durable=True, arguments={"x-max-length": 5}
+        )
+        await channel.default_exchange.publish(aio_pika.Message(b"parked earlier"), routing_key=old.name)
+    finally:
+        await connection.close()
+    await baton.start_executor()
+    await baton.start_worker("w")
+    assert (await (await baton.client()).run("core.noop", {}, wait_timeout_s=20))["status"] == "completed"
+    assert await baton.queue_depth(baton.names.rejected_requests_queue) == 1  # nothing parked was lost
