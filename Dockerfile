@@ -2,7 +2,9 @@
 # (pyproject.toml [project.scripts]); the command picks the service:
 #   docker run IMAGE executor
 #   docker run IMAGE worker --name worker-1 --runtimes python,shell
-FROM python:3.11-slim
+# The base is pinned by digest (the multi-arch index of python:3.11-slim), so that a build is the
+# same build tomorrow; refresh it on purpose with `docker buildx imagetools inspect python:3.11-slim`.
+FROM python:3.11-slim@sha256:9c900dea9e8fb7e16277c179b555cc72d29a352dbc33cff48ad5a0412fd5bfc7
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -14,13 +16,16 @@ RUN groupadd --system --gid 10001 baton \
 
 WORKDIR /app
 
-# Install the project (and its dependencies) from pyproject.toml; the sources stay in /app too.
+# Dependencies exactly as locked, each checked against its hash (requirements.lock, made from
+# pyproject.toml with `pip-compile --generate-hashes`); then the project itself, adding nothing.
+COPY requirements.lock ./
+RUN pip install --require-hashes --no-deps -r requirements.lock
 COPY pyproject.toml README.md ./
 COPY common/ common/
 COPY executor/ executor/
 COPY worker/ worker/
 COPY examples/ examples/
-RUN pip install . \
+RUN pip install --no-deps . \
  && rm -rf build ./*.egg-info
 
 # Defaults; docker-compose.yaml mounts config/config.docker.yaml over its copy and points BATON_CONFIG at it.

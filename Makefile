@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 
-.PHONY: install services demo test test-unit bench clean
+.PHONY: install services demo test test-unit bench clean lock
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,3 +30,9 @@ bench: install services
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
+
+# The Docker image installs exactly these versions, checked by hash; refresh after changing dependencies.
+lock: install
+	$(VENV)/bin/pip install --quiet pip-tools
+	$(VENV)/bin/pip-compile --quiet --generate-hashes --strip-extras --no-emit-index-url --no-emit-find-links \
+		--output-file=requirements.lock pyproject.toml
