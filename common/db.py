@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from importlib import resources
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import asyncpg
 from tenacity import retry_if_exception_type
 
 from common.logging import get_logger
-from common.settings import masked_url
 from common.retry import TRANSIENT_ERRORS, connect_retrying
+from common.settings import masked_url
 
 log = get_logger("baton.db")
+
+#: Whatever a query can be run on: a connection of one's own, one acquired from a pool, or the
+#: pool itself (which acquires one per call). Functions that only run queries take any of them.
+Executor = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy | asyncpg.Pool
+
+_T = TypeVar("_T")
 
 # An arbitrary constant; every process that migrates takes this lock, so that two executors
 # starting at once apply each migration exactly once.
@@ -121,7 +129,7 @@ def _migrations() -> list[tuple[int, str, str]]:
     return sorted(found)
 
 
-async def migrate(conn: asyncpg.Connection | asyncpg.Pool) -> list[str]:
+async def migrate(conn: Executor) -> list[str]:
     """Apply pending migrations in one transaction; returns the names applied."""
     if isinstance(conn, asyncpg.Pool):
         async with conn.acquire() as c:
@@ -145,7 +153,7 @@ async def migrate(conn: asyncpg.Connection | asyncpg.Pool) -> list[str]:
     return applied
 
 
-async def until_available(operation, *, what: str, max_wait_s: float = 300.0):
+async def until_available(operation: Callable[[], Awaitable[_T]], *, what: str, max_wait_s: float = 300.0) -> _T:
     """Run ``operation()`` (a coroutine factory), waiting out a database that is briefly away.
 
     Used where giving up would lose work held only in memory (a batch not yet recorded); after

@@ -6,8 +6,10 @@ and dropped."""
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
+import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
 
@@ -25,7 +27,7 @@ if TYPE_CHECKING:
 log = get_logger("baton.executor.dead_letters")
 
 
-def death_reason(headers: dict | None) -> str:
+def death_reason(headers: Mapping[str, Any] | None) -> str:
     """Why RabbitMQ dead-lettered it: `expired`, `rejected`, `maxlen`, ... (first death wins)."""
     headers = headers or {}
     reason = headers.get("x-first-death-reason")
@@ -65,7 +67,7 @@ async def handle(ctx: ExecutorContext, message: AbstractIncomingMessage) -> None
     }.get(reason, f"its dispatch was dead-lettered ({reason})")
     cfg = ctx.settings.executor
 
-    async def settle():
+    async def settle() -> tuple[str | None, asyncpg.Record | None]:
         async with ctx.pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(q.SELECT_FOR_UPDATE, dispatch.execution_id, cfg.heartbeat_staleness_multiplier)
             if row is None or row["status"] != "scheduled" or row["attempt"] != dispatch.attempt:

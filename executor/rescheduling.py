@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import uuid
+from typing import Any, Literal, TypedDict
 
 import asyncpg
 
 from common import metrics
+from common.db import Executor
 from common.logging import get_logger
 from common.queries import executions as q
 
 log = get_logger("baton.executor.rescheduling")
+
+
+class DispatchedRow(TypedDict):
+    """What rescheduling reads of a dispatched execution, when the caller has it in hand rather
+    than as a row read from `executions`."""
+
+    id: uuid.UUID
+    attempt: int
+    schedule_attempts: int
 
 
 def next_step(schedule_attempts: int, max_schedule_attempts: int) -> Literal["reschedule", "fail"]:
@@ -19,8 +30,8 @@ def next_step(schedule_attempts: int, max_schedule_attempts: int) -> Literal["re
 
 
 async def reschedule_or_fail(
-    conn: asyncpg.Connection | asyncpg.Pool,
-    row: Any,
+    conn: Executor,
+    row: asyncpg.Record | DispatchedRow,
     *,
     max_schedule_attempts: int,
     reason: str,

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
 import aiormq.exceptions
+import asyncpg
 
 from common.amqp import Names, persistent_json
 from common.db import connect_one
@@ -24,8 +26,8 @@ from common.queries import executions as q
 from common.queries import workers as wq
 from common.schemas import Dispatch
 from executor.placement import Candidate, place, room_by_action
-from executor.resilience import riding_out_outages
 from executor.rescheduling import reschedule_or_fail
+from executor.resilience import riding_out_outages
 
 if TYPE_CHECKING:
     from executor.service import ExecutorContext
@@ -36,7 +38,7 @@ log = get_logger("baton.executor.scheduler")
 async def run(ctx: ExecutorContext, stop_event: asyncio.Event) -> None:
     state = {"blocked": True}
 
-    def on_notify(_conn: object, _pid: int, _channel: str, payload: str) -> None:
+    def on_notify(_conn: object, _pid: int, _channel: str, payload: object) -> None:
         if payload == "worker":
             ctx.catalogue.invalidate()
         # Freed capacity only matters when the last pass left work behind.
@@ -70,7 +72,7 @@ async def run(ctx: ExecutorContext, stop_event: asyncio.Event) -> None:
         log.info("scheduler_stopped")
 
 
-async def _first(*aws) -> None:
+async def _first(*aws: Awaitable[object]) -> None:
     tasks = [asyncio.ensure_future(a) for a in aws]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -121,7 +123,9 @@ async def _pass(ctx: ExecutorContext, stop_event: asyncio.Event) -> tuple[bool, 
     return len(rows) == cfg.schedule_batch_size, len(plan) < len(rows)
 
 
-async def _dispatch(ctx: ExecutorContext, row, scheduled):
+async def _dispatch(
+    ctx: ExecutorContext, row: asyncpg.Record, scheduled: asyncpg.Record
+) -> asyncpg.Record | None:
     """Publish one dispatch; if it cannot be handed over, reschedule it (returns the row if that
     failed the execution instead)."""
     worker, attempt = scheduled["worker"], scheduled["attempt"]

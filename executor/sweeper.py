@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
 
 from common import metrics
+from common.actions import ActionSpec
+from common.db import Executor
 from common.logging import get_logger
 from common.notifications import publish_terminal
 from common.queries import executions as q
 from common.queries import workers as wq
 from common.recovery import interrupted_event, resolve_policy
 from executor.recovery import recover_interrupted
-from executor.resilience import riding_out_outages
 from executor.rescheduling import reschedule_or_fail
+from executor.resilience import riding_out_outages
 
 if TYPE_CHECKING:
     from executor.service import ExecutorContext
@@ -117,7 +121,13 @@ async def interrupt_orphans(ctx: ExecutorContext) -> int:
     return len(rows)
 
 
-async def _interrupt(ctx: ExecutorContext, conn, row, specs, error: str) -> None:
+async def _interrupt(
+    ctx: ExecutorContext,
+    conn: Executor,
+    row: asyncpg.Record | dict[str, Any],
+    specs: dict[str, ActionSpec],
+    error: str,
+) -> None:
     event = interrupted_event(
         reason="worker_lost",
         worker=row["worker"],
@@ -132,11 +142,11 @@ async def _interrupt(ctx: ExecutorContext, conn, row, specs, error: str) -> None
         )
 
 
-async def release_held(ctx: ExecutorContext, conn, worker: str, signal: str) -> list:
+async def release_held(ctx: ExecutorContext, conn: Executor, worker: str, signal: str) -> list[asyncpg.Record]:
     """A lost worker's `scheduled` executions go to another worker; its `running` ones become
     `interrupted` (recovery decides what follows). Returns the rows that failed instead."""
     cfg = ctx.settings.executor
-    failed = []
+    failed: list[asyncpg.Record] = []
     held = await conn.fetch(q.SELECT_HELD_BY_WORKER, worker)
     specs = await ctx.catalogue.resolve({r["action_ref"] for r in held if r["action_ref"]})
     for row in held:

@@ -14,8 +14,8 @@ from common import metrics
 from common.logging import get_logger
 from common.notifications import publish_terminal
 from common.queries import executions as q
-from executor.resilience import riding_out_outages
 from executor.rescheduling import reschedule_or_fail
+from executor.resilience import riding_out_outages
 
 if TYPE_CHECKING:
     from executor.service import ExecutorContext

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from common.schemas import MAX_PARAMETERS_DEPTH, Dispatch, json_depth
+from common.schemas import MAX_PARAMETERS_DEPTH, Assignment, json_depth
 from worker.errors import ActionFailed, ActionTimedOut
 from worker.registry import Invocation, RegisteredAction
 

@@ -24,17 +24,16 @@ import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
 
-from common import amqp, db, metrics
+from common import amqp, db, health, metrics
+from common.actions import CORE_PREFIX, ActionSpec, registration_conflict
 from common.logging import get_logger
 from common.notifications import publish_terminal
-from common.actions import CORE_PREFIX, ActionSpec, registration_conflict
 from common.queries import actions as aq
 from common.queries import executions as q
 from common.queries import workers as wq
 from common.recovery import InterruptReason, interrupted_event, resolve_policy
 from common.schemas import Assignment, Dispatch
 from common.settings import Settings
-from common import health
 from worker import builtins
 from worker.registry import RegisteredAction, registered
 from worker.runner import Outcome, execute
@@ -245,7 +244,7 @@ class WorkerService:
                         self.pool, row, "recorded as running on this worker, which is not running it"
                     )
 
-    async def _interrupt_orphan(self, conn: asyncpg.Connection | asyncpg.Pool, row: Any, error: str) -> None:
+    async def _interrupt_orphan(self, conn: db.Executor, row: asyncpg.Record, error: str) -> None:
         """A run recorded as `running` here that this process does not run: hand it to recovery."""
         action = self.actions.get(row["action_ref"])
         event = interrupted_event(
@@ -336,7 +335,7 @@ class WorkerService:
         await self._hand_back()
         try:
             await asyncio.wait_for(self.idle.wait(), self.cfg.shutdown_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.log.warning("drain_deadline_passed", interrupting=len(self.running))
             for task in list(self.running.values()):
                 task.cancel()
@@ -545,7 +544,7 @@ class WorkerService:
                 status = await self.lock_conn.fetchval(
                     wq.HEARTBEAT, self.name, self.incarnation, len(self.running), timeout=max(interval_s, 1.0)
                 )
-            except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 if self.lock_conn is not None and self.lock_conn.is_closed():
                     self.lock_conn = None
                 silent_s = time.monotonic() - last_ok
@@ -571,5 +570,5 @@ class WorkerService:
             if self.stood_down and not self.draining:
                 try:
                     await self._resume()
-                except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                     self.log.warning("reregister_failed", error=str(exc))
