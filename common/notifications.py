@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import asyncpg
@@ -29,7 +29,7 @@ def notification_body(row: dict[str, Any]) -> bytes:
     return json.dumps(jsonable_row({k: row.get(k) for k in NOTIFIED_FIELDS})).encode()
 
 
-async def publish_terminal(exchange: AbstractExchange, rows: Sequence[dict[str, Any] | asyncpg.Record]) -> None:
+async def publish_terminal(exchange: AbstractExchange, rows: Sequence[Mapping[str, Any] | asyncpg.Record]) -> None:
     """Publish one notification per finished execution with routing key `execution.<id>.<status>`.
     A failure to publish is logged, not raised: the state is already in PostgreSQL, and waiting
     clients re-read it from there."""

@@ -5,12 +5,13 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import uuid
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, TypedDict
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
-class Status(str, enum.Enum):
+class Status(enum.StrEnum):
     REQUESTED = "requested"
     SCHEDULED = "scheduled"
     RUNNING = "running"
@@ -38,6 +39,7 @@ def json_depth(value: Any) -> int:
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
+        children: Iterable[Any]
         if isinstance(item, dict):
             children = item.values()
         elif isinstance(item, list):
@@ -86,6 +88,33 @@ class Assignment(BaseModel):
     action_ref: str
     parameters: dict[str, Any]
     timeout_s: float | None = None
+
+
+class ExecutionRow(TypedDict):
+    """A whole `executions` row (``SELECT *``) as a dict, JSON columns decoded."""
+
+    id: uuid.UUID
+    action_ref: str | None
+    parameters: dict[str, Any]
+    status: str
+    attempt: int
+    worker: str | None
+    timeout_s: float | None
+    idempotency_key: str | None
+    message_id: str | None
+    correlation_id: str | None
+    result: Any
+    error: dict[str, Any] | None
+    recovery_attempts: int
+    last_event_seq: int
+    created_at: dt.datetime
+    scheduled_at: dt.datetime | None
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    updated_at: dt.datetime
+    schedule_attempts: int
+    previous_worker: str | None
+    incarnation: uuid.UUID | None
 
 
 class Acceptance(BaseModel):

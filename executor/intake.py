@@ -19,8 +19,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
@@ -31,7 +32,7 @@ from common.db import until_available
 from common.logging import get_logger
 from common.notifications import publish_terminal
 from common.queries import executions as q
-from common.schemas import Acceptance
+from common.schemas import Acceptance, ExecutionRow
 from executor.parking import park
 from executor.requests import (
     NewExecution,
@@ -47,6 +48,11 @@ if TYPE_CHECKING:
     from executor.service import ExecutorContext
 
 log = get_logger("baton.executor.intake")
+
+#: Executions by id: the rows recorded, or found already there.
+Rows = dict[uuid.UUID, ExecutionRow]
+#: Why each request that PostgreSQL refused cannot be stored, by execution id.
+Unstorable = dict[uuid.UUID, str]
 
 #: How long one reply may take before it is given up (the request is recorded either way).
 REPLY_TIMEOUT_S = 5.0
@@ -197,7 +203,7 @@ async def _process(ctx: ExecutorContext, batch: list[AbstractIncomingMessage], s
         ctx.wake.set()
 
 
-async def _record(pool: asyncpg.Pool, executions: list[NewExecution]) -> tuple[dict, dict]:
+async def _record(pool: asyncpg.Pool, executions: list[NewExecution]) -> tuple[Rows, Unstorable]:
     """Insert all in one statement. If PostgreSQL refuses it for anything but an outage (a NUL in
     a string, a value too large for an index, any other error a request's data can cause), insert
     one by one, so that only the requests that cannot be stored are rejected."""
@@ -210,8 +216,8 @@ async def _record(pool: asyncpg.Pool, executions: list[NewExecution]) -> tuple[d
             raise
         if len(executions) > 1:
             log.warning("record_batch_refused", error=describe(exc), batch=len(executions))
-    inserted: dict = {}
-    unstorable: dict = {}
+    inserted: Rows = {}
+    unstorable: Unstorable = {}
     for execution in executions:
         try:
             inserted.update(await _insert(pool, [execution]))
@@ -222,7 +228,12 @@ async def _record(pool: asyncpg.Pool, executions: list[NewExecution]) -> tuple[d
     return inserted, unstorable
 
 
-async def _insert(pool: asyncpg.Pool, executions: list[NewExecution]) -> dict:
+def _execution_row(record: asyncpg.Record) -> ExecutionRow:
+    """A row of `executions` read whole (``SELECT *``, ``RETURNING *``)."""
+    return cast(ExecutionRow, dict(record))
+
+
+async def _insert(pool: asyncpg.Pool, executions: list[NewExecution]) -> Rows:
     args = (
         [e.id for e in executions],
         [e.action_ref for e in executions],
@@ -242,10 +253,10 @@ async def _insert(pool: asyncpg.Pool, executions: list[NewExecution]) -> dict:
             log.warning("execution_rejected", error=row["error"]["error"], **fields)
         else:
             log.info("execution_requested", **fields)
-    return {row["id"]: dict(row) for row in rows}
+    return {row["id"]: _execution_row(row) for row in rows}
 
 
-async def _existing(pool: asyncpg.Pool, repeated: list[NewExecution]) -> tuple[dict, dict]:
+async def _existing(pool: asyncpg.Pool, repeated: list[NewExecution]) -> tuple[Rows, Rows]:
     """For requests not inserted: the execution each one is. By its own id, it is the same request
     seen again (its first recording committed, but the reply or the ack was lost); by its
     idempotency key only, it is another request that duplicates an earlier one."""
@@ -258,10 +269,10 @@ async def _existing(pool: asyncpg.Pool, repeated: list[NewExecution]) -> tuple[d
         [e.action_ref for e in keyed],
         [e.idempotency_key for e in keyed],
     )
-    by_id = {r["id"]: dict(r) for r in rows}
-    by_key = {(r["action_ref"], r["idempotency_key"]): dict(r) for r in rows if r["idempotency_key"]}
-    same: dict = {}
-    duplicates: dict = {}
+    by_id = {r["id"]: _execution_row(r) for r in rows}
+    by_key = {(r["action_ref"], r["idempotency_key"]): _execution_row(r) for r in rows if r["idempotency_key"]}
+    same: Rows = {}
+    duplicates: Rows = {}
     for e in repeated:
         if e.id in by_id:
             same[e.id] = by_id[e.id]
@@ -273,7 +284,7 @@ async def _existing(pool: asyncpg.Pool, repeated: list[NewExecution]) -> tuple[d
     return same, duplicates
 
 
-def key_conflict(execution: NewExecution, existing: dict[str, Any]) -> str | None:
+def key_conflict(execution: NewExecution, existing: ExecutionRow) -> str | None:
     """Why a request that reuses an idempotency key is not the same request (None: it is). Keys are
     scoped by action; under one action, a key names one set of parameters."""
     if execution.parameters == existing["parameters"] and execution.timeout_s == existing["timeout_s"]:
@@ -285,11 +296,17 @@ def key_conflict(execution: NewExecution, existing: dict[str, Any]) -> str | Non
     )
 
 
-def _failed_at_intake(row: dict) -> bool:
+def _failed_at_intake(row: ExecutionRow) -> bool:
     return row["status"] == "failed" and (row.get("error") or {}).get("failed_by") == "executor_intake"
 
 
-async def _reply_and_notify(ctx: ExecutorContext, parsed, inserted: dict, same: dict, duplicates: dict) -> None:
+async def _reply_and_notify(
+    ctx: ExecutorContext,
+    parsed: list[tuple[AbstractIncomingMessage, NewExecution | Rejection]],
+    inserted: Rows,
+    same: Rows,
+    duplicates: Rows,
+) -> None:
     replies = []
     for message, result in parsed:
         reply_to = property_text(message.reply_to)

@@ -9,32 +9,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 import asyncpg
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
-from common import amqp, db
+from common import amqp, db, metrics
+from common.amqp import Exchanges, Names
 from common.logging import get_logger
 from common.settings import Settings
-from common import metrics
 from executor import dead_letters, health, intake, requested_timeout, retention, scheduler, sweeper, timeout_monitor
 from executor.catalogue import Catalogue
 
 log = get_logger("baton.executor")
 
-Loop = Callable[["ExecutorContext", asyncio.Event], Awaitable[None]]
+Loop = Callable[["ExecutorContext", asyncio.Event], Coroutine[Any, Any, None]]
 
 
 @dataclass
 class ExecutorContext:
+    # Names and Exchanges are imported by name: in this class body `amqp` is the field below.
     settings: Settings
-    names: amqp.Names
+    names: Names
     pool: asyncpg.Pool
     amqp: AbstractRobustConnection
     publish_channel: AbstractChannel
-    exchanges: amqp.Exchanges
+    exchanges: Exchanges
     catalogue: Catalogue
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -90,7 +92,9 @@ async def serve(settings: Settings, stop_event: asyncio.Event) -> None:
 
 
 async def supervise(ctx: ExecutorContext, loops: dict[str, Loop], stop_event: asyncio.Event) -> None:
-    tasks = {asyncio.create_task(loop(ctx, stop_event), name=name): name for name, loop in loops.items()}
+    tasks: dict[asyncio.Task[object], str] = {
+        asyncio.create_task(loop(ctx, stop_event), name=name): name for name, loop in loops.items()
+    }
     stopper = asyncio.create_task(stop_event.wait())
     done, _ = await asyncio.wait({stopper, *tasks}, return_when=asyncio.FIRST_COMPLETED)
     # A loop that returns when told to stop (a disabled one waits for that) has not died.
