@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import struct
+from collections.abc import Callable
 from typing import Any
 
 from pamqp import decode as amqp_decode
@@ -30,8 +31,9 @@ def _lenient_short_str(value: bytes) -> tuple[int, str]:
 
 
 def _lenient_timestamp(value: bytes) -> tuple[int, dt.datetime | None]:
+    original: Callable[[bytes], tuple[int, dt.datetime]] = amqp_decode._baton_original_timestamp  # type: ignore[attr-defined]
     try:
-        return amqp_decode._baton_original_timestamp(value)  # type: ignore[attr-defined]
+        return original(value)
     except (ValueError, OverflowError, OSError):
         if len(value) < 8:
             raise ValueError("Could not unpack timestamp value") from None
@@ -40,6 +42,7 @@ def _lenient_timestamp(value: bytes) -> tuple[int, dt.datetime | None]:
 
 def _lenient_value(value: bytes, depth: int) -> tuple[int, Any]:
     kind = value[0:1]
+    item: Any
     if kind == b"F":
         consumed, item = _lenient_table(value[1:], depth)
     elif kind == b"A":
@@ -112,7 +115,8 @@ def install() -> None:
         return _lenient_array(value)
 
     amqp_decode.short_str = _lenient_short_str
-    amqp_decode.timestamp = _lenient_timestamp
+    # pamqp declares that a timestamp decodes to a datetime; the lenient one may give None.
+    amqp_decode.timestamp = _lenient_timestamp  # type: ignore[assignment]
     amqp_decode.field_table = table
     amqp_decode.field_array = array
     amqp_decode.METHODS.update(shortstr=_lenient_short_str, timestamp=_lenient_timestamp, table=table, array=array)

@@ -121,4 +121,5 @@ def _is_plain_stderr(handler: logging.Handler) -> bool:
 
 def get_logger(name: str | None = None) -> structlog.typing.FilteringBoundLogger:
     """A structlog logger (by default named ``baton``)."""
-    return structlog.get_logger(name or BATON_LOGGER)
+    logger: structlog.typing.FilteringBoundLogger = structlog.get_logger(name or BATON_LOGGER)
+    return logger

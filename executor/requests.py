@@ -202,12 +202,13 @@ def _additional_properties(validator: Any, additional: Any, instance: Any, schem
 
 def _strict_validator_class(cls: type[jsonschema.protocols.Validator]) -> type[jsonschema.protocols.Validator]:
     """``cls`` with pydantic's strict notion of an integer, and every regular expression run by RE2."""
-    return jsonschema.validators.extend(
+    extended: type[jsonschema.protocols.Validator] = jsonschema.validators.extend(
         cls,
         validators={"pattern": _pattern, "patternProperties": _pattern_properties,
                     "additionalProperties": _additional_properties},
         type_checker=cls.TYPE_CHECKER.redefine("integer", _is_strict_integer),
     )
+    return extended
 
 
 #: Schemas are resolved against themselves only: a `$ref` to anything else (a URL, a file) is
@@ -257,7 +258,8 @@ def value_free_message(err: jsonschema.ValidationError) -> str:
     """What a parameter got wrong, without its value: parameters may hold secrets, and the error
     is stored, logged and shown. (jsonschema's own messages quote the value.)"""
     if err.validator in _NAMES_ONLY:
-        return err.message
+        message: str = err.message
+        return message
     rule = err.validator_value
     if err.validator == "type":
         kinds = " or ".join(rule) if isinstance(rule, list) else rule
