@@ -28,11 +28,11 @@ class RecoveryPolicy:
 def resolve_policy(spec: ActionSpec | None, settings: RecoverySettings) -> RecoveryPolicy:
     durable = bool(spec and spec.durable)
     recover = next(
-        (v for v in (spec and spec.recover_on_worker_loss, settings.recover_on_worker_loss) if v is not None),
+        (v for v in (spec.recover_on_worker_loss if spec else None, settings.recover_on_worker_loss) if v is not None),
         durable,
     )
     max_attempts = next(
-        (v for v in (spec and spec.max_recovery_attempts, settings.max_recovery_attempts) if v is not None),
+        (v for v in (spec.max_recovery_attempts if spec else None, settings.max_recovery_attempts) if v is not None),
         DEFAULT_MAX_RECOVERY_ATTEMPTS,
     )
     return RecoveryPolicy(durable=durable, recover_on_worker_loss=bool(recover), max_recovery_attempts=max_attempts)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 from pydantic_settings import (
@@ -150,6 +150,10 @@ class ExecutorSettings(_Section):
     """Address the `/metrics` endpoint listens on; loopback unless exposed on purpose (compose: 0.0.0.0)."""
 
 
+def _python_only() -> list[Literal["python", "shell"]]:
+    return ["python"]
+
+
 class WorkerSettings(_Section):
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.\-]+$", max_length=200)
     """The worker's name; its queue is `<prefix>.worker.<name>`. `baton worker --name` overrides it;
@@ -158,7 +162,7 @@ class WorkerSettings(_Section):
     max_concurrent_tasks: int = Field(10, ge=1)
     """Executions one worker runs at once; also its queue prefetch."""
 
-    runtimes: list[Literal["python", "shell"]] = Field(default_factory=lambda: ["python"])
+    runtimes: list[Literal["python", "shell"]] = Field(default_factory=_python_only)
     """Runtimes this worker serves; it is offered only actions of these runtimes. `shell` is opt-in:
     it runs `core.local`, arbitrary commands as the worker's user, for whoever can post."""
 

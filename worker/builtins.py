@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from common.actions import CORE_PARAMS, EchoParams, LocalParams, NoopParams, SleepParams
 from worker.registry import Invocation, core_action
@@ -12,13 +13,15 @@ from worker.shell import ShellLimits, run_local
 #: Limits shell actions get from the worker's settings (see :func:`configure_shell`).
 _shell_limits = ShellLimits()
 
+_Invoker = TypeVar("_Invoker", bound=Callable[..., Awaitable[Any]])
+
 
 def configure_shell(limits: ShellLimits) -> None:
     global _shell_limits
     _shell_limits = limits
 
 
-def _core(ref: str):
+def _core(ref: str) -> Callable[[_Invoker], _Invoker]:
     runtime, model, doc = CORE_PARAMS[ref]
     return core_action(ref, runtime, model, doc)
 

@@ -10,7 +10,7 @@ import asyncio
 import inspect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, create_model
 
@@ -18,6 +18,11 @@ from common.actions import CORE_PREFIX, ActionSpec, Runtime
 
 #: Runs an action given its validated parameters; shell actions also get the execution's context.
 Invoker = Callable[[BaseModel, "Invocation"], Awaitable[Any]]
+
+#: A function ``@action`` registers (returned as it is).
+_ActionFunc = TypeVar("_ActionFunc", bound=Callable[..., Any])
+#: A built-in's invoker: it takes the instance of its own parameters model that it is given.
+_CoreInvoker = TypeVar("_CoreInvoker", bound=Callable[..., Awaitable[Any]])
 
 
 @dataclass(frozen=True)
@@ -55,7 +60,7 @@ def params_model_for(ref: str, func: Callable[..., Any]) -> type[BaseModel]:
     """A pydantic model of ``func``'s keyword parameters; unknown parameters are refused unless the
     function takes ``**kwargs``."""
     fields: dict[str, Any] = {}
-    extra = "forbid"
+    extra: Literal["allow", "forbid"] = "forbid"
     # eval_str: a module with `from __future__ import annotations` has its annotations as strings.
     for name, param in inspect.signature(func, eval_str=True).parameters.items():
         if param.kind is inspect.Parameter.VAR_KEYWORD:
@@ -78,7 +83,7 @@ def action(
     recover_on_worker_loss: bool | None = None,
     max_recovery_attempts: int | None = None,
     version: int = 1,
-) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+) -> Callable[[_ActionFunc], _ActionFunc]:
     """Register a Python function (sync or async) as action ``ref`` (``pack.name``).
 
     Its keyword parameters are the action's parameters; its return value (JSON-serialisable) is the
@@ -100,7 +105,7 @@ def action(
     if version < 1:
         raise ValueError(f"action {ref!r}: version must be 1 or more")
 
-    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+    def decorate(func: _ActionFunc) -> _ActionFunc:
         model = params_model_for(ref, func)
         names = list(model.model_fields)
 
@@ -132,10 +137,12 @@ def action(
     return decorate
 
 
-def core_action(ref: str, runtime: Runtime, model: type[BaseModel], description: str):
+def core_action(
+    ref: str, runtime: Runtime, model: type[BaseModel], description: str
+) -> Callable[[_CoreInvoker], _CoreInvoker]:
     """Register a built-in whose contract (ref, runtime, parameters) is fixed in `common.actions`."""
 
-    def decorate(func: Invoker) -> Invoker:
+    def decorate(func: _CoreInvoker) -> _CoreInvoker:
         register(
             RegisteredAction(
                 spec=ActionSpec(
