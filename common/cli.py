@@ -7,7 +7,8 @@ import json
 import os
 import signal
 import sys
-from typing import Any, Optional
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 from pydantic import ValidationError
@@ -17,6 +18,11 @@ from rich.table import Table
 
 from common.logging import configure_logging
 from common.settings import Settings, load_settings, parse_duration
+
+if TYPE_CHECKING:
+    from common.client import BatonClient
+
+_T = TypeVar("_T")
 
 app = typer.Typer(help="Baton: run actions on workers; nothing stuck, nothing silently lost.", no_args_is_help=True)
 executions_app = typer.Typer(help="Look at executions.", no_args_is_help=True)
@@ -94,9 +100,9 @@ def executor() -> None:
 
 @app.command()
 def worker(
-    name: Optional[str] = typer.Option(None, "--name", help="Worker name (default: worker.name in config)."),
-    concurrency: Optional[int] = typer.Option(None, "--concurrency", min=1, help="Executions run at once."),
-    runtimes: Optional[str] = typer.Option(None, "--runtimes", help="Comma-separated: python,shell."),
+    name: str | None = typer.Option(None, "--name", help="Worker name (default: worker.name in config)."),
+    concurrency: int | None = typer.Option(None, "--concurrency", min=1, help="Executions run at once."),
+    runtimes: str | None = typer.Option(None, "--runtimes", help="Comma-separated: python,shell."),
 ) -> None:
     """Run a worker that takes dispatches from its own queue."""
     overrides: dict[str, Any] = {}
@@ -118,6 +124,7 @@ def worker(
 
     if not settings.worker.name:
         settings.worker.name = default_name()
+    worker_name = settings.worker.name
 
     configure_logging(settings.logging, service="worker", worker=settings.worker.name)
 
@@ -134,7 +141,7 @@ def worker(
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)
-        await WorkerService(settings, settings.worker.name).run(stop_event)
+        await WorkerService(settings, worker_name).run(stop_event)
 
     try:
         _serve(main())
@@ -150,11 +157,11 @@ def worker(
 def submit(
     action_ref: str = typer.Argument(..., help="Action to run, e.g. core.echo."),
     params: list[str] = typer.Argument(None, help="Parameters as key=value."),
-    params_json: Optional[str] = typer.Option(None, "--params-json", help="Parameters as a JSON object."),
-    idempotency_key: Optional[str] = typer.Option(None, "--idempotency-key"),
-    timeout: Optional[float] = typer.Option(None, "--timeout", help="Action timeout in seconds."),
+    params_json: str | None = typer.Option(None, "--params-json", help="Parameters as a JSON object."),
+    idempotency_key: str | None = typer.Option(None, "--idempotency-key"),
+    timeout: float | None = typer.Option(None, "--timeout", help="Action timeout in seconds."),
     wait: bool = typer.Option(False, "--wait", help="Wait for the outcome; exit 0 only if completed."),
-    wait_timeout: Optional[float] = typer.Option(None, "--wait-timeout", help="Give up waiting after this many seconds."),
+    wait_timeout: float | None = typer.Option(None, "--wait-timeout", help="Give up waiting after this many seconds."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Post an invocation to the queue."""
@@ -241,12 +248,12 @@ def _show(execution: dict[str, Any]) -> None:
         console.print(ev_table)
 
 
-def _run_client(fn):
+def _run_client(fn: Callable[[BatonClient], Awaitable[_T]]) -> _T:
     from common.client import BatonClient
 
     settings = _settings()
 
-    async def main():
+    async def main() -> _T:
         async with BatonClient(settings) as client:
             return await fn(client)
 
@@ -259,8 +266,8 @@ def _run_client(fn):
 
 @executions_app.command("list")
 def executions_list(
-    status: Optional[str] = typer.Option(None, "--status"),
-    action: Optional[str] = typer.Option(None, "--action"),
+    status: str | None = typer.Option(None, "--status"),
+    action: str | None = typer.Option(None, "--action"),
     limit: int = typer.Option(50, "--limit", min=1),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -358,7 +365,7 @@ def parse_age(value: str) -> float:
 
 @app.command()
 def health(
-    service: Optional[str] = typer.Option(
+    service: str | None = typer.Option(
         None, "--service", help="executor or worker: also require that local service to be alive and connected."
     ),
 ) -> None:
@@ -393,18 +400,20 @@ async def _probe(settings: Settings) -> list[tuple[str, bool, str]]:
 
     from common.retry import TRANSIENT_ERRORS
 
+    postgresql_errors: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, asyncpg.PostgresError)
+    rabbitmq_errors: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, aio_pika.exceptions.AMQPError)
     results = []
     try:
         conn = await asyncpg.connect(settings.database.url, timeout=5)
         await conn.close()
         results.append(("postgresql", True, f"reachable at {_where(settings.database.url)}"))
-    except (*TRANSIENT_ERRORS, asyncpg.PostgresError) as exc:
+    except postgresql_errors as exc:
         results.append(("postgresql", False, f"cannot connect to {_where(settings.database.url)}: {type(exc).__name__}: {exc}"))
     try:
         connection = await asyncio.wait_for(aio_pika.connect(settings.message_queue.url), 5)
         await connection.close()
         results.append(("rabbitmq", True, f"reachable at {_where(settings.message_queue.url)}"))
-    except (*TRANSIENT_ERRORS, aio_pika.exceptions.AMQPError) as exc:
+    except rabbitmq_errors as exc:
         results.append(("rabbitmq", False, f"cannot connect to {_where(settings.message_queue.url)}: {type(exc).__name__}: {exc}"))
     return results
 

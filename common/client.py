@@ -24,13 +24,16 @@ from pydantic import ValidationError
 from common import amqp, db
 from common.actions import CORE_ACTIONS
 from common.queries import actions as aq
-from common.retry import TRANSIENT_ERRORS
 from common.queries import executions as q
 from common.queries import workers as wq
+from common.retry import TRANSIENT_ERRORS
 from common.schemas import TERMINAL_STATUSES, Acceptance, Status, execution_json, jsonable_row
 from common.settings import Settings
 
 _TERMINAL = {s.value for s in TERMINAL_STATUSES}
+
+#: What unbinding a notification key may fail with once the channel or the broker has gone.
+_UNBIND_ERRORS: tuple[type[BaseException], ...] = (aio_pika.exceptions.AMQPError, *TRANSIENT_ERRORS)
 
 
 @dataclass
@@ -156,7 +159,7 @@ class BatonClient:
         try:
             exchange = await self._channel.get_exchange(self.names.notifications_exchange)
             await self._inbox.unbind(exchange, f"execution.{key}.*")
-        except (aio_pika.exceptions.AMQPError, *TRANSIENT_ERRORS):
+        except _UNBIND_ERRORS:
             # A closed channel took its exclusive queue, and every binding, with it.
             pass
 
@@ -200,7 +203,7 @@ class BatonClient:
         )
         try:
             acceptance = await asyncio.wait_for(reply, accept_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._replies.pop(str(execution_id), None)
             return Submission(execution_id, accepted=False)
         if acceptance.execution_id is None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import aiormq.exceptions
+import asyncpg
 from tenacity import (
     AsyncRetrying,
     before_sleep_log,
@@ -13,9 +15,6 @@ from tenacity import (
     wait_exponential,
     wait_random,
 )
-
-import asyncpg
-import aiormq.exceptions
 
 _log = logging.getLogger("baton.retry")
 

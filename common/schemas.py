@@ -5,9 +5,10 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypedDict
 
+import asyncpg
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
@@ -134,12 +135,14 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def jsonable_row(row: Any) -> dict[str, Any]:
+def jsonable_row(row: Mapping[str, Any] | asyncpg.Record) -> dict[str, Any]:
     """A database row as JSON-ready values (UUIDs and timestamps as strings)."""
     return {key: _jsonable(value) for key, value in dict(row).items()}
 
 
-def execution_json(row: Any, events: list[Any] | None = None) -> dict[str, Any]:
+def execution_json(
+    row: Mapping[str, Any] | asyncpg.Record, events: Sequence[Mapping[str, Any] | asyncpg.Record] | None = None
+) -> dict[str, Any]:
     """An execution as `baton executions show --json` prints it, and as notifications carry it."""
     out = jsonable_row(row)
     out.pop("pg_notify", None)

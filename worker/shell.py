@@ -125,7 +125,7 @@ async def run_local(params: LocalParams, inv: Invocation, limits: ShellLimits) -
     try:
         try:
             await asyncio.wait_for(asyncio.shield(exited), inv.timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             timed_out = True
             _signal_group(proc, signal.SIGTERM)
             with contextlib.suppress(asyncio.TimeoutError):
@@ -136,7 +136,7 @@ async def run_local(params: LocalParams, inv: Invocation, limits: ShellLimits) -
         _signal_group(proc, signal.SIGKILL)
         await exited
         (out, out_total), (err, err_total) = await asyncio.wait_for(readers, limits.kill_grace_s)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         readers.cancel()
         raise ActionFailed("the command's output pipes stayed open after it ended (a descendant left its process group)") from None
     except BaseException:
