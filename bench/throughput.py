@@ -192,8 +192,9 @@ def service_env(args: argparse.Namespace, prefix: str) -> dict[str, str]:
 
 
 def start(cmd: list[str], env: dict[str, str], log_path: Path, cwd: Path) -> subprocess.Popen:
-    out = open(log_path, "wb")
-    return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    # The child gets its own copy of the descriptor; this process need not keep one.
+    with open(log_path, "wb") as out:
+        return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def stop(procs: list[subprocess.Popen], timeout_s: float = 60.0) -> dict[int, int | None]:
@@ -265,7 +266,7 @@ def pct(values: list[float], p: float) -> float:
     if not values:
         return float("nan")
     s = sorted(values)
-    k = min(len(s) - 1, max(0, int(round(p / 100.0 * (len(s) - 1)))))
+    k = min(len(s) - 1, max(0, round(p / 100.0 * (len(s) - 1))))
     return s[k]
 
 
@@ -326,7 +327,7 @@ async def run(args: argparse.Namespace) -> dict:
             return n >= args.workers
 
         await wait_for(registered, timeout_s=60, what="the workers to register", procs=procs)
-        log(f"executor pid {executor.pid}; workers " + ", ".join(f"{w}={p.pid}" for w, p in zip(worker_names, procs[1:])))
+        log(f"executor pid {executor.pid}; workers " + ", ".join(f"{w}={p.pid}" for w, p in zip(worker_names, procs[1:], strict=True)))
         if args.settle > 0:
             await asyncio.sleep(args.settle)
 

@@ -21,7 +21,7 @@ import contextlib
 import json
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
