@@ -109,13 +109,29 @@ async def test_user_action_parameters_are_validated_from_its_signature(baton):
 async def test_a_string_postgres_cannot_store_is_rejected_alone(baton):
     """A NUL character passes JSON parsing but not PostgreSQL's jsonb: only that request is lost
     to the parking queue, the rest of its batch is recorded."""
-    await baton.start_executor()
     await baton.start_worker("w1")
     await baton.publish_raw(b'{"action_ref": "core.echo", "parameters": {"message": "nul\\u0000here"}}', message_id="nul-1")
     await baton.publish_raw(b'{"action_ref": "core.echo", "parameters": {"message": "fine"}}', message_id="fine-1")
+    # Both wait in the queue before an executor starts, so that intake takes them in one batch
+    # (posted to a running executor, each would likely be a batch of its own).
+    await wait_until(
+        lambda: _depth_at_least(baton, baton.names.requests_queue, 2), what="both requests to be queued"
+    )
+    await baton.start_executor()
+    pool = await baton.pool()
+
+    async def fine_one_ran():
+        return await pool.fetchrow(
+            "SELECT status, result FROM executions WHERE message_id = 'fine-1' AND status = 'completed'"
+        )
+
+    # The other request is recorded (and runs): only its neighbour is lost to the parking queue.
+    fine = await wait_until(fine_one_ran, what="the storable request to be recorded and run")
+    assert fine["result"] == {"message": "fine"}
     parked = await _parked(baton, 1)
     assert [m.message_id for m in parked] == ["nul-1"]
     assert "cannot be stored" in parked[0].headers["x-baton-reason"]
+    assert await pool.fetchval("SELECT count(*) FROM executions WHERE message_id = 'nul-1'") == 0
     await _still_works(baton)
 
 

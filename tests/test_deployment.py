@@ -391,10 +391,21 @@ def test_compose_config_paths_exist() -> None:
 
 
 def test_mounted_config_loads(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name, svc in app_services(load_compose()).items():
+    services = app_services(load_compose())
+    assert services, "no app service"
+    for name, svc in services.items():
+        mounted = yaml.safe_load(baton_config_source(name, svc).read_text())
+        # Sections the service's BATON__ environment overrides are not the file's alone.
+        overridden = {k.split("__")[1].lower() for k in service_env(svc) if k.startswith("BATON__")}
         with monkeypatch.context() as mp:
             settings = settings_for(name, svc, mp)
-        assert isinstance(settings, Settings)
+            from_file = Settings(**mounted)
+        compared = [section for section in mounted if section not in overridden]
+        assert compared, f"{name}: the mounted config sets nothing of its own"
+        for section in compared:
+            assert getattr(settings, section) == getattr(from_file, section), (
+                f"{name}: {section} is not what the mounted {baton_config_source(name, svc).name} says"
+            )
 
 
 def test_mounted_config_reaches_the_compose_services(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -51,13 +51,20 @@ async def test_the_claim_is_fenced_and_idempotent(baton):
 
     pool = await baton.pool()
     execution_id = uuid.uuid4()
+    # A claim is made by a registered worker process (its name and incarnation).
+    incarnation = uuid.uuid4()
+    await pool.execute(
+        "INSERT INTO workers (name, status, runtimes, actions, max_concurrent_tasks, heartbeat_interval_s, "
+        "last_heartbeat, incarnation) VALUES ('w1', 'active', '{python}', '{core.noop}', 1, 0.2, now(), $1)",
+        incarnation,
+    )
     await pool.execute(
         "INSERT INTO executions (id, action_ref, status, attempt, worker) VALUES ($1, 'core.noop', 'scheduled', 2, 'w1')",
         execution_id,
     )
-    assert await pool.fetch(q.CLAIM, [execution_id], [1], "w1") == []  # an older attempt
-    assert await pool.fetch(q.CLAIM, [execution_id], [2], "w2") == []  # another worker
-    assert [r["id"] for r in await pool.fetch(q.CLAIM, [execution_id], [2], "w1")] == [execution_id]
-    assert [r["id"] for r in await pool.fetch(q.CLAIM, [execution_id], [2], "w1")] == [execution_id]
+    assert await pool.fetch(q.CLAIM, [execution_id], [1], "w1", incarnation) == []  # an older attempt
+    assert await pool.fetch(q.CLAIM, [execution_id], [2], "w2", incarnation) == []  # another worker
+    assert [r["id"] for r in await pool.fetch(q.CLAIM, [execution_id], [2], "w1", incarnation)] == [execution_id]
+    assert [r["id"] for r in await pool.fetch(q.CLAIM, [execution_id], [2], "w1", incarnation)] == [execution_id]
     row = await baton.execution(execution_id)
     assert row["status"] == "running" and row["last_event_seq"] == 1  # started once, one event

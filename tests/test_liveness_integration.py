@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import time
+import uuid
 
 import pytest
 
@@ -36,7 +36,8 @@ async def _worker_status(baton, name: str) -> str:
 
 
 async def test_sigkill_transient_run_fails_with_reason_and_scheduled_work_moves(baton):
-    await baton.start_executor()
+    # Work waits in the busy worker's queue (a pipeline beyond its one slot), not as requested.
+    await baton.start_executor(BATON__EXECUTOR__DISPATCH_PIPELINE="3")
     doomed = await baton.start_worker("doomed", concurrency=1)
     client = await baton.client()
     running = await client.submit("core.sleep", {"seconds": 30}, watch=True)
@@ -124,18 +125,29 @@ async def test_sigstop_hung_worker_is_lost_and_its_late_writes_are_fenced(baton)
         assert [e["signal"] for e in executor.events("worker_lost")] == ["heartbeat_stale"]
     finally:
         hung.signal(signal.SIGCONT)
-    # The zombie wakes up, finishes its copy, and is refused; then it stands down and comes back.
+    # The zombie wakes up and writes for its copy (attempt 1): the outcome if the copy finished
+    # first, else the interruption when it stands down. Either write is refused; then it comes back.
     await wait_until(lambda: _logged(hung, "worker_reregistered"), what="the hung worker to re-register")
+
+    async def late_write_made():
+        return [
+            e for e in hung.log_lines()
+            if e.get("event") in ("outcome_fenced", "execution_interrupted")
+            and e.get("execution_id") == str(sub.execution_id) and e.get("attempt") == 1
+        ]
+
+    await wait_until(late_write_made, what="the hung worker's late write for its copy")
     after = await baton.execution(sub.execution_id)
     assert (after["status"], after["worker"], after["attempt"], after["last_event_seq"]) == (
         "completed", "healthy", 2, done["events"][-1]["seq"]
     )
-    assert hung.events("outcome_fenced") or hung.events("worker_standing_down")
+    assert hung.events("worker_standing_down")
     assert await _worker_status(baton, "hung") == "active"
 
 
 async def test_sigterm_drains_in_flight_and_hands_back_the_rest(baton):
-    await baton.start_executor()
+    # Work waits in the busy worker's queue (a pipeline beyond its one slot), not as requested.
+    await baton.start_executor(BATON__EXECUTOR__DISPATCH_PIPELINE="3")
     leaving = await baton.start_worker("leaving", concurrency=1)
     client = await baton.client()
     in_flight = await client.submit("tests.sleep_then_echo", {"seconds": 1.5, "message": "finished"}, watch=True)
@@ -186,16 +198,26 @@ async def test_work_longer_than_the_drain_timeout_is_interrupted_with_reason_sig
 async def test_a_full_worker_still_drains_within_its_timeout(baton):
     """Every slot busy with long work and a dispatch prefetched: the drain must not wait for a
     slot to free up; the prefetched dispatch goes back, the run is interrupted at the deadline."""
-    await baton.start_executor()
+    # A pipeline of one: the second execution is dispatched to the busy worker, not kept as requested.
+    executor = await baton.start_executor(BATON__EXECUTOR__DISPATCH_PIPELINE="1")
     full = await baton.start_worker("full", concurrency=1, BATON__WORKER__SHUTDOWN_TIMEOUT="1")
     client = await baton.client()
     long_run = await client.submit("core.sleep", {"seconds": 60}, watch=True)
     await _running_on(baton, long_run.execution_id, "full")
     waiting = await client.submit("core.echo", {"message": "handed back"}, watch=True)
-    await baton.wait_status(waiting.execution_id, "scheduled")
-    started = time.monotonic()
+    assert (await baton.wait_status(waiting.execution_id, "scheduled"))["worker"] == "full"
+    # Published (logged once the broker confirmed it), then delivered: prefetched by the worker.
+    await wait_until(lambda: _scheduled_logged(executor, waiting.execution_id), what="the dispatch to be published")
+    await wait_until(lambda: _queue_empty(baton, "full"), what="the dispatch to be prefetched")
     full.signal(signal.SIGTERM)
-    assert full.wait(20) == 0 and time.monotonic() - started < 10
+    assert full.wait(20) == 0
+    # The prefetched dispatch went back before the deadline interrupted the run: the drain did not
+    # wait for the slot to free up (that would have taken the whole 60 s sleep).
+    steps = [
+        e["event"] for e in full.log_lines()
+        if e.get("event") in ("worker_draining", "dispatches_handed_back", "drain_deadline_passed", "worker_inactive")
+    ]
+    assert steps == ["worker_draining", "dispatches_handed_back", "drain_deadline_passed", "worker_inactive"]
     interrupted = [e for e in await _events(baton, long_run.execution_id) if e["type"] == "workflow.interrupted"]
     assert interrupted and interrupted[0]["data"]["reason"] == "signal"
     await baton.start_worker("next")
@@ -211,16 +233,21 @@ async def test_second_signal_exits_at_once(baton):
     await _running_on(baton, sub.execution_id, "leaving")
     leaving.signal(signal.SIGTERM)
     await wait_until(lambda: _logged(leaving, "worker_draining"), what="draining")
-    started = time.monotonic()
     leaving.signal(signal.SIGTERM)
-    assert leaving.wait(10) != 0 and time.monotonic() - started < 5
+    assert leaving.wait(10) != 0
+    # It stopped in the middle of its drain (which would have lasted 30 s): the drain neither
+    # reached its deadline, nor interrupted or finished the run, nor marked the worker inactive.
+    assert [e["event"] for e in leaving.log_lines() if e.get("event") in (
+        "drain_deadline_passed", "execution_interrupted", "execution_completed", "worker_inactive"
+    )] == []
 
 
 async def test_expired_dispatch_is_dead_lettered_and_rescheduled(baton):
     """Dispatches queued behind a stuck worker expire after the queue TTL and go elsewhere. (What a
     worker has received, even one that is frozen, holds unacked: RabbitMQ does not expire it; the
     sweeper and the scheduled-timeout monitor cover that case.)"""
-    executor = await baton.start_executor()
+    # Work waits in the busy worker's queue (a pipeline beyond its one slot), not as requested.
+    executor = await baton.start_executor(BATON__EXECUTOR__DISPATCH_PIPELINE="3")
     await baton.start_worker("stuck", concurrency=1, BATON__WORKER__QUEUE_TTL="1")
     client = await baton.client()
     blocker = await client.submit("core.sleep", {"seconds": 4}, watch=True)
@@ -279,8 +306,23 @@ async def test_timeout_monitor_can_be_turned_off(baton):
         client = await baton.client()
         sub = await client.submit("core.echo", {"message": "waits"})
         await baton.wait_status(sub.execution_id, "scheduled")
-        await asyncio.sleep(2)
-        assert (await baton.execution(sub.execution_id))["status"] == "scheduled"
+        pool = await baton.pool()
+
+        # An enabled monitor would act once the execution is older than scheduled_timeout (0.5 s)
+        # by the database's clock (its own criterion), within one check interval (0.5 s) of that.
+        async def past_when_a_monitor_would_act():
+            return await pool.fetchval(
+                "SELECT updated_at < now() - make_interval(secs => 0.5 + 0.5) FROM executions WHERE id = $1",
+                sub.execution_id,
+            )
+
+        await wait_until(past_when_a_monitor_would_act, what="the execution to be past its scheduled timeout")
+        # ... and the executor's loops have run since: a sweep after that moment settles a run left
+        # on a stopped worker, recorded only now.
+        marker = await _running_on_a_stopped_worker(baton)
+        await baton.wait_status(marker, "interrupted", "failed")
+        row = await baton.execution(sub.execution_id)
+        assert (row["status"], row["attempt"], row["worker"]) == ("scheduled", 1, "frozen")
         assert executor.events("timeout_monitor_disabled")
     finally:
         frozen.signal(signal.SIGCONT)
@@ -331,6 +373,36 @@ async def test_metrics_endpoints(baton):
 
 async def _logged(service, event: str) -> bool:
     return bool(service.events(event))
+
+
+async def _running_on_a_stopped_worker(baton) -> uuid.UUID:
+    """Record a run left `running` on a worker that has stopped: the next sweep interrupts it."""
+    pool = await baton.pool()
+    execution_id = uuid.uuid4()
+    await pool.execute(
+        "INSERT INTO workers (name, status, runtimes, actions, max_concurrent_tasks, heartbeat_interval_s, "
+        "last_heartbeat, incarnation) VALUES ('gone', 'inactive', '{python}', '{core.sleep}', 1, 0.2, now(), $1) "
+        "ON CONFLICT (name) DO NOTHING",
+        uuid.uuid4(),
+    )
+    await pool.execute(
+        "INSERT INTO executions (id, action_ref, status, attempt, worker, started_at) "
+        "VALUES ($1, 'core.sleep', 'running', 1, 'gone', now())",
+        execution_id,
+    )
+    return execution_id
+
+
+async def _logged_for(service, event: str, **fields) -> bool:
+    return any(all(e.get(k) == v for k, v in fields.items()) for e in service.events(event))
+
+
+async def _scheduled_logged(executor, execution_id) -> bool:
+    return await _logged_for(executor, "execution_scheduled", execution_id=str(execution_id))
+
+
+async def _queue_empty(baton, worker: str) -> bool:
+    return await baton.queue_depth(baton.names.worker_queue(worker)) == 0
 
 
 

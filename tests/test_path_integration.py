@@ -127,17 +127,19 @@ async def test_a_redelivered_request_is_recorded_once(baton):
     body = b'{"action_ref": "core.noop"}'
     await baton.publish_raw(body, message_id="client-message-7")
     await baton.publish_raw(body, message_id="client-message-7")
+    # Intake takes requests in order, one batch after another: once a request posted after both
+    # is recorded, both copies have been handled (an empty queue alone does not say so: a copy
+    # delivered but not yet recorded is not counted in its depth).
+    await baton.publish_raw(body, message_id="posted-after")
     pool = await baton.pool()
 
-    async def recorded():
-        return await pool.fetchval("SELECT count(*) FROM executions") >= 1 and await baton.queue_depth(
-            baton.names.requests_queue
-        ) == 0
+    async def later_one_recorded():
+        return await pool.fetchval("SELECT count(*) FROM executions WHERE message_id = 'posted-after'")
 
     from tests.harness import wait_until
 
-    await wait_until(recorded, what="both requests consumed")
-    rows = await pool.fetch("SELECT message_id FROM executions")
+    await wait_until(later_one_recorded, what="the request posted after both copies to be recorded")
+    rows = await pool.fetch("SELECT message_id FROM executions WHERE message_id <> 'posted-after'")
     assert [r["message_id"] for r in rows] == ["client-message-7"]
 
 
@@ -203,3 +205,29 @@ async def test_changing_the_queue_ttl_takes_effect_on_restart(baton):
     await baton.start_worker("tuned", BATON__WORKER__QUEUE_TTL="60")
     done = await (await baton.client()).run("core.echo", {"message": "tuned"}, wait_timeout_s=20)
     assert done["status"] == "completed" and done["worker"] == "tuned"
+    # The queue now has the new TTL: the broker refuses a declaration with the old one (so the
+    # queue exists, with other arguments) and accepts one with exactly the new arguments.
+    assert not await _declares(baton, "tuned", queue_ttl_ms=300_000)
+    assert await _declares(baton, "tuned", queue_ttl_ms=60_000)
+
+
+async def _declares(baton, worker: str, *, queue_ttl_ms: int) -> bool:
+    """Whether the broker accepts declaring the worker's queue with these arguments (it refuses a
+    declaration whose arguments differ from the existing queue's)."""
+    import aio_pika
+    import aiormq.exceptions
+
+    from common import amqp
+    from tests.harness import AMQP_URL
+
+    arguments = amqp.worker_queue_arguments(baton.names, queue_ttl_ms=queue_ttl_ms, queue_type="classic")
+    connection = await aio_pika.connect(AMQP_URL)
+    try:
+        channel = await connection.channel()
+        try:
+            await channel.declare_queue(baton.names.worker_queue(worker), durable=True, arguments=arguments)
+        except aiormq.exceptions.ChannelPreconditionFailed:
+            return False
+        return True
+    finally:
+        await connection.close()

@@ -80,10 +80,16 @@ async def test_two_executors_one_killed_every_execution_ends_once(baton):
     await _assert_exactly_once(baton, ids)
 
 
-async def _serving_and_loaded(baton, n: int) -> tuple[list, list[str]]:
-    """An executor and two workers, with ``n`` executions posted and some of them done."""
-    await baton.start_executor()
-    workers = [await baton.start_worker(f"w{i}", concurrency=4) for i in (1, 2)]
+async def _serving_and_loaded(baton, n: int, *, health_files: bool = False) -> tuple[list, list[str]]:
+    """An executor and two workers, with ``n`` executions posted and some of them done. With
+    ``health_files``, each service writes one (`executor.health`, `w1.health`, `w2.health` in the
+    test's directory)."""
+    executor_env = {"BATON__EXECUTOR__HEALTH_FILE": str(baton.tmp / "executor.health")} if health_files else {}
+    await baton.start_executor(**executor_env)
+    workers = []
+    for i in (1, 2):
+        worker_env = {"BATON__WORKER__HEALTH_FILE": str(baton.tmp / f"w{i}.health")} if health_files else {}
+        workers.append(await baton.start_worker(f"w{i}", concurrency=4, **worker_env))
     ids = await _post_many(baton, n, parameters={"seconds": 0.1})
 
     async def some_done():
@@ -97,12 +103,28 @@ def _rabbitmqctl(*args: str) -> None:
     subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
 
 
+async def _all_report(paths: list, *, amqp_connected: bool) -> bool:
+    """Whether every service's health file says it is (or is not) connected to the broker."""
+    for path in paths:
+        try:
+            if json.loads(path.read_text()).get("amqp_connected") is not amqp_connected:
+                return False
+        except (FileNotFoundError, ValueError):
+            return False
+    return True
+
+
 @pytest.mark.skipif(shutil.which("rabbitmqctl") is None, reason="needs a local RabbitMQ to restart")
 async def test_rabbitmq_restart_loses_nothing(baton):
-    workers, ids = await _serving_and_loaded(baton, 80)
+    workers, ids = await _serving_and_loaded(baton, 80, health_files=True)
+    health = [baton.tmp / name for name in ("executor.health", "w1.health", "w2.health")]
+    await wait_until(lambda: _all_report(health, amqp_connected=True), what="every service to report the broker")
     try:
         await asyncio.to_thread(_rabbitmqctl, "stop_app")
-        await asyncio.sleep(1)
+        # The broker stays down until every service has noticed it.
+        await wait_until(
+            lambda: _all_report(health, amqp_connected=False), what="every service to notice the broker is gone"
+        )
     finally:
         await asyncio.to_thread(_rabbitmqctl, "start_app")
     await _all_completed(baton, 80, timeout_s=90)

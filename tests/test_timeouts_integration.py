@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import time
+import signal
 
 import pytest
 
@@ -37,7 +37,8 @@ async def test_shell_timeout_terminates_the_command_and_its_children(baton, tmp_
     assert "timeout" in done["error"]["error"]
     assert done["result"]["stdout"] == "started\n"
     child = int(pidfile.read_text())
-    await wait_until(lambda: _as_coro(not _alive(child)), timeout_s=5, what="the backgrounded child to be gone")
+    # It would sleep for 60 s by itself.
+    await wait_until(lambda: _as_coro(not _alive(child)), what="the backgrounded child to be gone")
 
 
 async def test_shell_command_ignoring_sigterm_is_killed_after_the_grace(baton, tmp_path):
@@ -46,10 +47,10 @@ async def test_shell_command_ignoring_sigterm_is_killed_after_the_grace(baton, t
     client = await baton.client()
     pidfile = tmp_path / "stubborn.pid"
     script = f"trap '' TERM; echo $$ > {pidfile}; while true; do sleep 0.05; done"
-    started = time.monotonic()
     done = await client.run("core.local", {"cmd": script}, timeout_s=0.5, wait_timeout_s=20)
     assert done["status"] == "timeout"
-    assert time.monotonic() - started < 15
+    # It ignored SIGTERM and loops forever: only the SIGKILL after the grace ended it.
+    assert done["result"]["exit_code"] == -signal.SIGKILL
     assert not _alive(int(pidfile.read_text()))
 
 

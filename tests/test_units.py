@@ -68,11 +68,17 @@ def test_missing_config_file_named_explicitly_is_an_error(tmp_path, monkeypatch)
 
 
 def test_shipped_configs_load(monkeypatch):
+    import yaml
+
+    from common.settings import Settings
     from tests.harness import REPO
 
     for name in ("config.yaml", "config.development.yaml", "config.docker.yaml"):
-        monkeypatch.setenv("BATON_CONFIG", str(REPO / "config" / name))
-        load_settings()
+        path = REPO / "config" / name
+        monkeypatch.setenv("BATON_CONFIG", str(path))
+        # The file named by BATON_CONFIG is the one read (the development and docker files differ
+        # from the defaults), and all of it is taken.
+        assert load_settings() == Settings(**yaml.safe_load(path.read_text())), name
 
 
 def test_shipped_default_config_spells_out_every_key():
@@ -212,7 +218,7 @@ def test_scheduled_timeout_error_is_the_design_object():
 
 def test_recovery_settings_resolve_decorator_then_yaml_then_default():
     from common.actions import ActionSpec
-    from common.recovery import resolve_policy
+    from common.recovery import RecoveryPolicy, resolve_policy
     from common.settings import RecoverySettings
 
     def spec(**kw):
@@ -223,7 +229,10 @@ def test_recovery_settings_resolve_decorator_then_yaml_then_default():
     assert resolve_policy(spec(durable=True), unset).recover_on_worker_loss is True  # durable default
     assert resolve_policy(None, unset).max_recovery_attempts == 3
     yaml_on = RecoverySettings(recover_on_worker_loss=True, max_recovery_attempts=5)
-    assert resolve_policy(spec(), yaml_on) == resolve_policy(spec(), yaml_on)
+    # A transient action that does not say: the YAML decides both settings, durability stays its own.
+    assert resolve_policy(spec(), yaml_on) == RecoveryPolicy(
+        durable=False, recover_on_worker_loss=True, max_recovery_attempts=5
+    )
     assert resolve_policy(spec(), yaml_on).recover_on_worker_loss is True
     assert resolve_policy(spec(), yaml_on).max_recovery_attempts == 5
     decorated = spec(recover_on_worker_loss=False, max_recovery_attempts=1)
