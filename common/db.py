@@ -28,6 +28,12 @@ _T = TypeVar("_T")
 _MIGRATION_LOCK_KEY = 0x6261746F6E  # "baton"
 
 
+#: Every statement is planned with its actual parameters and the table as it is now. A generic plan
+#: cached while a table was nearly empty (the first minutes of a deployment) would otherwise keep
+#: scanning it whole for the life of the connection, as it grows; planning costs far less.
+SERVER_SETTINGS = {"plan_cache_mode": "force_custom_plan"}
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
     for typename in ("json", "jsonb"):
         await conn.set_type_codec(typename, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
@@ -43,7 +49,8 @@ async def connect(url: str, *, max_size: int = 10, max_wait_s: float = 60.0) -> 
     async for attempt in connect_retrying(max_wait_s):
         with attempt:
             return await asyncpg.create_pool(
-                url, min_size=1, max_size=max_size, init=_init_connection, reset=_keep_session, command_timeout=60
+                url, min_size=1, max_size=max_size, init=_init_connection, reset=_keep_session, command_timeout=60,
+                server_settings=SERVER_SETTINGS,
             )
     raise AssertionError("unreachable")
 
@@ -52,7 +59,7 @@ async def connect_one(url: str, *, max_wait_s: float = 60.0) -> asyncpg.Connecti
     """A single connection (for LISTEN, or a session-scoped lock), with the same codecs."""
     async for attempt in connect_retrying(max_wait_s):
         with attempt:
-            conn = await asyncpg.connect(url)
+            conn = await asyncpg.connect(url, server_settings=SERVER_SETTINGS)
             await _init_connection(conn)
             return conn
     raise AssertionError("unreachable")

@@ -10,6 +10,7 @@ dispatch its claim would not match. A returned (unroutable) dispatch is reschedu
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 import contextlib
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING
@@ -44,6 +45,7 @@ async def run(ctx: ExecutorContext, stop_event: asyncio.Event) -> None:
         # Freed capacity only matters when the last pass left work behind.
         if payload != "capacity" or state["blocked"]:
             ctx.wake.set()
+        log.debug("scheduler_notified", payload=payload, blocked=state["blocked"])
 
     listener = await connect_one(ctx.settings.database.url)
     await listener.add_listener(WAKE_CHANNEL, on_notify)
@@ -120,7 +122,12 @@ async def _pass(ctx: ExecutorContext, stop_event: asyncio.Event) -> tuple[bool, 
     outcomes = await asyncio.gather(*(_dispatch(ctx, by_id[s["id"]], s) for s in scheduled))
     failed = [row for row in outcomes if row is not None]
     await publish_terminal(ctx.exchanges.notifications, failed)
-    return len(rows) == cfg.schedule_batch_size, len(plan) < len(rows)
+    # Work is left behind when some could not be placed, or when the room there was is all taken
+    # (more may be waiting as `requested`): then freed capacity must wake the next pass.
+    fetched = Counter(r["action_ref"] for r in rows)
+    room_taken = any(fetched[a] >= min(free, cfg.schedule_batch_size) for a, free in room.items())
+    log.debug("scheduler_pass", rows=len(rows), placed=len(plan), room_taken=room_taken)
+    return len(rows) == cfg.schedule_batch_size, len(plan) < len(rows) or room_taken
 
 
 async def _dispatch(

@@ -191,7 +191,7 @@ class WorkerService:
         if self.lock_conn is not None and not self.lock_conn.is_closed():
             return
         timeout_s = max(self.cfg.heartbeat_interval_s, 1.0)
-        conn = await asyncpg.connect(self.settings.database.url, timeout=timeout_s)
+        conn = await asyncpg.connect(self.settings.database.url, timeout=timeout_s, server_settings=db.SERVER_SETTINGS)
         try:
             await conn.execute("SELECT pg_advisory_lock($1)", self.lock_key, timeout=timeout_s)
         except BaseException:
