@@ -10,8 +10,8 @@ dispatch its claim would not match. A returned (unroutable) dispatch is reschedu
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
 import contextlib
+from collections import Counter
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
