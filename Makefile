@@ -20,6 +20,8 @@ demo: install services
 	$(PY) -m examples.demo
 
 test: install services
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest
 
 test-unit: install

@@ -67,7 +67,7 @@ def cli_parse_error(argv: list[str]) -> str | None:
                 return f"no command {info_name!r} (have {sorted(command.list_commands(ctx))})"
             command = sub
         command.make_context(info_name, args, parent=ctx)
-    except Exception as exc:  # the CLI's usage errors; any other failure is just as disqualifying
+    except Exception as exc:  # noqa: BLE001 - the CLI's usage errors; any other failure is just as disqualifying
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
         return f"{type(exc).__name__}: {message}"
     return None
@@ -92,9 +92,46 @@ def option_value(argv: list[str], option: str) -> str | None:
 # -- helpers: docker-compose.yaml ---------------------------------------------------------------
 
 
-def load_compose() -> dict[str, Any]:
+ENV_EXAMPLE = ROOT / ".env.example"
+
+
+def dotenv_example() -> dict[str, str]:
+    """The variables `.env.example` tells operators to set, each given a stand-in value."""
+    values = {}
+    for line in ENV_EXAMPLE.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.partition("=")
+            values[key.strip()] = value.strip() or f"test-{key.strip().lower()}"
+    return values
+
+
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
+
+
+def interpolate(value: Any, env: dict[str, str]) -> Any:
+    """Compose's variable substitution (`${X}`, `${X:-default}`, `${X:?error}`) over a loaded file."""
+    if isinstance(value, dict):
+        return {k: interpolate(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, env) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def one(match: re.Match[str]) -> str:
+        name, op, arg = match.group(1), match.group(2), match.group(3)
+        if env.get(name):
+            return env[name]
+        if op in (":?", "?"):
+            raise LookupError(f"${{{name}}} is required: {arg}")
+        return arg if op in (":-", "-") else ""
+
+    return _VARIABLE.sub(one, value)
+
+
+def load_compose(env: dict[str, str] | None = None) -> dict[str, Any]:
+    """The compose file as `docker compose` sees it with ``env`` (default: `.env.example` filled in)."""
     assert COMPOSE_FILE.is_file(), f"{COMPOSE_FILE} is missing"
-    data = yaml.safe_load(COMPOSE_FILE.read_text())
+    data = interpolate(yaml.safe_load(COMPOSE_FILE.read_text()), dotenv_example() if env is None else env)
     assert isinstance(data, dict) and isinstance(data.get("services"), dict), "compose file has no services"
     return data
 
@@ -322,7 +359,7 @@ def test_parsers_read_what_they_claim() -> None:
 def test_compose_has_the_expected_services() -> None:
     compose = load_compose()
     assert set(INFRA_SERVICES) <= set(compose["services"]), "postgres and rabbitmq are missing"
-    assert EXPECTED_APP_SERVICES <= set(app_services(compose)), (
+    assert set(app_services(compose)) >= EXPECTED_APP_SERVICES, (
         f"app services built from the repo: {sorted(app_services(compose))}"
     )
 
@@ -347,30 +384,65 @@ def test_compose_commands_are_accepted_by_the_cli() -> None:
 
 
 def test_compose_worker_options_are_valid_settings() -> None:
-    """`--help` does not check the values of --name and --runtimes; the settings model does."""
+    """`--help` does not check the values of --runtimes; the settings model does."""
     workers = 0
-    for name, svc in app_services(load_compose()).items():
+    for svc in app_services(load_compose()).values():
         command = as_argv(svc.get("command"))
         if command[:1] != ["worker"]:
             continue
         workers += 1
-        worker_name = option_value(command, "--name")
-        assert worker_name, f"{name}: a worker needs --name (config.docker.yaml sets no worker.name)"
         runtimes = option_value(command, "--runtimes")
-        values: dict[str, Any] = {"name": worker_name}
+        values: dict[str, Any] = {}
         if runtimes is not None:
             values["runtimes"] = [r.strip() for r in runtimes.split(",") if r.strip()]
         WorkerSettings.model_validate(values)
     assert workers >= 1, "no worker service"
 
 
-def test_worker_names_are_unique() -> None:
-    names = [
-        option_value(as_argv(svc.get("command")), "--name")
-        for svc in app_services(load_compose()).values()
-        if as_argv(svc.get("command"))[:1] == ["worker"]
-    ]
-    assert len(names) == len(set(names)), f"two workers share a name (and so a queue): {names}"
+def test_compose_workers_scale_without_sharing_a_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--scale worker-python=3` starts three processes from one service: none may carry a fixed
+    name (from --name or the mounted config), so that each takes `<hostname>-<pid>`."""
+    for name, svc in app_services(load_compose()).items():
+        command = as_argv(svc.get("command"))
+        if command[:1] != ["worker"]:
+            continue
+        assert option_value(command, "--name") is None, f"{name}: a fixed --name breaks scaling"
+        with monkeypatch.context() as mp:
+            assert settings_for(name, svc, mp).worker.name is None, f"{name}: worker.name is fixed in its config"
+
+
+def test_only_the_opt_in_shell_worker_serves_the_shell_runtime_and_it_is_sandboxed() -> None:
+    for name, svc in app_services(load_compose()).items():
+        command = as_argv(svc.get("command"))
+        if command[:1] != ["worker"]:
+            continue
+        runtimes = option_value(command, "--runtimes") or "python"
+        if "shell" not in runtimes:
+            continue
+        assert name == "worker-shell", f"{name} serves the shell runtime"
+        assert svc.get("read_only") is True and "ALL" in (svc.get("cap_drop") or []), f"{name} is not sandboxed"
+        assert "no-new-privileges:true" in (svc.get("security_opt") or []), f"{name} may gain privileges"
+
+
+def test_no_broker_or_database_port_is_published() -> None:
+    for name, svc in load_compose()["services"].items():
+        for port in svc.get("ports") or []:
+            published = str(port)
+            assert published.startswith("127.0.0.1:"), f"{name} publishes {published} beyond this host"
+            assert not published.endswith((":5432", ":5672")), f"{name} publishes a database or broker port"
+
+
+def test_compose_needs_every_credential_from_env() -> None:
+    """No password is written in the compose file: each comes from .env, which .env.example lists,
+    and compose refuses to start without it."""
+    raw = COMPOSE_FILE.read_text()
+    assert "guest" not in raw and "baton:baton" not in raw, "a default credential is written in the compose file"
+    required = set(re.findall(r"\$\{([A-Z_]+):\?", raw))
+    assert {"POSTGRES_PASSWORD", "BATON_DB_PASSWORD", "RABBITMQ_PASSWORD"} <= required
+    assert required <= set(dotenv_example()), f".env.example does not list {sorted(required - set(dotenv_example()))}"
+    with pytest.raises(LookupError, match="is required"):
+        load_compose(env={})
+    assert ".env" in (ROOT / ".gitignore").read_text().split(), ".env is not ignored by git"
 
 
 def test_compose_config_paths_exist() -> None:
@@ -417,9 +489,10 @@ def test_mounted_config_reaches_the_compose_services(monkeypatch: pytest.MonkeyP
             settings = settings_for(name, svc, mp)
         db = urlsplit(settings.database.url)
         assert db.hostname == "postgres", f"{name}: database.url host is {db.hostname!r}"
-        assert db.username == pg_env.get("POSTGRES_USER", "postgres"), f"{name}: database user differs"
-        assert db.password == pg_env.get("POSTGRES_PASSWORD"), f"{name}: database password differs"
-        assert db.path.lstrip("/") == pg_env.get("POSTGRES_DB", db.username), f"{name}: database name differs"
+        # Baton's own role, which the init script creates with BATON_DB_PASSWORD: not the superuser.
+        assert db.username == "baton" != pg_env.get("POSTGRES_USER", "postgres"), f"{name}: connects as a superuser"
+        assert db.password == pg_env.get("BATON_DB_PASSWORD"), f"{name}: database password differs"
+        assert db.path.lstrip("/") == "baton", f"{name}: database name differs"
         mq = urlsplit(settings.message_queue.url)
         assert mq.hostname == "rabbitmq", f"{name}: message_queue.url host is {mq.hostname!r}"
         assert mq.username == mq_env.get("RABBITMQ_DEFAULT_USER", "guest"), f"{name}: broker user differs"
@@ -433,7 +506,7 @@ def test_config_action_modules_import(monkeypatch: pytest.MonkeyPatch) -> None:
         for module in settings.worker.action_modules:
             try:
                 importlib.import_module(module)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - any import failure is the finding
                 pytest.fail(f"{name}: worker.action_modules names {module!r}, which does not import: {exc!r}")
 
 
@@ -476,7 +549,9 @@ def test_infrastructure_is_health_checked_and_waited_for() -> None:
 def test_dockerfile_base_image_and_user() -> None:
     instructions = load_dockerfile()
     base = last(instructions, "FROM")
-    assert base is not None and base.args.split()[0] == "python:3.11-slim", f"base image: {base}"
+    assert base is not None and re.fullmatch(r"python:3\.11-slim@sha256:[0-9a-f]{64}", base.args.split()[0]), (
+        f"base image not pinned by digest: {base}"
+    )
     user = last(instructions, "USER")
     assert user is not None, "the image runs as root (no USER)"
     assert user.args.split(":")[0] not in {"root", "0"}, f"the image runs as {user.args}"
@@ -562,3 +637,24 @@ def test_dockerfile_default_command_is_accepted_by_the_cli() -> None:
     argv = exec_form(cmd.args)
     assert argv is not None, f"CMD must use the exec form to extend ENTRYPOINT, got {cmd.args!r}"
     assert_cli_accepts(argv, "Dockerfile CMD")
+
+
+def test_the_image_installs_locked_hash_checked_dependencies() -> None:
+    instructions = load_dockerfile()
+    assert any(
+        i.keyword == "RUN" and "--require-hashes" in i.args and "requirements.lock" in i.args for i in instructions
+    ), "the image does not install from the hash-checked lock file"
+    lock = (ROOT / "requirements.lock").read_text()
+    pins = re.findall(r"^([A-Za-z0-9_.\-]+)==", lock, re.MULTILINE)
+    assert pins and lock.count("--hash=sha256:") >= len(pins), "a locked dependency has no hash"
+    dependencies = {re.split(r"[<>=\[; ]", d)[0].lower() for d in load_pyproject()["project"]["dependencies"]}
+    assert dependencies <= {p.lower() for p in pins}, f"not locked: {sorted(dependencies - {p.lower() for p in pins})}"
+
+
+def test_app_services_are_health_checked_by_baton_health() -> None:
+    for name, svc in app_services(load_compose()).items():
+        test = (svc.get("healthcheck") or {}).get("test") or []
+        assert test[:2] == ["CMD", "baton"], f"{name}: no `baton health` health check"
+        argv = test[2:]
+        assert argv[:1] == ["health"] and option_value(argv, "--service") in {"executor", "worker"}, f"{name}: {test}"
+        assert_cli_accepts(argv, f"{name} health check")

@@ -276,8 +276,9 @@ async def test_scheduled_timeout_fails_with_the_design_error_and_notifies(baton)
     try:
         client = await baton.client()
         sub = await client.submit("core.echo", {"message": "never"}, watch=True)
-        notification = await asyncio.wait_for(client._notified[str(sub.execution_id)], 20)
-        assert notification["status"] == "failed"
+        await asyncio.wait_for(client._notified[str(sub.execution_id)].wait(), 20)  # the notification ...
+        notification = await client.get(sub.execution_id)  # ... wakes the waiter, which reads the row
+        assert notification is not None and notification["status"] == "failed"
         error = notification["error"]
         assert set(error) == {"error", "failed_by", "timeout_seconds", "age_seconds", "original_status"}
         assert error["failed_by"] == "execution_timeout_monitor"

@@ -103,7 +103,8 @@ async def test_queues_are_quorum_and_work_completes(baton, quorum_client):
         "x-overflow": "reject-publish",
     }
     assert queues[names.rejected_requests_queue]["arguments"] == {
-        "x-queue-type": "quorum", "x-max-length": 100_000, "x-overflow": "drop-head",
+        "x-queue-type": "quorum", "x-max-length": 100_000, "x-max-length-bytes": 64 * 1024 * 1024,
+        "x-overflow": "drop-head",
     }
 
     # A publisher that does not know the setting (here: declaring the request queue as classic) uses

@@ -330,11 +330,10 @@ async def test_validation_errors_never_echo_parameter_values(baton):
 
 
 def test_the_workers_validation_errors_never_echo_values():
+    import tests.actions  # noqa: F401 - registers tests.typed
     from common.schemas import Assignment
     from worker.registry import registered
     from worker.runner import execute
-
-    import tests.actions  # noqa: F401 - registers tests.typed
 
     secret = "hunter2-" + uuid.uuid4().hex
     outcome = asyncio.run(execute(
