@@ -55,3 +55,8 @@ async def nan() -> float:
 @action("tests.nul_text")
 async def nul_text() -> str:
     return "before\x00after"
+
+
+@action("tests.takes_dict")
+async def takes_dict(data: dict) -> int:
+    return len(data)

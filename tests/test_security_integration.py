@@ -434,3 +434,31 @@ async def test_an_executor_starts_beside_a_parking_queue_left_with_older_limits(
     await baton.start_worker("w")
     assert (await (await baton.client()).run("core.noop", {}, wait_timeout_s=20))["status"] == "completed"
     assert await baton.queue_depth(baton.names.rejected_requests_queue) == 1  # nothing parked was lost
+
+
+async def test_parameters_nested_too_deep_fail_at_intake_and_are_never_dispatched(baton):
+    executor = await baton.start_executor()
+    await baton.start_worker("w")
+    deep: dict = {}
+    for _ in range(300):
+        deep = {"a": deep}
+    done = await (await baton.client()).run("tests.takes_dict", {"data": deep}, wait_timeout_s=20)
+    assert done["status"] == "failed" and done["error"]["failed_by"] == "executor_intake"
+    assert "nested deeper than 100 levels" in done["error"]["error"]
+    assert [e["type"] for e in done["events"]] == ["execution.failed"]
+    assert not executor.events("execution_rescheduled") and executor.process.poll() is None
+
+
+async def test_a_command_inherits_none_of_the_workers_sockets(baton):
+    await baton.start_executor()
+    await baton.start_worker("shell", runtimes="shell")
+    done = await (await baton.client()).run(
+        "core.local", {"cmd": "for fd in /proc/$$/fd/*; do echo $fd $(readlink $fd); done"}, wait_timeout_s=20
+    )
+    assert done["status"] == "completed"
+    links = dict(line.split(" ", 1) for line in done["result"]["stdout"].splitlines() if " " in line)
+    stdio = {target for fd, target in links.items() if fd.rsplit("/", 1)[1] in ("0", "1", "2")}
+    sockets = {target for target in links.values() if target.startswith("socket:")}
+    # Its own stdin, stdout and stderr (socket pairs, under uvloop) and nothing of the worker's:
+    # no database or broker connection.
+    assert sockets <= stdio, links
