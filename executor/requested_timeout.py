@@ -6,7 +6,6 @@ left alone. Each action's backlog is read through its own index range, oldest fi
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import TYPE_CHECKING, Any
 
 from common import metrics
@@ -16,7 +15,7 @@ from common.notifications import publish_terminal
 from common.queries import actions as aq
 from common.queries import executions as q
 from common.queries import workers as wq
-from executor.resilience import riding_out_outages
+from executor.resilience import every
 
 if TYPE_CHECKING:
     from executor.service import ExecutorContext
@@ -47,12 +46,12 @@ async def run(ctx: ExecutorContext, stop_event: asyncio.Event) -> None:
         return
     interval_s = min(cfg.timeout_check_interval_s, cfg.requested_timeout_s)
     log.info("requested_timeout_started", requested_timeout_s=cfg.requested_timeout_s, interval_s=interval_s)
-    while not stop_event.is_set():
-        async with riding_out_outages("requested_timeout_check", stop_event):
-            while await check(ctx) == BATCH:
-                pass
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop_event.wait(), interval_s)
+
+    async def step() -> None:
+        while await check(ctx) == BATCH:
+            pass
+
+    await every(interval_s, "requested_timeout_check", stop_event, step)
     log.info("requested_timeout_stopped")
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import asyncpg
 from tenacity import RetryCallState, wait_exponential, wait_random_exponential
@@ -102,3 +103,13 @@ async def riding_out_outages(
             await asyncio.wait_for(stop_event.wait(), delay_s)
     else:
         backoff.reset()
+
+
+async def every(interval_s: float, what: str, stop_event: asyncio.Event, step: Callable[[], Awaitable[Any]]) -> None:
+    """The shape of a periodic loop: ``step`` every ``interval_s`` until the service stops, each
+    time riding out an outage (see `riding_out_outages`)."""
+    while not stop_event.is_set():
+        async with riding_out_outages(what, stop_event):
+            await step()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop_event.wait(), interval_s)

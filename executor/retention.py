@@ -9,7 +9,6 @@ drain; it is tried again next time).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import TYPE_CHECKING
 
 import aiormq.exceptions
@@ -18,7 +17,7 @@ from common import amqp
 from common.logging import get_logger
 from common.queries import workers as wq
 from common.retention import prune_executions
-from executor.resilience import riding_out_outages
+from executor.resilience import every
 
 if TYPE_CHECKING:
     from executor.service import ExecutorContext
@@ -35,11 +34,7 @@ async def run(ctx: ExecutorContext, stop_event: asyncio.Event) -> None:
         await stop_event.wait()
         return
     log.info("retention_started", executions_days=cfg.executions_days, workers_days=cfg.workers_days)
-    while not stop_event.is_set():
-        async with riding_out_outages("retention", stop_event):
-            await prune(ctx)
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop_event.wait(), cfg.prune_interval_s)
+    await every(cfg.prune_interval_s, "retention", stop_event, lambda: prune(ctx))
     log.info("retention_stopped")
 
 

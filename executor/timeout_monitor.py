@@ -7,7 +7,6 @@ busy (every slot taken) was never at fault, so its waiting work goes back in lin
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import TYPE_CHECKING, Any
 
 from common import metrics
@@ -15,7 +14,7 @@ from common.logging import get_logger
 from common.notifications import publish_terminal
 from common.queries import executions as q
 from executor.rescheduling import reschedule_or_fail
-from executor.resilience import riding_out_outages
+from executor.resilience import every
 
 if TYPE_CHECKING:
     from executor.service import ExecutorContext
@@ -49,12 +48,12 @@ async def run(ctx: ExecutorContext, stop_event: asyncio.Event) -> None:
         await stop_event.wait()
         return
     log.info("timeout_monitor_started", scheduled_timeout_s=cfg.scheduled_timeout_s, interval_s=cfg.timeout_check_interval_s)
-    while not stop_event.is_set():
-        async with riding_out_outages("timeout_check", stop_event):
-            while await check(ctx) == BATCH:
-                pass
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop_event.wait(), cfg.timeout_check_interval_s)
+
+    async def step() -> None:
+        while await check(ctx) == BATCH:
+            pass
+
+    await every(cfg.timeout_check_interval_s, "timeout_check", stop_event, step)
     log.info("timeout_monitor_stopped")
 
 

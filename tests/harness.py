@@ -238,6 +238,24 @@ class Baton:
         finally:
             await channel.close()
 
+    async def take_parked(self, count: int, timeout_s: float = 20) -> list[aio_pika.abc.AbstractIncomingMessage]:
+        """Wait until ``count`` requests are parked, then take every parked request off the queue."""
+
+        async def enough() -> bool:
+            return await self.queue_depth(self.names.rejected_requests_queue) >= count
+
+        await wait_until(enough, timeout_s=timeout_s, what=f"{count} parked requests")
+        connection = await aio_pika.connect(AMQP_URL)
+        try:
+            channel = await connection.channel()
+            queue = await channel.get_queue(self.names.rejected_requests_queue)
+            messages = []
+            while (message := await queue.get(no_ack=True, fail=False)) is not None:
+                messages.append(message)
+            return messages
+        finally:
+            await connection.close()
+
     async def close_amqp(self) -> None:
         if self._amqp is not None:
             await self._amqp.close()

@@ -8,11 +8,10 @@ import subprocess
 import sys
 import uuid
 
-import aio_pika
 import pytest
 
 from common.client import RequestRejected
-from tests.harness import AMQP_URL, REPO, wait_until
+from tests.harness import REPO, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -20,22 +19,6 @@ pytestmark = pytest.mark.integration
 async def _still_works(baton) -> None:
     done = await (await baton.client()).run("core.echo", {"message": "still here"}, wait_timeout_s=20)
     assert done["status"] == "completed"
-
-
-async def _parked(baton, count: int) -> list[aio_pika.abc.AbstractIncomingMessage]:
-    await wait_until(
-        lambda: _depth_at_least(baton, baton.names.rejected_requests_queue, count), what=f"{count} parked requests"
-    )
-    connection = await aio_pika.connect(AMQP_URL)
-    try:
-        channel = await connection.channel()
-        queue = await channel.get_queue(baton.names.rejected_requests_queue)
-        messages = []
-        while (message := await queue.get(no_ack=True, fail=False)) is not None:
-            messages.append(message)
-        return messages
-    finally:
-        await connection.close()
 
 
 async def _depth_at_least(baton, queue: str, count: int) -> bool:
@@ -49,7 +32,7 @@ async def test_not_json_and_oversized_are_parked_with_their_reason(baton):
     await baton.publish_raw(b"[1, 2, 3]", message_id="array-1")
     big = json.dumps({"action_ref": "core.echo", "parameters": {"message": "x" * 5000}}).encode()
     await baton.publish_raw(big, message_id="big-1")
-    parked = {m.message_id: m for m in await _parked(baton, 3)}
+    parked = {m.message_id: m for m in await baton.take_parked(3)}
     assert set(parked) == {"garbage-1", "array-1", "big-1"}
     assert "not JSON" in parked["garbage-1"].headers["x-baton-reason"]
     assert parked["garbage-1"].body == b"this is { not json"  # kept as it came, for an operator
@@ -127,7 +110,7 @@ async def test_a_string_postgres_cannot_store_is_rejected_alone(baton):
     # The other request is recorded (and runs): only its neighbour is lost to the parking queue.
     fine = await wait_until(fine_one_ran, what="the storable request to be recorded and run")
     assert fine["result"] == {"message": "fine"}
-    parked = await _parked(baton, 1)
+    parked = await baton.take_parked(1)
     assert [m.message_id for m in parked] == ["nul-1"]
     assert "cannot be stored" in parked[0].headers["x-baton-reason"]
     assert await pool.fetchval("SELECT count(*) FROM executions WHERE message_id = 'nul-1'") == 0
@@ -180,7 +163,7 @@ async def test_deeply_nested_json_is_parked(baton):
     executor = await baton.start_executor()
     await baton.start_worker("w1")
     await baton.publish_raw(b"[" * 100_000 + b"]" * 100_000, message_id="deep-1")
-    parked = await _parked(baton, 1)
+    parked = await baton.take_parked(1)
     assert [m.message_id for m in parked] == ["deep-1"]
     assert "cannot be parsed" in parked[0].headers["x-baton-reason"]
     assert executor.process.poll() is None

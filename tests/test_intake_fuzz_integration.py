@@ -144,23 +144,6 @@ async def _recorded(baton, execution_id: Any, timeout_s: float = 20) -> dict[str
     return dict(await wait_until(row, timeout_s=timeout_s, what=f"execution {execution_id} to be recorded"))
 
 
-async def _parked(baton, count: int, timeout_s: float = 20) -> list[aio_pika.abc.AbstractIncomingMessage]:
-    async def enough() -> bool:
-        return await baton.queue_depth(baton.names.rejected_requests_queue) >= count
-
-    await wait_until(enough, timeout_s=timeout_s, what=f"{count} parked requests")
-    connection = await aio_pika.connect(AMQP_URL)
-    try:
-        channel = await connection.channel()
-        queue = await channel.get_queue(baton.names.rejected_requests_queue)
-        messages = []
-        while (message := await queue.get(no_ack=True, fail=False)) is not None:
-            messages.append(message)
-        return messages
-    finally:
-        await connection.close()
-
-
 class Replies:
     """A reply queue of our own, and the replies that arrive on it, by correlation id."""
 
@@ -266,7 +249,7 @@ async def test_any_error_storing_one_request_parks_that_request_alone(baton, pub
     for execution_id in good:
         await _recorded(baton, execution_id)
         await baton.wait_status(execution_id, "completed")
-    parked = await _parked(baton, 1)
+    parked = await baton.take_parked(1)
     assert [m.message_id for m in parked] == [str(bad)]
     assert "cannot be stored: CheckViolationError" in parked[0].headers["x-baton-reason"]
     assert await pool.fetchval("SELECT count(*) FROM executions WHERE id = $1", bad) == 0
@@ -358,7 +341,7 @@ async def test_an_oversized_request_is_parked_truncated(baton, publisher, replie
     reply_to = await replies.open()
     big = _request(parameters={"blob": "x" * 200_000})
     await publisher.publish(big, message_id="big-1", reply_to=reply_to, correlation_id="big", headers={"trace": "t-1"})
-    (parked,) = await _parked(baton, 1)
+    (parked,) = await baton.take_parked(1)
     assert parked.message_id == "big-1"
     assert "larger than the limit of 2048" in parked.headers["x-baton-reason"]
     assert parked.headers["x-baton-original-bytes"] == len(big)
@@ -386,7 +369,7 @@ async def test_properties_that_are_not_utf8_do_not_cut_the_executor_off(baton, p
     # The one with a message_id that is not UTF-8 is recorded under the id its lenient reading maps to.
     row = await _recorded(baton, execution_id_for("id-\ufffd\ufffd"))
     assert row["message_id"] == "id-\ufffd\ufffd" and row["error"] is None
-    parked = {m.message_id: m for m in await _parked(baton, 2)}
+    parked = {m.message_id: m for m in await baton.take_parked(2)}
     assert len(parked) == 2 and "nested-1" in parked  # a message_id AMQP cannot carry back is left out
     nested = parked["nested-1"].headers["x-baton-original-headers"]
     for _ in range(20):
@@ -414,7 +397,7 @@ async def test_replies_go_only_to_client_inboxes(baton, publisher, replies):
     await publisher.publish(_request(), message_id=str(uuid.uuid4()), reply_to=inbox, correlation_id="mine")
     (mine,) = await replies.wait("mine")
     assert mine.status == "requested"
-    (parked,) = await _parked(baton, 1)
+    (parked,) = await baton.take_parked(1)
     assert parked.message_id == "nj"
     assert executor.process.poll() is None
     await _still_works(baton)
@@ -429,7 +412,7 @@ async def test_headers_a_broker_acts_on_are_not_acted_on_when_parked(baton, publ
     headers = {"CC": [baton.names.requests_queue], "BCC": [baton.names.requests_queue]}
     await publisher.publish(b"not json", message_id="cc-1", headers=headers)
     await _still_works_without_worker(baton, executor)
-    parked = await _parked(baton, 1)
+    parked = await baton.take_parked(1)
     assert [m.message_id for m in parked] == ["cc-1"]
     assert parked[0].headers["x-baton-original-headers"]["CC"] == [baton.names.requests_queue]
     assert len(executor.events("request_rejected")) == 1
@@ -444,7 +427,7 @@ async def test_headers_that_cannot_be_written_back_do_not_stop_parking(baton, pu
     await publisher.publish(b"not json", message_id="huge-1", headers={"big": "h" * 130_000})
     await publisher.publish(b"not json", message_id="odd-1", headers={"d": 2**62, "when": dt.datetime(2020, 1, 2)})
     await _still_works_without_worker(baton, executor)
-    parked = {m.message_id: m for m in await _parked(baton, 3)}
+    parked = {m.message_id: m for m in await baton.take_parked(3)}
     assert parked["bytes-1"].headers["x-baton-original-headers"] == {"k": bytearray(b"\xff\xfe")}
     assert "more than 16384" in parked["huge-1"].headers["x-baton-headers-dropped"]
     assert parked["odd-1"].headers["x-baton-original-headers"]["d"] == 2**62
