@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 
-.PHONY: install services demo test test-unit bench clean lock
+.PHONY: install services demo test test-slow test-unit bench clean lock
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ test: install services
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest
+
+test-slow: install services
+	$(VENV)/bin/pytest -m slow
 
 test-unit: install
 	$(VENV)/bin/pytest tests/test_units.py tests/test_deployment.py

@@ -132,6 +132,10 @@ class ExecutorSettings(_Section):
     schedule_batch_size: int = Field(500, ge=1)
     """Requested executions placed and dispatched in one scheduler pass."""
 
+    intake_batch_bytes: int = Field(4_194_304, ge=1024)
+    """Request bytes recorded in one batch at most (a request larger than this is a batch alone):
+    parsed JSON can take tens of times its size in memory."""
+
     intake_buffer_bytes: int = Field(268_435_456, ge=1_048_576)
     """Upper bound on request bytes intake holds in memory at once: its prefetch is this divided by
     `message_queue.max_request_bytes` (at most twice `intake_batch_size`)."""

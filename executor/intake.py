@@ -90,8 +90,13 @@ async def run(ctx: ExecutorContext, stop_event: asyncio.Event) -> None:
                 getter.cancel()
                 break
             batch = [getter.result()]
-            while len(batch) < ctx.settings.executor.intake_batch_size and not inbox.empty():
+            # Bounded in count and in bytes: a batch's requests are parsed and held together, and
+            # JSON can take tens of times its size once parsed (`[{}, {}, ...]`).
+            size = len(batch[0].body)
+            cfg = ctx.settings.executor
+            while len(batch) < cfg.intake_batch_size and size < cfg.intake_batch_bytes and not inbox.empty():
                 batch.append(inbox.get_nowait())
+                size += len(batch[-1].body)
             try:
                 await _process_guarded(ctx, batch, state)
             except Exception as exc:  # noqa: BLE001 - only outages get here (see _process_guarded)

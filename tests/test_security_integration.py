@@ -462,3 +462,39 @@ async def test_a_command_inherits_none_of_the_workers_sockets(baton):
     # Its own stdin, stdout and stderr (socket pairs, under uvloop) and nothing of the worker's:
     # no database or broker connection.
     assert sockets <= stdio, links
+
+
+def _peak_rss_mib(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+@pytest.mark.slow
+async def test_intake_memory_is_bounded_by_bytes_not_by_what_json_expands_to(baton):
+    """30 requests of 1 MiB each, shaped `[{}, {}, ...]`: parsed, each is some 30 MiB of Python
+    objects, and a batch bounded by count alone held them all at once (900 MiB)."""
+    # An action nobody serves: recorded as failed, its (valid) parameters held until then.
+    body = json.dumps({"action_ref": "nosuch.action", "parameters": {"x": [{}] * 340_000}}, separators=(",", ":")).encode()
+    assert 1_000_000 < len(body) < 1_048_576
+    connection = await aio_pika.connect(AMQP_URL)
+    try:  # all queued before the executor starts, so that its intake finds them at once
+        channel = await connection.channel()
+        await amqp.declare_requests_queue(channel, baton.names)
+        exchange = await channel.get_exchange(baton.names.executions_exchange)
+        for _ in range(30):
+            await exchange.publish(aio_pika.Message(body, message_id=str(uuid.uuid4())), routing_key=amqp.REQUESTED_KEY)
+    finally:
+        await connection.close()
+    executor = await baton.start_executor()
+    before = _peak_rss_mib(executor.process.pid)
+    pool = await baton.pool()
+
+    async def all_recorded() -> bool:
+        return await pool.fetchval("SELECT count(*) FROM executions WHERE status = 'failed'") == 30
+
+    await wait_until(all_recorded, timeout_s=90, what="the 30 large requests to be recorded as failed")
+    grown = _peak_rss_mib(executor.process.pid) - before
+    assert grown < 500, f"the executor's peak memory grew by {grown:.0f} MiB"
+    assert executor.process.poll() is None
