@@ -1,0 +1,109 @@
+"""Receiving and claiming. A dispatch waits in the inbox, unacked, until a slot is free; the
+fenced claim (`scheduled` -> `running`) then makes it PostgreSQL's: the batch is acked once the
+claim has committed, and what it claimed is started. What the inbox holds is what a drain or a
+stand-down hands back."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+
+from aio_pika.abc import AbstractIncomingMessage
+from pydantic import ValidationError
+
+from common import amqp, db
+from common.queries import executions as q
+from common.schemas import Assignment, Dispatch
+from worker import recording
+from worker.state import WorkerState
+
+
+async def on_message(state: WorkerState, message: AbstractIncomingMessage) -> None:
+    if state.draining or state.stood_down:
+        with contextlib.suppress(Exception):
+            await message.reject(requeue=False)
+        return
+    state.inbox.append(message)
+    state.mail.set()
+
+
+async def claim_loop(state: WorkerState) -> None:
+    while not state.draining:
+        await state.resumed.wait()
+        await state.slots.acquire()
+        while not state.inbox and not state.draining:
+            state.mail.clear()
+            await state.mail.wait()
+        if state.draining or state.stood_down:
+            state.slots.release()
+            continue
+        state.claiming = True
+        try:
+            batch = [state.inbox.popleft()]
+            while state.inbox and not state.slots.locked():
+                await state.slots.acquire()  # free: returns at once
+                batch.append(state.inbox.popleft())
+            await _claim(state, batch)
+        finally:
+            state.claiming = False
+
+
+async def _claim(state: WorkerState, batch: list[AbstractIncomingMessage]) -> None:
+    dispatches: dict[uuid.UUID, Dispatch] = {}
+    for message in batch:
+        try:
+            dispatch = Dispatch.model_validate_json(message.body)
+        except ValidationError as exc:
+            state.log.error("dispatch_invalid", error=str(exc), message_id=message.message_id)
+            with contextlib.suppress(Exception):  # a dead channel redelivers it; it is rejected again
+                await message.reject(requeue=False)
+            continue
+        twin = dispatches.get(dispatch.execution_id)
+        if twin is not None or dispatch.execution_id in state.running:
+            # A redelivery, or an older attempt beside a newer one: only the newest can match.
+            stale = dispatch if twin is None or twin.attempt >= dispatch.attempt else twin
+            state.log.info("dispatch_stale", execution_id=str(stale.execution_id), attempt=stale.attempt, twin=True)
+            if stale is dispatch:
+                continue
+        dispatches[dispatch.execution_id] = dispatch
+    ordered = sorted(dispatches.values(), key=lambda d: d.execution_id)  # one lock order: no deadlocks
+    rows = await db.until_available(
+        lambda: state.pool.fetch(
+            q.CLAIM, [d.execution_id for d in ordered], [d.attempt for d in ordered], state.name, state.incarnation
+        ),
+        what="claim",
+    )
+    # What runs is what PostgreSQL recorded, never what the message says.
+    claimed = {
+        r["id"]: Assignment(
+            execution_id=r["id"], attempt=r["attempt"], action_ref=r["action_ref"],
+            parameters=r["parameters"], timeout_s=r["timeout_s"],
+        )
+        for r in rows
+    }
+    await amqp.ack_all(batch)
+    for execution_id, dispatch in dispatches.items():
+        fields = {"execution_id": str(execution_id), "attempt": dispatch.attempt}
+        assignment = claimed.get(execution_id)
+        if assignment is not None and execution_id not in state.running:
+            state.log.info("execution_started", action_ref=assignment.action_ref, **fields)
+            state.idle.clear()
+            state.running[execution_id] = asyncio.create_task(recording.run_one(state, assignment))
+        else:
+            state.log.info("dispatch_stale", **fields)
+    for _ in range(len(batch) - len(claimed)):
+        state.slots.release()
+
+
+async def hand_back(state: WorkerState) -> int:
+    handed_back = 0
+    while state.inbox:
+        message = state.inbox.popleft()
+        with contextlib.suppress(Exception):
+            # Dead-lettered at once; the executor reschedules it on another worker.
+            await message.reject(requeue=False)
+            handed_back += 1
+    if handed_back:
+        state.log.info("dispatches_handed_back", count=handed_back)
+    return handed_back

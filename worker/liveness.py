@@ -1,0 +1,171 @@
+"""Liveness: the session lock whose release tells the sweeper this process died, registration as
+the name's live incarnation (refused while another live process holds the name), the heartbeat,
+the audit of runs recorded here that nobody runs, and standing down and resuming."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+
+import asyncpg
+
+from common import db, health, metrics
+from common.queries import executions as q
+from common.queries import workers as wq
+from common.recovery import interrupted_event, resolve_policy
+from worker import claiming
+from worker.state import WorkerState
+
+
+class WorkerNameInUse(RuntimeError):
+    """Another live process holds this worker name."""
+
+
+async def lock(state: WorkerState) -> None:
+    """(Re)open the lock connection and take the session lock on it."""
+    if state.lock_conn is not None and not state.lock_conn.is_closed():
+        return
+    timeout_s = max(state.cfg.heartbeat_interval_s, 1.0)
+    conn = await asyncpg.connect(state.settings.database.url, timeout=timeout_s, server_settings=db.SERVER_SETTINGS)
+    try:
+        await conn.execute("SELECT pg_advisory_lock($1)", state.lock_key, timeout=timeout_s)
+    except BaseException:
+        await conn.close()
+        raise
+    # Without its lock this process looks dead to the sweeper: take it again at once, not at
+    # the next heartbeat.
+    conn.add_termination_listener(lambda _conn: state.lock_lost.set())
+    state.lock_lost.clear()
+    state.lock_conn = conn
+
+
+async def register(state: WorkerState) -> None:
+    """Mark this process the worker's live incarnation. What the row says is `running` here but
+    this process does not run (a predecessor that died, or work given up while the database
+    was away) is interrupted first, so that recovery takes it over."""
+    cfg = state.cfg
+    async with state.pool.acquire() as conn, conn.transaction():
+        previous = await conn.fetchrow(wq.PREVIOUS, state.name, state.incarnation)
+        if previous is not None and previous["held"]:
+            raise WorkerNameInUse(
+                f"worker name {state.name!r} is held by a live process (host {previous['hostname']}, "
+                f"pid {previous['pid']}): stop that process, or start this one under another --name"
+            )
+        for row in await conn.fetch(q.SELECT_RUNNING_ON, state.name):
+            if row["id"] not in state.running:
+                await _interrupt_orphan(state, conn, row, "the worker restarted or lost contact while running it")
+        await conn.fetch(
+            wq.REGISTER,
+            state.name,
+            list(cfg.runtimes),
+            sorted(state.actions),
+            cfg.max_concurrent_tasks,
+            cfg.heartbeat_interval_s,
+            socket.gethostname(),
+            os.getpid(),
+            state.incarnation,
+            state.lock_key,
+        )
+
+
+async def _audit(state: WorkerState, *, grace_s: float) -> None:
+    """Interrupt what the database says runs here but does not (another process under this
+    name claimed it and died, say): nothing stays `running` with nobody running it."""
+    if state.claiming:  # a claim committed but not yet a task here would look orphaned
+        return
+    with contextlib.suppress(OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        rows = await state.pool.fetch(q.SELECT_RUNNING_SINCE, state.name, grace_s, timeout=grace_s)
+        for row in rows:
+            if row["id"] not in state.running and not state.claiming:
+                await _interrupt_orphan(
+                    state, state.pool, row, "recorded as running on this worker, which is not running it"
+                )
+
+
+async def _interrupt_orphan(state: WorkerState, conn: db.Executor, row: asyncpg.Record, error: str) -> None:
+    """A run recorded as `running` here that this process does not run: hand it to recovery."""
+    action = state.actions.get(row["action_ref"])
+    event = interrupted_event(
+        reason="worker_lost",
+        worker=state.name,
+        error=error,
+        policy=resolve_policy(action.spec if action else None, state.settings.recovery),
+        recovery_attempts=row["recovery_attempts"],
+    )
+    # Any incarnation's: a predecessor's runs, or runs this process gave up while away.
+    if await conn.fetchrow(q.INTERRUPT, row["id"], row["attempt"], state.name, event, None):
+        state.log.warning(
+            "execution_interrupted", execution_id=str(row["id"]), attempt=row["attempt"], reason="worker_lost"
+        )
+
+
+async def _stand_down(state: WorkerState, why: str) -> None:
+    """Stop taking work and give up what runs here: it is about to be recovered elsewhere."""
+    if state.stood_down:
+        return
+    state.stood_down = True
+    state.resumed.clear()
+    state.log.warning("worker_standing_down", reason=why, cancelling=len(state.running), handing_back=len(state.inbox))
+    await claiming.hand_back(state)
+    state.cancel_reason = ("worker_lost", f"the worker stood down: {why}")
+    for task in list(state.running.values()):
+        task.cancel()
+    await asyncio.gather(*state.running.values(), return_exceptions=True)
+
+
+async def _resume(state: WorkerState) -> None:
+    await register(state)
+    state.stood_down = False
+    state.cancel_reason = ("signal", "the worker stopped past its drain deadline")
+    state.resumed.set()
+    state.mail.set()
+    state.log.info("worker_reregistered")
+
+
+async def heartbeat_loop(state: WorkerState) -> None:
+    interval_s = state.cfg.heartbeat_interval_s
+    stale_after_s = interval_s * state.settings.executor.heartbeat_staleness_multiplier
+    last_ok = time.monotonic()
+    while True:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(state.lock_lost.wait(), interval_s)
+        if state.lock_lost.is_set():
+            state.lock_conn = None
+        metrics.IN_FLIGHT.set(len(state.running))
+        try:
+            await lock(state)
+            assert state.lock_conn is not None
+            status = await state.lock_conn.fetchval(
+                wq.HEARTBEAT, state.name, state.incarnation, len(state.running), timeout=max(interval_s, 1.0)
+            )
+        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            if state.lock_conn is not None and state.lock_conn.is_closed():
+                state.lock_conn = None
+            silent_s = time.monotonic() - last_ok
+            metrics.OWN_HEARTBEAT_AGE.set(silent_s)
+            state.log.warning("heartbeat_failed", error=str(exc) or type(exc).__name__, silent_s=round(silent_s, 2))
+            if silent_s > stale_after_s:
+                await _stand_down(state, "its heartbeat could not be recorded for longer than the staleness threshold")
+            continue
+        last_ok = time.monotonic()
+        metrics.OWN_HEARTBEAT_AGE.set(0)
+        health.write(
+            state.cfg.health_file, service="worker", worker=state.name, status=status,
+            amqp_connected=state.connection.connected.is_set(), stood_down=state.stood_down,
+        )
+        if status is None:
+            raise RuntimeError(
+                f"worker row {state.name!r} now belongs to another process: two workers share this name"
+            )
+        if status == "lost":
+            await _stand_down(state, "the executor declared it lost")
+        elif not state.stood_down:
+            await _audit(state, grace_s=max(2 * interval_s, 1.0))
+        if state.stood_down and not state.draining:
+            try:
+                await _resume(state)
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                state.log.warning("reregister_failed", error=str(exc))

@@ -1,0 +1,124 @@
+"""Running a claimed assignment and recording what became of it: its outcome, in batches, fenced
+on the attempt and this incarnation, then announced; or, if it is cancelled, its interruption.
+A run's slot is freed only once what became of it has been recorded (or given up on)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import uuid
+
+import asyncpg
+
+from common import db, metrics
+from common.notifications import publish_terminal
+from common.queries import executions as q
+from common.recovery import InterruptReason, interrupted_event, resolve_policy
+from common.schemas import Assignment
+from worker.runner import Outcome, execute
+from worker.state import WorkerState
+
+
+async def run_one(state: WorkerState, dispatch: Assignment) -> None:
+    try:
+        outcome = await execute(
+            state.actions.get(dispatch.action_ref),
+            dispatch,
+            default_timeout_s=state.cfg.task_timeout_s,
+            max_output_bytes=state.cfg.max_output_bytes,
+            max_timeout_s=state.cfg.max_task_timeout_s,
+        )
+    except asyncio.CancelledError:
+        reason, error = state.cancel_reason
+        await _interrupt(state, dispatch, reason=reason, error=error)
+        _release(state, dispatch.execution_id)
+        raise
+    await state.outcomes.put((dispatch, outcome))
+
+
+async def _interrupt(state: WorkerState, dispatch: Assignment, *, reason: InterruptReason, error: str) -> None:
+    """Fenced: only if the run is still this worker's at this attempt. If the database cannot be
+    reached, the executor interrupts it instead once this worker is declared lost."""
+    action = state.actions.get(dispatch.action_ref)
+    policy = resolve_policy(action.spec if action else None, state.settings.recovery)
+    with contextlib.suppress(Exception):
+        recovery_attempts = await state.pool.fetchval(q.RECOVERY_ATTEMPTS, dispatch.execution_id, timeout=2)
+        data = interrupted_event(
+            reason=reason, worker=state.name, error=error, policy=policy, recovery_attempts=recovery_attempts or 0
+        )
+        await state.pool.fetch(
+            q.INTERRUPT, dispatch.execution_id, dispatch.attempt, state.name, data, state.incarnation, timeout=2
+        )
+    state.log.warning(
+        "execution_interrupted", execution_id=str(dispatch.execution_id), attempt=dispatch.attempt, reason=reason
+    )
+
+
+def _release(state: WorkerState, execution_id: uuid.UUID) -> None:
+    if state.running.pop(execution_id, None) is not None:
+        state.slots.release()
+    if not state.running:
+        state.idle.set()
+
+
+async def finish_loop(state: WorkerState) -> None:
+    while True:
+        batch = [await state.outcomes.get()]
+        while not state.outcomes.empty():
+            batch.append(state.outcomes.get_nowait())
+        try:
+            await _record(state, batch)
+        finally:
+            for dispatch, _ in batch:
+                _release(state, dispatch.execution_id)
+                state.outcomes.task_done()
+
+
+async def _finish(state: WorkerState, batch: list[tuple[Assignment, Outcome]]) -> list[asyncpg.Record]:
+    batch = sorted(batch, key=lambda item: item[0].execution_id)  # rows locked in one order: no deadlocks
+    return await db.until_available(
+        lambda: state.pool.fetch(
+            q.FINISH,
+            [d.execution_id for d, _ in batch],
+            [d.attempt for d, _ in batch],
+            [o.status for _, o in batch],
+            [json.dumps(o.result) if o.result is not None else None for _, o in batch],
+            [json.dumps(o.error) if o.error is not None else None for _, o in batch],
+            state.name,
+            state.incarnation,
+        ),
+        what="record_outcomes",
+    )
+
+
+async def _record(state: WorkerState, batch: list[tuple[Assignment, Outcome]]) -> None:
+    try:
+        rows = await _finish(state, batch)
+    except asyncpg.exceptions.DataError:
+        # Something PostgreSQL refuses to store (a NUL in a string): one by one, so that only
+        # the offending outcome is replaced by a failure that says why.
+        rows = []
+        for dispatch, outcome in batch:
+            try:
+                rows += await _finish(state, [(dispatch, outcome)])
+            except asyncpg.exceptions.DataError as exc:
+                unstorable = Outcome(
+                    "failed", error={"error": f"the outcome cannot be stored: {exc}", "failed_by": "worker"}
+                )
+                rows += await _finish(state, [(dispatch, unstorable)])
+    recorded = {r["id"] for r in rows}
+    for dispatch, outcome in batch:
+        fields = {"execution_id": str(dispatch.execution_id), "attempt": dispatch.attempt}
+        if dispatch.execution_id not in recorded:
+            # Fencing: the execution moved on (recovered elsewhere); this late outcome is dropped.
+            state.log.warning("outcome_fenced", status=outcome.status, **fields)
+        elif outcome.status == "completed":
+            metrics.FINISHED.labels("completed").inc()
+            state.log.info("execution_completed", **fields)
+        else:
+            metrics.FINISHED.labels(outcome.status).inc()
+            state.log.warning(
+                f"execution_{outcome.status}", error=(outcome.error or {}).get("error"), **fields
+            )
+    await publish_terminal(state.exchanges.notifications, rows)

@@ -1,0 +1,72 @@
+"""What a worker's parts share: the work it holds (inbox, running tasks, outcomes to record), the
+flags that order its parts (draining, claiming, standing down), its session lock and connections.
+
+Each part is a module of functions over this one object: `claiming` (inbox and fenced claim),
+`recording` (running an assignment and recording what became of it), `liveness` (session lock,
+registration, heartbeat, audit, standing down); `service` starts them and stops them in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import uuid
+from collections import deque
+
+import asyncpg
+from aio_pika.abc import (
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+    ConsumerTag,
+)
+
+from common import amqp
+from common.logging import get_logger
+from common.recovery import InterruptReason
+from common.schemas import Assignment
+from common.settings import Settings
+from worker.registry import RegisteredAction
+from worker.runner import Outcome
+
+log = get_logger("baton.worker")
+
+
+class WorkerState:
+    # Set by `WorkerService.run` as the worker starts, before any of its parts runs.
+    pool: asyncpg.Pool
+    connection: AbstractRobustConnection
+    consume_channel: AbstractRobustChannel
+    publish_channel: AbstractRobustChannel
+    exchanges: amqp.Exchanges
+    queue: AbstractQueue
+    consumer_tag: ConsumerTag
+
+    def __init__(self, settings: Settings, name: str, actions: dict[str, RegisteredAction]) -> None:
+        self.settings = settings
+        self.cfg = settings.worker
+        self.name = name
+        self.names = amqp.Names(settings.message_queue.prefix)
+        self.incarnation = uuid.uuid4()
+        self.actions = actions
+        self.log = log.bind(worker=name)
+        self.inbox: deque[AbstractIncomingMessage] = deque()
+        self.mail = asyncio.Event()
+        self.slots = asyncio.Semaphore(self.cfg.max_concurrent_tasks)
+        self.running: dict[uuid.UUID, asyncio.Task[None]] = {}
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.outcomes: asyncio.Queue[tuple[Assignment, Outcome]] = asyncio.Queue()
+        self.draining = False
+        self.claiming = False
+        # Standing down: the database cannot be reached, or the executor declared this worker lost;
+        # it takes no work until it has registered again.
+        self.stood_down = False
+        self.resumed = asyncio.Event()
+        self.resumed.set()
+        self.cancel_reason: tuple[InterruptReason, str] = ("signal", "the worker stopped past its drain deadline")
+        # PostgreSQL releases this session lock the moment the process dies: the sweeper's signal.
+        self.lock_key = secrets.randbits(62)
+        self.lock_conn: asyncpg.Connection | None = None
+        self.lock_lost = asyncio.Event()
