@@ -22,7 +22,8 @@ demo: install services
 test: install services
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -n 2 -m "not slow and not restarts"
+	$(VENV)/bin/pytest -m restarts
 
 test-slow: install services
 	$(VENV)/bin/pytest -m slow

@@ -115,6 +115,7 @@ async def _all_report(paths: list, *, amqp_connected: bool) -> bool:
 
 
 @pytest.mark.skipif(shutil.which("rabbitmqctl") is None, reason="needs a local RabbitMQ to restart")
+@pytest.mark.restarts
 async def test_rabbitmq_restart_loses_nothing(baton):
     workers, ids = await _serving_and_loaded(baton, 80, health_files=True)
     health = [baton.tmp / name for name in ("executor.health", "w1.health", "w2.health")]
@@ -146,6 +147,7 @@ def _pg_restart() -> None:
 
 
 @pytest.mark.skipif(shutil.which("pg_ctlcluster") is None, reason="needs a local PostgreSQL cluster to restart")
+@pytest.mark.restarts
 async def test_postgresql_restart_loses_nothing(baton):
     # A restart here takes a few seconds; a worker that cannot write its heartbeat for longer than
     # the staleness window stands down by design, so the window must outlast the restart.

@@ -277,9 +277,12 @@ async def test_a_submitter_can_post_and_hear_back_but_cannot_touch_a_workers_que
         connection = await aio_pika.connect(url)
         try:
             channel = await connection.channel()
+            async def take(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+                raise AssertionError("a submitter consumed a worker's dispatch")
+
             with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
                 queue = await channel.get_queue(baton.names.worker_queue("w"))
-                await queue.consume(lambda m: None)
+                await queue.consume(take)
             channel = await connection.channel()
             with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
                 await channel.queue_delete(baton.names.requests_queue)
