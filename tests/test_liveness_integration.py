@@ -126,13 +126,14 @@ async def test_sigstop_hung_worker_is_lost_and_its_late_writes_are_fenced(baton)
     finally:
         hung.signal(signal.SIGCONT)
     # The zombie wakes up and writes for its copy (attempt 1): the outcome if the copy finished
-    # first, else the interruption when it stands down. Either write is refused; then it comes back.
+    # first, else the interruption when it stands down. Either write is refused (and logged as
+    # refused, not as done); then it comes back.
     await wait_until(lambda: _logged(hung, "worker_reregistered"), what="the hung worker to re-register")
 
     async def late_write_made():
         return [
             e for e in hung.log_lines()
-            if e.get("event") in ("outcome_fenced", "execution_interrupted")
+            if e.get("event") in ("outcome_fenced", "interrupt_fenced")
             and e.get("execution_id") == str(sub.execution_id) and e.get("attempt") == 1
         ]
 

@@ -17,7 +17,7 @@ from common.queries import executions as q
 from common.queries import workers as wq
 from common.recovery import interrupted_event, resolve_policy
 from worker import claiming
-from worker.state import WorkerState
+from worker.state import DRAIN_DEADLINE, WorkerState
 
 
 class WorkerNameInUse(RuntimeError):
@@ -119,7 +119,7 @@ async def _stand_down(state: WorkerState, why: str) -> None:
 async def _resume(state: WorkerState) -> None:
     await register(state)
     state.stood_down = False
-    state.cancel_reason = ("signal", "the worker stopped past its drain deadline")
+    state.cancel_reason = DRAIN_DEADLINE
     state.resumed.set()
     state.mail.set()
     state.log.info("worker_reregistered")

@@ -5,7 +5,6 @@ A run's slot is freed only once what became of it has been recorded (or given up
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import uuid
 
@@ -15,10 +14,13 @@ from common import db, metrics
 from common.notifications import publish_terminal
 from common.queries import executions as q
 from common.recovery import InterruptReason, interrupted_event, resolve_policy
+from common.retry import TRANSIENT_ERRORS
 from common.schemas import Assignment
 from worker.runner import Outcome, execute
 from worker.state import WorkerState
 
+#: What recording an interruption may run into: the database away, or refusing the statement.
+_DB_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, asyncpg.PostgresError)
 
 async def run_one(state: WorkerState, dispatch: Assignment) -> None:
     try:
@@ -42,17 +44,23 @@ async def _interrupt(state: WorkerState, dispatch: Assignment, *, reason: Interr
     reached, the executor interrupts it instead once this worker is declared lost."""
     action = state.actions.get(dispatch.action_ref)
     policy = resolve_policy(action.spec if action else None, state.settings.recovery)
-    with contextlib.suppress(Exception):
+    fields = {"execution_id": str(dispatch.execution_id), "attempt": dispatch.attempt, "reason": reason}
+    try:
         recovery_attempts = await state.pool.fetchval(q.RECOVERY_ATTEMPTS, dispatch.execution_id, timeout=2)
         data = interrupted_event(
             reason=reason, worker=state.name, error=error, policy=policy, recovery_attempts=recovery_attempts or 0
         )
-        await state.pool.fetch(
+        rows = await state.pool.fetch(
             q.INTERRUPT, dispatch.execution_id, dispatch.attempt, state.name, data, state.incarnation, timeout=2
         )
-    state.log.warning(
-        "execution_interrupted", execution_id=str(dispatch.execution_id), attempt=dispatch.attempt, reason=reason
-    )
+    except _DB_ERRORS as exc:
+        # The executor interrupts it instead, once it declares this worker lost.
+        state.log.warning("interrupt_not_recorded", error=str(exc) or type(exc).__name__, **fields)
+        return
+    if rows:
+        state.log.warning("execution_interrupted", **fields)
+    else:  # fenced: the run had moved on (recovered elsewhere, or already finished)
+        state.log.info("interrupt_fenced", **fields)
 
 
 def _release(state: WorkerState, execution_id: uuid.UUID) -> None:

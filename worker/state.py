@@ -33,6 +33,10 @@ from worker.runner import Outcome
 log = get_logger("baton.worker")
 
 
+#: Why a run is interrupted when it is cancelled, unless the worker is standing down.
+DRAIN_DEADLINE: tuple[InterruptReason, str] = ("signal", "the worker stopped past its drain deadline")
+
+
 class WorkerState:
     # Set by `WorkerService.run` as the worker starts, before any of its parts runs.
     pool: asyncpg.Pool
@@ -65,7 +69,7 @@ class WorkerState:
         self.stood_down = False
         self.resumed = asyncio.Event()
         self.resumed.set()
-        self.cancel_reason: tuple[InterruptReason, str] = ("signal", "the worker stopped past its drain deadline")
+        self.cancel_reason: tuple[InterruptReason, str] = DRAIN_DEADLINE
         # PostgreSQL releases this session lock the moment the process dies: the sweeper's signal.
         self.lock_key = secrets.randbits(62)
         self.lock_conn: asyncpg.Connection | None = None
