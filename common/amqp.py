@@ -183,22 +183,16 @@ async def _declare_durable(
         queue = await channel.declare_queue(name, durable=True, arguments=arguments)
     except aiormq.exceptions.ChannelPreconditionFailed as exc:
         await channel.reopen()
-        if not replace:
-            queue = await channel.declare_queue(name, passive=True)
-        else:
-            kept = await delete_queue_if_idle(channel, name, bindings=bindings)
-            if kept is not None and busy_ok:
-                await channel.reopen()
-                queue = await channel.declare_queue(name, passive=True)
-                for exchange, key in bindings:
-                    await queue.bind(exchange, key)
-                return queue
-            if kept is not None:
-                raise RuntimeError(
-                    f"queue {name} exists with other arguments than {arguments} ({exc}), and it is not "
-                    f"declared anew because {kept}. {fix}"
-                ) from exc
+        kept = await delete_queue_if_idle(channel, name, bindings=bindings) if replace else "it is not ours to replace"
+        if kept is None:
             queue = await channel.declare_queue(name, durable=True, arguments=arguments)
+        elif replace and not busy_ok:
+            raise RuntimeError(
+                f"queue {name} exists with other arguments than {arguments} ({exc}), and it is not "
+                f"declared anew because {kept}. {fix}"
+            ) from exc
+        else:
+            queue = await channel.declare_queue(name, passive=True)
     for exchange, key in bindings:
         await queue.bind(exchange, key)
     return queue

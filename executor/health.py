@@ -4,13 +4,13 @@ for `baton health` (and so for container health checks)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import TYPE_CHECKING
 
 from common import health
 from common.logging import get_logger
 from common.queries import PING
 from common.retry import TRANSIENT_ERRORS
+from executor.resilience import every
 
 if TYPE_CHECKING:
     from executor.service import ExecutorContext
@@ -26,17 +26,16 @@ async def run(ctx: ExecutorContext, stop_event: asyncio.Event) -> None:
     if path is None:
         await stop_event.wait()
         return
+
+    async def report() -> None:
+        try:
+            await ctx.pool.fetchval(PING, timeout=INTERVAL_S)
+            db_connected = True
+        except TRANSIENT_ERRORS:
+            db_connected = False
+        health.write(path, service="executor", db_connected=db_connected, amqp_connected=ctx.amqp.connected.is_set())
+
     try:
-        while not stop_event.is_set():
-            try:
-                await ctx.pool.fetchval(PING, timeout=INTERVAL_S)
-                db_connected = True
-            except TRANSIENT_ERRORS:
-                db_connected = False
-            health.write(
-                path, service="executor", db_connected=db_connected, amqp_connected=ctx.amqp.connected.is_set()
-            )
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop_event.wait(), INTERVAL_S)
+        await every(INTERVAL_S, "health", stop_event, report)
     finally:
         health.remove(path)

@@ -45,7 +45,6 @@ async def run(ctx: ExecutorContext, stop_event: asyncio.Event) -> None:
         # Freed capacity only matters when the last pass left work behind.
         if payload != "capacity" or state["blocked"]:
             ctx.wake.set()
-        log.debug("scheduler_notified", payload=payload, blocked=state["blocked"])
 
     listener = await connect_one(ctx.settings.database.url)
     await listener.add_listener(WAKE_CHANNEL, on_notify)
@@ -115,8 +114,9 @@ async def _pass(ctx: ExecutorContext, stop_event: asyncio.Event) -> tuple[bool, 
     # executor puts them back in line, at no cost to them, for a replica or its successor.
     if not await _connected_or_stopping(ctx, stop_event):
         for s in scheduled:
-            await ctx.pool.fetchrow(
-                q.RESCHEDULE, s["id"], s["attempt"], {"reason": "the executor stopped before dispatching it"}, False
+            await reschedule_or_fail(
+                ctx.pool, s, max_schedule_attempts=cfg.max_schedule_attempts,
+                reason="the executor stopped before dispatching it", kind="executor_stopped", error={}, counts=False,
             )
         return False, False
     outcomes = await asyncio.gather(*(_dispatch(ctx, by_id[s["id"]], s) for s in scheduled))

@@ -17,11 +17,12 @@ import asyncpg
 from common import metrics
 from common.actions import ActionSpec
 from common.db import Executor
+from common.interruption import interrupt
 from common.logging import get_logger
 from common.notifications import publish_terminal
 from common.queries import executions as q
 from common.queries import workers as wq
-from common.recovery import interrupted_event, resolve_policy
+from common.recovery import resolve_policy
 from executor.recovery import recover_interrupted
 from executor.rescheduling import reschedule_or_fail
 from executor.resilience import riding_out_outages
@@ -128,14 +129,18 @@ async def _interrupt(
     specs: dict[str, ActionSpec],
     error: str,
 ) -> None:
-    event = interrupted_event(
-        reason="worker_lost",
+    event = await interrupt(
+        conn,
+        execution_id=row["id"],
+        attempt=row["attempt"],
         worker=row["worker"],
+        incarnation=None,
+        reason="worker_lost",
         error=error,
         policy=resolve_policy(specs.get(row["action_ref"]), ctx.settings.recovery),
         recovery_attempts=row["recovery_attempts"],
     )
-    if await conn.fetchrow(q.INTERRUPT, row["id"], row["attempt"], row["worker"], event, None) is not None:
+    if event is not None:
         log.warning(
             "execution_interrupted", execution_id=str(row["id"]), attempt=row["attempt"], worker=row["worker"],
             reason="worker_lost", recoverable=event["recoverable"],

@@ -13,9 +13,10 @@ import time
 import asyncpg
 
 from common import db, health, metrics
+from common.interruption import interrupt
 from common.queries import executions as q
 from common.queries import workers as wq
-from common.recovery import interrupted_event, resolve_policy
+from common.recovery import resolve_policy
 from worker import claiming
 from worker.state import DRAIN_DEADLINE, WorkerState
 
@@ -31,7 +32,7 @@ async def lock(state: WorkerState) -> None:
     timeout_s = max(state.cfg.heartbeat_interval_s, 1.0)
     conn = await asyncpg.connect(state.settings.database.url, timeout=timeout_s, server_settings=db.SERVER_SETTINGS)
     try:
-        await conn.execute("SELECT pg_advisory_lock($1)", state.lock_key, timeout=timeout_s)
+        await conn.execute(wq.LOCK, state.lock_key, timeout=timeout_s)
     except BaseException:
         await conn.close()
         raise
@@ -88,15 +89,18 @@ async def _audit(state: WorkerState, *, grace_s: float) -> None:
 async def _interrupt_orphan(state: WorkerState, conn: db.Executor, row: asyncpg.Record, error: str) -> None:
     """A run recorded as `running` here that this process does not run: hand it to recovery."""
     action = state.actions.get(row["action_ref"])
-    event = interrupted_event(
-        reason="worker_lost",
+    event = await interrupt(
+        conn,
+        execution_id=row["id"],
+        attempt=row["attempt"],
         worker=state.name,
+        incarnation=None,  # any incarnation's: a predecessor's runs, or runs this process gave up while away
+        reason="worker_lost",
         error=error,
         policy=resolve_policy(action.spec if action else None, state.settings.recovery),
         recovery_attempts=row["recovery_attempts"],
     )
-    # Any incarnation's: a predecessor's runs, or runs this process gave up while away.
-    if await conn.fetchrow(q.INTERRUPT, row["id"], row["attempt"], state.name, event, None):
+    if event is not None:
         state.log.warning(
             "execution_interrupted", execution_id=str(row["id"]), attempt=row["attempt"], reason="worker_lost"
         )

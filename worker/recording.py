@@ -11,9 +11,10 @@ import uuid
 import asyncpg
 
 from common import db, metrics
+from common.interruption import interrupt
 from common.notifications import publish_terminal
 from common.queries import executions as q
-from common.recovery import InterruptReason, interrupted_event, resolve_policy
+from common.recovery import InterruptReason, resolve_policy
 from common.retry import TRANSIENT_ERRORS
 from common.schemas import Assignment
 from worker.runner import Outcome, execute
@@ -21,6 +22,7 @@ from worker.state import WorkerState
 
 #: What recording an interruption may run into: the database away, or refusing the statement.
 _DB_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, asyncpg.PostgresError)
+
 
 async def run_one(state: WorkerState, dispatch: Assignment) -> None:
     try:
@@ -47,17 +49,23 @@ async def _interrupt(state: WorkerState, dispatch: Assignment, *, reason: Interr
     fields = {"execution_id": str(dispatch.execution_id), "attempt": dispatch.attempt, "reason": reason}
     try:
         recovery_attempts = await state.pool.fetchval(q.RECOVERY_ATTEMPTS, dispatch.execution_id, timeout=2)
-        data = interrupted_event(
-            reason=reason, worker=state.name, error=error, policy=policy, recovery_attempts=recovery_attempts or 0
-        )
-        rows = await state.pool.fetch(
-            q.INTERRUPT, dispatch.execution_id, dispatch.attempt, state.name, data, state.incarnation, timeout=2
+        event = await interrupt(
+            state.pool,
+            execution_id=dispatch.execution_id,
+            attempt=dispatch.attempt,
+            worker=state.name,
+            incarnation=state.incarnation,
+            reason=reason,
+            error=error,
+            policy=policy,
+            recovery_attempts=recovery_attempts or 0,
+            timeout_s=2,
         )
     except _DB_ERRORS as exc:
         # The executor interrupts it instead, once it declares this worker lost.
         state.log.warning("interrupt_not_recorded", error=str(exc) or type(exc).__name__, **fields)
         return
-    if rows:
+    if event is not None:
         state.log.warning("execution_interrupted", **fields)
     else:  # fenced: the run had moved on (recovered elsewhere, or already finished)
         state.log.info("interrupt_fenced", **fields)

@@ -17,6 +17,10 @@ def busy(multiplier: str, w: str = "w") -> str:
     return f"({alive(multiplier, w)} AND {w}.in_flight >= {w}.max_concurrent_tasks)"
 
 
+# The process's session lock (on a connection of its own): PostgreSQL releases it the moment the
+# process dies, which is how the sweeper tells a dead worker from a slow one. $1 lock key
+LOCK = "SELECT pg_advisory_lock($1)"
+
 # The row as it was before this process registers (to find what a previous process left behind),
 # and whether a live process still holds the name: its session lock is held (PostgreSQL releases
 # it the moment the process dies). A transaction lock taken here is gone at commit.
