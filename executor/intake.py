@@ -27,7 +27,7 @@ import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
 
 from common import amqp, metrics
-from common.amqp import persistent_json, property_text, short_string
+from common.amqp import Names, persistent_json, property_text, short_string
 from common.db import until_available
 from common.logging import get_logger
 from common.notifications import publish_terminal
@@ -159,8 +159,6 @@ async def _process(ctx: ExecutorContext, batch: list[AbstractIncomingMessage], s
             )
         except Exception as exc:  # noqa: BLE001 - say, JSON nested deeper than the parser's recursion
             result = Rejection(f"request cannot be parsed: {describe(exc)}")
-        if isinstance(result, NewExecution):
-            result.reply_to = property_text(message.reply_to)
         parsed.append((message, result))
 
     executions = [r for _, r in parsed if isinstance(r, NewExecution)]
@@ -335,18 +333,18 @@ async def _reply_and_notify(
     await publish_terminal(ctx.exchanges.notifications, failed)
 
 
-def reply_allowed(reply_to: str, prefix: str) -> bool:
+def reply_allowed(reply_to: str, names: Names) -> bool:
     """Replies go only to a client's inbox: a queue named `<prefix>.reply.*` or a server-named
     `amq.gen-*` one. Never to Baton's own queues (a worker would take a reply as a dispatch, the
     request queue as a request), nor to RabbitMQ's direct reply-to names, a malformed one of which
     makes the broker close the publishing connection: the executor's own."""
-    return reply_to.startswith((f"{prefix}.reply.", "amq.gen-")) and short_string(reply_to) is not None
+    return reply_to.startswith((names.reply_queue(""), "amq.gen-")) and short_string(reply_to) is not None
 
 
 async def _reply(ctx: ExecutorContext, message: AbstractIncomingMessage, reply_to: str, reply: Acceptance) -> None:
     """Send one reply; never raises (the request is recorded either way, and the client can read
     it from PostgreSQL)."""
-    if not reply_allowed(reply_to, ctx.names.prefix):
+    if not reply_allowed(reply_to, ctx.names):
         log.warning("reply_refused", reply_to=reply_to[:300], message_id=property_text(message.message_id))
         return
     outgoing = persistent_json(reply.model_dump_json().encode(), correlation_id=short_string(message.correlation_id))

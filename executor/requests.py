@@ -7,7 +7,7 @@ import json
 import math
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import jsonschema
@@ -53,7 +53,6 @@ class NewExecution:
     correlation_id: str | None
     timeout_s: float | None
     error: dict[str, Any] | None = None
-    reply_to: str | None = field(default=None, compare=False)
 
     @property
     def status(self) -> str:
