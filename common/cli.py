@@ -18,6 +18,7 @@ from rich.table import Table
 
 from common.logging import configure_logging
 from common.settings import Settings, load_settings, parse_duration
+from common.timeline import timeline
 
 if TYPE_CHECKING:
     from common.client import BatonClient
@@ -46,6 +47,10 @@ STATUS_STYLE = {
     "draining": "yellow",
     "lost": "red",
     "inactive": "dim",
+    "paused": "yellow",
+    "sleeping": "blue",
+    "waiting": "blue",
+    "pending": "blue",
 }
 
 
@@ -238,13 +243,26 @@ def _show(execution: dict[str, Any]) -> None:
         if execution.get(key) is not None:
             table.add_row(f"[bold]{key}[/bold]", _cell(json.dumps(execution[key], indent=2)))
     console.print(table)
+    steps = execution.get("steps") or []
+    if steps:
+        step_table = Table(title="steps")
+        for column in ("step", "name", "status", "attempts", "duration", "detail"):
+            step_table.add_column(column)
+        for st in steps:
+            duration = f"{st['duration_s'] * 1000:.1f} ms" if st.get("duration_s") is not None else ""
+            detail = (st.get("child_id") and f"child {st['child_id']}") or (st.get("wake_at") and f"wakes {st['wake_at']}")
+            step_table.add_row(
+                _cell(st["step_id"]), _cell(st["name"]), _styled(st["status"]), _cell(st["attempts"]),
+                _cell(duration), _cell(detail or ""),
+            )
+        console.print(step_table)
     events = execution.get("events") or []
     if events:
-        ev_table = Table(title="events")
-        for column in ("seq", "type", "at", "data"):
+        ev_table = Table(title="timeline")
+        for column in ("seq", "at", "event", "what happened"):
             ev_table.add_column(column)
-        for ev in events:
-            ev_table.add_row(_cell(ev["seq"]), _cell(ev["type"]), _cell(ev["created_at"]), _cell(json.dumps(ev["data"])))
+        for seq, offset, kind, what in timeline(events):
+            ev_table.add_row(_cell(seq), _cell(offset), _styled(kind) if kind in STATUS_STYLE else _cell(kind), _cell(what))
         console.print(ev_table)
 
 
@@ -303,6 +321,82 @@ def executions_show(execution_id: str, as_json: bool = typer.Option(False, "--js
         _print_json(execution)
     else:
         _show(execution)
+
+
+def _control(fn: Callable[[BatonClient], Awaitable[str]]) -> None:
+    message = _run_client(fn)
+    console.print(message)
+
+
+@executions_app.command("cancel")
+def executions_cancel(execution_id: str = typer.Argument(..., help="An id, or a unique prefix of one.")) -> None:
+    """Cancel an execution that has not finished (and the children it started); a running one is
+    stopped on its worker within a moment."""
+
+    async def go(c: BatonClient) -> str:
+        rows = await c.cancel(execution_id)
+        others = f" and {len(rows) - 1} child execution(s)" if len(rows) > 1 else ""
+        return f"execution {rows[0]['id'] if len(rows) == 1 else await c.resolve_id(execution_id)}: cancelled{others}"
+
+    _control(go)
+
+
+@executions_app.command("pause")
+def executions_pause(execution_id: str = typer.Argument(..., help="An id, or a unique prefix of one.")) -> None:
+    """Pause a durable run (at its next step boundary if it is running); it holds no worker slot."""
+
+    async def go(c: BatonClient) -> str:
+        status = await c.pause(execution_id)
+        then = "paused" if status == "paused" else "pausing at its next step boundary"
+        return f"execution {await c.resolve_id(execution_id)}: {then}"
+
+    _control(go)
+
+
+@executions_app.command("resume")
+def executions_resume(execution_id: str = typer.Argument(..., help="An id, or a unique prefix of one.")) -> None:
+    """Resume a paused durable run (or call off a pause it has not reached yet)."""
+
+    async def go(c: BatonClient) -> str:
+        status = await c.resume(execution_id)
+        then = "back in line" if status == "requested" else "pause called off"
+        return f"execution {await c.resolve_id(execution_id)}: {then}"
+
+    _control(go)
+
+
+@executions_app.command("signal")
+def executions_signal(
+    execution_id: str = typer.Argument(..., help="An id, or a unique prefix of one."),
+    name: str = typer.Argument(..., help="The signal's name, as the workflow waits for it."),
+    data: str | None = typer.Option(None, "--data", help="The signal's data, as JSON."),
+) -> None:
+    """Send a signal to a durable run (its `ctx.wait_for_signal(NAME)` returns the data)."""
+    try:
+        payload = json.loads(data) if data is not None else None
+    except json.JSONDecodeError as exc:
+        typer.echo(f"--data is not JSON: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+    async def go(c: BatonClient) -> str:
+        woke = await c.signal(execution_id, name, payload)
+        then = "the waiting run is back in line" if woke else "kept until the run waits for it"
+        return f"signal {name!r} sent to {await c.resolve_id(execution_id)}: {then}"
+
+    _control(go)
+
+
+@executions_app.command("retry")
+def executions_retry(execution_id: str = typer.Argument(..., help="An id, or a unique prefix of one.")) -> None:
+    """Rerun a finished execution: a durable run from its checkpoint (completed steps are kept),
+    any other from scratch as a new execution linked to it."""
+
+    async def go(c: BatonClient) -> str:
+        old = await c.resolve_id(execution_id)
+        new = await c.retry(old)
+        return f"execution {old}: retried from its checkpoint" if new == old else f"execution {old}: rerun as {new}"
+
+    _control(go)
 
 
 @workers_app.command("list")

@@ -23,9 +23,11 @@ from pydantic import ValidationError
 
 from common import amqp, db
 from common.actions import CORE_ACTIONS
+from common.notifications import publish_terminal
 from common.queries import actions as aq
 from common.queries import executions as q
 from common.queries import workers as wq
+from common.queries import workflows as wfq
 from common.retry import TRANSIENT_ERRORS
 from common.schemas import TERMINAL_STATUSES, Acceptance, Status, execution_json, jsonable_row
 from common.settings import Settings
@@ -248,15 +250,117 @@ class BatonClient:
 
     # -- reading -------------------------------------------------------------------------------
 
-    async def get(self, execution_id: uuid.UUID | str) -> dict[str, Any] | None:
-        """The execution with its events, as `baton executions show --json` prints it."""
+    async def resolve_id(self, execution_id: uuid.UUID | str) -> uuid.UUID:
+        """A whole id, or a unique prefix of one (as `executions list` prints them). Read through
+        the primary key's range: a prefix is every id between it padded with 0s and with fs."""
+        if isinstance(execution_id, uuid.UUID):
+            return execution_id
+        text = execution_id.strip().lower()
+        with contextlib.suppress(ValueError):
+            return uuid.UUID(text)
+        digits = text.replace("-", "")
+        if not digits or len(digits) > 32 or any(c not in "0123456789abcdef" for c in digits):
+            raise ValueError(f"{execution_id!r} is not an execution id or a prefix of one (hex digits and dashes)")
         pool = await self.pool()
-        execution_id = uuid.UUID(str(execution_id))
+        rows = await pool.fetch(
+            q.BY_ID_RANGE, uuid.UUID(digits.ljust(32, "0")), uuid.UUID(digits.ljust(32, "f"))
+        )
+        if not rows:
+            raise ValueError(f"no execution has an id starting with {execution_id!r}")
+        if len(rows) > 1:
+            raise ValueError(f"more than one execution has an id starting with {execution_id!r}: give more of it")
+        return uuid.UUID(str(rows[0]["id"]))
+
+    async def get(self, execution_id: uuid.UUID | str) -> dict[str, Any] | None:
+        """The execution with its events (and a workflow's steps), as `baton executions show
+        --json` prints it."""
+        pool = await self.pool()
+        try:
+            execution_id = await self.resolve_id(execution_id)
+        except ValueError:
+            return None
         row = await pool.fetchrow(q.GET, execution_id)
         if row is None:
             return None
         events = [dict(e) for e in await pool.fetch(q.EVENTS, [execution_id])]
-        return execution_json(dict(row), events)
+        out = execution_json(dict(row), events)
+        steps = await pool.fetch(wfq.STEP_TIMELINE, execution_id)
+        if steps:
+            out["steps"] = [jsonable_row(s) for s in steps]
+        return out
+
+    # -- operator controls ---------------------------------------------------------------------
+
+    async def _explain(self, execution_id: uuid.UUID, verb: str, allowed: str) -> ValueError:
+        row = await (await self.pool()).fetchrow(q.GET, execution_id)
+        if row is None:
+            return ValueError(f"no execution {execution_id}")
+        durable = await (await self.pool()).fetchval(wfq.IS_DURABLE, row["action_ref"])
+        if "durable" in allowed and not durable:
+            return ValueError(
+                f"cannot {verb} execution {execution_id}: {row['action_ref']} is not a durable workflow "
+                f"(only durable runs can {verb})"
+            )
+        return ValueError(f"cannot {verb} execution {execution_id}: it is {row['status']} ({verb} takes {allowed})")
+
+    async def _announce(self, rows: list[asyncpg.Record]) -> None:
+        """Terminal transitions an operator made: one notification each, as any other has."""
+        if not rows:
+            return
+        channel, _ = await self._amqp()
+        exchange = await channel.get_exchange(self.names.notifications_exchange)
+        await publish_terminal(exchange, rows)
+
+    async def cancel(self, execution_id: uuid.UUID | str) -> list[dict[str, Any]]:
+        """Cancel an execution that has not finished, and the children it started; a running one is
+        stopped on its worker within a moment. Returns the executions cancelled."""
+        execution_id = await self.resolve_id(execution_id)
+        error = {"error": "cancelled by an operator", "failed_by": "operator"}
+        rows = await (await self.pool()).fetch(wfq.CANCEL, execution_id, error)
+        if not rows:
+            raise await self._explain(execution_id, "cancel", "an execution that has not finished")
+        await self._announce(rows)
+        return [execution_json({k: v for k, v in dict(r).items() if k not in ("control", "wake")}) for r in rows]
+
+    async def pause(self, execution_id: uuid.UUID | str) -> str:
+        """Pause a durable run: at once if no worker holds it, else at its next step boundary.
+        Returns its status now (`paused`, or `running` until it reaches the boundary)."""
+        execution_id = await self.resolve_id(execution_id)
+        status = await (await self.pool()).fetchval(wfq.PAUSE, execution_id)
+        if status is None:
+            raise await self._explain(execution_id, "pause", "a durable run that has not finished")
+        return str(status)
+
+    async def resume(self, execution_id: uuid.UUID | str) -> str:
+        execution_id = await self.resolve_id(execution_id)
+        status = await (await self.pool()).fetchval(wfq.RESUME, execution_id)
+        if status is None:
+            raise await self._explain(execution_id, "resume", "a paused run, or one asked to pause")
+        return str(status)
+
+    async def signal(self, execution_id: uuid.UUID | str, name: str, data: Any = None) -> bool:
+        """Deliver a signal; returns whether it woke a run waiting for it (otherwise it waits in
+        the run's mailbox for its `ctx.wait_for_signal`)."""
+        execution_id = await self.resolve_id(execution_id)
+        if not name or len(name) > 200:
+            raise ValueError("a signal name is 1 to 200 characters")
+        row = await (await self.pool()).fetchrow(wfq.SIGNAL, execution_id, name, data)
+        if row is None:
+            raise await self._explain(execution_id, "signal", "a durable run that has not finished")
+        return bool(row["wakes"])
+
+    async def retry(self, execution_id: uuid.UUID | str) -> uuid.UUID:
+        """Rerun a finished run. A durable one that failed, was cancelled or timed out resumes from
+        its checkpoint under its own id; any other is rerun from scratch as a new execution linked
+        to the old one. Returns the id of the run that will run."""
+        execution_id = await self.resolve_id(execution_id)
+        pool = await self.pool()
+        if await pool.fetchval(wfq.RETRY_DURABLE, execution_id) is not None:
+            return execution_id
+        new_id = await pool.fetchval(wfq.RETRY_FRESH, execution_id, uuid.uuid4())
+        if new_id is None:
+            raise await self._explain(execution_id, "retry", "a finished execution")
+        return uuid.UUID(str(new_id))
 
     async def list_executions(
         self, *, status: str | None = None, action_ref: str | None = None, limit: int = 50

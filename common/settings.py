@@ -204,6 +204,10 @@ class WorkerSettings(_Section):
     max_output_bytes: int = Field(1_048_576, ge=64)
     """Cap on each of stdout and stderr of a shell action, and on a Python action's result."""
 
+    max_inline_sleep_s: Seconds = Field(30.0, alias="max_inline_sleep", ge=0)
+    """A durable workflow's `ctx.sleep` of up to this long waits on its worker; a longer one
+    suspends the run (`sleeping`, holding no slot) and the executor dispatches it again when due."""
+
     metrics_port: int | None = None
     """Port of the Prometheus `/metrics` endpoint; unset means off."""
 

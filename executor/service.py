@@ -20,7 +20,17 @@ from common import amqp, db, metrics
 from common.amqp import Exchanges, Names
 from common.logging import get_logger
 from common.settings import Settings
-from executor import dead_letters, health, intake, requested_timeout, retention, scheduler, sweeper, timeout_monitor
+from executor import (
+    dead_letters,
+    health,
+    intake,
+    requested_timeout,
+    retention,
+    scheduler,
+    sweeper,
+    timeout_monitor,
+    timers,
+)
 from executor.catalogue import Catalogue
 
 log = get_logger("baton.executor")
@@ -54,6 +64,7 @@ LOOPS: dict[str, Loop] = {
     "health": health.run,
     "sweeper": sweeper.run,
     "dead_letters": dead_letters.run,
+    "timers": timers.run,
 }
 
 

@@ -172,7 +172,7 @@ class Baton:
     async def start_worker(
         self, name: str, *, concurrency: int = 4, runtimes: str = "python,shell", **env: str
     ) -> Service:
-        env.setdefault("BATON__WORKER__ACTION_MODULES", '["examples.actions", "tests.actions"]')
+        env.setdefault("BATON__WORKER__ACTION_MODULES", '["examples.actions", "examples.workflows", "tests.actions", "tests.workflows"]')
         self.worker_names.add(name)
         service = self.spawn(name, "worker", "--name", name, "--concurrency", str(concurrency), "--runtimes", runtimes, **env)
         await wait_until(lambda: self._alive_and_logged(service, "worker_registered"), what=f"worker {name} to register")

@@ -6,18 +6,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import socket
 import time
+import uuid
 
 import asyncpg
 
 from common import db, health, metrics
 from common.interruption import interrupt
+from common.queries import CONTROL_CHANNEL
 from common.queries import executions as q
 from common.queries import workers as wq
 from common.recovery import resolve_policy
-from worker import claiming
+from worker import claiming, recording
 from worker.state import DRAIN_DEADLINE, WorkerState
 
 
@@ -39,8 +42,23 @@ async def lock(state: WorkerState) -> None:
     # Without its lock this process looks dead to the sweeper: take it again at once, not at
     # the next heartbeat.
     conn.add_termination_listener(lambda _conn: state.lock_lost.set())
+    # An operator's cancel reaches a running run within a moment (the heartbeat's audit is the
+    # backstop for a notification missed while this connection was down).
+    await conn.add_listener(CONTROL_CHANNEL, functools.partial(_on_control, state))
     state.lock_lost.clear()
     state.lock_conn = conn
+
+
+def _on_control(state: WorkerState, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+    """A run was cancelled: if it runs here, check the row (the payload only names it) and stop it."""
+    try:
+        execution_id = uuid.UUID(str(payload))
+    except ValueError:
+        return
+    if execution_id in state.running:
+        task = asyncio.create_task(recording.stop_if_moved_on(state, [execution_id]))
+        state.control_checks.add(task)
+        task.add_done_callback(state.control_checks.discard)
 
 
 async def register(state: WorkerState) -> None:
@@ -168,6 +186,7 @@ async def heartbeat_loop(state: WorkerState) -> None:
             await _stand_down(state, "the executor declared it lost")
         elif not state.stood_down:
             await _audit(state, grace_s=max(2 * interval_s, 1.0))
+            await recording.stop_if_moved_on(state, list(state.running))
         if state.stood_down and not state.draining:
             try:
                 await _resume(state)

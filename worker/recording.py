@@ -14,9 +14,11 @@ from common import db, metrics
 from common.interruption import interrupt
 from common.notifications import publish_terminal
 from common.queries import executions as q
+from common.queries import workflows as wfq
 from common.recovery import InterruptReason, resolve_policy
 from common.retry import TRANSIENT_ERRORS
 from common.schemas import Assignment
+from worker import durable
 from worker.runner import Outcome, execute
 from worker.state import WorkerState
 
@@ -25,20 +27,51 @@ _DB_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, asyncpg.Postgr
 
 
 async def run_one(state: WorkerState, dispatch: Assignment) -> None:
+    action = state.actions.get(dispatch.action_ref)
+    outcome: Outcome | None
     try:
-        outcome = await execute(
-            state.actions.get(dispatch.action_ref),
-            dispatch,
-            default_timeout_s=state.cfg.task_timeout_s,
-            max_output_bytes=state.cfg.max_output_bytes,
-            max_timeout_s=state.cfg.max_task_timeout_s,
-        )
+        if action is not None and action.workflow is not None:
+            outcome = await durable.run(state, dispatch, action)
+        else:
+            outcome = await execute(
+                action,
+                dispatch,
+                default_timeout_s=state.cfg.task_timeout_s,
+                max_output_bytes=state.cfg.max_output_bytes,
+                max_timeout_s=state.cfg.max_task_timeout_s,
+            )
     except asyncio.CancelledError:
-        reason, error = state.cancel_reason
-        await _interrupt(state, dispatch, reason=reason, error=error)
+        if dispatch.execution_id in state.stopped:
+            state.stopped.discard(dispatch.execution_id)
+            state.log.info("execution_stopped", execution_id=str(dispatch.execution_id), attempt=dispatch.attempt)
+        else:
+            reason, error = state.cancel_reason
+            await _interrupt(state, dispatch, reason=reason, error=error)
         _release(state, dispatch.execution_id)
         raise
+    if outcome is None:  # suspended, or no longer this worker's: nothing more to record here
+        _release(state, dispatch.execution_id)
+        return
     await state.outcomes.put((dispatch, outcome))
+
+
+async def stop_if_moved_on(state: WorkerState, execution_ids: list[uuid.UUID]) -> None:
+    """Stop the runs among these that the database says no longer run here (cancelled by an
+    operator, say): within a moment of the change, not at their end."""
+    ids = [i for i in execution_ids if i in state.running]
+    if not ids:
+        return
+    try:
+        rows = await state.pool.fetch(wfq.NO_LONGER_MINE, ids, state.name, state.incarnation, timeout=5)
+    except _DB_ERRORS as exc:
+        state.log.warning("control_check_failed", error=str(exc) or type(exc).__name__)
+        return
+    for row in rows:
+        task = state.running.get(row["id"])
+        if task is not None and not task.done():
+            state.stopped.add(row["id"])
+            state.log.warning("execution_stopping", execution_id=str(row["id"]), status=row["status"])
+            task.cancel()
 
 
 async def _interrupt(state: WorkerState, dispatch: Assignment, *, reason: InterruptReason, error: str) -> None:

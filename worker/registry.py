@@ -10,11 +10,14 @@ import asyncio
 import inspect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, create_model
 
 from common.actions import CORE_PREFIX, ActionSpec, Runtime
+
+if TYPE_CHECKING:
+    from worker.workflow import WorkflowSpec
 
 #: Runs an action given its validated parameters; shell actions also get the execution's context.
 Invoker = Callable[[BaseModel, "Invocation"], Awaitable[Any]]
@@ -40,6 +43,7 @@ class RegisteredAction:
     spec: ActionSpec
     params_model: type[BaseModel]
     invoke: Invoker
+    workflow: WorkflowSpec | None = None  # a workflow runs through `worker.durable`
 
 
 _REGISTRY: dict[str, RegisteredAction] = {}

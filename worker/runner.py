@@ -9,7 +9,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from common.schemas import MAX_PARAMETERS_DEPTH, Assignment, json_depth
 from worker.errors import ActionFailed, ActionTimedOut
@@ -34,18 +34,18 @@ def resolve_timeout_s(
     return min(default_s, ceiling_s)
 
 
-def _error(message: str, **details: Any) -> dict[str, Any]:
+def error_object(message: str, **details: Any) -> dict[str, Any]:
     return {"error": message, "failed_by": "worker", **details}
 
 
-def _bounded_result(result: Any, max_bytes: int) -> Outcome:
+def bounded_result(result: Any, max_bytes: int) -> Outcome:
     try:
         encoded = json.dumps(result, allow_nan=False)  # NaN and Infinity are not JSON
     except (TypeError, ValueError) as exc:
-        return Outcome("failed", error=_error(f"result is not JSON-serialisable: {exc}"))
+        return Outcome("failed", error=error_object(f"result is not JSON-serialisable: {exc}"))
     if len(encoded) > max_bytes:
         return Outcome(
-            "failed", error=_error(f"result is {len(encoded)} bytes, more than max_output_bytes ({max_bytes})")
+            "failed", error=error_object(f"result is {len(encoded)} bytes, more than max_output_bytes ({max_bytes})")
         )
     return Outcome("completed", result=result)
 
@@ -59,6 +59,29 @@ def validate_parameters(action: RegisteredAction, parameters: dict[str, Any]) ->
     return action.params_model.model_validate_json(json.dumps(parameters), strict=True)
 
 
+def parse_parameters(action: RegisteredAction, parameters: dict[str, Any]) -> BaseModel | Outcome:
+    """The parameters as the action's model, or the failure that says which are wrong and why."""
+    try:
+        params: BaseModel = validate_parameters(action, parameters)
+    except ValidationError as exc:
+        # Locations and reasons only: parameters may hold secrets, and the error is stored.
+        problems = [
+            f"{'.'.join(str(p) for p in e['loc']) or 'parameters'}: {e['msg']}"
+            for e in exc.errors(include_url=False, include_input=False, include_context=False)[:20]
+        ]
+        return Outcome("failed", error=error_object("invalid parameters: " + "; ".join(problems)))
+    except ValueError as exc:
+        return Outcome("failed", error=error_object(f"invalid parameters: {exc}"))
+    return params
+
+
+def failure(exc: BaseException) -> Outcome:
+    """An action's (or a workflow's) own exception as its execution's outcome, traceback once."""
+    return Outcome(
+        "failed", error=error_object(f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=20)[-4000:])
+    )
+
+
 async def execute(
     action: RegisteredAction | None,
     dispatch: Assignment,
@@ -69,19 +92,11 @@ async def execute(
 ) -> Outcome:
     """Never raises for anything the action does; only cancellation (worker stopping) propagates."""
     if action is None:
-        return Outcome("failed", error=_error(f"this worker does not serve action {dispatch.action_ref!r}"))
+        return Outcome("failed", error=error_object(f"this worker does not serve action {dispatch.action_ref!r}"))
     timeout_s = resolve_timeout_s(dispatch.timeout_s, action.spec.timeout_s, default_timeout_s, max_timeout_s)
-    try:
-        params = validate_parameters(action, dispatch.parameters)
-    except ValidationError as exc:
-        # Locations and reasons only: parameters may hold secrets, and the error is stored.
-        problems = [
-            f"{'.'.join(str(p) for p in e['loc']) or 'parameters'}: {e['msg']}"
-            for e in exc.errors(include_url=False, include_input=False, include_context=False)[:20]
-        ]
-        return Outcome("failed", error=_error("invalid parameters: " + "; ".join(problems)))
-    except ValueError as exc:
-        return Outcome("failed", error=_error(f"invalid parameters: {exc}"))
+    params = parse_parameters(action, dispatch.parameters)
+    if isinstance(params, Outcome):
+        return params
     inv = Invocation(str(dispatch.execution_id), dispatch.attempt, dispatch.action_ref, timeout_s)
     # The shell runner enforces the timeout itself (SIGTERM, grace, SIGKILL); Python is cancelled.
     deadline = asyncio.timeout(None if action.spec.runtime == "shell" else timeout_s)
@@ -89,21 +104,18 @@ async def execute(
         async with deadline:
             result = await action.invoke(params, inv)
     except ActionTimedOut as exc:
-        return Outcome("timeout", result=exc.result, error=_error(str(exc), timeout_seconds=timeout_s))
+        return Outcome("timeout", result=exc.result, error=error_object(str(exc), timeout_seconds=timeout_s))
     except TimeoutError as exc:
         if not deadline.expired():  # the action's own TimeoutError (a network call, say): a failure
-            return Outcome("failed", error=_error(f"{type(exc).__name__}: {exc}"))
+            return Outcome("failed", error=error_object(f"{type(exc).__name__}: {exc}"))
         return Outcome(
             "timeout",
-            error=_error(f"action ran longer than its timeout of {timeout_s:g} s and was cancelled", timeout_seconds=timeout_s),
+            error=error_object(f"action ran longer than its timeout of {timeout_s:g} s and was cancelled", timeout_seconds=timeout_s),
         )
     except ActionFailed as exc:
-        return Outcome("failed", result=exc.result, error=_error(str(exc)))
+        return Outcome("failed", result=exc.result, error=error_object(str(exc)))
     except Exception as exc:  # noqa: BLE001 - an action's own failure is its execution's outcome
-        return Outcome(
-            "failed",
-            error=_error(f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=20)[-4000:]),
-        )
+        return failure(exc)
     if action.spec.runtime == "shell":
         return Outcome("completed", result=result)  # stdout and stderr are capped as they are read
-    return _bounded_result(result, max_output_bytes)
+    return bounded_result(result, max_output_bytes)

@@ -59,6 +59,10 @@ class WorkerState:
         self.mail = asyncio.Event()
         self.slots = asyncio.Semaphore(self.cfg.max_concurrent_tasks)
         self.running: dict[uuid.UUID, asyncio.Task[None]] = {}
+        # Runs stopped here because the database says they no longer run here (an operator
+        # cancelled them): their state is already recorded, so stopping them records nothing.
+        self.stopped: set[uuid.UUID] = set()
+        self.control_checks: set[asyncio.Task[None]] = set()
         self.idle = asyncio.Event()
         self.idle.set()
         self.outcomes: asyncio.Queue[tuple[Assignment, Outcome]] = asyncio.Queue()

@@ -177,6 +177,9 @@ SELECT * FROM upd
 
 GET = "SELECT * FROM executions WHERE id = $1"
 
+# Ids in a range of the primary key: what an id prefix can name. $1 lowest, $2 highest
+BY_ID_RANGE = "SELECT id FROM executions WHERE id BETWEEN $1 AND $2 ORDER BY id LIMIT 2"
+
 RECOVERY_ATTEMPTS = "SELECT recovery_attempts FROM executions WHERE id = $1"
 
 # One index lookup per execution (a plain `= ANY(...)` can turn into a scan of the whole table).
