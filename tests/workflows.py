@@ -24,8 +24,10 @@ async def mark(path: str, what: str, seconds: float = 0.0) -> str:
 
 
 @workflow("tests.three_steps", durable=True)
-async def three_steps(ctx, path: str, step2_s: float = 0.0, sleep_s: float = 0.0) -> dict:
+async def three_steps(ctx, path: str, gap_s: float = 0.0, step2_s: float = 0.0, sleep_s: float = 0.0) -> dict:
     a = await mark(path, "one")
+    note(path, "gap")
+    await asyncio.sleep(gap_s)  # not a step: a crash here falls between step 1 and step 2
     b = await mark(path, "two", step2_s)
     await ctx.sleep(sleep_s)
     note(path, "slept")
@@ -65,12 +67,24 @@ async def parallel(ctx, path: str, seconds: float = 30.0) -> list:
     return [fast, slow, tail]
 
 
-@workflow("tests.changing", durable=True, version=1)
+@step
+async def alpha(path: str) -> str:
+    note(path, "alpha")
+    return "alpha"
+
+
+@step
+async def beta(path: str) -> str:
+    note(path, "beta")
+    return "beta"
+
+
+@workflow("tests.changing", durable=True)
 async def changing(ctx, path: str, seconds: float = 30.0) -> str:
-    # The code reads which step comes first from a file: a test changes it while a run is in
-    # flight, as a deployment of changed code would.
-    first = Path(path + ".order").read_text().strip() if Path(path + ".order").exists() else "alpha"
-    await mark(path, first)
+    # Which step comes first is read from a file: a test changes it while a run is in flight, as a
+    # deployment of changed code would.
+    first = alpha if Path(path + ".order").read_text().strip() == "alpha" else beta
+    await first(path)
     await mark(path, "long", seconds)
     return "done"
 

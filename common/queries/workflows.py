@@ -93,8 +93,7 @@ WITH ins AS (
     INSERT INTO execution_events (execution_id, seq, type, data)
     SELECT id, 1, 'execution.requested', jsonb_build_object('parent', $5::uuid) FROM ins
 )
-SELECT (SELECT count(*) FROM ins) AS inserted,
-       EXISTS (SELECT 1 FROM executions WHERE id = $1) AS exists,
+SELECT EXISTS (SELECT 1 FROM ins) OR EXISTS (SELECT 1 FROM executions WHERE id = $1) AS exists,
        pg_notify('{WAKE_CHANNEL}', 'requested')
 """
 
