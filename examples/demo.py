@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -23,6 +24,7 @@ from rich.table import Table
 
 from common.client import BatonClient
 from common.settings import load_settings
+from common.timeline import timeline
 
 REPO = Path(__file__).resolve().parents[1]
 DATABASE = os.environ.get("BATON_DEMO_DATABASE", "postgresql://postgres@127.0.0.1:5432/baton_demo")
@@ -52,8 +54,10 @@ def _spawn(args: list[str], log_dir: Path, label: str) -> subprocess.Popen:
         BATON_CONFIG=str(REPO / "config" / "config.yaml"),
         BATON__DATABASE__URL=DATABASE,
         BATON__MESSAGE_QUEUE__PREFIX=PREFIX,
-        BATON__WORKER__ACTION_MODULES='["examples.actions"]',
+        BATON__WORKER__ACTION_MODULES='["examples.actions", "examples.workflows"]',
         BATON__WORKER__HEARTBEAT_INTERVAL="1",
+        BATON__EXECUTOR__SWEEP_INTERVAL="1",
+        BATON_EXAMPLE_LEDGER=str(log_dir / "ledger.txt"),
     )
     log = open(log_dir / f"{label}.log", "wb")  # noqa: SIM115 - closed with the process
     return subprocess.Popen([sys.executable, "-m", "common.cli", *args], cwd=REPO, env=env, stdout=log, stderr=log)
@@ -156,18 +160,74 @@ async def _run_invocations(client: BatonClient) -> list[dict[str, Any]]:
     return [await client.wait(s.execution_id, timeout_s=60) for s in submissions]
 
 
+async def _run_order(client: BatonClient, services: dict[str, subprocess.Popen], log_dir: Path) -> dict[str, Any]:
+    """The order workflow, with the worker running it SIGKILLed while its `pack` step runs: the run
+    resumes on the other worker from its last checkpoint."""
+    ledger = log_dir / "ledger.txt"
+    submission = await client.submit(
+        "examples.order", {"order_id": "A-1001", "amount": 42.0, "pack_seconds": 3.0}, watch=True, accept_timeout_s=30
+    )
+    deadline = time.monotonic() + 60
+    while not (ledger.exists() and " pack " in ledger.read_text()):
+        if time.monotonic() > deadline:
+            raise DemoFailed("the order's pack step did not start within 60 s")
+        await asyncio.sleep(POLL_S)
+    running = await client.get(submission.execution_id)
+    assert running is not None
+    victim = running["worker"]
+    console.print(f"order {str(submission.execution_id)[:8]} is packing on {victim}: [red]SIGKILL {victim}[/]")
+    process = services.pop(victim)
+    process.kill()
+    process.wait()
+    return await client.wait(submission.execution_id, timeout_s=60)
+
+
+def _print_order(order: dict[str, Any], log_dir: Path) -> bool:
+    console.print(f"order workflow: [bold]{order['status']}[/] on {order['worker']} after "
+                  f"{order['recovery_attempts']} recovery; result stage {order['result'] and order['result'].get('stage')}")
+    table = Table(title="the order's timeline", width=80)
+    for column, width in (("at", 8), ("event", 20), ("what happened", 46)):
+        table.add_column(column, max_width=width, overflow="fold")
+    for _, offset, kind, what in timeline(order["events"]):
+        table.add_row(offset, kind, what)
+    console.print(table)
+    counts: dict[str, int] = {}
+    for line in (log_dir / "ledger.txt").read_text().splitlines():
+        counts[line.split()[1]] = counts.get(line.split()[1], 0) + 1
+    steps = Table(title="how often each step ran", width=80)
+    for column in ("step", "ran", "why"):
+        steps.add_column(column)
+    events = order["events"]
+    killed_at = next((e["seq"] for e in events if e["type"] == "workflow.interrupted"), None)
+    done_at = {e["data"].get("name"): e["seq"] for e in events if e["type"] == "step.completed"}
+    for name in ("reserve_stock", "charge_card", "pack", "print_label", "send_email"):
+        n = counts.get(name, 0)
+        if n > 1:
+            why = "running when the worker was killed: ran again (steps are at-least-once)"
+        elif killed_at is not None and done_at.get(name, 0) < killed_at:
+            why = "recorded before the kill: replayed, not run again"
+        else:
+            why = "ran after the resumption"
+        steps.add_row(name, str(n), why)
+    console.print(steps)
+    once = all(counts.get(n) == 1 for n in ("reserve_stock", "charge_card", "print_label", "send_email"))
+    return order["status"] == "completed" and order["recovery_attempts"] == 1 and once and counts.get("pack") == 2
+
+
 async def run_demo(log_dir: Path) -> int:
     settings = load_settings(database={"url": DATABASE}, message_queue={"prefix": PREFIX})
     services = {
         "executor": _spawn(["executor"], log_dir, "executor"),
         "demo-python": _spawn(["worker", "--name", "demo-python", "--runtimes", "python"], log_dir, "demo-python"),
+        "demo-python-2": _spawn(["worker", "--name", "demo-python-2", "--runtimes", "python"], log_dir, "demo-python-2"),
         "demo-shell": _spawn(["worker", "--name", "demo-shell", "--runtimes", "shell"], log_dir, "demo-shell"),
     }
-    console.print(f"started executor and workers demo-python, demo-shell (logs in {log_dir})")
+    console.print(f"started executor and workers demo-python, demo-python-2, demo-shell (logs in {log_dir})")
     try:
         async with BatonClient(settings) as client:
-            await _watching(services, _wait_workers(client, {"demo-python", "demo-shell"}))
+            await _watching(services, _wait_workers(client, {"demo-python", "demo-python-2", "demo-shell"}))
             results = await _watching(services, _run_invocations(client))
+            order = await _watching(services, _run_order(client, services, log_dir))
     except ServiceDied as died:
         _report_death(died, log_dir)
         codes = _stop(services)
@@ -185,7 +245,7 @@ async def run_demo(log_dir: Path) -> int:
         raise
     codes = _stop(services)
 
-    table = Table(title="Baton demo: executions")
+    table = Table(title="Baton demo: executions", width=80)
     for column in ("action", "status", "worker", "attempt", "result / error"):
         table.add_column(column)
     styles = {"completed": "green", "failed": "red", "timeout": "red"}
@@ -196,7 +256,7 @@ async def run_demo(log_dir: Path) -> int:
         elif isinstance(execution["result"], dict) and "stdout" in execution["result"]:
             detail = execution["result"]["stdout"].strip()
         else:
-            detail = str(execution["result"])
+            detail = json.dumps(execution["result"])
         table.add_row(
             execution["action_ref"],
             f"[{styles.get(status, 'white')}]{status}[/]",
@@ -205,9 +265,10 @@ async def run_demo(log_dir: Path) -> int:
             detail[:70],
         )
     console.print(table)
+    order_ok = _print_order(order, log_dir)
     console.print("services stopped with SIGTERM; exit codes: " + _codes(codes))
     expected = ["completed", "completed", "completed", "completed", "failed", "failed", "timeout", "completed"]
-    ok = [r["status"] for r in results] == expected and all(c == 0 for c in codes.values())
+    ok = [r["status"] for r in results] == expected and all(c == 0 for c in codes.values()) and order_ok
     if not ok:
         console.print("[red]the demo did not go as expected; see the logs above[/red]")
     return 0 if ok else 1

@@ -7,7 +7,6 @@ often each step really ran."""
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import os
 import signal
@@ -100,7 +99,7 @@ async def test_sigkill_resumes_from_last_step_on_another_worker(baton, where):
         assert _count(path, "two") == 1
     events = await _events(baton, submission.execution_id)
     [interrupted] = _interrupted(events)
-    assert INTERRUPTED_FIELDS <= set(interrupted)
+    assert set(interrupted) >= INTERRUPTED_FIELDS
     assert interrupted["reason"] == "worker_lost" and interrupted["worker_id"] == killed
     assert interrupted["recoverable"] is True and interrupted["recovery_attempt"] == 1
     resumed = [e for e in events if e["type"] == "workflow.resumed"]
@@ -415,7 +414,7 @@ async def test_cancel_requested_sleeping_and_a_parent_with_its_running_child(bat
     client = await baton.client()
     nobody = await client.submit("nobody.serves", {}, watch=True)  # fails at intake: unknown action
     assert nobody.status == "failed"
-    with pytest.raises(ValueError, match="already failed|it is failed"):
+    with pytest.raises(ValueError, match="it is failed"):
         await client.cancel(nobody.execution_id)
 
     sleeping = await client.submit("tests.sleeper", {"path": str(path), "seconds": 60.0}, watch=True)
