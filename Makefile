@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 
-.PHONY: install services demo test test-slow test-unit bench clean lock
+.PHONY: install services demo test test-slow test-unit bench bench-steps clean lock
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ test-unit: install
 
 bench: install services
 	$(PY) bench/throughput.py
+
+bench-steps: install services
+	$(PY) bench/steps.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
