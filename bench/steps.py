@@ -41,6 +41,8 @@ import asyncpg
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import itertools
+
 from common import amqp  # noqa: E402
 from common.client import BatonClient  # noqa: E402
 from common.settings import load_settings  # noqa: E402
@@ -122,7 +124,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         stamps = [e["created_at"] for e in done["events"] if e["type"] == "step.completed"]
                         assert len(stamps) == args.steps, f"{len(stamps)} step events"
                         starts = [dt.datetime.fromisoformat(s) for s in stamps]
-                        step_gaps_ms += [(b - a).total_seconds() * 1000 for a, b in zip(starts, starts[1:], strict=False)]
+                        step_gaps_ms += [(b - a).total_seconds() * 1000 for a, b in itertools.pairwise(starts)]
                 print(f"run {i + 1}/{args.warmup + args.runs}: durable {durable_s[-1] * 1000 if durable_s and i >= args.warmup else 0:.1f} ms, "
                       f"transient {transient_s[-1] * 1000 if transient_s and i >= args.warmup else 0:.1f} ms", flush=True)
     finally:
