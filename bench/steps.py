@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import itertools
 import json
 import os
 import statistics
@@ -40,8 +41,6 @@ import asyncpg
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-
-import itertools
 
 from common import amqp  # noqa: E402
 from common.client import BatonClient  # noqa: E402
