@@ -324,8 +324,7 @@ def executions_show(execution_id: str, as_json: bool = typer.Option(False, "--js
 
 
 def _control(fn: Callable[[BatonClient], Awaitable[str]]) -> None:
-    message = _run_client(fn)
-    console.print(message)
+    typer.echo(_run_client(fn))  # one plain line: never wrapped, never read as markup
 
 
 @executions_app.command("cancel")

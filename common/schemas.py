@@ -23,6 +23,7 @@ class Status(enum.StrEnum):
     INTERRUPTED = "interrupted"
     PAUSED = "paused"
     SLEEPING = "sleeping"
+    WAITING = "waiting"
 
 
 TERMINAL_STATUSES = frozenset({Status.COMPLETED, Status.FAILED, Status.TIMEOUT, Status.CANCELLED})

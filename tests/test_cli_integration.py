@@ -128,3 +128,40 @@ async def test_concurrent_migrations_apply_once(baton):
         from tests.harness import drop_database
 
         await drop_database(name)
+
+
+async def test_workflow_controls_and_timeline_from_the_command_line(baton):
+    await baton.start_executor()
+    await baton.start_worker("cli-w", BATON__WORKER__MAX_INLINE_SLEEP="0.2")
+    path = baton.tmp / "side.txt"
+    path.write_text("")
+    posted = await _baton(baton, "submit", "tests.sleeper", f"path={path}", "seconds=60", "--json")
+    execution_id = json.loads(posted.stdout)["id"]
+    await baton.wait_status(execution_id, "sleeping")
+    prefix = execution_id[:8]
+
+    paused = await _baton(baton, "executions", "pause", prefix)
+    assert paused.returncode == 0 and "paused" in paused.stdout, paused.stderr
+    resumed = await _baton(baton, "executions", "resume", prefix)
+    assert resumed.returncode == 0 and "back in line" in resumed.stdout
+    await baton.wait_status(execution_id, "sleeping")
+    signalled = await _baton(baton, "executions", "signal", prefix, "approved", "--data", '{"ok": true}')
+    assert signalled.returncode == 0 and "kept until the run waits for it" in signalled.stdout
+    bad_data = await _baton(baton, "executions", "signal", prefix, "approved", "--data", "{oops")
+    assert bad_data.returncode == 2 and "--data is not JSON" in bad_data.stderr
+    cancelled = await _baton(baton, "executions", "cancel", prefix)
+    assert cancelled.returncode == 0 and "cancelled" in cancelled.stdout
+    twice = await _baton(baton, "executions", "cancel", prefix)
+    assert twice.returncode == 2 and "it is cancelled" in twice.stderr and "Traceback" not in twice.stderr
+    retried = await _baton(baton, "executions", "retry", prefix)
+    assert retried.returncode == 0 and "retried from its checkpoint" in retried.stdout
+    await baton.wait_status(execution_id, "sleeping")
+
+    shown = await _baton(baton, "executions", "show", prefix)
+    assert shown.returncode == 0
+    for text in ("steps", "timeline", "mark", "sleep", "workflow.suspended", "execution.cancelled",
+                 "execution.retried", "workflow.resumed"):
+        assert text in shown.stdout, text
+    unknown = await _baton(baton, "executions", "cancel", "zz")
+    assert unknown.returncode == 2 and "not an execution id" in unknown.stderr
+    await _baton(baton, "executions", "cancel", prefix)

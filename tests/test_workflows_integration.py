@@ -497,3 +497,37 @@ async def test_retry_failed_and_cancelled_durable_runs_from_their_checkpoint(bat
     assert str(new_id) != transient["id"]
     rerun = await client.wait(new_id, 20)
     assert rerun["status"] == "failed" and rerun["retry_of"] == transient["id"]
+
+
+# -- recovery from the other causes of interruption ------------------------------------------------
+
+
+async def test_drain_deadline_and_same_name_restart_resume_from_the_last_step(baton):
+    await baton.start_executor()
+    draining = await baton.start_worker("wf-drain", concurrency=2, BATON__WORKER__SHUTDOWN_TIMEOUT="0.3")
+    path = await _path(baton)
+    client = await baton.client()
+    submission = await client.submit("tests.steps_then_long", {"path": str(path), "steps": 2, "seconds": 3.0}, watch=True)
+    await _lines(path, "long.start")
+    await baton.start_worker("wf-other", concurrency=2)
+    draining.signal(signal.SIGTERM)  # the long step outlasts the drain deadline: interrupted, "signal"
+    assert draining.wait(20) == 0
+    done = await client.wait(submission.execution_id, 30)
+    assert done["status"] == "completed" and done["worker"] == "wf-other"
+    [interrupted] = _interrupted(await _events(baton, submission.execution_id))
+    assert interrupted["reason"] == "signal" and interrupted["worker_id"] == "wf-drain"
+    assert [_count(path, s) for s in ("s0", "s1", "long.start")] == [1, 1, 2]
+
+    # A worker killed and started again at once under its own name finds its run left behind and
+    # hands it to recovery before the sweeper has noticed anything; it resumes, on either worker.
+    other = await _path(baton, "other")
+    again = await client.submit("tests.steps_then_long", {"path": str(other), "steps": 2, "seconds": 3.0}, watch=True)
+    await _lines(other, "long.start")
+    row = await baton.wait_status(again.execution_id, "running")
+    victim = next(s for s in reversed(baton.services) if s.name == row["worker"])
+    victim.signal(signal.SIGKILL)
+    victim.wait()
+    await baton.start_worker(row["worker"], concurrency=2)
+    done = await client.wait(again.execution_id, 30)
+    assert done["status"] == "completed" and done["recovery_attempts"] == 1
+    assert [_count(other, s) for s in ("s0", "s1")] == [1, 1]

@@ -202,7 +202,7 @@ LIMIT $3
 # Only states that still need something to happen: bounded by the work in flight, not by history.
 COUNT_ACTIVE_BY_STATUS = """
 SELECT status, count(*) AS n FROM executions
-WHERE status IN ('requested', 'scheduled', 'running', 'interrupted', 'paused', 'sleeping')
+WHERE status IN ('requested', 'scheduled', 'running', 'interrupted', 'paused', 'sleeping', 'waiting')
 GROUP BY status
 """
 
