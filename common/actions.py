@@ -27,6 +27,10 @@ class ActionSpec(BaseModel):
     recover_on_worker_loss: bool | None = None  # None: the YAML `recovery:` section or the default decides
     max_recovery_attempts: int | None = None
     version: int = 1  # a changed schema or runtime is deployed as a higher version
+    retries: int | None = None  # application failures retried (an invocation's max_retries overrides)
+    retry_delay_s: float | None = None
+    retry_backoff: float | None = None
+    max_concurrency: int | None = None  # at most this many dispatched or running at once, across workers
 
 
 #: Refs under this prefix are Baton's built-ins: defined by its code, never by a registration.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import os
 import signal
@@ -32,6 +33,8 @@ db_app = typer.Typer(help="Database administration.", no_args_is_help=True)
 app.add_typer(executions_app, name="executions")
 app.add_typer(workers_app, name="workers")
 app.add_typer(db_app, name="db")
+schedules_app = typer.Typer(help="Cron schedules: each due time fires once.", no_args_is_help=True)
+app.add_typer(schedules_app, name="schedules")
 
 console = Console()
 STATUS_STYLE = {
@@ -165,6 +168,9 @@ def submit(
     params_json: str | None = typer.Option(None, "--params-json", help="Parameters as a JSON object."),
     idempotency_key: str | None = typer.Option(None, "--idempotency-key"),
     timeout: float | None = typer.Option(None, "--timeout", help="Action timeout in seconds."),
+    delay: str | None = typer.Option(None, "--delay", help="Run no sooner than this from now (e.g. 10m, 90s)."),
+    at: str | None = typer.Option(None, "--at", help="Run no sooner than this time (RFC 3339, e.g. 2026-12-01T09:00Z)."),
+    max_retries: int | None = typer.Option(None, "--max-retries", min=0, help="Retries of a failure (overrides the action's)."),
     wait: bool = typer.Option(False, "--wait", help="Wait for the outcome; exit 0 only if completed."),
     wait_timeout: float | None = typer.Option(None, "--wait-timeout", help="Give up waiting after this many seconds."),
     as_json: bool = typer.Option(False, "--json"),
@@ -193,8 +199,14 @@ def submit(
                     typer.echo(str(exc), err=True)
                     return 2
             try:
+                delay_s, not_before = _when(delay, at)
+            except ValueError as exc:
+                typer.echo(str(exc), err=True)
+                return 2
+            try:
                 submission = await client.submit(
-                    action_ref, parameters, idempotency_key=idempotency_key, timeout_s=timeout, watch=wait
+                    action_ref, parameters, idempotency_key=idempotency_key, timeout_s=timeout, watch=wait,
+                    max_retries=max_retries, delay_s=delay_s, not_before=not_before,
                 )
             except RequestRejected as exc:
                 typer.echo(f"request rejected: {exc}", err=True)
@@ -229,6 +241,26 @@ def submit(
             return 0 if execution["status"] == "completed" else 1
 
     raise typer.Exit(asyncio.run(main()))
+
+
+def _when(delay: str | None, at: str | None) -> tuple[float | None, dt.datetime | None]:
+    """`--delay` as seconds, `--at` as an aware time; one or the other."""
+    if delay is not None and at is not None:
+        raise ValueError("give --delay or --at, not both")
+    if delay is not None:
+        try:
+            return parse_duration(delay), None
+        except ValueError as exc:
+            raise ValueError(f"--delay: {exc}") from None
+    if at is not None:
+        try:
+            when = dt.datetime.fromisoformat(at.replace("Z", "+00:00").replace("z", "+00:00"))
+        except ValueError:
+            raise ValueError(f"--at {at!r} is not an RFC 3339 time (e.g. 2026-12-01T09:00Z)") from None
+        if when.tzinfo is None:
+            raise ValueError(f"--at {at!r} names no time zone: add Z or an offset such as +01:00")
+        return None, when
+    return None, None
 
 
 # -- reading ------------------------------------------------------------------------------------
@@ -394,6 +426,60 @@ def executions_retry(execution_id: str = typer.Argument(..., help="An id, or a u
         old = await c.resolve_id(execution_id)
         new = await c.retry(old)
         return f"execution {old}: retried from its checkpoint" if new == old else f"execution {old}: rerun as {new}"
+
+    _control(go)
+
+
+@schedules_app.command("add")
+def schedules_add(
+    name: str = typer.Argument(..., help="The schedule's name."),
+    action_ref: str = typer.Argument(..., help="The action each due time runs."),
+    params: list[str] = typer.Argument(None, help="Parameters as key=value."),
+    cron_expr: str = typer.Option(..., "--cron", help='Five fields, or six with seconds last, e.g. "*/5 * * * *".'),
+    params_json: str | None = typer.Option(None, "--params-json", help="Parameters as a JSON object."),
+    catch_up: str = typer.Option("latest", "--catch-up", help="Missed due times: latest, all or none."),
+    timezone: str = typer.Option("UTC", "--timezone", help="The zone the expression is read in."),
+) -> None:
+    """Add or change a schedule (YAML schedules are changed in the YAML)."""
+    from common.client import coerce_key_values
+
+    async def go(c: BatonClient) -> str:
+        try:
+            parameters = json.loads(params_json) if params_json else {}
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--params-json is not JSON: {exc}") from None
+        if not isinstance(parameters, dict):
+            raise ValueError("--params-json must be a JSON object")
+        parameters.update(coerce_key_values(params or [], await c.action_schema(action_ref)))
+        row = await c.add_schedule(name, cron_expr, action_ref, parameters, catch_up=catch_up, timezone=timezone)
+        return f"schedule {name}: {cron_expr} ({timezone}) runs {action_ref}; next at {row['next_fire_at']}"
+
+    _control(go)
+
+
+@schedules_app.command("list")
+def schedules_list(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Every schedule, from the YAML and added by hand."""
+    rows = _run_client(lambda c: c.list_schedules())
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table()
+    for column in ("name", "cron", "zone", "action", "catch-up", "source", "next", "last fired"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(*(_cell(r[k]) for k in ("name", "cron", "timezone", "action_ref", "catch_up", "source",
+                                               "next_fire_at", "last_fired_at")))
+    console.print(table)
+
+
+@schedules_app.command("remove")
+def schedules_remove(name: str = typer.Argument(..., help="The schedule's name.")) -> None:
+    """Remove a schedule (one from the YAML comes back at the next executor start: remove it there)."""
+
+    async def go(c: BatonClient) -> str:
+        await c.remove_schedule(name)
+        return f"schedule {name}: removed"
 
     _control(go)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import json
 import time
 import uuid
@@ -21,11 +22,12 @@ import asyncpg
 from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
 from pydantic import ValidationError
 
-from common import amqp, db
+from common import amqp, db, schedules
 from common.actions import CORE_ACTIONS
 from common.notifications import publish_terminal
 from common.queries import actions as aq
 from common.queries import executions as q
+from common.queries import schedules as sq
 from common.queries import workers as wq
 from common.queries import workflows as wfq
 from common.retry import TRANSIENT_ERRORS
@@ -176,8 +178,13 @@ class BatonClient:
         timeout_s: float | None = None,
         accept_timeout_s: float = 10.0,
         watch: bool = False,
+        max_retries: int | None = None,
+        not_before: dt.datetime | None = None,
+        delay_s: float | None = None,
     ) -> Submission:
         """Post an invocation and wait (up to ``accept_timeout_s``) for an executor to record it.
+        ``delay_s`` or ``not_before`` delay it (it waits as `requested` until then); ``max_retries``
+        overrides the action's `retries`.
 
         Raises :class:`RequestRejected` if the request is refused outright; a request recorded as
         `failed` (unknown action, bad parameters) comes back with that status and its error."""
@@ -190,6 +197,14 @@ class BatonClient:
             body["idempotency_key"] = idempotency_key
         if timeout_s is not None:
             body["timeout_seconds"] = timeout_s
+        if max_retries is not None:
+            body["max_retries"] = max_retries
+        if delay_s is not None:
+            not_before = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=delay_s)
+        if not_before is not None:
+            if not_before.tzinfo is None:
+                raise ValueError("not_before must name its time zone")
+            body["not_before"] = not_before.isoformat()
         reply = asyncio.get_running_loop().create_future()
         self._replies[str(execution_id)] = reply
         exchange = await channel.get_exchange(self.names.executions_exchange)
@@ -288,6 +303,35 @@ class BatonClient:
         if steps:
             out["steps"] = [jsonable_row(s) for s in steps]
         return out
+
+    # -- schedules -------------------------------------------------------------------------------
+
+    async def add_schedule(
+        self, name: str, cron_expr: str, action_ref: str, parameters: dict[str, Any] | None = None, *,
+        catch_up: str = "latest", timezone: str = "UTC",
+    ) -> dict[str, Any]:
+        """Add (or change) a schedule; the executors fire it from its next due time on."""
+        if not name or len(name) > 200:
+            raise ValueError("a schedule name is 1 to 200 characters")
+        if catch_up not in ("latest", "all", "none"):
+            raise ValueError(f"catch_up is latest, all or none, not {catch_up!r}")
+        schedules.check(cron_expr, timezone)
+        pool = await self.pool()
+        now = await pool.fetchval(q.NOW)
+        row = await pool.fetchrow(
+            sq.UPSERT, name, cron_expr, action_ref, parameters or {}, catch_up, timezone, "cli",
+            schedules.next_after(cron_expr, timezone, now),
+        )
+        if row is None:
+            raise ValueError(f"schedule {name!r} comes from the YAML `schedules:` section: change it there")
+        return {k: v for k, v in jsonable_row(row).items() if k != "pg_notify"}
+
+    async def list_schedules(self) -> list[dict[str, Any]]:
+        return [jsonable_row(r) for r in await (await self.pool()).fetch(sq.LIST)]
+
+    async def remove_schedule(self, name: str) -> None:
+        if await (await self.pool()).fetchval(sq.DELETE, name) is None:
+            raise ValueError(f"no schedule {name!r}")
 
     # -- operator controls ---------------------------------------------------------------------
 

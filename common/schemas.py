@@ -64,6 +64,24 @@ class ExecutionRequest(BaseModel):
     parameters: dict[str, Any] = Field(default_factory=dict)
     idempotency_key: str | None = Field(None, min_length=1, max_length=500)
     timeout_seconds: float | None = Field(None, gt=0, allow_inf_nan=False)
+    #: Retries of an application failure, overriding the action's `retries`.
+    max_retries: int | None = Field(None, ge=0, le=1000)
+    #: Not to run before this time (RFC 3339, with a time zone): a delayed execution.
+    not_before: dt.datetime | None = None
+
+    @field_validator("not_before", mode="before")
+    @classmethod
+    def _aware_time(cls, value: Any) -> Any:
+        # Strict mode takes no string for a datetime: parse RFC 3339 here, and insist on a zone.
+        if isinstance(value, str):
+            try:
+                parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+            except ValueError:
+                raise ValueError("must be an RFC 3339 date-time, e.g. 2026-12-01T09:00:00Z") from None
+            if parsed.tzinfo is None:
+                raise ValueError("must name its time zone (e.g. Z or +01:00)")
+            return parsed
+        return value
 
     @field_validator("parameters")
     @classmethod
@@ -90,6 +108,8 @@ class Assignment(BaseModel):
     action_ref: str
     parameters: dict[str, Any]
     timeout_s: float | None = None
+    failed_tries: int = 0  # application failures already retried
+    max_retries: int | None = None  # the invocation's own limit (None: the action's)
 
 
 class ExecutionRow(TypedDict):
@@ -117,6 +137,19 @@ class ExecutionRow(TypedDict):
     schedule_attempts: int
     previous_worker: str | None
     incarnation: uuid.UUID | None
+    wake_at: dt.datetime | None
+    waiting_on: uuid.UUID | None
+    waiting_for: str | None
+    parent_id: uuid.UUID | None
+    deadline: dt.datetime | None
+    pause_requested: bool
+    store: dict[str, Any]
+    retry_of: uuid.UUID | None
+    not_before: dt.datetime | None
+    failed_tries: int
+    max_retries: int | None
+    schedule_name: str | None
+    scheduled_for: dt.datetime | None
 
 
 class Acceptance(BaseModel):

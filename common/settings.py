@@ -16,13 +16,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     YamlConfigSettingsSource,
 )
+
+from common.schedules import check as check_schedule
 
 DEFAULT_CONFIG_PATH = "config/config.yaml"
 
@@ -147,6 +149,14 @@ class ExecutorSettings(_Section):
     """A file the executor rewrites while it is connected to PostgreSQL and RabbitMQ; `baton health`
     reads it. Unset means none is written."""
 
+    max_concurrency: dict[str, Annotated[int, Field(ge=1)]] = Field(default_factory=dict)
+    """Per action, at most this many dispatched or running at once across all workers; overrides
+    the action's own `@action(max_concurrency=N)`."""
+
+    schedule_misfire_grace_s: Seconds = Field(60.0, alias="schedule_misfire_grace", gt=0)
+    """A schedule's due time that passed longer ago than this (the executors were down) is a
+    missed run, handled by the schedule's `catch_up` policy; a later one is simply fired."""
+
     metrics_port: int | None = None
     """Port of the Prometheus `/metrics` endpoint; unset means off."""
 
@@ -258,6 +268,32 @@ class LoggingSettings(_Section):
         return value.lower() if isinstance(value, str) else value
 
 
+class ScheduleEntry(BaseModel):
+    """One cron schedule in the YAML `schedules:` section, keyed by its name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cron: str
+    """Five fields (minute hour day month weekday), or six with seconds last."""
+
+    action_ref: str = Field(pattern=r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)+$")
+    """The action each due time runs."""
+
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    """Its parameters, checked against the action's schema when it fires."""
+
+    catch_up: Literal["latest", "all", "none"] = "latest"
+    """Due times missed while every executor was away: fire the latest once, all, or none."""
+
+    timezone: str = "UTC"
+    """The zone the cron expression is read in."""
+
+    @model_validator(mode="after")
+    def _usable(self) -> ScheduleEntry:
+        check_schedule(self.cron, self.timezone)
+        return self
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="BATON__",
@@ -286,6 +322,9 @@ class Settings(BaseSettings):
 
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     """Log output."""
+
+    schedules: dict[str, ScheduleEntry] = Field(default_factory=dict)
+    """Cron schedules by name; the executors keep the `schedules` table in step with them."""
 
     @classmethod
     def settings_customise_sources(

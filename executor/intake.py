@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
@@ -39,6 +38,7 @@ from executor.requests import (
     ParameterValidator,
     Rejection,
     check_action,
+    insert_arguments,
     parse_request,
 )
 from executor.resilience import Backoff, being_cancelled, describe, unavailable
@@ -237,17 +237,7 @@ def _execution_row(record: asyncpg.Record) -> ExecutionRow:
 
 
 async def _insert(pool: asyncpg.Pool, executions: list[NewExecution]) -> Rows:
-    args = (
-        [e.id for e in executions],
-        [e.action_ref for e in executions],
-        [json.dumps(e.parameters) for e in executions],
-        [e.status for e in executions],
-        [e.idempotency_key for e in executions],
-        [e.message_id for e in executions],
-        [e.correlation_id for e in executions],
-        [e.timeout_s for e in executions],
-        [json.dumps(e.error) if e.error else None for e in executions],
-    )
+    args = insert_arguments(executions)
     # The batch stays unacked while the database is away; nothing is dropped.
     rows = await until_available(lambda: pool.fetch(q.INSERT_REQUESTS, *args), what="record_requests")
     for row in rows:

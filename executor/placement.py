@@ -8,7 +8,7 @@ takes it, instead of waiting behind a busy worker while another one is idle.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 
@@ -38,18 +38,34 @@ def room_by_action(candidates: Iterable[Candidate], pipeline: int) -> dict[str, 
     return room
 
 
+def concurrency_room(limits: Mapping[str, int], active: Mapping[str, int]) -> dict[str, int]:
+    """For each action with a concurrency limit: how many more may be dispatched now."""
+    return {action: max(limit - active.get(action, 0), 0) for action, limit in limits.items()}
+
+
+def limited_room(room: Mapping[str, int], caps: Mapping[str, int]) -> dict[str, int]:
+    """``room`` with each limited action's room cut to what its limit leaves; none left, left out."""
+    out = {a: min(free, caps.get(a, free)) for a, free in room.items()}
+    return {a: free for a, free in out.items() if free > 0}
+
+
 def place(
-    executions: Sequence[tuple[Hashable, str, str | None]], candidates: Sequence[Candidate], pipeline: int
+    executions: Sequence[tuple[Hashable, str, str | None]], candidates: Sequence[Candidate], pipeline: int,
+    caps: Mapping[str, int] | None = None,
 ) -> dict[Hashable, str]:
     """Assign each ``(execution_id, action_ref, previous_worker)``, in order, to a worker that
     serves its action and has room: first any with a free slot, most free slots first; only then
     one whose pipeline has room. The worker a rescheduled execution last went to is avoided unless
-    no other can take it on the same terms. Executions no worker can take now are left out (they
-    stay `requested`). Ties go by name: results are deterministic."""
+    no other can take it on the same terms. An action in ``caps`` gets at most that many more
+    (its concurrency limit, less what already runs). Executions no worker can take now are left
+    out (they stay `requested`). Ties go by name: results are deterministic."""
     load = {c.name: c.outstanding for c in candidates}
+    left = dict(caps or {})
     by_action: dict[str, list[Candidate]] = {}
     plan: dict[Hashable, str] = {}
     for execution_id, action_ref, previous_worker in executions:
+        if left.get(action_ref, 1) <= 0:
+            continue
         if action_ref not in by_action:
             by_action[action_ref] = [c for c in candidates if action_ref in c.actions]
         best: Candidate | None = None
@@ -64,4 +80,6 @@ def place(
         if best is not None:
             plan[execution_id] = best.name
             load[best.name] += 1
+            if action_ref in left:
+                left[action_ref] -= 1
     return plan

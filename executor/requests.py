@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import json
 import math
@@ -53,6 +54,10 @@ class NewExecution:
     correlation_id: str | None
     timeout_s: float | None
     error: dict[str, Any] | None = None
+    max_retries: int | None = None
+    not_before: dt.datetime | None = None  # a delayed execution waits as `requested` until then
+    schedule_name: str | None = None  # fired by this schedule ...
+    scheduled_for: dt.datetime | None = None  # ... for this due time
 
     @property
     def status(self) -> str:
@@ -60,6 +65,25 @@ class NewExecution:
 
     def fail(self, message: str, **details: Any) -> None:
         self.error = {"error": message, "failed_by": "executor_intake", **details}
+
+
+def insert_arguments(executions: list[NewExecution]) -> tuple[list[Any], ...]:
+    """The arrays `INSERT_REQUESTS` takes, one element per execution."""
+    return (
+        [e.id for e in executions],
+        [e.action_ref for e in executions],
+        [json.dumps(e.parameters) for e in executions],
+        [e.status for e in executions],
+        [e.idempotency_key for e in executions],
+        [e.message_id for e in executions],
+        [e.correlation_id for e in executions],
+        [e.timeout_s for e in executions],
+        [json.dumps(e.error) if e.error else None for e in executions],
+        [e.max_retries for e in executions],
+        [e.not_before for e in executions],
+        [e.schedule_name for e in executions],
+        [e.scheduled_for for e in executions],
+    )
 
 
 def _reject_constant(name: str) -> Any:
@@ -132,6 +156,7 @@ def parse_request(
             execution.idempotency_key = valid.get("idempotency_key")
             timeout = valid.get("timeout_seconds")
             execution.timeout_s = float(timeout) if timeout is not None else None
+            execution.max_retries = valid.get("max_retries")
         problems = _problems(exc)
         execution.fail("invalid request: " + "; ".join(problems), problems=problems)
         return execution
@@ -139,6 +164,8 @@ def parse_request(
     execution.parameters = request.parameters
     execution.idempotency_key = request.idempotency_key
     execution.timeout_s = request.timeout_seconds
+    execution.max_retries = request.max_retries
+    execution.not_before = request.not_before
     return execution
 
 

@@ -19,14 +19,14 @@ import aiormq.exceptions
 import asyncpg
 
 from common.amqp import Names, persistent_json
-from common.db import connect_one
+from common.db import Executor, connect_one
 from common.logging import get_logger
 from common.notifications import publish_terminal
 from common.queries import WAKE_CHANNEL
 from common.queries import executions as q
 from common.queries import workers as wq
 from common.schemas import Dispatch
-from executor.placement import Candidate, place, room_by_action
+from executor.placement import Candidate, concurrency_room, limited_room, place, room_by_action
 from executor.rescheduling import reschedule_or_fail
 from executor.resilience import riding_out_outages
 
@@ -102,8 +102,14 @@ async def _pass(ctx: ExecutorContext, stop_event: asyncio.Event) -> tuple[bool, 
         room = room_by_action(candidates, cfg.dispatch_pipeline)
         if not room:
             return False, True
+        caps = await _concurrency_caps(ctx, conn, room)
+        room = limited_room(room, caps)
+        if not room:
+            return False, True
         rows = await conn.fetch(q.SELECT_REQUESTED_FOR_UPDATE, cfg.schedule_batch_size, list(room), list(room.values()))
-        plan = place([(r["id"], r["action_ref"], r["previous_worker"]) for r in rows], candidates, cfg.dispatch_pipeline)
+        plan = place(
+            [(r["id"], r["action_ref"], r["previous_worker"]) for r in rows], candidates, cfg.dispatch_pipeline, caps
+        )
         if not plan:
             return False, bool(rows)
         by_id = {r["id"]: r for r in rows}
@@ -128,6 +134,24 @@ async def _pass(ctx: ExecutorContext, stop_event: asyncio.Event) -> tuple[bool, 
     room_taken = any(fetched[a] >= min(free, cfg.schedule_batch_size) for a, free in room.items())
     log.debug("scheduler_pass", rows=len(rows), placed=len(plan), room_taken=room_taken)
     return len(rows) == cfg.schedule_batch_size, len(plan) < len(rows) or room_taken
+
+
+async def _concurrency_caps(ctx: ExecutorContext, conn: Executor, room: dict[str, int]) -> dict[str, int]:
+    """How many more of each limited action this pass may place: its limit (YAML
+    `executor.max_concurrency`, else the action's `max_concurrency`) less what is dispatched or
+    running. The count is taken under a lock per limited action, held until this pass commits, so
+    that two executors never both fill the same room."""
+    specs = await ctx.catalogue.resolve(room)
+    limits = {
+        a: limit for a in room
+        if (limit := ctx.settings.executor.max_concurrency.get(a, specs[a].max_concurrency if a in specs else None))
+        is not None
+    }
+    if not limits:
+        return {}
+    await conn.execute(q.LOCK_CONCURRENCY, sorted(limits))
+    active = {r["action_ref"]: r["n"] for r in await conn.fetch(q.ACTIVE_BY_ACTION, list(limits))}
+    return concurrency_room(limits, active)
 
 
 async def _dispatch(

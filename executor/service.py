@@ -27,6 +27,7 @@ from executor import (
     requested_timeout,
     retention,
     scheduler,
+    schedules,
     sweeper,
     timeout_monitor,
     timers,
@@ -65,6 +66,7 @@ LOOPS: dict[str, Loop] = {
     "sweeper": sweeper.run,
     "dead_letters": dead_letters.run,
     "timers": timers.run,
+    "schedules": schedules.run,
 }
 
 

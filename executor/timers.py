@@ -1,4 +1,5 @@
-"""Timers: suspended durable runs go back in line when they are due.
+"""Timers: suspended durable runs go back in line when they are due, and so do delayed
+executions (`not_before`: a `--delay`, an `--at`, or an action's retry backoff).
 
 A run that left its worker to wait (`sleeping` on a long `ctx.sleep`, `waiting` on a child or a
 signal) records when it is due: its timer, or its deadline, whichever is first. This loop sleeps
@@ -74,10 +75,14 @@ async def run(ctx: ExecutorContext, stop_event: asyncio.Event) -> None:
 
 
 async def wake_due(ctx: ExecutorContext) -> int:
-    """One batch of due runs back to `requested`; returns how many."""
+    """One batch of due suspended runs back to `requested`, and of due delayed executions into the
+    scheduler's line; returns the larger count (BATCH: there may be more)."""
     rows = await ctx.pool.fetch(wq.WAKE_DUE, BATCH)
     for row in rows:
         log.info("execution_woken", execution_id=str(row["id"]), reason=row["reason"])
-    if rows:
+    released = await ctx.pool.fetch(wq.RELEASE_DELAYED, BATCH)
+    for row in released:
+        log.info("execution_due", execution_id=str(row["id"]))
+    if rows or released:
         ctx.wake.set()
-    return len(rows)
+    return max(len(rows), len(released))

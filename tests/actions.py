@@ -60,3 +60,29 @@ async def nul_text() -> str:
 @action("tests.takes_dict")
 async def takes_dict(data: dict) -> int:
     return len(data)
+
+
+@action("tests.flaky", retries=3, retry_delay_s=0.2, backoff=2.0, retry_on=(RuntimeError,))
+async def flaky(path: str, failures: int) -> int:
+    """Fails its first ``failures`` tries (counted in the file at ``path``), then succeeds."""
+    with open(path, "a") as f:
+        f.write(f"try {time.time()}\n")
+    with open(path) as f:
+        tries = sum(1 for _ in f)
+    if tries <= failures:
+        raise RuntimeError(f"failure {tries}")
+    return tries
+
+
+@action("tests.not_retried", retries=3, retry_delay_s=0.1, retry_on=(RuntimeError,))
+async def not_retried(path: str) -> None:
+    with open(path, "a") as f:
+        f.write("try\n")
+    raise ValueError("not a RuntimeError: not retried")
+
+
+@action("tests.limited_sleep", max_concurrency=2)
+async def limited_sleep(seconds: float) -> dict[str, float]:
+    start = time.time()
+    await asyncio.sleep(seconds)
+    return {"start": start, "end": time.time()}

@@ -115,13 +115,13 @@ async def test_finish_and_interrupt_are_fenced_by_incarnation_and_finish_is_idem
     assert row["incarnation"] == incarnation
     args = ([row["id"]], [row["attempt"]], ["completed"], [json.dumps({"x": 1})], [None], "fenced")
     # Same name, another incarnation (a second process under the name): nothing happens.
-    assert await pool.fetch(q.FINISH, *args, uuid.uuid4()) == []
+    assert await pool.fetch(q.FINISH, *args, uuid.uuid4(), [None]) == []
     assert await pool.fetch(q.INTERRUPT, row["id"], row["attempt"], "fenced", {}, uuid.uuid4()) == []
     assert (await baton.execution(row["id"]))["status"] == "running"
     # The right incarnation; then the same finish again, as after a lost commit reply: the row
     # comes back (so its one notification is published), with one terminal event only.
-    first = await pool.fetch(q.FINISH, *args, incarnation)
-    again = await pool.fetch(q.FINISH, *args, incarnation)
+    first = await pool.fetch(q.FINISH, *args, incarnation, [None])
+    again = await pool.fetch(q.FINISH, *args, incarnation, [None])
     assert [r["status"] for r in first] == [r["status"] for r in again] == ["completed"]
     events = await pool.fetch("SELECT type FROM execution_events WHERE execution_id = $1", row["id"])
     assert [e["type"] for e in events].count("execution.completed") == 1

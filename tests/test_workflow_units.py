@@ -21,8 +21,8 @@ from worker.replay import (
     NonDeterminismError,
     Replay,
     StepRecord,
+    backoff_delay_s,
     remaining_attempts,
-    step_retry_delay_s,
     timer_decision,
 )
 from worker.workflow import (
@@ -288,10 +288,10 @@ def test_remaining_attempts_after_a_crash_mid_retries():
 
 
 def test_retry_delays_grow_exponentially_with_jitter():
-    assert step_retry_delay_s(1.0, 2.0, 1, 0.0) == 1.0
-    assert step_retry_delay_s(1.0, 2.0, 3, 0.0) == 4.0
-    assert 4.0 <= step_retry_delay_s(1.0, 2.0, 3, 0.99) < 6.0
-    assert step_retry_delay_s(1.0, 10.0, 50, 0.0) == 3600.0
+    assert backoff_delay_s(1.0, 2.0, 1, 0.0) == 1.0
+    assert backoff_delay_s(1.0, 2.0, 3, 0.0) == 4.0
+    assert 4.0 <= backoff_delay_s(1.0, 2.0, 3, 0.99) < 6.0
+    assert backoff_delay_s(1.0, 10.0, 50, 0.0) == 3600.0
 
 
 def test_timer_decisions():

@@ -78,7 +78,8 @@ async def _claim(state: WorkerState, batch: list[AbstractIncomingMessage]) -> No
     claimed = {
         r["id"]: Assignment(
             execution_id=r["id"], attempt=r["attempt"], action_ref=r["action_ref"],
-            parameters=r["parameters"], timeout_s=r["timeout_s"],
+            parameters=r["parameters"], timeout_s=r["timeout_s"], failed_tries=r["failed_tries"],
+            max_retries=r["max_retries"],
         )
         for r in rows
     }

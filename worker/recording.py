@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import uuid
 
 import asyncpg
@@ -17,10 +18,12 @@ from common.queries import executions as q
 from common.queries import workflows as wfq
 from common.recovery import InterruptReason, resolve_policy
 from common.retry import TRANSIENT_ERRORS
-from common.schemas import Assignment
+from common.schemas import TERMINAL_STATUSES, Assignment
 from worker import durable
-from worker.runner import Outcome, execute
+from worker.runner import Outcome, execute, with_retry
 from worker.state import WorkerState
+
+TERMINAL = {s.value for s in TERMINAL_STATUSES}
 
 #: What recording an interruption may run into: the database away, or refusing the statement.
 _DB_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, asyncpg.PostgresError)
@@ -52,6 +55,8 @@ async def run_one(state: WorkerState, dispatch: Assignment) -> None:
     if outcome is None:  # suspended, or no longer this worker's: nothing more to record here
         _release(state, dispatch.execution_id)
         return
+    if action is not None:
+        outcome = with_retry(outcome, action, dispatch, random.random())
     await state.outcomes.put((dispatch, outcome))
 
 
@@ -131,11 +136,12 @@ async def _finish(state: WorkerState, batch: list[tuple[Assignment, Outcome]]) -
             q.FINISH,
             [d.execution_id for d, _ in batch],
             [d.attempt for d, _ in batch],
-            [o.status for _, o in batch],
+            ["retry" if o.retry_in_s is not None else o.status for _, o in batch],
             [json.dumps(o.result) if o.result is not None else None for _, o in batch],
             [json.dumps(o.error) if o.error is not None else None for _, o in batch],
             state.name,
             state.incarnation,
+            [o.retry_in_s for _, o in batch],
         ),
         what="record_outcomes",
     )
@@ -162,6 +168,12 @@ async def _record(state: WorkerState, batch: list[tuple[Assignment, Outcome]]) -
         if dispatch.execution_id not in recorded:
             # Fencing: the execution moved on (recovered elsewhere); this late outcome is dropped.
             state.log.warning("outcome_fenced", status=outcome.status, **fields)
+        elif outcome.retry_in_s is not None:
+            metrics.FINISHED.labels("retrying").inc()
+            state.log.warning(
+                "execution_retrying", error=(outcome.error or {}).get("error"), try_number=dispatch.failed_tries + 1,
+                retry_in_s=round(outcome.retry_in_s, 3), **fields,
+            )
         elif outcome.status == "completed":
             metrics.FINISHED.labels("completed").inc()
             state.log.info("execution_completed", **fields)
@@ -170,4 +182,4 @@ async def _record(state: WorkerState, batch: list[tuple[Assignment, Outcome]]) -
             state.log.warning(
                 f"execution_{outcome.status}", error=(outcome.error or {}).get("error"), **fields
             )
-    await publish_terminal(state.exchanges.notifications, rows)
+    await publish_terminal(state.exchanges.notifications, [r for r in rows if r["status"] in TERMINAL])

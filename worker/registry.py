@@ -43,6 +43,7 @@ class RegisteredAction:
     spec: ActionSpec
     params_model: type[BaseModel]
     invoke: Invoker
+    retry_on: tuple[type[BaseException], ...] = (Exception,)  # which failures `retries` applies to
     workflow: WorkflowSpec | None = None  # a workflow runs through `worker.durable`
 
 
@@ -87,6 +88,11 @@ def action(
     recover_on_worker_loss: bool | None = None,
     max_recovery_attempts: int | None = None,
     version: int = 1,
+    retries: int | None = None,
+    retry_delay_s: float = 1.0,
+    backoff: float = 2.0,
+    retry_on: tuple[type[BaseException], ...] = (Exception,),
+    max_concurrency: int | None = None,
 ) -> Callable[[_ActionFunc], _ActionFunc]:
     """Register a Python function (sync or async) as action ``ref`` (``pack.name``).
 
@@ -99,6 +105,12 @@ def action(
 
     ``recover_on_worker_loss`` (restart from scratch on another worker when the worker running it
     is lost) and ``max_recovery_attempts`` override the YAML `recovery:` section for this action.
+
+    ``retries``: an application failure (an exception among ``retry_on``) is tried again, up to
+    this many times (an invocation's ``max_retries`` overrides it), each after a jittered
+    exponential delay (``retry_delay_s`` x ``backoff`` ^ n) spent as `requested` in PostgreSQL, not
+    in a worker slot. ``max_concurrency``: at most this many of the action are dispatched or running
+    at once, across all workers (YAML `executor.max_concurrency` overrides it).
     """
     if max_recovery_attempts is not None and max_recovery_attempts < 0:
         raise ValueError(f"action {ref!r}: max_recovery_attempts cannot be negative")
@@ -108,6 +120,10 @@ def action(
         raise ValueError(f"action ref {ref!r}: {CORE_PREFIX}* is reserved for Baton's built-in actions")
     if version < 1:
         raise ValueError(f"action {ref!r}: version must be 1 or more")
+    if (retries is not None and retries < 0) or retry_delay_s < 0 or backoff < 1:
+        raise ValueError(f"action {ref!r}: retries and retry_delay_s must be >= 0 and backoff >= 1")
+    if max_concurrency is not None and max_concurrency < 1:
+        raise ValueError(f"action {ref!r}: max_concurrency must be 1 or more")
 
     def decorate(func: _ActionFunc) -> _ActionFunc:
         model = params_model_for(ref, func)
@@ -131,9 +147,14 @@ def action(
                     recover_on_worker_loss=recover_on_worker_loss,
                     max_recovery_attempts=max_recovery_attempts,
                     version=version,
+                    retries=retries,
+                    retry_delay_s=retry_delay_s if retries else None,
+                    retry_backoff=backoff if retries else None,
+                    max_concurrency=max_concurrency,
                 ),
                 params_model=model,
                 invoke=invoke,
+                retry_on=retry_on,
             )
         )
         return func

@@ -92,9 +92,9 @@ def remaining_attempts(retries: int, attempts_started: int) -> int:
 
 
 
-def step_retry_delay_s(retry_delay_s: float, backoff: float, retry_number: int, jitter: float, cap_s: float = 3600.0) -> float:
-    """Before retry number ``retry_number`` (1-based): ``retry_delay_s`` x ``backoff`` ^ (n - 1),
-    capped, and spread by ``jitter`` (a fraction in [0, 1), drawn by the caller) so that steps
-    failing together do not retry together."""
+def backoff_delay_s(retry_delay_s: float, backoff: float, retry_number: int, jitter: float, cap_s: float = 3600.0) -> float:
+    """Before retry number ``retry_number`` (1-based), of a step or of an action: ``retry_delay_s``
+    x ``backoff`` ^ (n - 1), capped, and spread by ``jitter`` (a fraction in [0, 1), drawn by the
+    caller) so that what fails together does not retry together."""
     base = min(retry_delay_s * backoff ** max(retry_number - 1, 0), cap_s)
     return base * (1 + jitter / 2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import traceback
@@ -14,6 +15,7 @@ from pydantic import BaseModel, ValidationError
 from common.schemas import MAX_PARAMETERS_DEPTH, Assignment, json_depth
 from worker.errors import ActionFailed, ActionTimedOut
 from worker.registry import Invocation, RegisteredAction
+from worker.replay import backoff_delay_s
 
 
 @dataclass
@@ -21,6 +23,28 @@ class Outcome:
     status: str  # completed | failed | timeout
     result: Any = None
     error: dict[str, Any] | None = None
+    retryable: bool = False  # an application failure the action's `retry_on` names
+    retry_in_s: float | None = None  # set: not final, tried again after this delay
+
+
+def with_retry(outcome: Outcome, action: RegisteredAction, dispatch: Assignment, jitter: float) -> Outcome:
+    """A failure the action retries becomes a retry after a jittered exponential delay, until the
+    invocation's `max_retries` (else the action's `retries`) are spent; the last failure says how
+    many tries it had. Pure: ``jitter`` is drawn by the caller."""
+    allowed = dispatch.max_retries if dispatch.max_retries is not None else (action.spec.retries or 0)
+    if outcome.status != "failed" or not outcome.retryable or allowed <= 0:
+        return outcome
+    if dispatch.failed_tries < allowed:
+        delay_s = backoff_delay_s(
+            action.spec.retry_delay_s if action.spec.retry_delay_s is not None else 1.0,
+            action.spec.retry_backoff or 2.0, dispatch.failed_tries + 1, jitter,
+        )
+        return dataclasses.replace(outcome, retry_in_s=delay_s)
+    tries = dispatch.failed_tries + 1
+    error = dict(outcome.error or {})
+    error["error"] = f"failed after {tries} tries: {error.get('error', 'failed')}"
+    error["tries"] = tries
+    return dataclasses.replace(outcome, error=error)
 
 
 def resolve_timeout_s(
@@ -75,10 +99,11 @@ def parse_parameters(action: RegisteredAction, parameters: dict[str, Any]) -> Ba
     return params
 
 
-def failure(exc: BaseException) -> Outcome:
+def failure(exc: BaseException, retry_on: tuple[type[BaseException], ...] = ()) -> Outcome:
     """An action's (or a workflow's) own exception as its execution's outcome, traceback once."""
     return Outcome(
-        "failed", error=error_object(f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=20)[-4000:])
+        "failed", error=error_object(f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=20)[-4000:]),
+        retryable=isinstance(exc, retry_on),
     )
 
 
@@ -113,9 +138,9 @@ async def execute(
             error=error_object(f"action ran longer than its timeout of {timeout_s:g} s and was cancelled", timeout_seconds=timeout_s),
         )
     except ActionFailed as exc:
-        return Outcome("failed", result=exc.result, error=error_object(str(exc)))
+        return Outcome("failed", result=exc.result, error=error_object(str(exc)), retryable=isinstance(exc, action.retry_on))
     except Exception as exc:  # noqa: BLE001 - an action's own failure is its execution's outcome
-        return failure(exc)
+        return failure(exc, action.retry_on)
     if action.spec.runtime == "shell":
         return Outcome("completed", result=result)  # stdout and stderr are capped as they are read
     return bounded_result(result, max_output_bytes)

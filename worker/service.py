@@ -126,6 +126,10 @@ class WorkerService:
             [s.recover_on_worker_loss for s in specs],
             [s.max_recovery_attempts for s in specs],
             [s.version for s in specs],
+            [s.retries for s in specs],
+            [s.retry_delay_s for s in specs],
+            [s.retry_backoff for s in specs],
+            [s.max_concurrency for s in specs],
         )
 
     async def _start(self) -> None:

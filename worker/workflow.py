@@ -30,8 +30,8 @@ from worker.replay import (
     NonDeterminismError,
     Replay,
     StepRecord,
+    backoff_delay_s,
     remaining_attempts,
-    step_retry_delay_s,
     timer_decision,
 )
 
@@ -291,7 +291,7 @@ class WorkflowContext:
                     raise StepFailed(step_id, name, {**error, "error": (
                         f"step {name!r} failed after {attempt} attempt{'s' if attempt > 1 else ''}: {error['error']}"
                     )}) from exc
-                delay_s = step_retry_delay_s(policy.retry_delay_s, policy.backoff, attempt, random.random())
+                delay_s = backoff_delay_s(policy.retry_delay_s, policy.backoff, attempt, random.random())
                 attempt += 1
                 await self._record(StepWrite(
                     step_id, name, "pending", "step.retrying",

@@ -5,28 +5,39 @@ a statement that matches no row lost a race, and its caller does nothing more (D
 Each transition appends its event in the same statement, numbered from `last_event_seq`.
 """
 
-from common.queries import WAKE_CHANNEL
+from common.queries import TIMER_CHANNEL, WAKE_CHANNEL
 from common.queries.workers import busy
 
 # $1 id, $2 action_ref, $3 parameters, $4 status, $5 idempotency_key, $6 message_id,
-# $7 correlation_id, $8 timeout_s, $9 error (all arrays, one element per request)
-INSERT_REQUESTS = """
+# $7 correlation_id, $8 timeout_s, $9 error, $10 max_retries, $11 not_before, $12 schedule_name,
+# $13 scheduled_for (all arrays, one element per request; `executor.requests.insert_arguments`).
+# A delayed request whose time has already come is not delayed.
+INSERT_REQUESTS = f"""
 WITH ins AS (
     INSERT INTO executions (id, action_ref, parameters, status, idempotency_key, message_id,
-                            correlation_id, timeout_s, error, finished_at, last_event_seq)
+                            correlation_id, timeout_s, error, finished_at, last_event_seq, max_retries, not_before,
+                            schedule_name, scheduled_for)
     SELECT r.id, r.action_ref, r.parameters::jsonb, r.status, r.idempotency_key, r.message_id,
            r.correlation_id, r.timeout_s, r.error::jsonb,
-           CASE WHEN r.status = 'failed' THEN now() END, 1
+           CASE WHEN r.status = 'failed' THEN now() END, 1, r.max_retries,
+           CASE WHEN r.status = 'requested' AND r.not_before > now() THEN r.not_before END,
+           r.schedule_name, r.scheduled_for
     FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-                $8::float8[], $9::text[])
-         AS r(id, action_ref, parameters, status, idempotency_key, message_id, correlation_id, timeout_s, error)
+                $8::float8[], $9::text[], $10::int[], $11::timestamptz[], $12::text[], $13::timestamptz[])
+         AS r(id, action_ref, parameters, status, idempotency_key, message_id, correlation_id, timeout_s, error,
+              max_retries, not_before, schedule_name, scheduled_for)
     ON CONFLICT DO NOTHING
     RETURNING *
 ), ev AS (
     INSERT INTO execution_events (execution_id, seq, type, data)
-    SELECT id, 1, 'execution.' || status, COALESCE(error, '{}'::jsonb) FROM ins
+    SELECT id, 1, 'execution.' || status,
+           COALESCE(error, '{{}}'::jsonb)
+           || CASE WHEN not_before IS NULL THEN '{{}}'::jsonb ELSE jsonb_build_object('not_before', not_before) END
+    FROM ins
 )
-SELECT * FROM ins
+SELECT ins.*, CASE WHEN EXISTS (SELECT 1 FROM ins WHERE not_before IS NOT NULL)
+                   THEN pg_notify('{TIMER_CHANNEL}', 'delayed') END AS pg_notify
+FROM ins
 """
 
 # Requests that were not inserted: the same request seen again (same id: whole rows, so that a
@@ -39,20 +50,33 @@ JOIN executions e ON e.action_ref = k.action_ref AND e.idempotency_key = k.idemp
 """
 
 # The oldest requested rows of each action some live worker has room for now, each action read
-# through its own index range, so that a backlog of actions nobody can take is never walked.
+# through its own index range, so that a backlog of actions nobody can take is never walked. Delayed
+# rows (`not_before` set) are not in that index: they cost a pass nothing until they are due.
 # $1 limit, $2 actions, $3 room per action
 SELECT_REQUESTED_FOR_UPDATE = """
 SELECT r.id, r.action_ref, r.attempt, r.previous_worker
 FROM unnest($2::text[], $3::int[]) AS a(ref, room)
 CROSS JOIN LATERAL (
     SELECT id, action_ref, attempt, previous_worker, updated_at FROM executions
-    WHERE status = 'requested' AND action_ref = a.ref
+    WHERE status = 'requested' AND not_before IS NULL AND action_ref = a.ref
     ORDER BY updated_at
     LIMIT LEAST(a.room, $1)
     FOR UPDATE SKIP LOCKED
 ) AS r
 ORDER BY r.updated_at
 LIMIT $1
+"""
+
+# Serialises the passes that place actions with a concurrency limit, across executors: each pass
+# takes these transaction locks (in one order) before it counts what runs. $1 actions (sorted)
+LOCK_CONCURRENCY = "SELECT pg_advisory_xact_lock(hashtext('baton.concurrency:' || a)) FROM unnest($1::text[]) AS a"
+
+# How many of each of these actions are dispatched or running now, through a partial index.
+# $1 actions
+ACTIVE_BY_ACTION = """
+SELECT action_ref, count(*) AS n FROM executions
+WHERE status IN ('scheduled', 'running') AND action_ref = ANY($1::text[])
+GROUP BY action_ref
 """
 
 # Requested for longer than $1 seconds for actions that no live worker serves ($2), oldest
@@ -62,7 +86,8 @@ SELECT r.id, r.attempt, r.action_ref, r.age_s
 FROM unnest($2::text[]) AS a(ref)
 CROSS JOIN LATERAL (
     SELECT id, attempt, action_ref, extract(epoch FROM now() - updated_at)::float8 AS age_s FROM executions
-    WHERE status = 'requested' AND action_ref = a.ref AND updated_at < now() - make_interval(secs => $1)
+    WHERE status = 'requested' AND not_before IS NULL AND action_ref = a.ref
+      AND updated_at < now() - make_interval(secs => $1)
     ORDER BY updated_at
     LIMIT $3
     FOR UPDATE SKIP LOCKED
@@ -121,43 +146,57 @@ WITH me AS (
         incarnation = $4, last_event_seq = e.last_event_seq + 1
     FROM unnest($1::uuid[], $2::int[]) AS c(id, attempt), me
     WHERE e.id = c.id AND e.attempt = c.attempt AND e.worker = me.name AND e.status = 'scheduled'
-    RETURNING e.id, e.attempt, e.action_ref, e.parameters, e.timeout_s, e.last_event_seq
+    RETURNING e.id, e.attempt, e.action_ref, e.parameters, e.timeout_s, e.last_event_seq, e.failed_tries,
+              e.max_retries
 ), ev AS (
     INSERT INTO execution_events (execution_id, seq, type, data)
     SELECT id, last_event_seq, 'execution.started', jsonb_build_object('worker', $3::text, 'attempt', attempt)
     FROM upd
 )
-SELECT id, attempt, action_ref, parameters, timeout_s FROM upd
+SELECT id, attempt, action_ref, parameters, timeout_s, failed_tries, max_retries FROM upd
 UNION ALL
-SELECT e.id, e.attempt, e.action_ref, e.parameters, e.timeout_s
+SELECT e.id, e.attempt, e.action_ref, e.parameters, e.timeout_s, e.failed_tries, e.max_retries
 FROM executions e, unnest($1::uuid[], $2::int[]) AS c(id, attempt)
 WHERE e.id = c.id AND e.attempt = c.attempt AND e.worker = $3 AND e.incarnation = $4 AND e.status = 'running'
 """
 
-# The fenced finish: running -> terminal, only for this worker process at this attempt.
+# The fenced finish: running -> terminal, only for this worker process at this attempt; or, for an
+# application failure that is to be retried (status `retry`), back to `requested` until its
+# backoff has passed (`not_before`), its failure counted in `failed_tries`.
 # Idempotent: a retry after a finish whose commit was not acknowledged finds its own committed
 # outcome and returns it, so that its one notification is still published.
-# $1 ids, $2 attempts, $3 statuses, $4 results, $5 errors, $6 worker, $7 incarnation
+# $1 ids, $2 attempts, $3 statuses, $4 results, $5 errors, $6 worker, $7 incarnation, $8 retry delays
 FINISH = f"""
 WITH upd AS (
     UPDATE executions e
-    SET status = f.status, result = f.result::jsonb, error = f.error::jsonb, finished_at = now(),
+    SET status = CASE WHEN f.status = 'retry' THEN 'requested' ELSE f.status END,
+        result = f.result::jsonb, error = f.error::jsonb,
+        finished_at = CASE WHEN f.status = 'retry' THEN NULL ELSE now() END,
+        not_before = CASE WHEN f.status = 'retry' THEN now() + make_interval(secs => f.retry_in_s) END,
+        failed_tries = e.failed_tries + CASE WHEN f.status = 'retry' THEN 1 ELSE 0 END,
+        previous_worker = CASE WHEN f.status = 'retry' THEN e.worker ELSE e.previous_worker END,
         updated_at = now(), last_event_seq = e.last_event_seq + 1
-    FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::text[])
-         AS f(id, attempt, status, result, error)
+    FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::text[], $8::float8[])
+         AS f(id, attempt, status, result, error, retry_in_s)
     WHERE e.id = f.id AND e.attempt = f.attempt AND e.worker = $6 AND e.incarnation = $7 AND e.status = 'running'
-    RETURNING e.*
+    RETURNING e.*, f.retry_in_s
 ), ev AS (
     INSERT INTO execution_events (execution_id, seq, type, data)
-    SELECT id, last_event_seq, 'execution.' || status,
+    SELECT id, last_event_seq, CASE WHEN retry_in_s IS NULL THEN 'execution.' || status ELSE 'execution.retrying' END,
            COALESCE(error, '{{}}'::jsonb) || jsonb_build_object('worker', worker, 'attempt', attempt)
+           || CASE WHEN retry_in_s IS NULL THEN '{{}}'::jsonb
+                   ELSE jsonb_build_object('try', failed_tries, 'retry_in_s', round(retry_in_s::numeric, 3),
+                                           'not_before', not_before) END
     FROM upd
 )
-SELECT upd.*, pg_notify('{WAKE_CHANNEL}', 'capacity') AS pg_notify FROM upd
+SELECT upd.*, pg_notify('{WAKE_CHANNEL}', 'capacity') AS pg_notify,
+       CASE WHEN retry_in_s IS NOT NULL THEN pg_notify('{TIMER_CHANNEL}', 'retry') END AS timer_notify
+FROM upd
 UNION ALL
-SELECT e.*, NULL AS pg_notify
+SELECT e.*, NULL AS retry_in_s, NULL AS pg_notify, NULL AS timer_notify
 FROM executions e, unnest($1::uuid[], $2::int[], $3::text[]) AS f(id, attempt, status)
-WHERE e.id = f.id AND e.attempt = f.attempt AND e.worker = $6 AND e.incarnation = $7 AND e.status = f.status
+WHERE e.id = f.id AND e.attempt = f.attempt AND e.worker = $6 AND e.incarnation = $7
+  AND (e.status = f.status OR (f.status = 'retry' AND e.status = 'requested'))
 """
 
 # $1 id, $2 from-status, $3 attempt, $4 error object. For failures the executor decides.
@@ -176,6 +215,9 @@ SELECT * FROM upd
 """
 
 GET = "SELECT * FROM executions WHERE id = $1"
+
+#: The database's clock, which due times are read against.
+NOW = "SELECT now()"
 
 # Ids in a range of the primary key: what an id prefix can name. $1 lowest, $2 highest
 BY_ID_RANGE = "SELECT id FROM executions WHERE id BETWEEN $1 AND $2 ORDER BY id LIMIT 2"

@@ -147,11 +147,32 @@ SAVE_STORE = f"""
 UPDATE executions e SET store = e.store || $5::jsonb WHERE {_MINE} RETURNING e.id
 """
 
-# Seconds until the next suspended run is due (negative: one is overdue); NULL if none waits on a
-# timer. Read from the partial index's first entry.
+# Seconds until the next suspended run or delayed execution is due (negative: one is overdue);
+# NULL if none waits on a timer. Read from the first entry of each partial index.
 NEXT_WAKE_IN = """
-SELECT extract(epoch FROM min(wake_at) - now())::float8 FROM executions
-WHERE status IN ('sleeping', 'waiting') AND wake_at IS NOT NULL
+SELECT extract(epoch FROM LEAST(
+    (SELECT min(wake_at) FROM executions WHERE status IN ('sleeping', 'waiting') AND wake_at IS NOT NULL),
+    (SELECT min(not_before) FROM executions WHERE status = 'requested' AND not_before IS NOT NULL)
+) - now())::float8
+"""
+
+# Delayed executions (`--delay`, `--at`, an action's retry backoff) whose time has come join the
+# scheduler's line, in the order they were due. $1 limit
+RELEASE_DELAYED = """
+WITH due AS (
+    SELECT id, not_before FROM executions
+    WHERE status = 'requested' AND not_before <= now()
+    ORDER BY not_before LIMIT $1
+    FOR UPDATE SKIP LOCKED
+), upd AS (
+    UPDATE executions e SET not_before = NULL, updated_at = due.not_before, last_event_seq = e.last_event_seq + 1
+    FROM due WHERE e.id = due.id
+    RETURNING e.id, e.last_event_seq
+), ev AS (
+    INSERT INTO execution_events (execution_id, seq, type, data)
+    SELECT id, last_event_seq, 'execution.due', '{}'::jsonb FROM upd
+)
+SELECT id FROM upd
 """
 
 # Back in line: suspended runs whose timer or deadline is due, and (a backstop for a wake-up that
