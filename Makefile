@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 
-.PHONY: install services demo test test-slow test-unit bench bench-steps clean lock
+.PHONY: install services demo test test-slow test-unit bench bench-steps bench-delayed clean lock
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,9 @@ bench: install services
 
 bench-steps: install services
 	$(PY) bench/steps.py
+
+bench-delayed: install services
+	$(PY) bench/delayed.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

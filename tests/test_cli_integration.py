@@ -165,3 +165,33 @@ async def test_workflow_controls_and_timeline_from_the_command_line(baton):
     unknown = await _baton(baton, "executions", "cancel", "zz")
     assert unknown.returncode == 2 and "not an execution id" in unknown.stderr
     await _baton(baton, "executions", "cancel", prefix)
+
+
+async def test_delays_retries_and_schedules_from_the_command_line(baton):
+    await baton.start_executor()
+    await baton.start_worker("cli-w")
+    delayed = await _baton(baton, "submit", "core.echo", "message=later", "--delay", "1s", "--wait", "--json")
+    assert delayed.returncode == 0, delayed.stderr
+    done = json.loads(delayed.stdout)
+    assert "execution.due" in [e["type"] for e in done["events"]]
+    both = await _baton(baton, "submit", "core.noop", "--delay", "1s", "--at", "2026-12-01T09:00Z")
+    assert both.returncode == 2 and "not both" in both.stderr
+    naive = await _baton(baton, "submit", "core.noop", "--at", "2026-12-01T09:00")
+    assert naive.returncode == 2 and "time zone" in naive.stderr
+    no_retry = await _baton(baton, "submit", "tests.flaky", f"path={baton.tmp / 'f'}", "failures=5",
+                            "--max-retries", "0", "--wait", "--json")
+    assert no_retry.returncode == 1 and json.loads(no_retry.stdout)["status"] == "failed"
+
+    added = await _baton(baton, "schedules", "add", "tick", "core.echo", "message=tick", "--cron", "* * * * * *")
+    assert added.returncode == 0 and "schedule tick" in added.stdout, added.stderr
+    pool = await baton.pool()
+    await wait_until(lambda: pool.fetchval("SELECT count(*) FROM executions WHERE schedule_name = 'tick'"),
+                     what="the schedule to fire")
+    listed = await _baton(baton, "schedules", "list", "--json")
+    assert [s["name"] for s in json.loads(listed.stdout)] == ["tick"]
+    bad = await _baton(baton, "schedules", "add", "bad", "core.noop", "--cron", "not cron")
+    assert bad.returncode == 2 and "not a cron expression" in bad.stderr
+    removed = await _baton(baton, "schedules", "remove", "tick")
+    assert removed.returncode == 0
+    gone = await _baton(baton, "schedules", "remove", "tick")
+    assert gone.returncode == 2 and "no schedule 'tick'" in gone.stderr
