@@ -24,6 +24,7 @@ COPY pyproject.toml README.md ./
 COPY common/ common/
 COPY executor/ executor/
 COPY worker/ worker/
+COPY dashboard/ dashboard/
 COPY examples/ examples/
 RUN pip install --no-deps . \
  && rm -rf build ./*.egg-info
@@ -34,8 +35,8 @@ ENV BATON_CONFIG=/app/config/config.yaml
 
 USER baton
 
-# 9100: executor metrics, 9101: worker metrics (when metrics_port is set in the config).
-EXPOSE 9100 9101
+# 9100: executor metrics, 9101: worker metrics (when metrics_port is set in the config), 8080: the dashboard.
+EXPOSE 9100 9101 8080
 
 ENTRYPOINT ["baton"]
 CMD ["executor"]

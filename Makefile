@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 
-.PHONY: install services demo test test-slow test-unit bench bench-steps bench-delayed clean lock
+.PHONY: install services browser demo test test-slow test-unit bench bench-steps bench-delayed clean lock
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,10 +16,13 @@ install: $(VENV)/.installed
 services:
 	./scripts/ensure-services.sh
 
+browser:
+	./scripts/ensure-browser.sh
+
 demo: install services
 	$(PY) -m examples.demo
 
-test: install services
+test: install services browser
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest -n 2 -m "not slow and not restarts"

@@ -35,6 +35,8 @@ app.add_typer(workers_app, name="workers")
 app.add_typer(db_app, name="db")
 schedules_app = typer.Typer(help="Cron schedules: each due time fires once.", no_args_is_help=True)
 app.add_typer(schedules_app, name="schedules")
+rejected_app = typer.Typer(help="Parked requests: those that could not be tied to an execution.", no_args_is_help=True)
+app.add_typer(rejected_app, name="rejected")
 
 console = Console()
 STATUS_STYLE = {
@@ -103,6 +105,26 @@ def executor() -> None:
         _serve(main(settings))
     except RuntimeError as exc:  # a refusal to start, or a loop that died (logged with its cause)
         typer.echo(f"executor: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def dashboard(
+    host: str | None = typer.Option(None, "--host", help="Address to listen on (default: dashboard.host, 127.0.0.1)."),
+    port: int | None = typer.Option(None, "--port", min=1, max=65535, help="Port (default: dashboard.port, 8080)."),
+) -> None:
+    """Run the web dashboard: workers, executions and their timelines, live; actions with dashboard.token."""
+    from dashboard.app import serve
+
+    settings = _settings()
+    if host is not None or port is not None:
+        settings = settings.model_copy(update={"dashboard": settings.dashboard.model_copy(
+            update={k: v for k, v in (("host", host), ("port", port)) if v is not None})})
+    configure_logging(settings.logging, service="dashboard")
+    try:
+        asyncio.run(serve(settings))
+    except OSError as exc:
+        typer.echo(f"dashboard: cannot listen on {settings.dashboard.host}:{settings.dashboard.port}: {exc}", err=True)
         raise typer.Exit(1) from None
 
 
@@ -484,6 +506,35 @@ def schedules_remove(name: str = typer.Argument(..., help="The schedule's name."
     _control(go)
 
 
+@rejected_app.command("list")
+def rejected_list(
+    limit: int = typer.Option(100, "--limit", min=1), as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Parked requests with their reasons, oldest first; they stay parked."""
+    parked = _run_client(lambda c: c.list_rejected(limit=limit))
+    if as_json:
+        _print_json([{"key": p.key, "reason": p.reason, "message_id": p.message_id, "truncated": p.truncated,
+                      "body": p.preview(4096)} for p in parked])
+        return
+    table = Table()
+    for column in ("key", "reason", "message id", "body"):
+        table.add_column(column)
+    for p in parked:
+        table.add_row(_cell(p.key), _cell(p.reason), _cell(p.message_id), _cell(p.preview(80)))
+    console.print(table)
+
+
+@rejected_app.command("replay")
+def rejected_replay(key: str = typer.Argument(..., help="The key `baton rejected list` shows.")) -> None:
+    """Post a parked request again, as it came, and take it off the parking queue."""
+
+    async def go(c: BatonClient) -> str:
+        parked = await c.replay_rejected(key)
+        return f"parked request {parked.key} posted again (message id {parked.message_id})"
+
+    _control(go)
+
+
 @workers_app.command("list")
 def workers_list(as_json: bool = typer.Option(False, "--json")) -> None:
     """Workers with their state, heartbeat age and in-flight count."""
@@ -545,7 +596,7 @@ def parse_age(value: str) -> float:
 @app.command()
 def health(
     service: str | None = typer.Option(
-        None, "--service", help="executor or worker: also require that local service to be alive and connected."
+        None, "--service", help="executor, worker or dashboard: also require that local service to be alive and connected."
     ),
 ) -> None:
     """Check that PostgreSQL and RabbitMQ are reachable and, with --service, that the local
@@ -554,9 +605,13 @@ def health(
 
     settings = _settings()
     ok = True
-    if service is not None:
+    if service == "dashboard":
+        healthy, line = _dashboard_answers(settings)
+        ok &= healthy
+        typer.echo(f"dashboard: {line}")
+    elif service is not None:
         if service not in ("executor", "worker"):
-            typer.echo("--service must be executor or worker", err=True)
+            typer.echo("--service must be executor, worker or dashboard", err=True)
             raise typer.Exit(2)
         path = settings.executor.health_file if service == "executor" else settings.worker.health_file
         if path is None:
@@ -571,6 +626,20 @@ def health(
         ok &= reachable
         typer.echo(f"{name}: {line}")
     raise typer.Exit(0 if ok else 1)
+
+
+def _dashboard_answers(settings: Settings) -> tuple[bool, str]:
+    """Whether the local dashboard answers its health page (which reads the database)."""
+    import urllib.error
+    import urllib.request
+
+    host = "127.0.0.1" if settings.dashboard.host in ("0.0.0.0", "::") else settings.dashboard.host
+    url = f"http://{host}:{settings.dashboard.port}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status == 200, f"answers at {host}:{settings.dashboard.port}"
+    except (urllib.error.URLError, OSError) as exc:
+        return False, f"does not answer at {host}:{settings.dashboard.port}: {getattr(exc, 'reason', exc)}"
 
 
 async def _probe(settings: Settings) -> list[tuple[str, bool, str]]:

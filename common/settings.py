@@ -268,6 +268,29 @@ class LoggingSettings(_Section):
         return value.lower() if isinstance(value, str) else value
 
 
+class DashboardSettings(_Section):
+    host: str = "127.0.0.1"
+    """Address the web dashboard listens on; loopback unless you put it behind your own proxy."""
+
+    port: int = Field(8080, ge=1, le=65535)
+    """Its port."""
+
+    token: str | None = Field(None, repr=False)
+    """Needed (as a bearer token or a form field) to cancel, retry or resubmit from the dashboard;
+    unset, the dashboard is read-only."""
+
+    refresh_interval_s: Seconds = Field(1.0, alias="refresh_interval", gt=0)
+    """How often a live page is re-rendered and pushed to the browser (server-sent events)."""
+
+    @field_validator("token", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value  # `BATON__DASHBOARD__TOKEN=` (compose, unset): read-only
+
+    page_size: int = Field(50, ge=1, le=500)
+    """Executions per page."""
+
+
 class ScheduleEntry(BaseModel):
     """One cron schedule in the YAML `schedules:` section, keyed by its name."""
 
@@ -322,6 +345,9 @@ class Settings(BaseSettings):
 
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     """Log output."""
+
+    dashboard: DashboardSettings = Field(default_factory=DashboardSettings)
+    """The web dashboard (`baton dashboard`)."""
 
     schedules: dict[str, ScheduleEntry] = Field(default_factory=dict)
     """Cron schedules by name; the executors keep the `schedules` table in step with them."""

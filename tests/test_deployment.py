@@ -33,7 +33,7 @@ DOCKERFILE = ROOT / "Dockerfile"
 PYPROJECT = ROOT / "pyproject.toml"
 
 INFRA_SERVICES = ("postgres", "rabbitmq")
-EXPECTED_APP_SERVICES = {"executor", "worker-shell", "worker-python"}
+EXPECTED_APP_SERVICES = {"executor", "worker-shell", "worker-python", "dashboard"}
 WORKER_STOP_GRACE_S = 45.0  # DESIGN section 5: 30 s drain + 15 s margin
 
 
@@ -656,5 +656,7 @@ def test_app_services_are_health_checked_by_baton_health() -> None:
         test = (svc.get("healthcheck") or {}).get("test") or []
         assert test[:2] == ["CMD", "baton"], f"{name}: no `baton health` health check"
         argv = test[2:]
-        assert argv[:1] == ["health"] and option_value(argv, "--service") in {"executor", "worker"}, f"{name}: {test}"
+        assert argv[:1] == ["health"] and option_value(argv, "--service") in {"executor", "worker", "dashboard"}, (
+            f"{name}: {test}"
+        )
         assert_cli_accepts(argv, f"{name} health check")

@@ -241,6 +241,31 @@ ORDER BY created_at DESC
 LIMIT $3
 """
 
+# A page of executions, newest first, by keyset (created_at, id) through `executions_created`:
+# $1 status, $2 action, $3 worker, $4 created since, $5 created before, $6/$7 the last row of the
+# previous page (created_at, id), $8/$9 an id range (an id prefix), $10 limit; NULL: no filter.
+LIST_PAGE = """
+SELECT id, action_ref, status, attempt, worker, created_at, started_at, finished_at, error
+FROM executions
+WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR action_ref = $2)
+  AND ($3::text IS NULL OR worker = $3)
+  AND ($4::timestamptz IS NULL OR created_at >= $4) AND ($5::timestamptz IS NULL OR created_at < $5)
+  AND ($6::timestamptz IS NULL OR (created_at, id) < ($6, $7::uuid))
+  AND ($8::uuid IS NULL OR id BETWEEN $8 AND $9::uuid)
+ORDER BY created_at DESC, id DESC
+LIMIT $10
+"""
+
+# Finished executions per minute over the last hour, completed and not, through `executions_finished`.
+FINISHED_PER_MINUTE = """
+SELECT date_trunc('minute', finished_at) AS minute,
+       count(*) FILTER (WHERE status = 'completed') AS completed,
+       count(*) FILTER (WHERE status <> 'completed') AS failed
+FROM executions
+WHERE status IN ('completed', 'failed', 'timeout', 'cancelled') AND finished_at > now() - interval '1 hour'
+GROUP BY 1 ORDER BY 1
+"""
+
 # Only states that still need something to happen: bounded by the work in flight, not by history.
 COUNT_ACTIVE_BY_STATUS = """
 SELECT status, count(*) AS n FROM executions

@@ -138,7 +138,7 @@ DELETE_GONE = "DELETE FROM workers WHERE name = ANY($1::text[]) AND status IN ('
 LIST = """
 SELECT name, status, runtimes, max_concurrent_tasks, in_flight, last_heartbeat,
        extract(epoch FROM now() - last_heartbeat)::float8 AS heartbeat_age_s, heartbeat_interval_s,
-       hostname, pid, started_at
+       hostname, pid, started_at, actions
 FROM workers
 ORDER BY name
 """

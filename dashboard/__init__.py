@@ -1,0 +1,1 @@
+"""Baton's web dashboard (`baton dashboard`): watch workers and executions live, act with a token."""
