@@ -7,9 +7,11 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -86,6 +88,9 @@ class Baton:
     prefix: str = field(default_factory=lambda: f"t{uuid.uuid4().hex[:10]}")
     services: list[Service] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    #: The servers this world uses: the shared ones, or a test's private instances.
+    pg_url: str = PG_URL
+    amqp_url: str = AMQP_URL
     worker_names: set[str] = field(default_factory=set)
     _client: BatonClient | None = None
     _pool: asyncpg.Pool | None = None
@@ -93,7 +98,7 @@ class Baton:
 
     @property
     def db_url(self) -> str:
-        return f"{PG_URL}/{self.db_name}"
+        return f"{self.pg_url}/{self.db_name}"
 
     @property
     def names(self) -> amqp.Names:
@@ -102,11 +107,11 @@ class Baton:
     def settings(self) -> Settings:
         return Settings(
             database={"url": self.db_url},
-            message_queue={"url": AMQP_URL, "prefix": self.prefix},
+            message_queue={"url": self.amqp_url, "prefix": self.prefix},
         )
 
     async def setup(self) -> None:
-        admin = await asyncpg.connect(f"{PG_URL}/postgres")
+        admin = await asyncpg.connect(f"{self.pg_url}/postgres")
         try:
             await admin.execute(f'CREATE DATABASE "{self.db_name}" TEMPLATE "{self.template}"')
         finally:
@@ -125,8 +130,8 @@ class Baton:
             workers |= {r["name"] for r in await (await self.pool()).fetch("SELECT name FROM workers")}
         if self._pool is not None:
             await self._pool.close()
-        await amqp.delete_topology(AMQP_URL, self.names, sorted(workers))
-        admin = await asyncpg.connect(f"{PG_URL}/postgres")
+        await amqp.delete_topology(self.amqp_url, self.names, sorted(workers))
+        admin = await asyncpg.connect(f"{self.pg_url}/postgres")
         try:
             await admin.execute(f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)')
         finally:
@@ -140,7 +145,7 @@ class Baton:
         env.update(
             BATON_CONFIG=str(REPO / "config" / "config.yaml"),
             BATON__DATABASE__URL=self.db_url,
-            BATON__MESSAGE_QUEUE__URL=AMQP_URL,
+            BATON__MESSAGE_QUEUE__URL=self.amqp_url,
             BATON__MESSAGE_QUEUE__PREFIX=self.prefix,
             PYTHONPATH=str(REPO),
         )
@@ -215,7 +220,7 @@ class Baton:
     ) -> None:
         """Post like a client in another language would: just a message on the exchange."""
         if self._amqp is None:
-            self._amqp = await aio_pika.connect_robust(AMQP_URL)
+            self._amqp = await aio_pika.connect_robust(self.amqp_url)
         channel = await self._amqp.channel()
         await amqp.declare_requests_queue(channel, self.names, queue_type=queue_type)
         exchange = await channel.get_exchange(self.names.executions_exchange)
@@ -230,7 +235,7 @@ class Baton:
 
     async def queue_depth(self, queue: str) -> int:
         if self._amqp is None:
-            self._amqp = await aio_pika.connect_robust(AMQP_URL)
+            self._amqp = await aio_pika.connect_robust(self.amqp_url)
         channel = await self._amqp.channel()
         try:
             declared = await channel.declare_queue(queue, passive=True)
@@ -245,7 +250,7 @@ class Baton:
             return await self.queue_depth(self.names.rejected_requests_queue) >= count
 
         await wait_until(enough, timeout_s=timeout_s, what=f"{count} parked requests")
-        connection = await aio_pika.connect(AMQP_URL)
+        connection = await aio_pika.connect(self.amqp_url)
         try:
             channel = await connection.channel()
             queue = await channel.get_queue(self.names.rejected_requests_queue)
@@ -261,14 +266,14 @@ class Baton:
             await self._amqp.close()
 
 
-async def make_template() -> str:
+async def make_template(pg_url: str = PG_URL) -> str:
     name = f"baton_tpl_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    admin = await asyncpg.connect(f"{PG_URL}/postgres")
+    admin = await asyncpg.connect(f"{pg_url}/postgres")
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
     finally:
         await admin.close()
-    conn = await db.connect_one(f"{PG_URL}/{name}", max_wait_s=10)
+    conn = await db.connect_one(f"{pg_url}/{name}", max_wait_s=10)
     try:
         await db.migrate(conn)
     finally:
@@ -276,8 +281,8 @@ async def make_template() -> str:
     return name
 
 
-async def drop_database(name: str) -> None:
-    admin = await asyncpg.connect(f"{PG_URL}/postgres")
+async def drop_database(name: str, pg_url: str = PG_URL) -> None:
+    admin = await asyncpg.connect(f"{pg_url}/postgres")
     try:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
@@ -345,3 +350,87 @@ class CuttableProxy:
 
     def url(self, database: str) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+
+# -- private servers, for tests that restart them ------------------------------------------------
+
+
+def _pg_bin(tool: str) -> str:
+    found = shutil.which(tool)
+    if found:
+        return found
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/" + tool))
+    if not versions:
+        raise RuntimeError(f"PostgreSQL's {tool} is not installed")
+    return str(versions[-1])
+
+
+class PrivatePostgres:
+    """A PostgreSQL of the test's own (its own port and data directory, trust auth), so that a
+    test can restart it without touching the shared server."""
+
+    def __init__(self, tmp: Path) -> None:
+        # Not under the test's own folder: its parents are private to root, and PostgreSQL runs
+        # as its own user. Removed when it stops.
+        del tmp
+        self.dir = Path(tempfile.mkdtemp(prefix="baton-test-pg-"))
+        self.port = free_port()
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}"
+        # PostgreSQL refuses to run as root: run it as its own user when we are root.
+        self.user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+
+    def _run(self, *argv: str) -> None:
+        subprocess.run([*self.user, *argv], check=True, capture_output=True, timeout=120)
+
+    def _ctl(self, *args: str) -> None:
+        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._run(_pg_bin("pg_ctl"), "-D", str(self.dir / "data"), "-l", str(self.dir / "log"), "-w", "-o", options, *args)
+
+    def start(self) -> None:
+        if self.user:
+            shutil.chown(self.dir, "postgres")
+        self._run(_pg_bin("initdb"), "-D", str(self.dir / "data"), "--auth=trust", "-U", "postgres", "-E", "UTF8")
+        self._ctl("start")
+
+    def restart(self) -> None:
+        self._ctl("-m", "fast", "restart")
+
+    def stop(self) -> None:
+        with contextlib.suppress(subprocess.CalledProcessError, subprocess.TimeoutExpired):
+            self._ctl("-m", "immediate", "stop")
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class PrivateRabbit:
+    """A RabbitMQ node of the test's own (its own node name, ports and data directory)."""
+
+    BIN = Path("/usr/lib/rabbitmq/bin")
+
+    def __init__(self, tmp: Path) -> None:
+        self.dir = tmp / "rabbit"
+        self.port = free_port()
+        self.node = f"baton_t{self.port}@localhost"
+        self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/"
+        self.env = {
+            **os.environ,
+            "RABBITMQ_NODENAME": self.node, "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(free_port()), "RABBITMQ_MNESIA_BASE": str(self.dir / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.dir / "log"), "RABBITMQ_PID_FILE": str(self.dir / "pid"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.dir / "plugins"), "RABBITMQ_CONFIG_FILE": str(self.dir / "rabbitmq"),
+        }
+
+    def ctl(self, *args: str) -> None:
+        subprocess.run([str(self.BIN / "rabbitmqctl"), "-n", self.node, "-q", *args], env=self.env, check=True,
+                       capture_output=True, timeout=120)
+
+    def start(self) -> None:
+        self.dir.mkdir(parents=True)
+        (self.dir / "plugins").write_text("[].\n")
+        (self.dir / "rabbitmq.conf").write_text("")
+        subprocess.run([str(self.BIN / "rabbitmq-server"), "-detached"], env=self.env, check=True, timeout=60,
+                       capture_output=True)
+        self.ctl("wait", "--timeout", "90", str(self.dir / "pid"))
+
+    def stop(self) -> None:
+        with contextlib.suppress(subprocess.CalledProcessError, subprocess.TimeoutExpired):
+            self.ctl("stop")

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import shutil
 import signal
-import subprocess
 import uuid
 
 import pytest
@@ -99,10 +96,6 @@ async def _serving_and_loaded(baton, n: int, *, health_files: bool = False) -> t
     return workers, ids
 
 
-def _rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
-
-
 async def _all_report(paths: list, *, amqp_connected: bool) -> bool:
     """Whether every service's health file says it is (or is not) connected to the broker."""
     for path in paths:
@@ -114,20 +107,21 @@ async def _all_report(paths: list, *, amqp_connected: bool) -> bool:
     return True
 
 
-@pytest.mark.skipif(shutil.which("rabbitmqctl") is None, reason="needs a local RabbitMQ to restart")
 @pytest.mark.restarts
-async def test_rabbitmq_restart_loses_nothing(baton):
+async def test_rabbitmq_restart_loses_nothing(private_baton):
+    """On a RabbitMQ node of the test's own: the machine's shared broker is never restarted."""
+    baton = private_baton
     workers, ids = await _serving_and_loaded(baton, 80, health_files=True)
     health = [baton.tmp / name for name in ("executor.health", "w1.health", "w2.health")]
     await wait_until(lambda: _all_report(health, amqp_connected=True), what="every service to report the broker")
     try:
-        await asyncio.to_thread(_rabbitmqctl, "stop_app")
+        await asyncio.to_thread(baton.private_rabbit.ctl, "stop_app")
         # The broker stays down until every service has noticed it.
         await wait_until(
             lambda: _all_report(health, amqp_connected=False), what="every service to notice the broker is gone"
         )
     finally:
-        await asyncio.to_thread(_rabbitmqctl, "start_app")
+        await asyncio.to_thread(baton.private_rabbit.ctl, "start_app")
     await _all_completed(baton, 80, timeout_s=90)
     await _assert_exactly_once(baton, ids)
     # The services came through it: still running, and still serving new work.
@@ -136,24 +130,15 @@ async def test_rabbitmq_restart_loses_nothing(baton):
     assert done["status"] == "completed"
 
 
-def _pg_restart() -> None:
-    for version in os.listdir("/etc/postgresql"):
-        subprocess.run(
-            ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"],
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
-
-
-@pytest.mark.skipif(shutil.which("pg_ctlcluster") is None, reason="needs a local PostgreSQL cluster to restart")
 @pytest.mark.restarts
-async def test_postgresql_restart_loses_nothing(baton):
+async def test_postgresql_restart_loses_nothing(private_baton):
+    """On a PostgreSQL of the test's own: the machine's shared server is never restarted."""
+    baton = private_baton
     # A restart here takes a few seconds; a worker that cannot write its heartbeat for longer than
     # the staleness window stands down by design, so the window must outlast the restart.
     baton.env.update(BATON__WORKER__HEARTBEAT_INTERVAL="2")
     workers, ids = await _serving_and_loaded(baton, 80)
-    await asyncio.to_thread(_pg_restart)
+    await asyncio.to_thread(baton.private_pg.restart)
     await (await baton.pool()).expire_connections()
     await _all_completed(baton, 80, timeout_s=90)
     await _assert_exactly_once(baton, ids)
