@@ -19,6 +19,7 @@ from aio_pika.abc import (
 
 from common import amqp_decoding
 from common.retry import connect_retrying
+from common.settings import where
 
 REQUESTED_KEY = "execution.requested"
 
@@ -80,7 +81,7 @@ async def connect(url: str, *, max_wait_s: float = 60.0) -> AbstractRobustConnec
     """A robust connection (it reconnects and re-declares by itself), waiting for the broker first.
     Frames are decoded leniently (`common.amqp_decoding`): no message can close the connection."""
     amqp_decoding.install()
-    async for attempt in connect_retrying(max_wait_s):
+    async for attempt in connect_retrying(max_wait_s, what="RabbitMQ", at=where(url)):
         with attempt:
             return await aio_pika.connect_robust(url)
     raise AssertionError("unreachable")

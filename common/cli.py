@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlsplit
 
+import aiormq.exceptions
+import asyncpg
 import typer
+import yaml
 from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from common.logging import configure_logging
-from common.settings import Settings, load_settings, parse_duration
+from common.retry import TRANSIENT_ERRORS
+from common.settings import Settings, load_settings, parse_duration, where
 from common.timeline import timeline
 
 if TYPE_CHECKING:
@@ -69,12 +75,68 @@ def _serve(main: Any) -> None:
         uvloop.run(main)
 
 
+#: Set by `--debug` (anywhere on the command line): tracebacks instead of one-line errors.
+DEBUG = {"on": False}
+
+
 def _settings(**overrides: Any) -> Settings:
+    path = os.environ.get("BATON_CONFIG", "config/config.yaml")
     try:
         return load_settings(**overrides)
-    except (ValidationError, FileNotFoundError) as exc:
-        typer.echo(f"configuration error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    except ValidationError as exc:
+        first = exc.errors(include_url=False, include_input=False)[0]
+        where = ".".join(str(p) for p in first["loc"])
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        typer.echo(f"configuration error in {path}: {where}: {first['msg']}{more}", err=True)
+    except FileNotFoundError as exc:
+        typer.echo(f"configuration error: {exc}: give an existing file with --config or BATON_CONFIG", err=True)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        typer.echo(f"configuration error: {path} is not valid YAML{at}: {problem}", err=True)
+    if DEBUG["on"]:
+        raise
+    raise typer.Exit(2)
+
+
+def startup_failure(exc: BaseException, settings: Settings) -> str | None:
+    """One line for a failure to reach or use PostgreSQL or RabbitMQ: what was tried (host:port,
+    never a password), why, and what to do. None for anything else."""
+    pg, mq = settings.database.url, settings.message_queue.url
+    db_name = urlsplit(pg).path.lstrip("/") or "(none)"
+    reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
+        return (f"RabbitMQ at {where(mq)} refused the login of user {urlsplit(mq).username!r}: "
+                "fix the user or password in message_queue.url")
+    if isinstance(exc, aiormq.exceptions.AMQPConnectionError):
+        return (f"cannot reach RabbitMQ at {where(mq)} ({reason}); gave up after message_queue.startup_wait "
+                f"({settings.message_queue.startup_wait_s:g} s): start it, or fix message_queue.url")
+    if isinstance(exc, (asyncpg.exceptions.InvalidPasswordError, asyncpg.exceptions.InvalidAuthorizationSpecificationError)):
+        return f"PostgreSQL at {where(pg)} refused the login ({reason}): fix the user or password in database.url"
+    if isinstance(exc, asyncpg.exceptions.InvalidCatalogNameError):
+        return (f"database {db_name!r} does not exist at {where(pg)}: start an executor or a worker (they create "
+                "it), or run `baton db migrate`")
+    if isinstance(exc, asyncpg.exceptions.UndefinedTableError):
+        return f"database {db_name!r} at {where(pg)} has no Baton tables yet: run `baton db migrate`"
+    if isinstance(exc, TRANSIENT_ERRORS):
+        return (f"cannot reach PostgreSQL at {where(pg)} ({reason}); gave up after database.startup_wait "
+                f"({settings.database.startup_wait_s:g} s): start it, or fix database.url")
+    return None
+
+
+@contextlib.contextmanager
+def _one_line(settings: Settings, who: str) -> Iterator[None]:
+    """A failure to reach PostgreSQL or RabbitMQ ends the command with one line (a traceback
+    with --debug), exit status 1."""
+    try:
+        yield
+    except Exception as exc:
+        line = startup_failure(exc, settings)
+        if line is None or DEBUG["on"]:
+            raise
+        typer.echo(f"{who}: {line}", err=True)
+        raise typer.Exit(1) from None
 
 
 def _styled(status: str | None) -> str:
@@ -101,11 +163,12 @@ def executor() -> None:
 
     settings = _settings()
     configure_logging(settings.logging, service="executor")
-    try:
-        _serve(main(settings))
-    except RuntimeError as exc:  # a refusal to start, or a loop that died (logged with its cause)
-        typer.echo(f"executor: {exc}", err=True)
-        raise typer.Exit(1) from None
+    with _one_line(settings, "executor"):
+        try:
+            _serve(main(settings))
+        except RuntimeError as exc:  # a refusal to start, or a loop that died (logged with its cause)
+            typer.echo(f"executor: {exc}", err=True)
+            raise typer.Exit(1) from None
 
 
 @app.command()
@@ -121,11 +184,11 @@ def dashboard(
         settings = settings.model_copy(update={"dashboard": settings.dashboard.model_copy(
             update={k: v for k, v in (("host", host), ("port", port)) if v is not None})})
     configure_logging(settings.logging, service="dashboard")
-    try:
-        asyncio.run(serve(settings))
-    except OSError as exc:
-        typer.echo(f"dashboard: cannot listen on {settings.dashboard.host}:{settings.dashboard.port}: {exc}", err=True)
-        raise typer.Exit(1) from None
+    with _one_line(settings, "dashboard"):
+        if not asyncio.run(serve(settings)):
+            typer.echo(f"dashboard: cannot listen on {settings.dashboard.host}:{settings.dashboard.port} "
+                       "(see the line above): choose another --host or --port", err=True)
+            raise typer.Exit(1)
 
 
 @app.command()
@@ -173,11 +236,12 @@ def worker(
             loop.add_signal_handler(sig, on_signal)
         await WorkerService(settings, worker_name).run(stop_event)
 
-    try:
-        _serve(main())
-    except RuntimeError as exc:
-        typer.echo(f"worker {settings.worker.name}: {exc}", err=True)
-        raise typer.Exit(1) from None
+    with _one_line(settings, f"worker {settings.worker.name}"):
+        try:
+            _serve(main())
+        except RuntimeError as exc:
+            typer.echo(f"worker {settings.worker.name}: {exc}", err=True)
+            raise typer.Exit(1) from None
 
 
 # -- posting ------------------------------------------------------------------------------------
@@ -200,7 +264,7 @@ def submit(
     """Post an invocation to the queue."""
     from common.client import BatonClient, RequestRejected, coerce_key_values
 
-    settings = _settings()
+    settings = _client_settings()
 
     async def main() -> int:
         async with BatonClient(settings) as client:
@@ -262,7 +326,9 @@ def submit(
                 _show(execution)
             return 0 if execution["status"] == "completed" else 1
 
-    raise typer.Exit(asyncio.run(main()))
+    with _one_line(settings, "baton submit"):
+        code = asyncio.run(main())
+    raise typer.Exit(code)
 
 
 def _when(delay: str | None, at: str | None) -> tuple[float | None, dt.datetime | None]:
@@ -323,17 +389,26 @@ def _show(execution: dict[str, Any]) -> None:
 def _run_client(fn: Callable[[BatonClient], Awaitable[_T]]) -> _T:
     from common.client import BatonClient
 
-    settings = _settings()
+    settings = _client_settings()
 
     async def main() -> _T:
         async with BatonClient(settings) as client:
             return await fn(client)
 
     try:
-        return asyncio.run(main())
+        with _one_line(settings, "baton"):
+            return asyncio.run(main())
     except ValueError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
+
+
+def _client_settings() -> Settings:
+    """Settings for a command that talks to PostgreSQL and RabbitMQ as a client: its waits for
+    them are logged to stderr as they happen, in the configured format, warnings and up."""
+    settings = _settings()
+    configure_logging(settings.logging.model_copy(update={"level": "warning"}), service="cli")
+    return settings
 
 
 @executions_app.command("list")
@@ -576,7 +651,7 @@ def executions_prune(
     settings = _settings()
 
     async def main() -> int:
-        pool = await db.connect(settings.database.url, max_size=1, max_wait_s=10)
+        pool = await db.connect(settings.database.url, max_size=1, max_wait_s=settings.database.startup_wait_s)
         try:
             return await prune_executions(pool, older_than_s=older_than_s, batch_size=settings.retention.batch_size)
         finally:
@@ -684,7 +759,7 @@ def db_migrate() -> None:
 
     async def main() -> list[str]:
         await db.ensure_database(settings.database.url)
-        pool = await db.connect(settings.database.url, max_size=1, max_wait_s=30)
+        pool = await db.connect(settings.database.url, max_size=1, max_wait_s=settings.database.startup_wait_s)
         try:
             return await db.migrate(pool)
         finally:
@@ -694,8 +769,37 @@ def db_migrate() -> None:
     typer.echo(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""))
 
 
-def main() -> None:  # pragma: no cover - console script entry
-    sys.exit(app())
+def _global_options(argv: list[str]) -> list[str]:
+    """`--config PATH` and `--debug` are taken wherever they stand (before or after the command)."""
+    out: list[str] = []
+    rest = iter(argv)
+    for arg in rest:
+        if arg == "--debug":
+            DEBUG["on"] = True
+        elif arg == "--config" or arg.startswith("--config="):
+            path = arg.partition("=")[2] if "=" in arg else next(rest, "")
+            if not path:
+                typer.echo("--config needs a path", err=True)
+                sys.exit(2)
+            if not os.path.exists(path):
+                typer.echo(f"configuration error: --config {path}: no such file", err=True)
+                sys.exit(2)
+            os.environ["BATON_CONFIG"] = path
+        else:
+            out.append(arg)
+    return out
+
+
+@app.callback()
+def _help_for_global_options(
+    config: str | None = typer.Option(None, "--config", help="The YAML settings file (else BATON_CONFIG, else config/config.yaml); on any command."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors; on any command."),
+) -> None:
+    """Shown in `baton --help`; both are taken out of the command line before it is parsed."""
+
+
+def main() -> None:  # console script entry
+    sys.exit(app(args=_global_options(sys.argv[1:]), prog_name="baton"))
 
 
 if __name__ == "__main__":  # `python -m common.cli`, for tests and scripts that lack the console script

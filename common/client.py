@@ -138,12 +138,16 @@ class BatonClient:
 
     async def pool(self) -> asyncpg.Pool:
         if self._pool is None:
-            self._pool = await db.connect(self.settings.database.url, max_size=2, max_wait_s=10)
+            self._pool = await db.connect(
+                self.settings.database.url, max_size=2, max_wait_s=self.settings.database.startup_wait_s
+            )
         return self._pool
 
     async def _amqp(self) -> tuple[AbstractChannel, AbstractQueue]:
         if self._channel is None or self._inbox is None:
-            self._connection = await amqp.connect(self.settings.message_queue.url, max_wait_s=10)
+            self._connection = await amqp.connect(
+                self.settings.message_queue.url, max_wait_s=self.settings.message_queue.startup_wait_s
+            )
             # Declared here too, so that a request posted before any executor ever ran is kept. A
             # submitter's credentials may not configure Baton's topology (README, trust model):
             # then the executor has declared it, and this client only uses it.

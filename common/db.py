@@ -13,7 +13,7 @@ from tenacity import retry_if_exception_type
 
 from common.logging import get_logger
 from common.retry import TRANSIENT_ERRORS, connect_retrying
-from common.settings import masked_url
+from common.settings import masked_url, where
 
 log = get_logger("baton.db")
 
@@ -46,7 +46,7 @@ async def _keep_session(_conn: asyncpg.Connection) -> None:
 
 async def connect(url: str, *, max_size: int = 10, max_wait_s: float = 60.0) -> asyncpg.Pool:
     """A pool to ``url``, waiting (with backoff) for PostgreSQL to accept connections."""
-    async for attempt in connect_retrying(max_wait_s):
+    async for attempt in connect_retrying(max_wait_s, what="PostgreSQL", at=where(url)):
         with attempt:
             return await asyncpg.create_pool(
                 url, min_size=1, max_size=max_size, init=_init_connection, reset=_keep_session, command_timeout=60,
@@ -57,7 +57,7 @@ async def connect(url: str, *, max_size: int = 10, max_wait_s: float = 60.0) -> 
 
 async def connect_one(url: str, *, max_wait_s: float = 60.0) -> asyncpg.Connection:
     """A single connection (for LISTEN, or a session-scoped lock), with the same codecs."""
-    async for attempt in connect_retrying(max_wait_s):
+    async for attempt in connect_retrying(max_wait_s, what="PostgreSQL", at=where(url)):
         with attempt:
             conn = await asyncpg.connect(url, server_settings=SERVER_SETTINGS)
             await _init_connection(conn)
@@ -100,7 +100,7 @@ async def ensure_database(url: str, *, max_wait_s: float = 60.0) -> bool:
     template database) are retried for up to ``max_wait_s``."""
     name = urlsplit(url).path.lstrip("/")
     created = False
-    retrying = connect_retrying(max_wait_s).copy(
+    retrying = connect_retrying(max_wait_s, what="PostgreSQL", at=where(url)).copy(
         retry=retry_if_exception_type((*TRANSIENT_ERRORS, asyncpg.exceptions.ObjectInUseError, _NotThereYet))
     )
     async for attempt in retrying:

@@ -64,6 +64,12 @@ def masked_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{netloc}"))
 
 
+def where(url: str) -> str:
+    """host:port of a URL, never its credentials: what a line about reaching it may name."""
+    parts = urlsplit(url)
+    return f"{parts.hostname}:{parts.port}" if parts.port else str(parts.hostname)
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, populate_by_name=False)
 
@@ -75,6 +81,10 @@ class DatabaseSettings(_Section):
     pool_max_size: int = Field(10, ge=1)
     """Connections per process in the asyncpg pool."""
 
+    startup_wait_s: Seconds = Field(60.0, alias="startup_wait", ge=0)
+    """How long a service or command starting up waits for PostgreSQL (retrying with backoff,
+    saying so each time) before it gives up with one line; a refused login fails at once."""
+
 
 class MessageQueueSettings(_Section):
     url: str = "amqp://guest:guest@127.0.0.1:5672/"
@@ -82,6 +92,10 @@ class MessageQueueSettings(_Section):
 
     prefix: str = Field("baton", pattern=r"^[A-Za-z0-9_\-]+$")
     """First word of every exchange and queue name, so that deployments and tests can share a broker."""
+
+    startup_wait_s: Seconds = Field(60.0, alias="startup_wait", ge=0)
+    """How long a service or command starting up waits for RabbitMQ (retrying with backoff, saying
+    so each time) before it gives up with one line; a refused login fails at once."""
 
     max_request_bytes: int = Field(1_048_576, ge=1024)
     """Largest accepted request body; a larger one is rejected with a clear reason, never retried."""

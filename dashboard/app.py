@@ -212,8 +212,8 @@ def _quote(text: str) -> str:
     return quote(text, safe="")
 
 
-def create_app(settings: Settings) -> Starlette:
-    d = Dashboard(settings)
+def create_app(settings: Settings, d: Dashboard | None = None) -> Starlette:
+    d = d or Dashboard(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
@@ -247,11 +247,20 @@ def create_app(settings: Settings) -> Starlette:
     return Starlette(routes=routes, lifespan=lifespan)
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings) -> bool:
+    """Serve until stopped; False if it could not listen. PostgreSQL is reached first, so that a
+    failure to reach it is the caller's to report in one line."""
     import uvicorn
 
+    d = Dashboard(settings)
+    await d.client.pool()
     config = uvicorn.Config(
-        create_app(settings), host=settings.dashboard.host, port=settings.dashboard.port, log_config=None,
+        create_app(settings, d), host=settings.dashboard.host, port=settings.dashboard.port, log_config=None,
         access_log=False, lifespan="on",
     )
-    await uvicorn.Server(config).serve()
+    server = uvicorn.Server(config)
+    try:
+        await server.serve()
+    except SystemExit:  # uvicorn's answer to an address it cannot bind (it has logged why)
+        return False
+    return True

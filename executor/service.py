@@ -72,12 +72,13 @@ LOOPS: dict[str, Loop] = {
 
 async def serve(settings: Settings, stop_event: asyncio.Event) -> None:
     names = amqp.Names(settings.message_queue.prefix)
-    await db.ensure_database(settings.database.url)
-    pool = await db.connect(settings.database.url, max_size=settings.database.pool_max_size)
+    wait_db_s, wait_mq_s = settings.database.startup_wait_s, settings.message_queue.startup_wait_s
+    await db.ensure_database(settings.database.url, max_wait_s=wait_db_s)
+    pool = await db.connect(settings.database.url, max_size=settings.database.pool_max_size, max_wait_s=wait_db_s)
     connection: AbstractRobustConnection | None = None
     try:
         await db.migrate(pool)
-        connection = await amqp.connect(settings.message_queue.url)
+        connection = await amqp.connect(settings.message_queue.url, max_wait_s=wait_mq_s)
         publish_channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         exchanges, _ = await amqp.declare_executor_topology(
             publish_channel, names, rejected_max_length=settings.message_queue.rejected_requests_max_length,

@@ -195,3 +195,51 @@ async def test_delays_retries_and_schedules_from_the_command_line(baton):
     assert removed.returncode == 0
     gone = await _baton(baton, "schedules", "remove", "tick")
     assert gone.returncode == 2 and "no schedule 'tick'" in gone.stderr
+
+
+async def _baton_env(baton, *args: str, env: dict[str, str], timeout_s: float = 60) -> subprocess.CompletedProcess:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "common.cli", *args,
+        cwd=REPO, env=baton.service_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout_s)
+    return subprocess.CompletedProcess(args, process.returncode, out.decode(), err.decode())
+
+
+def _last_line(text: str) -> str:
+    return text.strip().splitlines()[-1] if text.strip() else ""
+
+
+async def test_unreachable_or_refused_services_and_bad_config_get_one_line(baton, tmp_path):
+    down = {"BATON__DATABASE__URL": "postgresql://postgres@127.0.0.1:1/baton", "BATON__DATABASE__STARTUP_WAIT": "1"}
+    for args in (["executor"], ["executions", "list"]):
+        done = await _baton_env(baton, *args, env=down)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        line = _last_line(done.stderr)
+        assert "cannot reach PostgreSQL at 127.0.0.1:1" in line and "database.startup_wait (1 s)" in line
+        assert "waiting_for_service" in done.stderr  # it said so while it waited
+
+    refused = await _baton_env(baton, "executions", "list",
+                               env={"BATON__DATABASE__URL": "postgresql://nobody:secretpw@127.0.0.1:5432/x"})
+    assert refused.returncode == 1 and "refused the login" in _last_line(refused.stderr)
+    assert "secretpw" not in refused.stderr
+    mq = await _baton_env(baton, "submit", "core.noop",
+                          env={"BATON__MESSAGE_QUEUE__URL": "amqp://guest:wrongpw@127.0.0.1:5672/"})
+    assert mq.returncode == 1 and "RabbitMQ at 127.0.0.1:5672 refused the login" in _last_line(mq.stderr)
+    assert "wrongpw" not in mq.stderr
+    missing = await _baton_env(baton, "executions", "list",
+                               env={"BATON__DATABASE__URL": "postgresql://postgres@127.0.0.1:5432/no_such_db_here"})
+    assert "database 'no_such_db_here' does not exist" in _last_line(missing.stderr)
+
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("executor:\n  sweep_interval: [\n")
+    done = await _baton(baton, "executions", "list", "--config", str(bad_yaml))
+    assert done.returncode == 2 and "is not valid YAML at line 3" in done.stderr and "Traceback" not in done.stderr
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("executor:\n  sweep_intervl: 3\n")
+    done = await _baton(baton, "--config", str(unknown), "workers", "list")
+    assert done.returncode == 2 and "executor.sweep_intervl: Extra inputs are not permitted" in done.stderr
+    debug = await _baton(baton, "workers", "list", "--config", str(unknown), "--debug")
+    assert "Traceback" in debug.stderr
+    nowhere = await _baton(baton, "workers", "list", "--config", str(tmp_path / "nope.yaml"))
+    assert nowhere.returncode == 2 and "no such file" in nowhere.stderr

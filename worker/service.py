@@ -74,10 +74,13 @@ class WorkerService:
     async def run(self, stop_event: asyncio.Event) -> None:
         state = self.state
         # Migrating here too (idempotent, under a lock) lets a worker start before the executor.
-        await db.ensure_database(state.settings.database.url)
-        state.pool = await db.connect(state.settings.database.url, max_size=4)
+        wait_db_s = state.settings.database.startup_wait_s
+        await db.ensure_database(state.settings.database.url, max_wait_s=wait_db_s)
+        state.pool = await db.connect(state.settings.database.url, max_size=4, max_wait_s=wait_db_s)
         await db.migrate(state.pool)
-        state.connection = await amqp.connect(state.settings.message_queue.url)
+        state.connection = await amqp.connect(
+            state.settings.message_queue.url, max_wait_s=state.settings.message_queue.startup_wait_s
+        )
         try:
             await self._start()
             loops = {
