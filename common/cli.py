@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import sys
+import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
@@ -24,6 +25,7 @@ from rich.table import Table
 
 from common.logging import configure_logging
 from common.retry import TRANSIENT_ERRORS
+from common.schemas import jsonable_row
 from common.settings import Settings, load_settings, parse_duration, where
 from common.timeline import timeline
 
@@ -413,15 +415,30 @@ def _client_settings() -> Settings:
 
 @executions_app.command("list")
 def executions_list(
-    status: str | None = typer.Option(None, "--status"),
-    action: str | None = typer.Option(None, "--action"),
-    limit: int = typer.Option(50, "--limit", min=1),
+    status: str | None = typer.Option(None, "--status", help="Only this status."),
+    action: str | None = typer.Option(None, "--action", help="Only this action."),
+    worker: str | None = typer.Option(None, "--worker", help="Only those on this worker."),
+    since: str | None = typer.Option(None, "--since", help="Created at or after (e.g. 2026-11-30T12:00Z, or 2h ago: 2h)."),
+    until: str | None = typer.Option(None, "--until", help="Created before (a time, or an age such as 30m)."),
+    after: str | None = typer.Option(None, "--after", help="Page on: the id of the last execution of the previous page."),
+    limit: int = typer.Option(50, "--limit", min=1, max=1000),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Recent executions, newest first."""
-    rows = _run_client(lambda c: c.list_executions(status=status, action_ref=action, limit=limit))
+    """Executions, newest first; page back with --after LAST_ID (as printed at the end)."""
+
+    async def go(c: BatonClient) -> list[dict[str, Any]]:
+        last = None
+        if after:
+            row = await c.get(after)
+            if row is None:
+                raise ValueError(f"--after {after!r}: no such execution")
+            last = (dt.datetime.fromisoformat(row["created_at"]), uuid.UUID(row["id"]))
+        return await c.list_page(status=status, action_ref=action, worker=worker, since=_moment(since, "--since"),
+                                 until=_moment(until, "--until"), after=last, limit=limit)
+
+    rows = _run_client(go)
     if as_json:
-        _print_json(rows)
+        _print_json([jsonable_row(r) for r in rows])
         return
     table = Table()
     for column in ("id", "action", "status", "attempt", "worker", "created", "error"):
@@ -437,6 +454,82 @@ def executions_list(
             _cell(((r["error"] or {}).get("error") or "")[:80]),
         )
     console.print(table)
+    if len(rows) == limit:
+        typer.echo(f"more: --after {rows[-1]['id']}")
+
+
+def _moment(value: str | None, option: str) -> dt.datetime | None:
+    """An RFC 3339 time (UTC if it names no zone), or an age (`2h`: two hours ago)."""
+    if value is None:
+        return None
+    try:
+        return dt.datetime.now(dt.UTC) - dt.timedelta(seconds=parse_age(value))
+    except ValueError:
+        pass
+    try:
+        when = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{option} {value!r} is neither a time (2026-11-30T12:00Z) nor an age (30m, 2h, 7d)") from None
+    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+
+
+@executions_app.command("tail")
+def executions_tail(
+    execution_id: str = typer.Argument(..., help="An id, or a unique prefix of one."),
+    poll: float = typer.Option(0.5, "--poll", min=0.05, help="Seconds between looks."),
+) -> None:
+    """Print an execution's events as they happen, until it finishes; exit 0 only if it completed."""
+
+    async def go(c: BatonClient) -> int:
+        full = await c.resolve_id(execution_id)
+        shown = 0
+        first: str | None = None
+        while True:
+            execution = await c.get(full)
+            assert execution is not None
+            events = execution.get("events") or []
+            first = first or (events[0]["created_at"] if events else None)
+            for seq, offset, kind, what in timeline(events)[shown:]:
+                typer.echo(f"{seq:>4} {offset:>10}  {kind:<22} {what}")
+            shown = len(events)
+            if execution["status"] in ("completed", "failed", "timeout", "cancelled"):
+                return 0 if execution["status"] == "completed" else 1
+            await asyncio.sleep(poll)
+
+    raise typer.Exit(_run_client(go))
+
+
+@executions_app.command("watch")
+def executions_watch(
+    status: str | None = typer.Option(None, "--status"),
+    action: str | None = typer.Option(None, "--action"),
+    worker: str | None = typer.Option(None, "--worker"),
+    limit: int = typer.Option(20, "--limit", min=1, max=200),
+    interval: float = typer.Option(1.0, "--interval", min=0.1, help="Seconds between refreshes."),
+) -> None:
+    """A live table of the newest executions (Ctrl-C to stop)."""
+    from rich.live import Live
+
+    def render(rows: list[dict[str, Any]]) -> Table:
+        table = Table(title=f"newest executions, every {interval:g} s (Ctrl-C to stop)")
+        for column in ("id", "action", "status", "attempt", "worker", "created", "error"):
+            table.add_column(column)
+        for r in rows:
+            table.add_row(_cell(str(r["id"])[:8]), _cell(r["action_ref"]), _styled(r["status"]), _cell(r["attempt"]),
+                          _cell(r["worker"]), _cell(str(r["created_at"])[11:19]),
+                          _cell(((r["error"] or {}).get("error") or "")[:50]))
+        return table
+
+    async def go(c: BatonClient) -> int:
+        with Live(render([]), console=console, refresh_per_second=4) as live:
+            while True:
+                live.update(render(await c.list_page(status=status, action_ref=action, worker=worker, limit=limit)))
+                await asyncio.sleep(interval)
+
+    try:
+        _run_client(go)
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
 
 
 @executions_app.command("show")
@@ -612,7 +705,7 @@ def rejected_replay(key: str = typer.Argument(..., help="The key `baton rejected
 
 @workers_app.command("list")
 def workers_list(as_json: bool = typer.Option(False, "--json")) -> None:
-    """Workers with their state, heartbeat age and in-flight count."""
+    """Workers with their state, heartbeat age and in-flight count (0 for a stopped one)."""
     rows = _run_client(lambda c: c.list_workers())
     if as_json:
         _print_json(rows)
@@ -633,6 +726,26 @@ def workers_list(as_json: bool = typer.Option(False, "--json")) -> None:
             _cell(r["pid"]),
         )
     console.print(table)
+
+
+@workers_app.command("prune")
+def workers_prune(
+    older_than: str = typer.Option("1d", "--older-than", help="Stopped or lost for longer than this (e.g. 1h, 7d)."),
+) -> None:
+    """Remove `inactive` and `lost` workers not seen for a while, with their queues if empty."""
+    try:
+        age_s = parse_age(older_than)
+    except ValueError as exc:
+        typer.echo(f"--older-than: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+    async def go(c: BatonClient) -> str:
+        removed, kept = await c.prune_workers(age_s)
+        note = f"; queues kept (still holding dispatches): {', '.join(kept)}" if kept else ""
+        return f"removed {len(removed)} worker(s) stopped or lost for over {older_than}" + (
+            f": {', '.join(removed)}" if removed else "") + note
+
+    _control(go)
 
 
 @executions_app.command("prune")

@@ -24,7 +24,7 @@ import asyncpg
 from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
 from pydantic import ValidationError
 
-from common import amqp, db, schedules
+from common import amqp, db, retention, schedules
 from common.actions import CORE_ACTIONS
 from common.notifications import publish_terminal
 from common.queries import actions as aq
@@ -538,6 +538,15 @@ class BatonClient:
         )
         await self._parked(keep=claim, limit=100_000)
         return parked
+
+    async def prune_workers(self, older_than_s: float) -> tuple[list[str], list[str]]:
+        """Remove `inactive` and `lost` workers not seen for ``older_than_s``, with their queues
+        if empty: (removed, kept for a queue still holding dispatches)."""
+        await self._amqp()
+        assert self._connection is not None
+        return await retention.prune_workers(
+            await self.pool(), self._connection, self.names, older_than_s=older_than_s, batch_size=10_000
+        )
 
     async def list_workers(self) -> list[dict[str, Any]]:
         pool = await self.pool()

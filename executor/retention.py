@@ -11,12 +11,8 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-import aiormq.exceptions
-
-from common import amqp
 from common.logging import get_logger
-from common.queries import workers as wq
-from common.retention import prune_executions
+from common.retention import prune_executions, prune_workers
 from executor.resilience import every
 
 if TYPE_CHECKING:
@@ -48,29 +44,9 @@ async def prune(ctx: ExecutorContext) -> tuple[int, int]:
         )
     workers: list[str] = []
     if cfg.workers_days:
-        for row in await ctx.pool.fetch(wq.SELECT_GONE, cfg.workers_days * _DAY_S, cfg.batch_size):
-            # The row goes only with its queue, so that a queue still draining is found again.
-            if await _delete_queue_if_idle(ctx, row["name"]):
-                workers += [r["name"] for r in await ctx.pool.fetch(wq.DELETE_GONE, [row["name"]])]
+        workers, _ = await prune_workers(
+            ctx.pool, ctx.amqp, ctx.names, older_than_s=cfg.workers_days * _DAY_S, batch_size=cfg.batch_size
+        )
     if executions or workers:
         log.info("pruned", executions=executions, workers=len(workers))
     return executions, len(workers)
-
-
-async def _delete_queue_if_idle(ctx: ExecutorContext, worker: str) -> bool:
-    """Delete the worker's queue unless it holds dispatches or has a consumer; True if it is gone."""
-    queue = ctx.names.worker_queue(worker)
-    channel = await ctx.amqp.channel()  # a failed passive declare closes its channel: one per attempt
-    try:
-        reason = await amqp.delete_queue_if_idle(
-            channel, queue, bindings=[(ctx.names.dispatch_exchange, ctx.names.worker_routing_key(worker))]
-        )
-    except aiormq.exceptions.ChannelNotFoundEntity:
-        return True  # already gone
-    finally:
-        if not channel.is_closed:
-            await channel.close()
-    if reason is not None:
-        log.info("worker_queue_kept", queue=queue, reason=reason)
-        return False
-    return True

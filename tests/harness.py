@@ -209,8 +209,11 @@ class Baton:
 
     async def wait_status(self, execution_id: Any, *statuses: str, timeout_s: float = 20) -> dict[str, Any]:
         async def check() -> dict[str, Any] | None:
-            row = await self.execution(execution_id)
-            return row if row["status"] in statuses else None
+            # Not recorded yet (intake is behind, under load) is one more reason to wait.
+            row = await (await self.pool()).fetchrow(
+                "SELECT * FROM executions WHERE id = $1", uuid.UUID(str(execution_id))
+            )
+            return dict(row) if row is not None and row["status"] in statuses else None
 
         return await wait_until(check, timeout_s=timeout_s, what=f"execution {execution_id} to be {statuses}")
 

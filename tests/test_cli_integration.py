@@ -197,7 +197,7 @@ async def test_delays_retries_and_schedules_from_the_command_line(baton):
     assert gone.returncode == 2 and "no schedule 'tick'" in gone.stderr
 
 
-async def _baton_env(baton, *args: str, env: dict[str, str], timeout_s: float = 60) -> subprocess.CompletedProcess:
+async def _baton_with(baton, *args: str, env: dict[str, str], timeout_s: float = 60) -> subprocess.CompletedProcess:
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "common.cli", *args,
         cwd=REPO, env=baton.service_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -213,21 +213,21 @@ def _last_line(text: str) -> str:
 async def test_unreachable_or_refused_services_and_bad_config_get_one_line(baton, tmp_path):
     down = {"BATON__DATABASE__URL": "postgresql://postgres@127.0.0.1:1/baton", "BATON__DATABASE__STARTUP_WAIT": "1"}
     for args in (["executor"], ["executions", "list"]):
-        done = await _baton_env(baton, *args, env=down)
+        done = await _baton_with(baton, *args, env=down)
         assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
         line = _last_line(done.stderr)
         assert "cannot reach PostgreSQL at 127.0.0.1:1" in line and "database.startup_wait (1 s)" in line
         assert "waiting_for_service" in done.stderr  # it said so while it waited
 
-    refused = await _baton_env(baton, "executions", "list",
+    refused = await _baton_with(baton, "executions", "list",
                                env={"BATON__DATABASE__URL": "postgresql://nobody:secretpw@127.0.0.1:5432/x"})
     assert refused.returncode == 1 and "refused the login" in _last_line(refused.stderr)
     assert "secretpw" not in refused.stderr
-    mq = await _baton_env(baton, "submit", "core.noop",
+    mq = await _baton_with(baton, "submit", "core.noop",
                           env={"BATON__MESSAGE_QUEUE__URL": "amqp://guest:wrongpw@127.0.0.1:5672/"})
     assert mq.returncode == 1 and "RabbitMQ at 127.0.0.1:5672 refused the login" in _last_line(mq.stderr)
     assert "wrongpw" not in mq.stderr
-    missing = await _baton_env(baton, "executions", "list",
+    missing = await _baton_with(baton, "executions", "list",
                                env={"BATON__DATABASE__URL": "postgresql://postgres@127.0.0.1:5432/no_such_db_here"})
     assert "database 'no_such_db_here' does not exist" in _last_line(missing.stderr)
 

@@ -135,8 +135,10 @@ LIMIT $2
 # Deletes them unless one came back meanwhile (a registration makes it active). $1 names
 DELETE_GONE = "DELETE FROM workers WHERE name = ANY($1::text[]) AND status IN ('inactive', 'lost') RETURNING name"
 
+# A stopped or lost worker runs nothing, whatever its last heartbeat said.
 LIST = """
-SELECT name, status, runtimes, max_concurrent_tasks, in_flight, last_heartbeat,
+SELECT name, status, runtimes, max_concurrent_tasks,
+       CASE WHEN status IN ('active', 'draining') THEN in_flight ELSE 0 END AS in_flight, last_heartbeat,
        extract(epoch FROM now() - last_heartbeat)::float8 AS heartbeat_age_s, heartbeat_interval_s,
        hostname, pid, started_at, actions
 FROM workers
