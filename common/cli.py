@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import sys
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -43,6 +44,8 @@ app.add_typer(workers_app, name="workers")
 app.add_typer(db_app, name="db")
 schedules_app = typer.Typer(help="Cron schedules: each due time fires once.", no_args_is_help=True)
 app.add_typer(schedules_app, name="schedules")
+actions_app = typer.Typer(help="The action catalogue: what can be invoked.", no_args_is_help=True)
+app.add_typer(actions_app, name="actions")
 rejected_app = typer.Typer(help="Parked requests: those that could not be tied to an execution.", no_args_is_help=True)
 app.add_typer(rejected_app, name="rejected")
 
@@ -261,6 +264,8 @@ def submit(
     max_retries: int | None = typer.Option(None, "--max-retries", min=0, help="Retries of a failure (overrides the action's)."),
     wait: bool = typer.Option(False, "--wait", help="Wait for the outcome; exit 0 only if completed."),
     wait_timeout: float | None = typer.Option(None, "--wait-timeout", help="Give up waiting after this many seconds."),
+    progress: bool | None = typer.Option(None, "--progress/--no-progress", help="With --wait, show status changes as they happen (default: on a terminal)."),
+    accept_wait: float = typer.Option(5.0, "--accept-wait", min=0.1, help="Say so if no executor has recorded the request by then."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Post an invocation to the queue."""
@@ -294,7 +299,7 @@ def submit(
             try:
                 submission = await client.submit(
                     action_ref, parameters, idempotency_key=idempotency_key, timeout_s=timeout, watch=wait,
-                    max_retries=max_retries, delay_s=delay_s, not_before=not_before,
+                    max_retries=max_retries, delay_s=delay_s, not_before=not_before, accept_timeout_s=accept_wait,
                 )
             except RequestRejected as exc:
                 typer.echo(f"request rejected: {exc}", err=True)
@@ -317,11 +322,28 @@ def submit(
                     if submission.error:
                         console.print(f"[red]error:[/red] {_cell(submission.error)}")
                 return 1 if submission.status == "failed" else 0
+            for warning in submission.warnings:
+                typer.echo(f"warning: {warning}", err=True)
+            if not submission.accepted:
+                typer.echo(
+                    f"no executor has answered within {accept_wait:g} s: execution {submission.execution_id} is posted "
+                    f"and waits in {client.names.requests_queue}; is an executor running? (still waiting)", err=True,
+                )
+            elif submission.duplicate:
+                typer.echo(f"an execution with this idempotency key exists already: {submission.execution_id} "
+                           f"({submission.status}); waiting for it, not for a new one", err=True)
+            started = time.monotonic()
+            watcher = asyncio.create_task(_progress(client, submission.execution_id)) if _show_progress(progress) else None
             try:
                 execution = await client.wait(submission.execution_id, wait_timeout)
             except TimeoutError as exc:
                 typer.echo(str(exc), err=True)
                 return 1
+            finally:
+                if watcher is not None:
+                    watcher.cancel()
+            if watcher is not None:
+                typer.echo(f"  {time.monotonic() - started:6.1f}s  {execution['status']}", err=True)
             if as_json:
                 _print_json(execution)
             else:
@@ -331,6 +353,26 @@ def submit(
     with _one_line(settings, "baton submit"):
         code = asyncio.run(main())
     raise typer.Exit(code)
+
+
+def _show_progress(option: bool | None) -> bool:
+    return sys.stderr.isatty() if option is None else option
+
+
+async def _progress(client: BatonClient, execution_id: uuid.UUID) -> None:
+    """Status changes of a waited-for execution, with the time since the wait began, on stderr."""
+    started = time.monotonic()
+    last = None
+    while True:
+        try:
+            row = await client.get(execution_id)
+        except TRANSIENT_ERRORS:
+            row = None
+        if row is not None and row["status"] != last:
+            last = row["status"]
+            where = f" on {row['worker']}" if row.get("worker") and last in ("scheduled", "running") else ""
+            typer.echo(f"  {time.monotonic() - started:6.1f}s  {last}{where}", err=True)
+        await asyncio.sleep(0.25)
 
 
 def _when(delay: str | None, at: str | None) -> tuple[float | None, dt.datetime | None]:
@@ -361,10 +403,19 @@ def _show(execution: dict[str, Any]) -> None:
     for key in ("id", "action_ref", "status", "attempt", "worker", "created_at", "started_at", "finished_at"):
         value = execution.get(key)
         table.add_row(f"[bold]{key}[/bold]", _styled(value) if key == "status" else _cell(value))
-    for key in ("parameters", "result", "error"):
+    for key in ("parameters", "result", "warnings"):
         if execution.get(key) is not None:
             table.add_row(f"[bold]{key}[/bold]", _cell(json.dumps(execution[key], indent=2)))
+    error = dict(execution.get("error") or {})
+    trace = error.pop("traceback", None)
+    if error:
+        table.add_row("[bold]error[/bold]", f"[red]{_cell(error.pop('error', ''))}[/red]")
+        if error:
+            table.add_row("", _cell(json.dumps(error)))
     console.print(table)
+    if trace:  # once, as the lines it is, not as an escaped JSON string
+        console.print("[bold]traceback[/bold]")
+        console.print(trace.rstrip(), markup=False, highlight=False)
     steps = execution.get("steps") or []
     if steps:
         step_table = Table(title="steps")
@@ -672,6 +723,52 @@ def schedules_remove(name: str = typer.Argument(..., help="The schedule's name."
         return f"schedule {name}: removed"
 
     _control(go)
+
+
+@actions_app.command("list")
+def actions_list(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Every action: Baton's built-ins and those workers registered."""
+    specs = _run_client(lambda c: c.list_actions())
+    if as_json:
+        _print_json([s.model_dump() for s in specs])
+        return
+    table = Table()
+    for column in ("action", "runtime", "version", "kind", "timeout", "retries", "limit", "description"):
+        table.add_column(column)
+    for a in specs:
+        kind = "durable workflow" if a.durable else "action"
+        table.add_row(_cell(a.ref), _cell(a.runtime), _cell(a.version), _cell(kind),
+                      _cell(f"{a.timeout_s:g} s" if a.timeout_s else "-"), _cell(a.retries or 0),
+                      _cell(a.max_concurrency or "-"), _cell((a.description or "").splitlines()[0][:60] if a.description else ""))
+    console.print(table)
+
+
+@actions_app.command("show")
+def actions_show(action_ref: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """One action: runtime, parameters, timeout, retries, concurrency and recovery policy."""
+    from common.recovery import resolve_policy
+
+    settings = _settings()
+    spec = _run_client(lambda c: c.action(action_ref))
+    if spec is None:
+        typer.echo(f"no action {action_ref!r}: see `baton actions list`", err=True)
+        raise typer.Exit(1)
+    policy = resolve_policy(spec, settings.recovery)
+    limit = settings.executor.max_concurrency.get(spec.ref, spec.max_concurrency)
+    details = {
+        **spec.model_dump(exclude={"parameters_schema"}),
+        "recovery": {"recover_on_worker_loss": policy.recover_on_worker_loss,
+                     "max_recovery_attempts": policy.max_recovery_attempts},
+        "max_concurrency_in_force": limit,
+        "parameters_schema": spec.parameters_schema,
+    }
+    if as_json:
+        _print_json(details)
+        return
+    table = Table(show_header=False, box=None)
+    for key, value in details.items():
+        table.add_row(f"[bold]{key}[/bold]", _cell(json.dumps(value, indent=2) if isinstance(value, dict) else value))
+    console.print(table)
 
 
 @rejected_app.command("list")

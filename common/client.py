@@ -15,7 +15,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aio_pika
@@ -25,7 +25,7 @@ from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnectio
 from pydantic import ValidationError
 
 from common import amqp, db, retention, schedules
-from common.actions import CORE_ACTIONS
+from common.actions import CORE_ACTIONS, ActionSpec
 from common.notifications import publish_terminal
 from common.queries import actions as aq
 from common.queries import executions as q
@@ -49,6 +49,7 @@ class Submission:
     status: str | None = None
     duplicate: bool = False
     error: str | None = None
+    warnings: list[str] = field(default_factory=list)  # what intake ignored in the request
 
 
 @dataclass
@@ -270,6 +271,7 @@ class BatonClient:
             status=acceptance.status,
             duplicate=acceptance.duplicate,
             error=acceptance.error,
+            warnings=acceptance.warnings,
         )
 
     async def wait(
@@ -551,6 +553,17 @@ class BatonClient:
     async def list_workers(self) -> list[dict[str, Any]]:
         pool = await self.pool()
         return [jsonable_row(r) for r in await pool.fetch(wq.LIST)]
+
+    async def list_actions(self) -> list[ActionSpec]:
+        """Baton's built-ins and every action a worker registered."""
+        rows = await (await self.pool()).fetch(aq.LIST)
+        return sorted([*CORE_ACTIONS.values(), *(ActionSpec(**dict(r)) for r in rows)], key=lambda a: a.ref)
+
+    async def action(self, action_ref: str) -> ActionSpec | None:
+        if action_ref in CORE_ACTIONS:
+            return CORE_ACTIONS[action_ref]
+        row = await (await self.pool()).fetchrow(aq.GET, action_ref)
+        return ActionSpec(**dict(row)) if row is not None else None
 
     async def action_schema(self, action_ref: str) -> dict[str, Any] | None:
         if action_ref in CORE_ACTIONS:

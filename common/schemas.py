@@ -58,7 +58,9 @@ class ExecutionRequest(BaseModel):
 
     # Strict: a JSON body's values are taken as they are ("5" is not a timeout), so that each field
     # that passed its checks can be stored as it came even when another field failed.
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # Unknown top-level fields are ignored (intake records a warning with the execution), so that a
+    # client may send fields a later Baton reads; unknown *parameters* are still refused.
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     action_ref: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)+$")
     parameters: dict[str, Any] = Field(default_factory=dict)
@@ -81,6 +83,16 @@ class ExecutionRequest(BaseModel):
             if parsed.tzinfo is None:
                 raise ValueError("must name its time zone (e.g. Z or +01:00)")
             return parsed
+        return value
+
+    @field_validator("timeout_seconds", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        # The same durations as the configuration: 30, "30s", "5m", "250ms".
+        if isinstance(value, str):
+            from common.settings import parse_duration
+
+            return parse_duration(value)
         return value
 
     @field_validator("parameters")
@@ -150,6 +162,7 @@ class ExecutionRow(TypedDict):
     max_retries: int | None
     schedule_name: str | None
     scheduled_for: dt.datetime | None
+    warnings: list[str] | None
 
 
 class Acceptance(BaseModel):
@@ -159,6 +172,7 @@ class Acceptance(BaseModel):
     status: str | None = None
     duplicate: bool = False
     error: str | None = None
+    warnings: list[str] = Field(default_factory=list)  # what intake ignored in the request
 
 
 def _jsonable(value: Any) -> Any:

@@ -246,6 +246,8 @@ async def _insert(pool: asyncpg.Pool, executions: list[NewExecution]) -> Rows:
             log.warning("execution_rejected", error=row["error"]["error"], **fields)
         else:
             log.info("execution_requested", **fields)
+        if row["warnings"]:
+            log.warning("request_fields_ignored", warnings=row["warnings"], **fields)
     return {row["id"]: _execution_row(row) for row in rows}
 
 
@@ -309,7 +311,10 @@ async def _reply_and_notify(
             reply = Acceptance(error=result.reason)
         elif result.id in inserted or result.id in same:
             row = inserted.get(result.id) or same[result.id]
-            reply = Acceptance(execution_id=row["id"], status=row["status"], error=(row["error"] or {}).get("error"))
+            reply = Acceptance(
+                execution_id=row["id"], status=row["status"], error=(row["error"] or {}).get("error"),
+                warnings=row.get("warnings") or [],
+            )
         elif result.id in duplicates:
             row = duplicates[result.id]
             reply = Acceptance(execution_id=row["id"], status=row["status"], duplicate=True)

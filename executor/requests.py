@@ -58,6 +58,7 @@ class NewExecution:
     not_before: dt.datetime | None = None  # a delayed execution waits as `requested` until then
     schedule_name: str | None = None  # fired by this schedule ...
     scheduled_for: dt.datetime | None = None  # ... for this due time
+    warnings: list[str] | None = None  # what intake ignored in the request
 
     @property
     def status(self) -> str:
@@ -83,6 +84,7 @@ def insert_arguments(executions: list[NewExecution]) -> tuple[list[Any], ...]:
         [e.not_before for e in executions],
         [e.schedule_name for e in executions],
         [e.scheduled_for for e in executions],
+        [json.dumps(e.warnings) if e.warnings else None for e in executions],
     )
 
 
@@ -145,6 +147,11 @@ def parse_request(
         correlation_id=correlation_id,
         timeout_s=None,
     )
+    unknown = [k for k in data if k not in ExecutionRequest.model_fields]
+    if unknown:
+        execution.warnings = [f"unknown field {k[:_MAX_LOC_CHARS]!r} ignored" for k in unknown[:_MAX_PROBLEMS]]
+        if len(unknown) > _MAX_PROBLEMS:
+            execution.warnings.append(f"... and {len(unknown) - _MAX_PROBLEMS} more unknown fields ignored")
     try:
         request = ExecutionRequest.model_validate(data)
     except ValidationError as exc:

@@ -243,3 +243,51 @@ async def test_unreachable_or_refused_services_and_bad_config_get_one_line(baton
     assert "Traceback" in debug.stderr
     nowhere = await _baton(baton, "workers", "list", "--config", str(tmp_path / "nope.yaml"))
     assert nowhere.returncode == 2 and "no such file" in nowhere.stderr
+
+
+async def test_inspection_commands_and_what_submit_wait_says(baton):
+    await baton.start_executor()
+    await baton.start_worker("cli-w")
+    listed = await _baton(baton, "actions", "list", "--json")
+    refs = {a["ref"]: a for a in json.loads(listed.stdout)}
+    assert {"core.echo", "examples.order", "tests.flaky"} <= set(refs)
+    assert refs["examples.order"]["durable"] is True and refs["tests.flaky"]["retries"] == 3
+    shown = await _baton(baton, "actions", "show", "tests.limited_sleep", "--json")
+    details = json.loads(shown.stdout)
+    assert details["max_concurrency_in_force"] == 2 and details["recovery"]["recover_on_worker_loss"] is False
+    assert "seconds" in details["parameters_schema"]["properties"]
+    missing = await _baton(baton, "actions", "show", "no.such")
+    assert missing.returncode == 1 and "no action 'no.such'" in missing.stderr
+
+    # Progress while waiting, and the traceback printed once, as lines.
+    failed = await _baton(baton, "submit", "tests.fail", "message=kaput", "--wait", "--progress")
+    assert failed.returncode == 1
+    assert "on cli-w" in failed.stderr and failed.stderr.strip().endswith("failed")
+    assert failed.stdout.count("Traceback (most recent call last)") == 1 and "\\n" not in failed.stdout
+    dup1 = await _baton(baton, "submit", "core.echo", "message=one", "--idempotency-key", "same", "--wait")
+    dup2 = await _baton(baton, "submit", "core.echo", "message=one", "--idempotency-key", "same", "--wait")
+    assert dup1.returncode == dup2.returncode == 0
+    assert "exists already" in dup2.stderr and "exists already" not in dup1.stderr
+    posted = await _baton(baton, "submit", "core.noop", "--json")
+    execution_id = json.loads(posted.stdout)["id"]
+    tail = await _baton(baton, "executions", "tail", execution_id[:8])
+    assert tail.returncode == 0 and "execution.completed" in tail.stdout
+
+    listed = await _baton(baton, "executions", "list", "--worker", "cli-w", "--since", "1h", "--limit", "2", "--json")
+    rows = json.loads(listed.stdout)
+    assert len(rows) == 2 and all(r["worker"] == "cli-w" for r in rows)
+    page = await _baton(baton, "executions", "list", "--limit", "2")
+    after = page.stdout.strip().splitlines()[-1].split("--after ")[1]
+    older = await _baton(baton, "executions", "list", "--after", after, "--json")
+    assert after not in [r["id"] for r in json.loads(older.stdout)]
+    bad = await _baton(baton, "executions", "list", "--status", "bogus")
+    assert bad.returncode == 2 and "one of requested, scheduled, running" in bad.stderr
+
+    stopped = await baton.start_worker("cli-gone")
+    stopped.signal(15)
+    assert stopped.wait(20) == 0
+    workers = {w["name"]: w for w in json.loads((await _baton(baton, "workers", "list", "--json")).stdout)}
+    assert workers["cli-gone"]["status"] == "inactive" and workers["cli-gone"]["in_flight"] == 0
+    await (await baton.pool()).execute("UPDATE workers SET updated_at = now() - interval '2 days' WHERE name = 'cli-gone'")
+    pruned = await _baton(baton, "workers", "prune", "--older-than", "1d")
+    assert pruned.returncode == 0 and "removed 1 worker(s)" in pruned.stdout and "cli-gone" in pruned.stdout

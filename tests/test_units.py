@@ -147,7 +147,6 @@ def test_a_valid_request():
         ({"action_ref": "noperiod"}, "action_ref: String should match pattern"),
         ({"action_ref": "a.b", "parameters": [1]}, "parameters: Input should be a valid dictionary"),
         ({"action_ref": "a.b", "timeout_seconds": 0}, "timeout_seconds"),
-        ({"action_ref": "a.b", "other": 1}, "other: Extra inputs are not permitted"),
     ],
 )
 def test_envelope_failures_are_tied_to_an_execution(body, fragment):
@@ -278,3 +277,11 @@ def test_timeout_precedence():
     assert resolve_timeout_s(2, 5, 60) == 2
     assert resolve_timeout_s(None, 5, 60) == 5
     assert resolve_timeout_s(None, None, 60) == 60
+
+
+def test_unknown_request_fields_are_ignored_with_a_warning_and_timeouts_take_durations():
+    ok = _parse({"action_ref": "a.b", "later_field": 1, "timeout_seconds": "2m"})
+    assert ok.error is None and ok.timeout_s == 120
+    assert ok.warnings == ["unknown field 'later_field' ignored"]
+    bad = _parse({"action_ref": "a.b", "timeout_seconds": "soon"})
+    assert "timeout_seconds" in bad.error["error"]

@@ -38,3 +38,6 @@ GET_MANY = f"SELECT {_COLUMNS} FROM actions WHERE ref = ANY($1::text[])"
 REFS = "SELECT ref FROM actions"
 
 GET = f"SELECT {_COLUMNS} FROM actions WHERE ref = $1"
+
+# The whole catalogue, by ref.
+LIST = f"SELECT {_COLUMNS} FROM actions ORDER BY ref"

@@ -10,22 +10,23 @@ from common.queries.workers import busy
 
 # $1 id, $2 action_ref, $3 parameters, $4 status, $5 idempotency_key, $6 message_id,
 # $7 correlation_id, $8 timeout_s, $9 error, $10 max_retries, $11 not_before, $12 schedule_name,
-# $13 scheduled_for (all arrays, one element per request; `executor.requests.insert_arguments`).
+# $13 scheduled_for, $14 warnings (all arrays, one element per request; `executor.requests.insert_arguments`).
 # A delayed request whose time has already come is not delayed.
 INSERT_REQUESTS = f"""
 WITH ins AS (
     INSERT INTO executions (id, action_ref, parameters, status, idempotency_key, message_id,
                             correlation_id, timeout_s, error, finished_at, last_event_seq, max_retries, not_before,
-                            schedule_name, scheduled_for)
+                            schedule_name, scheduled_for, warnings)
     SELECT r.id, r.action_ref, r.parameters::jsonb, r.status, r.idempotency_key, r.message_id,
            r.correlation_id, r.timeout_s, r.error::jsonb,
            CASE WHEN r.status = 'failed' THEN now() END, 1, r.max_retries,
            CASE WHEN r.status = 'requested' AND r.not_before > now() THEN r.not_before END,
-           r.schedule_name, r.scheduled_for
+           r.schedule_name, r.scheduled_for, r.warnings::jsonb
     FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-                $8::float8[], $9::text[], $10::int[], $11::timestamptz[], $12::text[], $13::timestamptz[])
+                $8::float8[], $9::text[], $10::int[], $11::timestamptz[], $12::text[], $13::timestamptz[],
+                $14::text[])
          AS r(id, action_ref, parameters, status, idempotency_key, message_id, correlation_id, timeout_s, error,
-              max_retries, not_before, schedule_name, scheduled_for)
+              max_retries, not_before, schedule_name, scheduled_for, warnings)
     ON CONFLICT DO NOTHING
     RETURNING *
 ), ev AS (
@@ -33,6 +34,7 @@ WITH ins AS (
     SELECT id, 1, 'execution.' || status,
            COALESCE(error, '{{}}'::jsonb)
            || CASE WHEN not_before IS NULL THEN '{{}}'::jsonb ELSE jsonb_build_object('not_before', not_before) END
+           || CASE WHEN warnings IS NULL THEN '{{}}'::jsonb ELSE jsonb_build_object('warnings', warnings) END
     FROM ins
 )
 SELECT ins.*, CASE WHEN EXISTS (SELECT 1 FROM ins WHERE not_before IS NOT NULL)
