@@ -333,7 +333,10 @@ def submit(
                 typer.echo(f"an execution with this idempotency key exists already: {submission.execution_id} "
                            f"({submission.status}); waiting for it, not for a new one", err=True)
             started = time.monotonic()
-            watcher = asyncio.create_task(_progress(client, submission.execution_id)) if _show_progress(progress) else None
+            seen: list[str] = []
+            watcher = (
+                asyncio.create_task(_progress(client, submission.execution_id, seen)) if _show_progress(progress) else None
+            )
             try:
                 execution = await client.wait(submission.execution_id, wait_timeout)
             except TimeoutError as exc:
@@ -342,7 +345,7 @@ def submit(
             finally:
                 if watcher is not None:
                     watcher.cancel()
-            if watcher is not None:
+            if watcher is not None and seen[-1:] != [execution["status"]]:
                 typer.echo(f"  {time.monotonic() - started:6.1f}s  {execution['status']}", err=True)
             if as_json:
                 _print_json(execution)
@@ -359,8 +362,9 @@ def _show_progress(option: bool | None) -> bool:
     return sys.stderr.isatty() if option is None else option
 
 
-async def _progress(client: BatonClient, execution_id: uuid.UUID) -> None:
-    """Status changes of a waited-for execution, with the time since the wait began, on stderr."""
+async def _progress(client: BatonClient, execution_id: uuid.UUID, seen: list[str]) -> None:
+    """Status changes of a waited-for execution, with the time since the wait began, on stderr
+    (each appended to ``seen``)."""
     started = time.monotonic()
     last = None
     while True:
@@ -370,6 +374,7 @@ async def _progress(client: BatonClient, execution_id: uuid.UUID) -> None:
             row = None
         if row is not None and row["status"] != last:
             last = row["status"]
+            seen.append(last)
             where = f" on {row['worker']}" if row.get("worker") and last in ("scheduled", "running") else ""
             typer.echo(f"  {time.monotonic() - started:6.1f}s  {last}{where}", err=True)
         await asyncio.sleep(0.25)

@@ -260,9 +260,11 @@ async def test_inspection_commands_and_what_submit_wait_says(baton):
     assert missing.returncode == 1 and "no action 'no.such'" in missing.stderr
 
     # Progress while waiting, and the traceback printed once, as lines.
-    failed = await _baton(baton, "submit", "tests.fail", "message=kaput", "--wait", "--progress")
+    slow = await _baton(baton, "submit", "tests.sleep_then_echo", "seconds=1", "message=x", "--wait", "--progress")
+    assert slow.returncode == 0
+    assert "running on cli-w" in slow.stderr and slow.stderr.strip().endswith("completed")
+    failed = await _baton(baton, "submit", "tests.fail", "message=kaput", "--wait")
     assert failed.returncode == 1
-    assert "on cli-w" in failed.stderr and failed.stderr.strip().endswith("failed")
     assert failed.stdout.count("Traceback (most recent call last)") == 1 and "\\n" not in failed.stdout
     dup1 = await _baton(baton, "submit", "core.echo", "message=one", "--idempotency-key", "same", "--wait")
     dup2 = await _baton(baton, "submit", "core.echo", "message=one", "--idempotency-key", "same", "--wait")

@@ -178,7 +178,7 @@ def test_a_field_that_fails_its_checks_is_not_kept():
     assert failed.idempotency_key is None and failed.action_ref == "core.noop"
     failed = _parse({"action_ref": "not a ref", "parameters": [1], "idempotency_key": "k1", "timeout_seconds": 2})
     assert (failed.action_ref, failed.parameters, failed.idempotency_key, failed.timeout_s) == (None, {}, "k1", 2.0)
-    failed = _parse({"action_ref": "core.echo", "parameters": {"message": "hi"}, "timeout_seconds": "5"})
+    failed = _parse({"action_ref": "core.echo", "parameters": {"message": "hi"}, "timeout_seconds": "soon"})
     assert failed.parameters == {"message": "hi"} and failed.timeout_s is None
     assert "timeout_seconds" in failed.error["error"]
 
@@ -196,7 +196,13 @@ def test_parameters_too_deep_for_the_worker_fail_at_intake():
     assert failed.status == "failed" and "nested deeper than" in failed.error["error"] and failed.parameters == {}
 
 
+def test_the_warnings_of_a_request_stay_small():
+    ignored = _parse({"action_ref": "core.noop", **{f"{i:05d}" + "x" * 10_000: i for i in range(100)}})
+    assert ignored.status == "requested" and len(json.dumps(ignored.warnings)) < 10_000
+    assert ignored.warnings[-1] == "... and 80 more unknown fields ignored"
+
+
 def test_the_error_of_a_failed_request_stays_small():
-    failed = _parse({"action_ref": "core.noop", **{f"{i:05d}" + "x" * 10_000: i for i in range(100)}})
+    failed = _parse({"action_ref": "core.noop", "parameters": {f"{i:05d}" + "x" * 10_000: i for i in range(100)},
+                     "timeout_seconds": [1] * 10_000})
     assert failed.status == "failed" and len(json.dumps(failed.error)) < 10_000
-    assert failed.error["problems"][-1] == "... and 80 more"

@@ -1,0 +1,359 @@
+#!/usr/bin/env python
+"""Chaos soak: a steady mixed load on two executors and three workers while a seeded schedule of
+faults strikes, then the invariants, checked once the system is quiet.
+
+Everything runs as real processes on a PostgreSQL and a RabbitMQ of the soak's own (their own ports
+and data directories, started here and stopped at the end), so that restarting them never touches
+the machine's shared servers. Worker `w3` reaches PostgreSQL through a proxy the soak can cut.
+
+Load (`--rate` per second for `--duration` seconds): no-ops, sleeps, shell commands, failing
+actions, and durable workflows (`chaos.flow`: steps that write to a ledger, a durable sleep,
+parallel steps, a child action); a few are cancelled and a few failed ones retried.
+
+Faults (one every `--fault-every` seconds, chosen by the seeded generator): SIGKILL a worker and
+start it again under its name; SIGTERM a worker and start a replacement; SIGSTOP a worker past the
+staleness threshold, then SIGCONT; SIGKILL an executor and start it again; restart RabbitMQ
+(`stop_app` / `start_app`); restart PostgreSQL; cut `w3` off from PostgreSQL, then heal.
+
+Checks (printed as a table, written as JSON to `--report`): every invocation posted has exactly
+one execution and every execution is terminal; no execution completed twice or has more than one
+terminal event (fencing held); every durable workflow not failed by policy completed, with every
+step in the ledger, and no step ran more often than its run was interrupted plus one; and counts
+of interrupted, recovered, rescheduled, timed-out and cancelled runs, with the worst time from an
+interruption to the run starting again.
+
+    .venv/bin/python bench/chaos.py --duration 600 --seed 7        # or: make chaos
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import random
+import signal
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.harness import Baton, CuttableProxy, PrivatePostgres, PrivateRabbit, Service, make_template  # noqa: E402
+
+TERMINAL = ("completed", "failed", "timeout", "cancelled")
+FAULTS = ("sigkill_worker", "sigterm_worker", "sigstop_worker", "kill_executor", "restart_rabbitmq",
+          "restart_postgres", "cut_worker_db")
+#: Fast liveness, as in the test suite, so that a soak sees many recoveries.
+CHAOS_ENV = {
+    "BATON__WORKER__HEARTBEAT_INTERVAL": "0.5",
+    "BATON__EXECUTOR__SWEEP_INTERVAL": "0.5",
+    "BATON__EXECUTOR__SCHEDULED_TIMEOUT": "5",
+    "BATON__EXECUTOR__TIMEOUT_CHECK_INTERVAL": "1",
+    "BATON__WORKER__QUEUE_TTL": "10",
+    "BATON__WORKER__SHUTDOWN_TIMEOUT": "2",
+    "BATON__WORKER__MAX_INLINE_SLEEP": "0.2",
+    "BATON__EXECUTOR__MAX_SCHEDULE_ATTEMPTS": "20",
+    "BATON__RECOVERY__MAX_RECOVERY_ATTEMPTS": "20",
+    "BATON__WORKER__ACTION_MODULES": '["tests.actions", "bench.chaos_workflows"]',
+    "BATON__LOGGING__LEVEL": "warning",
+}
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+@dataclasses.dataclass
+class Soak:
+    args: argparse.Namespace
+    world: Baton
+    pg: PrivatePostgres
+    rabbit: PrivateRabbit
+    proxy: CuttableProxy
+    ledger: Path
+    rng: random.Random
+    posted: dict[uuid.UUID, str] = dataclasses.field(default_factory=dict)  # id -> action
+    uncertain: set[uuid.UUID] = dataclasses.field(default_factory=set)  # the broker went away mid-post
+    faults: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    executors: dict[str, Service] = dataclasses.field(default_factory=dict)
+    workers: dict[str, Service] = dataclasses.field(default_factory=dict)
+    cancels: int = 0
+    retries: int = 0
+
+    # -- services ----------------------------------------------------------------------------------
+
+    async def start_executor(self, name: str) -> None:
+        self.executors[name] = await self.world.start_executor(name)
+
+    async def start_worker(self, name: str) -> None:
+        env = {}
+        if name == "w3":
+            env["BATON__DATABASE__URL"] = self.proxy.url(self.world.db_name)
+        self.workers[name] = await self.world.start_worker(name, concurrency=6, **env)
+
+    # -- load ----------------------------------------------------------------------------------------
+
+    def invocation(self) -> tuple[str, dict[str, Any]]:
+        roll = self.rng.random()
+        if roll < 0.35:
+            return "core.noop", {}
+        if roll < 0.55:
+            return "core.sleep", {"seconds": round(self.rng.uniform(0.1, 1.0), 2)}
+        if roll < 0.65:
+            return "core.local", {"cmd": ["sleep", str(round(self.rng.uniform(0.05, 0.5), 2))]}
+        if roll < 0.75:
+            return "tests.fail", {"message": "chaos"}
+        return "chaos.flow", {"ledger": str(self.ledger), "step_s": 0.2, "sleep_s": 0.5}
+
+    async def load(self, stop_at: float) -> None:
+        client = await self.world.client()
+        interval = 1.0 / self.args.rate
+        next_at = time.monotonic()
+        while time.monotonic() < stop_at:
+            action, params = self.invocation()
+            try:
+                submission = await client.submit(action, params, accept_timeout_s=2)
+                self.posted[submission.execution_id] = action
+            except Exception as exc:  # noqa: BLE001 - the broker may be away: the post may or may not have landed
+                log(f"post failed ({type(exc).__name__}: {str(exc)[:80]})")
+                await asyncio.sleep(0.5)
+            if self.posted and self.rng.random() < 0.02:
+                await self.cancel_one(client)
+            next_at += interval
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+
+    async def cancel_one(self, client: Any) -> None:
+        victim = self.rng.choice(list(self.posted))
+        with contextlib.suppress(ValueError, OSError):
+            await client.cancel(victim)
+            self.cancels += 1
+
+    # -- faults --------------------------------------------------------------------------------------
+
+    async def faults_until(self, stop_at: float) -> None:
+        while time.monotonic() + self.args.fault_every < stop_at:
+            await asyncio.sleep(self.args.fault_every * self.rng.uniform(0.5, 1.5))
+            kind = self.rng.choice(self.args.faults)
+            started = time.time()
+            detail = await getattr(self, kind)()
+            self.faults.append({"fault": kind, "at": started, "detail": detail, "took_s": round(time.time() - started, 2)})
+            log(f"fault {kind}: {detail}")
+
+    def _alive_worker(self) -> str:
+        return self.rng.choice(sorted(n for n, s in self.workers.items() if s.process.poll() is None))
+
+    async def sigkill_worker(self) -> str:
+        name = self._alive_worker()
+        self.workers[name].signal(signal.SIGKILL)
+        await asyncio.to_thread(self.workers[name].wait, 30)
+        await asyncio.sleep(1)
+        await self.start_worker(name)
+        return name
+
+    async def sigterm_worker(self) -> str:
+        name = self._alive_worker()
+        self.workers[name].signal(signal.SIGTERM)
+        await asyncio.to_thread(self.workers[name].wait, 60)
+        await self.start_worker(name)
+        return name
+
+    async def sigstop_worker(self) -> str:
+        name = self._alive_worker()
+        self.workers[name].signal(signal.SIGSTOP)
+        await asyncio.sleep(3)  # past the staleness threshold (3 x 0.5 s)
+        self.workers[name].signal(signal.SIGCONT)
+        return name
+
+    async def kill_executor(self) -> str:
+        name = self.rng.choice(sorted(self.executors))
+        self.executors[name].signal(signal.SIGKILL)
+        await asyncio.to_thread(self.executors[name].wait, 30)
+        await asyncio.sleep(0.5)
+        await self.start_executor(name)
+        return name
+
+    async def restart_rabbitmq(self) -> str:
+        await asyncio.to_thread(self.rabbit.ctl, "stop_app")
+        await asyncio.sleep(1)
+        await asyncio.to_thread(self.rabbit.ctl, "start_app")
+        return "stop_app, 1 s, start_app"
+
+    async def restart_postgres(self) -> str:
+        await asyncio.to_thread(self.pg.restart)
+        return "pg_ctl restart -m fast"
+
+    async def cut_worker_db(self) -> str:
+        await self.proxy.cut()
+        await asyncio.sleep(2.5)
+        await self.proxy.heal()
+        return "w3 cut off from PostgreSQL for 2.5 s"
+
+    # -- the end -------------------------------------------------------------------------------------
+
+    async def quiet(self, timeout_s: float) -> bool:
+        """Wait until nothing posted is unfinished (a sleeping run past its wake-up time is not)."""
+        pool = await self.world.pool()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            left = await pool.fetchval(
+                "SELECT count(*) FROM executions WHERE status NOT IN ('completed', 'failed', 'timeout', 'cancelled')"
+            )
+            if left == 0:
+                return True
+            await asyncio.sleep(1)
+        return False
+
+    async def retry_some(self) -> None:
+        client = await self.world.client()
+        pool = await self.world.pool()
+        failed = await pool.fetch("SELECT id FROM executions WHERE status = 'failed' AND action_ref = 'tests.fail' LIMIT 3")
+        for row in failed:
+            new = await client.retry(row["id"])
+            self.posted[new] = "tests.fail"
+            self.retries += 1
+
+
+async def check(soak: Soak, quiet: bool) -> dict[str, Any]:
+    pool = await soak.world.pool()
+    rows = {r["id"]: dict(r) for r in await pool.fetch(
+        "SELECT id, action_ref, status, recovery_attempts, parent_id, error FROM executions")}
+    events = await pool.fetch("SELECT execution_id, seq, type, data, created_at FROM execution_events ORDER BY execution_id, seq")
+    by_execution: dict[uuid.UUID, list[Any]] = {}
+    for e in events:
+        by_execution.setdefault(e["execution_id"], []).append(e)
+    missing = [str(i) for i in soak.posted if i not in rows]
+    unfinished = [str(i) for i, r in rows.items() if r["status"] not in TERMINAL]
+    terminal_events = {i: sum(1 for e in evs if e["type"] in {f"execution.{s}" for s in TERMINAL}) for i, evs in by_execution.items()}
+    twice = [str(i) for i, n in terminal_events.items() if n > 1]
+    completed_twice = [str(i) for i, evs in by_execution.items() if sum(1 for e in evs if e["type"] == "execution.completed") > 1]
+    ledger: Counter[tuple[str, str]] = Counter()
+    if soak.ledger.exists():
+        for line in soak.ledger.read_text().splitlines():
+            run, what, *_ = line.split()
+            ledger[(run, what)] += 1
+    flows = {i: r for i, r in rows.items() if r["action_ref"] == "chaos.flow"}
+    # A workflow here fails only by policy (recovery or dispatch attempts spent), never by itself.
+    flows_not_completed = [str(i) for i, r in flows.items()
+                           if r["status"] not in ("completed", "cancelled")
+                           and (r["error"] or {}).get("failed_by") in (None, "workflow", "worker")]
+    interrupted = {i: sum(1 for e in evs if e["type"] == "workflow.interrupted") for i, evs in by_execution.items()}
+    steps_missing, steps_over = [], []
+    for i, r in flows.items():
+        for what in ("first", "left", "right", "last"):
+            n = ledger[(str(i), what)]
+            if r["status"] == "completed" and n == 0:
+                steps_missing.append(f"{i}:{what}")
+            if n > interrupted.get(i, 0) + 1:
+                steps_over.append(f"{i}:{what} ran {n} times, {interrupted.get(i, 0)} interruptions")
+    worst_s = 0.0
+    for evs in by_execution.values():
+        for k, e in enumerate(evs):
+            if e["type"] == "workflow.interrupted":
+                again = next((x for x in evs[k + 1:] if x["type"] in ("execution.started",) or x["type"].startswith("execution.") and
+                              x["type"].split(".")[1] in TERMINAL), None)
+                if again is not None:
+                    worst_s = max(worst_s, (again["created_at"] - e["created_at"]).total_seconds())
+    kinds = Counter(e["type"] for e in events)
+    statuses = Counter(r["status"] for r in rows.values())
+    checks = {
+        "every posted invocation has one execution": not missing,
+        "every execution is terminal": quiet and not unfinished,
+        "no execution has two terminal events": not twice,
+        "no execution completed twice": not completed_twice,
+        "every durable workflow not failed by policy completed": not flows_not_completed,
+        "every step of a completed workflow is in the ledger": not steps_missing,
+        "no step ran more than its run's interruptions + 1": not steps_over,
+    }
+    return {
+        "seed": soak.args.seed, "duration_s": soak.args.duration, "rate": soak.args.rate,
+        "posted": len(soak.posted), "executions": len(rows), "statuses": dict(statuses),
+        "durable_workflows": len(flows), "faults": soak.faults, "fault_counts": dict(Counter(f["fault"] for f in soak.faults)),
+        "cancels": soak.cancels, "retries": soak.retries,
+        "interrupted": kinds["workflow.interrupted"], "recovered": kinds["execution.recovering"],
+        "rescheduled": kinds["execution.rescheduled"], "timed_out": statuses.get("timeout", 0),
+        "cancelled": statuses.get("cancelled", 0), "worst_interruption_to_restart_s": round(worst_s, 2),
+        "checks": checks, "ok": all(checks.values()),
+        "problems": {"missing": missing[:20], "unfinished": unfinished[:20], "two_terminal_events": twice[:20],
+                     "completed_twice": completed_twice[:20], "flows_not_completed": flows_not_completed[:20],
+                     "steps_missing": steps_missing[:20], "steps_over": steps_over[:20]},
+    }
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp(prefix="baton-chaos-"))
+    pg, rabbit = PrivatePostgres(tmp), PrivateRabbit(tmp)
+    log(f"seed {args.seed}; starting a PostgreSQL and a RabbitMQ of the soak's own (logs in {tmp})")
+    await asyncio.gather(asyncio.to_thread(pg.start), asyncio.to_thread(rabbit.start))
+    proxy = CuttableProxy(target_port=pg.port)
+    await proxy.start()
+    world = Baton(template=await make_template(pg.url), tmp=tmp, pg_url=pg.url, amqp_url=rabbit.url)
+    world.env.update(CHAOS_ENV)
+    await world.setup()
+    soak = Soak(args, world, pg, rabbit, proxy, tmp / "ledger.txt", random.Random(args.seed))
+    try:
+        for name in ("e1", "e2"):
+            await soak.start_executor(name)
+        for name in ("w1", "w2", "w3"):
+            await soak.start_worker(name)
+        stop_at = time.monotonic() + args.duration
+        log(f"load at {args.rate}/s for {args.duration} s, a fault about every {args.fault_every} s")
+        await asyncio.gather(soak.load(stop_at), soak.faults_until(stop_at))
+        if proxy._server is None:  # a fault left it cut
+            await proxy.heal()
+        for name, service in list(soak.workers.items()):  # anything a fault left stopped comes back
+            if service.process.poll() is not None:
+                await soak.start_worker(name)
+        await soak.retry_some()
+        log("load over; waiting for the system to be quiet")
+        quiet = await soak.quiet(args.quiet_timeout)
+        return await check(soak, quiet)
+    finally:
+        await world.teardown()
+        await proxy.cut()
+        await asyncio.gather(asyncio.to_thread(rabbit.stop), asyncio.to_thread(pg.stop))
+
+
+def print_report(report: dict[str, Any]) -> None:
+    print(f"\nchaos soak, seed {report['seed']}: {report['posted']} posted over {report['duration_s']} s at "
+          f"{report['rate']}/s; faults: {report['fault_counts']}")
+    for name, passed in report["checks"].items():
+        print(f"  {'ok  ' if passed else 'FAIL'}  {name}")
+    print(f"  statuses {report['statuses']}; interrupted {report['interrupted']}, recovered {report['recovered']}, "
+          f"rescheduled {report['rescheduled']}, timed out {report['timed_out']}, cancelled {report['cancelled']}; "
+          f"worst interruption -> restart {report['worst_interruption_to_restart_s']} s")
+    if not report["ok"]:
+        print("  problems: " + json.dumps({k: v for k, v in report["problems"].items() if v}))
+        print(f"  replay with: --seed {report['seed']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=600)
+    parser.add_argument("--rate", type=float, default=20)
+    parser.add_argument("--fault-every", type=float, default=8)
+    parser.add_argument("--faults", type=lambda v: v.split(","), default=list(FAULTS))
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--quiet-timeout", type=float, default=180)
+    parser.add_argument("--report", type=Path, default=Path("chaos-report.json"))
+    args = parser.parse_args()
+    if args.seed is None:
+        args.seed = random.randrange(1_000_000)
+    unknown = set(args.faults) - set(FAULTS)
+    if unknown:
+        parser.error(f"unknown faults {sorted(unknown)}: choose from {', '.join(FAULTS)}")
+    report = asyncio.run(run(args))
+    args.report.write_text(json.dumps(report, indent=2, default=str))
+    print_report(report)
+    print(f"report written to {args.report}")
+    sys.exit(0 if report["ok"] else 1)
+
+
+if __name__ == "__main__":
+    main()
