@@ -256,8 +256,8 @@ async def check(soak: Soak, quiet: bool) -> dict[str, Any]:
     for evs in by_execution.values():
         for k, e in enumerate(evs):
             if e["type"] == "workflow.interrupted":
-                again = next((x for x in evs[k + 1:] if x["type"] in ("execution.started",) or x["type"].startswith("execution.") and
-                              x["type"].split(".")[1] in TERMINAL), None)
+                again = next((x for x in evs[k + 1:] if x["type"] in ("execution.started",) or (x["type"].startswith("execution.") and
+                              x["type"].split(".")[1] in TERMINAL)), None)
                 if again is not None:
                     worst_s = max(worst_s, (again["created_at"] - e["created_at"]).total_seconds())
     kinds = Counter(e["type"] for e in events)
