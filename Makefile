@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 
-.PHONY: install services browser demo test test-slow test-unit bench bench-steps bench-delayed clean lock
+.PHONY: install services browser demo test test-slow test-unit bench bench-steps bench-delayed chaos clean lock
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,8 @@ demo: install services
 test: install services browser
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
-	$(VENV)/bin/pytest -n 2 -m "not slow"
+	$(VENV)/bin/pytest -n 2 -m "not slow and not soak"
+	$(VENV)/bin/pytest -m soak
 
 test-slow: install services
 	$(VENV)/bin/pytest -m slow
@@ -41,6 +42,10 @@ bench-steps: install services
 
 bench-delayed: install services
 	$(PY) bench/delayed.py
+
+# Ten minutes of faults under load (private PostgreSQL and RabbitMQ); prints the seed and writes chaos-report.json.
+chaos: install services
+	$(PY) bench/chaos.py --duration 600
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
