@@ -293,3 +293,31 @@ async def test_inspection_commands_and_what_submit_wait_says(baton):
     await (await baton.pool()).execute("UPDATE workers SET updated_at = now() - interval '2 days' WHERE name = 'cli-gone'")
     pruned = await _baton(baton, "workers", "prune", "--older-than", "1d")
     assert pruned.returncode == 0 and "removed 1 worker(s)" in pruned.stdout and "cli-gone" in pruned.stdout
+
+
+async def test_parked_requests_and_the_live_table_from_the_command_line(baton):
+    await baton.start_executor()
+    await baton.start_worker("cli-w")
+    await baton.publish_raw(b"{not json", message_id="cli-parked-1")
+
+    async def parked() -> bool:
+        return await baton.queue_depth(baton.names.rejected_requests_queue) >= 1
+
+    await wait_until(parked, what="the bad request to be parked")
+    listed = await _baton(baton, "rejected", "list", "--json")
+    [entry] = json.loads(listed.stdout)
+    assert "not JSON" in entry["reason"] and entry["message_id"] == "cli-parked-1"
+    replayed = await _baton(baton, "rejected", "replay", entry["key"])
+    assert replayed.returncode == 0 and "posted again" in replayed.stdout
+    await wait_until(parked, what="the replayed request to be parked again (it is still not JSON)")
+    unknown = await _baton(baton, "rejected", "replay", "nosuchkey")
+    assert unknown.returncode == 2 and "no parked request 'nosuchkey'" in unknown.stderr
+
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "common.cli", "executions", "watch", "--interval", "0.2",
+        cwd=REPO, env=baton.service_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    await asyncio.sleep(2)
+    process.send_signal(2)  # Ctrl-C
+    out, _ = await asyncio.wait_for(process.communicate(), 20)
+    assert process.returncode == 0 and "newest executions" in out.decode()

@@ -345,7 +345,9 @@ IS_DURABLE = "SELECT durable FROM actions WHERE ref = $1"
 # on). $1 ids, $2 worker, $3 incarnation
 NO_LONGER_MINE = """
 SELECT e.id, e.status FROM unnest($1::uuid[]) AS r(id)
-JOIN executions e ON e.id = r.id
+CROSS JOIN LATERAL (
+    SELECT id, status, worker, incarnation FROM executions WHERE id = r.id LIMIT 1  -- one primary-key lookup each
+) AS e
 WHERE NOT (e.status = 'running' AND e.worker = $2 AND e.incarnation = $3)
 """
 
