@@ -11,6 +11,7 @@ from typing import Any
 import asyncpg
 from tenacity import RetryCallState, wait_exponential, wait_random_exponential
 
+from common.db import connect_one
 from common.logging import get_logger
 from common.retry import TRANSIENT_ERRORS
 
@@ -113,3 +114,55 @@ async def every(interval_s: float, what: str, stop_event: asyncio.Event, step: C
             await step()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop_event.wait(), interval_s)
+
+
+#: Past the moment something is due, so that the pass that wakes then finds it due; also the
+#: shortest pause, so that something overdue is acted on at once but never in a busy loop.
+_DUE_MARGIN_S = 0.01
+
+
+def next_pause_s(fallback_s: float, next_due_in_s: float | None) -> float:
+    """Until the next pass: the fallback interval, or less if something is due sooner (a worker
+    turning stale, a timer, a schedule)."""
+    if next_due_in_s is None:
+        return fallback_s
+    return max(min(fallback_s, next_due_in_s + _DUE_MARGIN_S), _DUE_MARGIN_S)
+
+
+async def until_due(
+    *, url: str, channel: str, what: str, stop_event: asyncio.Event, fallback_s: float,
+    step: Callable[[], Awaitable[Any]], next_due_in_s: Callable[[], Awaitable[float | None]],
+    wakes_on: Callable[[object], bool] = lambda _payload: True,
+) -> None:
+    """The shape of a loop that acts on what has fallen due: ``step``, then sleep until the next
+    due time (``next_due_in_s``, read from an index), a notification on ``channel`` that
+    ``wakes_on`` accepts (something new to wait for), or ``fallback_s``; riding out outages, and
+    listening again after the database restarts."""
+    changed = asyncio.Event()
+
+    def on_notify(_conn: object, _pid: int, _channel: str, payload: object) -> None:
+        if wakes_on(payload):
+            changed.set()
+
+    listener = await connect_one(url)
+    await listener.add_listener(channel, on_notify)
+    try:
+        while not stop_event.is_set():
+            pause_s = fallback_s
+            changed.clear()
+            async with riding_out_outages(what, stop_event):
+                await step()
+                pause_s = next_pause_s(fallback_s, await next_due_in_s())
+                if listener.is_closed():
+                    listener = await connect_one(url, max_wait_s=300)
+                    await listener.add_listener(channel, on_notify)
+                    continue
+            waits = [asyncio.ensure_future(stop_event.wait()), asyncio.ensure_future(changed.wait())]
+            try:
+                await asyncio.wait(waits, timeout=pause_s, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in waits:
+                    waiter.cancel()
+    finally:
+        if not listener.is_closed():
+            await listener.close()

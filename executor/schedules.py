@@ -12,21 +12,18 @@ same due times. Due times missed while every executor was away follow the schedu
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import TYPE_CHECKING
 
 import asyncpg
 
 from common import schedules as cron
-from common.db import connect_one
 from common.logging import get_logger
 from common.notifications import publish_terminal
 from common.queries import TIMER_CHANNEL
 from common.queries import executions as q
 from common.queries import schedules as sq
 from executor.requests import NewExecution, ParameterValidator, check_action, insert_arguments
-from executor.resilience import riding_out_outages
-from executor.timers import next_pause_s
+from executor.resilience import riding_out_outages, until_due
 
 if TYPE_CHECKING:
     from common.settings import Settings
@@ -55,41 +52,21 @@ async def sync_configured(pool: asyncpg.Pool, settings: Settings) -> None:
 
 
 async def run(ctx: ExecutorContext, stop_event: asyncio.Event) -> None:
-    fallback_s = ctx.settings.executor.sweep_interval_s
     validator = ParameterValidator()
-    changed = asyncio.Event()
-
-    def on_notify(_conn: object, _pid: int, _channel: str, payload: object) -> None:
-        if payload == "schedule":
-            changed.set()
-
     async with riding_out_outages("sync_schedules", stop_event):
         await sync_configured(ctx.pool, ctx.settings)
-    listener = await connect_one(ctx.settings.database.url)
-    await listener.add_listener(TIMER_CHANNEL, on_notify)
     log.info("schedules_started", configured=len(ctx.settings.schedules))
-    try:
-        while not stop_event.is_set():
-            pause_s = fallback_s
-            changed.clear()
-            async with riding_out_outages("fire_schedules", stop_event):
-                while await fire_due(ctx, validator) == BATCH:
-                    pass
-                pause_s = next_pause_s(fallback_s, await ctx.pool.fetchval(sq.NEXT_DUE_IN))
-                if listener.is_closed():
-                    listener = await connect_one(ctx.settings.database.url, max_wait_s=300)
-                    await listener.add_listener(TIMER_CHANNEL, on_notify)
-                    continue
-            waits = [asyncio.ensure_future(stop_event.wait()), asyncio.ensure_future(changed.wait())]
-            try:
-                await asyncio.wait(waits, timeout=pause_s, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for waiter in waits:
-                    waiter.cancel()
-    finally:
-        with contextlib.suppress(Exception):
-            await listener.close()
-        log.info("schedules_stopped")
+
+    async def step() -> None:
+        while await fire_due(ctx, validator) == BATCH:
+            pass
+
+    await until_due(
+        url=ctx.settings.database.url, channel=TIMER_CHANNEL, what="fire_schedules", stop_event=stop_event,
+        fallback_s=ctx.settings.executor.sweep_interval_s, step=step,
+        next_due_in_s=lambda: ctx.pool.fetchval(sq.NEXT_DUE_IN), wakes_on=lambda payload: payload == "schedule",
+    )
+    log.info("schedules_stopped")
 
 
 async def fire_due(ctx: ExecutorContext, validator: ParameterValidator) -> int:

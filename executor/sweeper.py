@@ -25,7 +25,7 @@ from common.queries import workers as wq
 from common.recovery import resolve_policy
 from executor.recovery import recover_interrupted
 from executor.rescheduling import reschedule_or_fail
-from executor.resilience import riding_out_outages
+from executor.resilience import next_pause_s, riding_out_outages
 
 if TYPE_CHECKING:
     from executor.service import ExecutorContext
@@ -50,17 +50,6 @@ async def run(ctx: ExecutorContext, stop_event: asyncio.Event) -> None:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop_event.wait(), pause_s)
     log.info("sweeper_stopped")
-
-
-#: Past the moment a worker turns stale, so that the sweep that wakes then finds it stale.
-_STALE_MARGIN_S = 0.01
-
-
-def next_pause_s(interval_s: float, next_stale_in_s: float | None) -> float:
-    """Until the next sweep: one interval, or less if a live worker turns stale sooner."""
-    if next_stale_in_s is None:
-        return interval_s
-    return max(min(interval_s, next_stale_in_s + _STALE_MARGIN_S), _STALE_MARGIN_S)
 
 
 async def sweep(ctx: ExecutorContext) -> list[str]:

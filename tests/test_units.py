@@ -228,7 +228,7 @@ def test_recovery_decisions_and_interrupted_event():
 
 
 def test_the_sweeper_wakes_when_the_next_worker_turns_stale():
-    from executor.sweeper import next_pause_s
+    from executor.resilience import next_pause_s
 
     assert next_pause_s(1.0, None) == 1.0
     assert next_pause_s(1.0, 5.0) == 1.0
