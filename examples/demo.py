@@ -168,12 +168,20 @@ async def _run_order(client: BatonClient, services: dict[str, subprocess.Popen],
         "examples.order", {"order_id": "A-1001", "amount": 42.0, "pack_seconds": 3.0}, watch=True, accept_timeout_s=30
     )
     deadline = time.monotonic() + 60
-    while not (ledger.exists() and " pack " in ledger.read_text()):
+
+    async def packing() -> dict[str, Any] | None:
+        """The run, once `pack` is under way and the steps before it (and `print_label`, gathered
+        with it) are recorded: the moment to kill its worker."""
+        if not (ledger.exists() and " pack " in ledger.read_text()):
+            return None
+        run = await client.get(submission.execution_id)
+        done = {e["data"].get("name") for e in (run or {}).get("events", []) if e["type"] == "step.completed"}
+        return run if {"reserve_stock", "charge_card", "print_label"} <= done else None
+
+    while (running := await packing()) is None:
         if time.monotonic() > deadline:
             raise DemoFailed("the order's pack step did not start within 60 s")
         await asyncio.sleep(POLL_S)
-    running = await client.get(submission.execution_id)
-    assert running is not None
     victim = running["worker"]
     console.print(f"order {str(submission.execution_id)[:8]} is packing on {victim}: [red]SIGKILL {victim}[/]")
     process = services.pop(victim)
