@@ -25,6 +25,7 @@ COPY common/ common/
 COPY executor/ executor/
 COPY worker/ worker/
 COPY dashboard/ dashboard/
+COPY cli/ cli/
 COPY examples/ examples/
 RUN pip install --no-deps . \
  && rm -rf build ./*.egg-info

@@ -205,7 +205,7 @@ def service_env(args: argparse.Namespace, db_url: str, prefix: str) -> dict[str,
 def spawn(args: argparse.Namespace, env: dict[str, str], log_path: Path, *cli: str) -> subprocess.Popen:
     with open(log_path, "wb") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "common.cli", *cli],
+            [sys.executable, "-m", "cli", *cli],
             cwd=REPO,
             env=env,
             stdout=out,

@@ -64,7 +64,7 @@ async def recreate(url: str) -> None:
 
 def spawn(env: dict[str, str], log_dir: Path, label: str, *args: str) -> subprocess.Popen:
     log = open(log_dir / f"{label}.log", "wb")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen([sys.executable, "-m", "common.cli", *args], cwd=REPO, env=env, stdout=log, stderr=log)
+    return subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=REPO, env=env, stdout=log, stderr=log)
 
 
 async def wait_for_worker(pool: asyncpg.Pool, procs: list[subprocess.Popen], timeout_s: float = 60) -> None:

@@ -175,7 +175,7 @@ def baton_command() -> list[str]:
     script = Path(sys.executable).parent / "baton"
     if script.exists():
         return [str(script)]
-    return [sys.executable, "-c", "from common.cli import app; app()"]
+    return [sys.executable, "-m", "cli"]
 
 
 def service_env(args: argparse.Namespace, prefix: str) -> dict[str, str]:

@@ -60,7 +60,7 @@ def _spawn(args: list[str], log_dir: Path, label: str) -> subprocess.Popen:
         BATON_EXAMPLE_LEDGER=str(log_dir / "ledger.txt"),
     )
     log = open(log_dir / f"{label}.log", "wb")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen([sys.executable, "-m", "common.cli", *args], cwd=REPO, env=env, stdout=log, stderr=log)
+    return subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=REPO, env=env, stdout=log, stderr=log)
 
 
 class ServiceDied(Exception):

@@ -158,7 +158,7 @@ class Baton:
         log_path = self.tmp / (f"{label}.log" if not runs else f"{label}.{runs}.log")
         with open(log_path, "wb") as log_file:
             process = subprocess.Popen(
-                [sys.executable, "-m", "common.cli", *args],
+                [sys.executable, "-m", "cli", *args],
                 cwd=REPO,
                 env=self.service_env(**env),
                 stdout=log_file,

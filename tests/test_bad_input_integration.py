@@ -121,7 +121,7 @@ def test_an_unknown_config_key_is_a_clear_error(tmp_path):
     config.write_text("executor:\n  scheduled_timeout: 10\n  sheduled_timeout: 20\n")
     for args in (["executor"], ["worker", "--name", "w"], ["db", "migrate"]):
         result = subprocess.run(
-            [sys.executable, "-m", "common.cli", *args],
+            [sys.executable, "-m", "cli", *args],
             cwd=REPO,
             env={"BATON_CONFIG": str(config), "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)},
             capture_output=True,
@@ -134,7 +134,7 @@ def test_an_unknown_config_key_is_a_clear_error(tmp_path):
 
 def test_an_unknown_environment_override_is_a_clear_error(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "common.cli", "executor"],
+        [sys.executable, "-m", "cli", "executor"],
         cwd=REPO,
         env={"BATON__WORKER__HEARTBEAT_INTERVAL_S": "3", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)},
         capture_output=True,

@@ -20,7 +20,7 @@ MIGRATIONS = len(list((REPO / "common" / "migrations").glob("*.sql")))
 
 async def _baton(baton, *args: str, timeout_s: float = 60) -> subprocess.CompletedProcess:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "common.cli", *args,
+        sys.executable, "-m", "cli", *args,
         cwd=REPO, env=baton.service_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(process.communicate(), timeout_s)
@@ -107,7 +107,7 @@ async def test_db_migrate_creates_and_migrates_a_new_database(baton):
 async def _baton_env(baton, url: str, *args: str) -> subprocess.CompletedProcess:
     env = baton.service_env(BATON__DATABASE__URL=url)
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "common.cli", *args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        sys.executable, "-m", "cli", *args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     out, err = await asyncio.wait_for(process.communicate(), 60)
     return subprocess.CompletedProcess(args, process.returncode, out.decode(), err.decode())
@@ -199,7 +199,7 @@ async def test_delays_retries_and_schedules_from_the_command_line(baton):
 
 async def _baton_with(baton, *args: str, env: dict[str, str], timeout_s: float = 60) -> subprocess.CompletedProcess:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "common.cli", *args,
+        sys.executable, "-m", "cli", *args,
         cwd=REPO, env=baton.service_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(process.communicate(), timeout_s)
@@ -314,7 +314,7 @@ async def test_parked_requests_and_the_live_table_from_the_command_line(baton):
     assert unknown.returncode == 2 and "no parked request 'nosuchkey'" in unknown.stderr
 
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "common.cli", "executions", "watch", "--interval", "0.2",
+        sys.executable, "-m", "cli", "executions", "watch", "--interval", "0.2",
         cwd=REPO, env=baton.service_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     await asyncio.sleep(2)

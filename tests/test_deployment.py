@@ -24,8 +24,8 @@ import typer.main
 import yaml
 from typer.testing import CliRunner
 
-from common.cli import app
-from common.cli import main as cli_main
+from cli import app
+from cli import main as cli_main
 from common.settings import Settings, WorkerSettings, load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -630,7 +630,7 @@ def test_dockerfile_entrypoint_is_the_baton_script() -> None:
     for part in attr.split("."):
         target = getattr(target, part)
     # `main` takes --config and --debug wherever they stand, then runs the typer app.
-    assert target is cli_main, f"the baton script runs {scripts['baton']}, which is not common.cli.main"
+    assert target is cli_main, f"the baton script runs {scripts['baton']}, which is not cli.main"
 
 
 def test_dockerfile_default_command_is_accepted_by_the_cli() -> None:

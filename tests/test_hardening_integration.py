@@ -255,7 +255,7 @@ async def test_prune_by_hand(baton):
         uuid.uuid4(), uuid.uuid4(),
     )
     result = subprocess.run(
-        [sys.executable, "-m", "common.cli", "executions", "prune", "--older-than", "2d"],
+        [sys.executable, "-m", "cli", "executions", "prune", "--older-than", "2d"],
         cwd=REPO, env=baton.service_env(), capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 0, result.stderr
@@ -297,7 +297,7 @@ async def test_health_reports_a_live_connected_executor_and_a_dead_one(baton, tm
 
     def health() -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "common.cli", "health", "--service", "executor"],
+            [sys.executable, "-m", "cli", "health", "--service", "executor"],
             cwd=REPO, env=baton.service_env(BATON__EXECUTOR__HEALTH_FILE=health_file),
             capture_output=True, text=True, timeout=60,
         )

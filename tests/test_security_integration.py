@@ -118,7 +118,7 @@ async def test_submit_wait_prints_the_recorded_failure_despite_a_forged_success(
     try:
         result = await asyncio.to_thread(
             subprocess.run,
-            [sys.executable, "-m", "common.cli", "submit", "tests.fail", "message=really", "--wait", "--json"],
+            [sys.executable, "-m", "cli", "submit", "tests.fail", "message=really", "--wait", "--json"],
             cwd=REPO, env=baton.service_env(), capture_output=True, text=True, timeout=60,
         )
     finally:
@@ -227,7 +227,7 @@ async def test_markup_in_stored_values_is_printed_as_text(baton):
     assert done["status"] == "failed"
     for args in (["executions", "list"], ["executions", "show", done["id"]]):
         result = await asyncio.to_thread(
-            subprocess.run, [sys.executable, "-m", "common.cli", *args], cwd=REPO, env=baton.service_env(COLUMNS="250"),
+            subprocess.run, [sys.executable, "-m", "cli", *args], cwd=REPO, env=baton.service_env(COLUMNS="250"),
             capture_output=True, text=True, timeout=60,
         )
         assert result.returncode == 0, result.stderr
@@ -402,7 +402,7 @@ async def test_idempotency_keys_are_scoped_by_action_and_cannot_be_squatted(bato
     assert row["error"]["conflicts_with"] == str(mine.execution_id) and row["idempotency_key"] is None
     result = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "common.cli", "submit", "core.echo", "message=third", "--idempotency-key", "nightly-1",
+        [sys.executable, "-m", "cli", "submit", "core.echo", "message=third", "--idempotency-key", "nightly-1",
          "--wait"],
         cwd=REPO, env=baton.service_env(), capture_output=True, text=True, timeout=60,
     )

@@ -34,7 +34,7 @@ from worker.registry import registered
 from worker.shell import ShellLimits
 from worker.state import WorkerState
 
-# What `common.cli` (and anyone starting a worker) imports from here; `WorkerNameInUse` is raised by
+# What `cli` (and anyone starting a worker) imports from here; `WorkerNameInUse` is raised by
 # registration, in `liveness`.
 __all__ = ["CatalogueConflict", "WorkerNameInUse", "WorkerService", "default_name", "load_action_modules"]
 

@@ -1,0 +1,464 @@
+"""`baton submit` and `baton executions ...`: posting, waiting, reading and controlling executions."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import sys
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import typer
+from rich.table import Table
+
+from cli.app import (
+    STATUS_STYLE,
+    _cell,
+    _client_settings,
+    _control,
+    _one_line,
+    _print_json,
+    _run_client,
+    _settings,
+    _styled,
+    app,
+    console,
+    executions_app,
+    parse_age,
+)
+from common.retry import TRANSIENT_ERRORS
+from common.schemas import jsonable_row
+from common.settings import parse_duration
+from common.timeline import timeline
+
+if TYPE_CHECKING:
+    from common.client import BatonClient
+
+# -- posting ------------------------------------------------------------------------------------
+
+
+@app.command()
+def submit(
+    action_ref: str = typer.Argument(..., help="Action to run, e.g. core.echo."),
+    params: list[str] = typer.Argument(None, help="Parameters as key=value."),
+    params_json: str | None = typer.Option(None, "--params-json", help="Parameters as a JSON object."),
+    idempotency_key: str | None = typer.Option(None, "--idempotency-key"),
+    timeout: float | None = typer.Option(None, "--timeout", help="Action timeout in seconds."),
+    delay: str | None = typer.Option(None, "--delay", help="Run no sooner than this from now (e.g. 10m, 90s)."),
+    at: str | None = typer.Option(None, "--at", help="Run no sooner than this time (RFC 3339, e.g. 2026-12-01T09:00Z)."),
+    max_retries: int | None = typer.Option(None, "--max-retries", min=0, help="Retries of a failure (overrides the action's)."),
+    wait: bool = typer.Option(False, "--wait", help="Wait for the outcome; exit 0 only if completed."),
+    wait_timeout: float | None = typer.Option(None, "--wait-timeout", help="Give up waiting after this many seconds."),
+    progress: bool | None = typer.Option(None, "--progress/--no-progress", help="With --wait, show status changes as they happen (default: on a terminal)."),
+    accept_wait: float = typer.Option(5.0, "--accept-wait", min=0.1, help="Say so if no executor has recorded the request by then."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Post an invocation to the queue."""
+    from common.client import BatonClient, RequestRejected, coerce_key_values
+
+    settings = _client_settings()
+
+    async def main() -> int:
+        async with BatonClient(settings) as client:
+            parameters: dict[str, Any] = {}
+            if params_json:
+                try:
+                    parameters = json.loads(params_json)
+                except json.JSONDecodeError as exc:
+                    typer.echo(f"--params-json is not JSON: {exc}", err=True)
+                    return 2
+                if not isinstance(parameters, dict):
+                    typer.echo("--params-json must be a JSON object", err=True)
+                    return 2
+            if params:
+                try:
+                    parameters.update(coerce_key_values(params, await client.action_schema(action_ref)))
+                except ValueError as exc:
+                    typer.echo(str(exc), err=True)
+                    return 2
+            try:
+                delay_s, not_before = _when(delay, at)
+            except ValueError as exc:
+                typer.echo(str(exc), err=True)
+                return 2
+            try:
+                submission = await client.submit(
+                    action_ref, parameters, idempotency_key=idempotency_key, timeout_s=timeout, watch=wait,
+                    max_retries=max_retries, delay_s=delay_s, not_before=not_before, accept_timeout_s=accept_wait,
+                )
+            except RequestRejected as exc:
+                typer.echo(f"request rejected: {exc}", err=True)
+                return 1
+            if not wait:
+                if as_json:
+                    _print_json(
+                        {
+                            "id": str(submission.execution_id),
+                            "accepted": submission.accepted,
+                            "status": submission.status,
+                            "duplicate": submission.duplicate,
+                            "error": submission.error,
+                        }
+                    )
+                else:
+                    state = submission.status if submission.accepted else "posted (no executor has answered yet)"
+                    dup = " (duplicate: the existing execution)" if submission.duplicate else ""
+                    console.print(f"execution {submission.execution_id}: {_styled(state)}{dup}")
+                    if submission.error:
+                        console.print(f"[red]error:[/red] {_cell(submission.error)}")
+                return 1 if submission.status == "failed" else 0
+            for warning in submission.warnings:
+                typer.echo(f"warning: {warning}", err=True)
+            if not submission.accepted:
+                typer.echo(
+                    f"no executor has answered within {accept_wait:g} s: execution {submission.execution_id} is posted "
+                    f"and waits in {client.names.requests_queue}; is an executor running? (still waiting)", err=True,
+                )
+            elif submission.duplicate:
+                typer.echo(f"an execution with this idempotency key exists already: {submission.execution_id} "
+                           f"({submission.status}); waiting for it, not for a new one", err=True)
+            started = time.monotonic()
+            seen: list[str] = []
+            watcher = (
+                asyncio.create_task(_progress(client, submission.execution_id, seen)) if _show_progress(progress) else None
+            )
+            try:
+                execution = await client.wait(submission.execution_id, wait_timeout)
+            except TimeoutError as exc:
+                typer.echo(str(exc), err=True)
+                return 1
+            finally:
+                if watcher is not None:
+                    watcher.cancel()
+            if watcher is not None and seen[-1:] != [execution["status"]]:
+                typer.echo(f"  {time.monotonic() - started:6.1f}s  {execution['status']}", err=True)
+            if as_json:
+                _print_json(execution)
+            else:
+                _show(execution)
+            return 0 if execution["status"] == "completed" else 1
+
+    with _one_line(settings, "baton submit"):
+        code = asyncio.run(main())
+    raise typer.Exit(code)
+
+
+def _show_progress(option: bool | None) -> bool:
+    return sys.stderr.isatty() if option is None else option
+
+
+async def _progress(client: BatonClient, execution_id: uuid.UUID, seen: list[str]) -> None:
+    """Status changes of a waited-for execution, with the time since the wait began, on stderr
+    (each appended to ``seen``)."""
+    started = time.monotonic()
+    last = None
+    while True:
+        try:
+            row = await client.get(execution_id)
+        except TRANSIENT_ERRORS:
+            row = None
+        if row is not None and row["status"] != last:
+            last = row["status"]
+            seen.append(last)
+            where = f" on {row['worker']}" if row.get("worker") and last in ("scheduled", "running") else ""
+            typer.echo(f"  {time.monotonic() - started:6.1f}s  {last}{where}", err=True)
+        await asyncio.sleep(0.25)
+
+
+def _when(delay: str | None, at: str | None) -> tuple[float | None, dt.datetime | None]:
+    """`--delay` as seconds, `--at` as an aware time; one or the other."""
+    if delay is not None and at is not None:
+        raise ValueError("give --delay or --at, not both")
+    if delay is not None:
+        try:
+            return parse_duration(delay), None
+        except ValueError as exc:
+            raise ValueError(f"--delay: {exc}") from None
+    if at is not None:
+        try:
+            when = dt.datetime.fromisoformat(at.replace("Z", "+00:00").replace("z", "+00:00"))
+        except ValueError:
+            raise ValueError(f"--at {at!r} is not an RFC 3339 time (e.g. 2026-12-01T09:00Z)") from None
+        if when.tzinfo is None:
+            raise ValueError(f"--at {at!r} names no time zone: add Z or an offset such as +01:00")
+        return None, when
+    return None, None
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+
+def _show(execution: dict[str, Any]) -> None:
+    table = Table(show_header=False, box=None)
+    for key in ("id", "action_ref", "status", "attempt", "worker", "created_at", "started_at", "finished_at"):
+        value = execution.get(key)
+        table.add_row(f"[bold]{key}[/bold]", _styled(value) if key == "status" else _cell(value))
+    for key in ("parameters", "result", "warnings"):
+        if execution.get(key) is not None:
+            table.add_row(f"[bold]{key}[/bold]", _cell(json.dumps(execution[key], indent=2)))
+    error = dict(execution.get("error") or {})
+    trace = error.pop("traceback", None)
+    if error:
+        table.add_row("[bold]error[/bold]", f"[red]{_cell(error.pop('error', ''))}[/red]")
+        if error:
+            table.add_row("", _cell(json.dumps(error)))
+    console.print(table)
+    if trace:  # once, as the lines it is, not as an escaped JSON string
+        console.print("[bold]traceback[/bold]")
+        console.print(trace.rstrip(), markup=False, highlight=False)
+    steps = execution.get("steps") or []
+    if steps:
+        step_table = Table(title="steps")
+        for column in ("step", "name", "status", "attempts", "duration", "detail"):
+            step_table.add_column(column)
+        for st in steps:
+            duration = f"{st['duration_s'] * 1000:.1f} ms" if st.get("duration_s") is not None else ""
+            detail = (st.get("child_id") and f"child {st['child_id']}") or (st.get("wake_at") and f"wakes {st['wake_at']}")
+            step_table.add_row(
+                _cell(st["step_id"]), _cell(st["name"]), _styled(st["status"]), _cell(st["attempts"]),
+                _cell(duration), _cell(detail or ""),
+            )
+        console.print(step_table)
+    events = execution.get("events") or []
+    if events:
+        ev_table = Table(title="timeline")
+        for column in ("seq", "at", "event", "what happened"):
+            ev_table.add_column(column)
+        for seq, offset, kind, what in timeline(events):
+            ev_table.add_row(_cell(seq), _cell(offset), _styled(kind) if kind in STATUS_STYLE else _cell(kind), _cell(what))
+        console.print(ev_table)
+
+
+
+@executions_app.command("list")
+def executions_list(
+    status: str | None = typer.Option(None, "--status", help="Only this status."),
+    action: str | None = typer.Option(None, "--action", help="Only this action."),
+    worker: str | None = typer.Option(None, "--worker", help="Only those on this worker."),
+    since: str | None = typer.Option(None, "--since", help="Created at or after (e.g. 2026-11-30T12:00Z, or 2h ago: 2h)."),
+    until: str | None = typer.Option(None, "--until", help="Created before (a time, or an age such as 30m)."),
+    after: str | None = typer.Option(None, "--after", help="Page on: the id of the last execution of the previous page."),
+    limit: int = typer.Option(50, "--limit", min=1, max=1000),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Executions, newest first; page back with --after LAST_ID (as printed at the end)."""
+
+    async def go(c: BatonClient) -> list[dict[str, Any]]:
+        last = None
+        if after:
+            row = await c.get(after)
+            if row is None:
+                raise ValueError(f"--after {after!r}: no such execution")
+            last = (dt.datetime.fromisoformat(row["created_at"]), uuid.UUID(row["id"]))
+        return await c.list_page(status=status, action_ref=action, worker=worker, since=_moment(since, "--since"),
+                                 until=_moment(until, "--until"), after=last, limit=limit)
+
+    rows = _run_client(go)
+    if as_json:
+        _print_json([jsonable_row(r) for r in rows])
+        return
+    table = Table()
+    for column in ("id", "action", "status", "attempt", "worker", "created", "error"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(
+            _cell(r["id"]),
+            _cell(r["action_ref"]),
+            _styled(r["status"]),
+            _cell(r["attempt"]),
+            _cell(r["worker"]),
+            _cell(str(r["created_at"])[:23]),
+            _cell(((r["error"] or {}).get("error") or "")[:80]),
+        )
+    console.print(table)
+    if len(rows) == limit:
+        typer.echo(f"more: --after {rows[-1]['id']}")
+
+
+def _moment(value: str | None, option: str) -> dt.datetime | None:
+    """An RFC 3339 time (UTC if it names no zone), or an age (`2h`: two hours ago)."""
+    if value is None:
+        return None
+    try:
+        return dt.datetime.now(dt.UTC) - dt.timedelta(seconds=parse_age(value))
+    except ValueError:
+        pass
+    try:
+        when = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{option} {value!r} is neither a time (2026-11-30T12:00Z) nor an age (30m, 2h, 7d)") from None
+    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+
+
+@executions_app.command("tail")
+def executions_tail(
+    execution_id: str = typer.Argument(..., help="An id, or a unique prefix of one."),
+    poll: float = typer.Option(0.5, "--poll", min=0.05, help="Seconds between looks."),
+) -> None:
+    """Print an execution's events as they happen, until it finishes; exit 0 only if it completed."""
+
+    async def go(c: BatonClient) -> int:
+        full = await c.resolve_id(execution_id)
+        shown = 0
+        first: str | None = None
+        while True:
+            execution = await c.get(full)
+            assert execution is not None
+            events = execution.get("events") or []
+            first = first or (events[0]["created_at"] if events else None)
+            for seq, offset, kind, what in timeline(events)[shown:]:
+                typer.echo(f"{seq:>4} {offset:>10}  {kind:<22} {what}")
+            shown = len(events)
+            if execution["status"] in ("completed", "failed", "timeout", "cancelled"):
+                return 0 if execution["status"] == "completed" else 1
+            await asyncio.sleep(poll)
+
+    raise typer.Exit(_run_client(go))
+
+
+@executions_app.command("watch")
+def executions_watch(
+    status: str | None = typer.Option(None, "--status"),
+    action: str | None = typer.Option(None, "--action"),
+    worker: str | None = typer.Option(None, "--worker"),
+    limit: int = typer.Option(20, "--limit", min=1, max=200),
+    interval: float = typer.Option(1.0, "--interval", min=0.1, help="Seconds between refreshes."),
+) -> None:
+    """A live table of the newest executions (Ctrl-C to stop)."""
+    from rich.live import Live
+
+    def render(rows: list[dict[str, Any]]) -> Table:
+        table = Table(title=f"newest executions, every {interval:g} s (Ctrl-C to stop)")
+        for column in ("id", "action", "status", "attempt", "worker", "created", "error"):
+            table.add_column(column)
+        for r in rows:
+            table.add_row(_cell(str(r["id"])[:8]), _cell(r["action_ref"]), _styled(r["status"]), _cell(r["attempt"]),
+                          _cell(r["worker"]), _cell(str(r["created_at"])[11:19]),
+                          _cell(((r["error"] or {}).get("error") or "")[:50]))
+        return table
+
+    async def go(c: BatonClient) -> int:
+        with Live(render([]), console=console, refresh_per_second=4) as live:
+            while True:
+                live.update(render(await c.list_page(status=status, action_ref=action, worker=worker, limit=limit)))
+                await asyncio.sleep(interval)
+
+    try:
+        _run_client(go)
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
+
+
+@executions_app.command("show")
+def executions_show(execution_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """One execution with its events."""
+    execution = _run_client(lambda c: c.get(execution_id))
+    if execution is None:
+        typer.echo(f"no execution {execution_id}", err=True)
+        raise typer.Exit(1)
+    if as_json:
+        _print_json(execution)
+    else:
+        _show(execution)
+
+
+
+@executions_app.command("cancel")
+def executions_cancel(execution_id: str = typer.Argument(..., help="An id, or a unique prefix of one.")) -> None:
+    """Cancel an execution that has not finished (and the children it started); a running one is
+    stopped on its worker within a moment."""
+
+    async def go(c: BatonClient) -> str:
+        rows = await c.cancel(execution_id)
+        others = f" and {len(rows) - 1} child execution(s)" if len(rows) > 1 else ""
+        return f"execution {rows[0]['id'] if len(rows) == 1 else await c.resolve_id(execution_id)}: cancelled{others}"
+
+    _control(go)
+
+
+@executions_app.command("pause")
+def executions_pause(execution_id: str = typer.Argument(..., help="An id, or a unique prefix of one.")) -> None:
+    """Pause a durable run (at its next step boundary if it is running); it holds no worker slot."""
+
+    async def go(c: BatonClient) -> str:
+        status = await c.pause(execution_id)
+        then = "paused" if status == "paused" else "pausing at its next step boundary"
+        return f"execution {await c.resolve_id(execution_id)}: {then}"
+
+    _control(go)
+
+
+@executions_app.command("resume")
+def executions_resume(execution_id: str = typer.Argument(..., help="An id, or a unique prefix of one.")) -> None:
+    """Resume a paused durable run (or call off a pause it has not reached yet)."""
+
+    async def go(c: BatonClient) -> str:
+        status = await c.resume(execution_id)
+        then = "back in line" if status == "requested" else "pause called off"
+        return f"execution {await c.resolve_id(execution_id)}: {then}"
+
+    _control(go)
+
+
+@executions_app.command("signal")
+def executions_signal(
+    execution_id: str = typer.Argument(..., help="An id, or a unique prefix of one."),
+    name: str = typer.Argument(..., help="The signal's name, as the workflow waits for it."),
+    data: str | None = typer.Option(None, "--data", help="The signal's data, as JSON."),
+) -> None:
+    """Send a signal to a durable run (its `ctx.wait_for_signal(NAME)` returns the data)."""
+    try:
+        payload = json.loads(data) if data is not None else None
+    except json.JSONDecodeError as exc:
+        typer.echo(f"--data is not JSON: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+    async def go(c: BatonClient) -> str:
+        woke = await c.signal(execution_id, name, payload)
+        then = "the waiting run is back in line" if woke else "kept until the run waits for it"
+        return f"signal {name!r} sent to {await c.resolve_id(execution_id)}: {then}"
+
+    _control(go)
+
+
+@executions_app.command("retry")
+def executions_retry(execution_id: str = typer.Argument(..., help="An id, or a unique prefix of one.")) -> None:
+    """Rerun a finished execution: a durable run from its checkpoint (completed steps are kept),
+    any other from scratch as a new execution linked to it."""
+
+    async def go(c: BatonClient) -> str:
+        old = await c.resolve_id(execution_id)
+        new = await c.retry(old)
+        return f"execution {old}: retried from its checkpoint" if new == old else f"execution {old}: rerun as {new}"
+
+    _control(go)
+
+
+
+@executions_app.command("prune")
+def executions_prune(
+    older_than: str = typer.Option(..., "--older-than", help="Age of finished executions to delete: 30d, 12h, 90m."),
+) -> None:
+    """Delete finished executions (and their events) older than the given age, in batches."""
+    from common import db
+    from common.retention import prune_executions
+
+    try:
+        older_than_s = parse_age(older_than)
+    except ValueError as exc:
+        typer.echo(f"--older-than: {exc}", err=True)
+        raise typer.Exit(2) from None
+    settings = _settings()
+
+    async def main() -> int:
+        pool = await db.connect(settings.database.url, max_size=1, max_wait_s=settings.database.startup_wait_s)
+        try:
+            return await prune_executions(pool, older_than_s=older_than_s, batch_size=settings.retention.batch_size)
+        finally:
+            await pool.close()
+
+    typer.echo(f"deleted {asyncio.run(main())} finished execution(s) older than {older_than}")
+
+
