@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 from common.recovery import resolve_policy
 from common.settings import RecoverySettings
 from common.timeline import describe, timeline
+from worker.context import WorkflowContext, bind, unbind
+from worker.journal import ChildState, Recorded, StepFailed, StepWrite, Suspend
 from worker.registry import registered
 from worker.replay import (
     NonDeterminismError,
@@ -25,18 +27,7 @@ from worker.replay import (
     remaining_attempts,
     timer_decision,
 )
-from worker.workflow import (
-    ChildState,
-    Recorded,
-    StepFailed,
-    StepWrite,
-    Suspend,
-    WorkflowContext,
-    bind,
-    step,
-    unbind,
-    workflow,
-)
+from worker.workflow import step, workflow
 
 
 @dataclass
@@ -364,7 +355,7 @@ async def test_pause_is_taken_at_the_next_step_boundary():
 
 
 async def test_transient_workflows_record_nothing_and_refuse_children():
-    from worker.workflow import TransientJournal
+    from worker.journal import TransientJournal
 
     async def wf(ctx):
         await record_call("a")

@@ -18,11 +18,8 @@ from common import db
 from common.actions import CORE_ACTIONS
 from common.queries import workflows as wq
 from common.schemas import Assignment
-from worker.registry import RegisteredAction
-from worker.replay import NonDeterminismError, Replay, StepRecord
-from worker.runner import Outcome, bounded_result, error_object, failure, parse_parameters, resolve_timeout_s
-from worker.state import WorkerState
-from worker.workflow import (
+from worker.context import WorkflowContext, bind, unbind
+from worker.journal import (
     ChildState,
     Fenced,
     Journal,
@@ -31,10 +28,11 @@ from worker.workflow import (
     StepWrite,
     Suspend,
     TransientJournal,
-    WorkflowContext,
-    bind,
-    unbind,
 )
+from worker.registry import RegisteredAction
+from worker.replay import NonDeterminismError, Replay, StepRecord
+from worker.runner import Outcome, bounded_result, error_object, failure, parse_parameters, resolve_timeout_s
+from worker.state import WorkerState
 
 
 class _UnknownAction(Exception):
