@@ -401,7 +401,9 @@ class BatonClient:
         stopped on its worker within a moment. Returns the executions cancelled."""
         execution_id = await self.resolve_id(execution_id)
         error = {"error": "cancelled by an operator", "failed_by": "operator"}
-        rows = await (await self.pool()).fetch(wfq.CANCEL, execution_id, error)
+        async with (await self.pool()).acquire() as conn, conn.transaction():
+            await conn.fetchval(wfq.LOCK_EXECUTION, execution_id)
+            rows = await conn.fetch(wfq.CANCEL, execution_id, error)
         if not rows:
             raise await self._explain(execution_id, "cancel", "an execution that has not finished")
         await self._announce(rows)

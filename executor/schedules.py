@@ -58,7 +58,7 @@ async def run(ctx: ExecutorContext, stop_event: asyncio.Event) -> None:
     log.info("schedules_started", configured=len(ctx.settings.schedules))
 
     async def step() -> None:
-        while await fire_due(ctx, validator) == BATCH:
+        while await fire_due(ctx, validator) >= BATCH:
             pass
 
     await until_due(

@@ -33,7 +33,7 @@ async def run(ctx: ExecutorContext, stop_event: asyncio.Event) -> None:
     log.info("timers_started", fallback_s=fallback_s)
 
     async def step() -> None:
-        while await wake_due(ctx) == BATCH:
+        while await wake_due(ctx) >= BATCH:
             pass
 
     await until_due(

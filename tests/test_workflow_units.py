@@ -54,8 +54,12 @@ class MemoryJournal:
         return Recorded(self.pause, wake)
 
     async def start_child(self, w: StepWrite, action_ref: str, parameters: dict[str, Any], timeout_s: float | None) -> bool:
+        if action_ref == "nobody.serves":
+            return False
         await self.record(w)
-        return action_ref != "nobody.serves"
+        assert w.child_id is not None
+        self.children.setdefault(w.child_id, ChildState("requested", None, None))
+        return True
 
     async def child(self, child_id: uuid.UUID) -> ChildState | None:
         return self.children.get(child_id)
@@ -404,3 +408,29 @@ def test_timeline_describes_events():
         {"seq": 2, "type": "execution.woken", "data": {"reason": "timer"}, "created_at": "2026-01-01T00:00:01.5+00:00"},
     ])
     assert rows[1] == ("2", "+1.500s", "execution.woken", "back in line (timer)")
+
+
+async def test_a_failure_in_a_gather_stops_its_sibling_steps():
+    @step
+    async def boom() -> None:
+        raise RuntimeError("kaput")
+
+    @step
+    async def slow() -> None:
+        await asyncio.sleep(30)
+        calls.append("slow finished")
+
+    async def wf(ctx):
+        await asyncio.gather(slow(), boom())
+
+    ctx = WorkflowContext(execution_id=str(uuid.uuid4()), attempt=1, recovery_attempts=0, journal=MemoryJournal(),
+                          replay=Replay(), max_inline_sleep_s=30)
+    token = bind(ctx)
+    try:
+        with pytest.raises(StepFailed, match="kaput"):
+            await wf(ctx)
+        assert ctx._in_flight  # the sibling still runs ...
+        await asyncio.wait_for(ctx.stop_in_flight(), 5)  # ... until the driver stops it, at once
+        assert not ctx._in_flight and calls == []
+    finally:
+        unbind(token)

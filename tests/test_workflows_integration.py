@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import signal
+import uuid
 from pathlib import Path
 
 import pytest
@@ -531,3 +532,24 @@ async def test_drain_deadline_and_same_name_restart_resume_from_the_last_step(ba
     done = await client.wait(again.execution_id, 30)
     assert done["status"] == "completed" and done["recovery_attempts"] == 1
     assert [_count(other, s) for s in ("s0", "s1")] == [1, 1]
+
+
+async def test_a_retried_run_starts_a_new_child_where_the_old_one_failed(baton):
+    await baton.start_executor()
+    await baton.start_worker("py", runtimes="python")
+    await baton.start_worker("sh", runtimes="shell")
+    path = await _path(baton)
+    marker = baton.tmp / "may-pass"
+    client = await baton.client()
+    cmd = ["bash", "-c", f"test -e {marker}"]
+    failed = await client.run("tests.parent", {"path": str(path), "cmd": cmd}, wait_timeout_s=30)
+    assert failed["status"] == "failed" and "ended failed" in failed["error"]["error"]
+    marker.write_text("")
+    await client.retry(failed["id"])
+    done = await client.wait(failed["id"], 30)
+    assert done["status"] == "completed", done["error"]
+    children = await (await baton.pool()).fetch(
+        "SELECT status FROM executions WHERE parent_id = $1 ORDER BY created_at", uuid.UUID(failed["id"])
+    )
+    assert [c["status"] for c in children] == ["failed", "completed"]
+    assert _count(path, "before") == 1 and _count(path, "after") == 1

@@ -13,7 +13,7 @@ import traceback
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from worker.journal import (
     ChildFailed,
@@ -110,6 +110,9 @@ class WorkflowContext:
         self._clock_offset_s = clock_offset_s  # database clock minus this machine's
         self._steps_called = 0
         self.closed = False
+        # The tasks running a step's own code now (branches of a gather among them): stopped when
+        # the run leaves this worker, so that no step goes on running here without its slot.
+        self._in_flight: set[asyncio.Task[Any]] = set()
 
     @property
     def is_replaying(self) -> bool:
@@ -188,8 +191,10 @@ class WorkflowContext:
         ))
         return result
 
-    @staticmethod
-    async def _call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    async def _call(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        task = asyncio.current_task()
+        if task is not None:
+            self._in_flight.add(task)
         token = _current.set(None)  # inside a step, other step functions are plain calls
         try:
             value = fn(*args, **kwargs)
@@ -198,6 +203,17 @@ class WorkflowContext:
             return value
         finally:
             _current.reset(token)
+            if task is not None:
+                self._in_flight.discard(task)
+
+    async def stop_in_flight(self) -> None:
+        """Cancel the steps still running in other tasks (siblings in a gather) and wait for them:
+        called when the run ends, suspends or fails here, before its slot is given up."""
+        me = asyncio.current_task()
+        others = [t for t in self._in_flight if t is not me and not t.done()]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
 
     # -- timers ---------------------------------------------------------------------------------
 
@@ -254,7 +270,9 @@ class WorkflowContext:
         else:
             parameters = parameters or {}
             _check_json(parameters, f"the parameters of ctx.run({action_ref!r})")
-            child_id = uuid.uuid5(uuid.UUID(self.execution_id), f"step-{step_id}")
+            # One child per step and dispatch: a recovered run reads the child from its pending
+            # step (recorded with it), and a retried run, whose failed step starts over, gets a new one.
+            child_id = uuid.uuid5(uuid.UUID(self.execution_id), f"step-{step_id}-attempt-{self.attempt}")
             known = await self._journal.start_child(
                 StepWrite(step_id, name, "pending", "child.started",
                           {"step": step_id, "action_ref": action_ref, "child": str(child_id)},
@@ -267,7 +285,11 @@ class WorkflowContext:
                     "action_ref": action_ref,
                 })
         child = await self._journal.child(child_id)
-        if child is None or child.status not in ("completed", "failed", "timeout", "cancelled"):
+        if child is None:  # pruned by retention while this run was paused or waited in line
+            await self._fail_child(step_id, name, {
+                "error": f"child execution {child_id} ({action_ref}) no longer exists", "child": str(child_id),
+            })
+        if child.status not in ("completed", "failed", "timeout", "cancelled"):
             raise Suspend("waiting", child_id=child_id)
         if child.status != "completed":
             reason = (child.error or {}).get("error") or child.status
@@ -281,7 +303,7 @@ class WorkflowContext:
         ))
         return child.result
 
-    async def _fail_child(self, step_id: int, name: str, error: dict[str, Any]) -> None:
+    async def _fail_child(self, step_id: int, name: str, error: dict[str, Any]) -> NoReturn:
         await self._record(StepWrite(
             step_id, name, "failed", "child.failed", {"step": step_id, "error": error["error"]},
             error=error, store_delta=self.store._take_changes(),

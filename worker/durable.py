@@ -142,10 +142,17 @@ async def run(state: WorkerState, dispatch: Assignment, action: RegisteredAction
     deadline = asyncio.timeout(remaining_s if remaining_s is None or remaining_s > 0 else 0)
     token = bind(ctx)
     try:
-        async with deadline:
-            if remaining_s is not None and remaining_s <= 0:
-                raise TimeoutError
-            result = await spec.func(ctx, **kwargs)
+        try:
+            async with deadline:
+                if remaining_s is not None and remaining_s <= 0:
+                    raise TimeoutError
+                result = await spec.func(ctx, **kwargs)
+        except BaseException:
+            # Whatever ends the run here (a suspension, a failure, a cancel), no step of it goes
+            # on running in a sibling task once its slot is given up.
+            ctx.closed = True
+            await ctx.stop_in_flight()
+            raise
         replay.check_finished(ctx.steps_called)
         changes = ctx.store._take_changes()
         if changes and isinstance(journal, PgJournal):

@@ -96,5 +96,8 @@ def backoff_delay_s(retry_delay_s: float, backoff: float, retry_number: int, jit
     """Before retry number ``retry_number`` (1-based), of a step or of an action: ``retry_delay_s``
     x ``backoff`` ^ (n - 1), capped, and spread by ``jitter`` (a fraction in [0, 1), drawn by the
     caller) so that what fails together does not retry together."""
-    base = min(retry_delay_s * backoff ** max(retry_number - 1, 0), cap_s)
+    try:
+        base = min(retry_delay_s * backoff ** max(retry_number - 1, 0), cap_s)
+    except OverflowError:  # a large backoff to a large power: the cap, long before that
+        base = cap_s
     return base * (1 + jitter / 2)

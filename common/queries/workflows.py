@@ -207,6 +207,11 @@ SELECT id, reason FROM upd
 
 # -- operator controls ----------------------------------------------------------------------------
 
+# Taken first, in its own statement: a child being started meanwhile (in the transaction that
+# records its parent's step, which locks the parent) has then committed, and the tree cancelled
+# next includes it. $1 id
+LOCK_EXECUTION = "SELECT id FROM executions WHERE id = $1 FOR UPDATE"
+
 # Cancel an execution that has not finished, with every unfinished child it started (and theirs).
 # A running one is stopped by its worker, told through CONTROL_CHANNEL; its late outcome is fenced.
 # $1 id, $2 error object
