@@ -68,10 +68,16 @@ def celery_burst(n: int, backend: str, label: str) -> dict[str, Any]:
         while not celery_app.app.control.ping(timeout=1.0):
             if time.monotonic() > deadline or worker.poll() is not None:
                 return {"system": label, "note": "the Celery worker did not start"}
+        from celery.exceptions import TimeoutError as CeleryTimeout
+
         started = time.monotonic()
         results = [celery_app.noop.delay() for _ in range(n)]
-        for result in results:
-            result.get(timeout=600)
+        for got, result in enumerate(results):
+            try:
+                result.get(timeout=max(60.0, 600 - (time.monotonic() - started)))
+            except CeleryTimeout:
+                return {"system": label, "note": f"timed out: {got} of {n} results after "
+                                                 f"{time.monotonic() - started:.0f} s"}
         wall = time.monotonic() - started
         return {"system": label, "per_s": round(n / wall)}
     finally:
