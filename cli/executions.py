@@ -29,8 +29,8 @@ from cli.app import (
     parse_age,
 )
 from common.retry import TRANSIENT_ERRORS
-from common.schemas import jsonable_row
-from common.settings import parse_duration
+from common.schemas import TERMINAL_STATUSES, jsonable_row
+from common.settings import parse_duration, parse_moment
 from common.timeline import timeline
 
 if TYPE_CHECKING:
@@ -178,12 +178,9 @@ def _when(delay: str | None, at: str | None) -> tuple[float | None, dt.datetime 
             raise ValueError(f"--delay: {exc}") from None
     if at is not None:
         try:
-            when = dt.datetime.fromisoformat(at.replace("Z", "+00:00").replace("z", "+00:00"))
-        except ValueError:
-            raise ValueError(f"--at {at!r} is not an RFC 3339 time (e.g. 2026-12-01T09:00Z)") from None
-        if when.tzinfo is None:
-            raise ValueError(f"--at {at!r} names no time zone: add Z or an offset such as +01:00")
-        return None, when
+            return None, parse_moment(at, naive_is_utc=False)
+        except ValueError as exc:
+            raise ValueError(f"--at: {exc}") from None
     return None, None
 
 
@@ -286,10 +283,9 @@ def _moment(value: str | None, option: str) -> dt.datetime | None:
     except ValueError:
         pass
     try:
-        when = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return parse_moment(value, naive_is_utc=True)
     except ValueError:
         raise ValueError(f"{option} {value!r} is neither a time (2026-11-30T12:00Z) nor an age (30m, 2h, 7d)") from None
-    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
 
 
 @executions_app.command("tail")
@@ -311,7 +307,7 @@ def executions_tail(
             for seq, offset, kind, what in timeline(events)[shown:]:
                 typer.echo(f"{seq:>4} {offset:>10}  {kind:<22} {what}")
             shown = len(events)
-            if execution["status"] in ("completed", "failed", "timeout", "cancelled"):
+            if execution["status"] in TERMINAL_STATUSES:
                 return 0 if execution["status"] == "completed" else 1
             await asyncio.sleep(poll)
 

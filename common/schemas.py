@@ -76,13 +76,12 @@ class ExecutionRequest(BaseModel):
     def _aware_time(cls, value: Any) -> Any:
         # Strict mode takes no string for a datetime: parse RFC 3339 here, and insist on a zone.
         if isinstance(value, str):
+            from common.settings import parse_moment
+
             try:
-                parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
-            except ValueError:
-                raise ValueError("must be an RFC 3339 date-time, e.g. 2026-12-01T09:00:00Z") from None
-            if parsed.tzinfo is None:
-                raise ValueError("must name its time zone (e.g. Z or +01:00)")
-            return parsed
+                return parse_moment(value, naive_is_utc=False)
+            except ValueError as exc:
+                raise ValueError(f"must be an RFC 3339 date-time that names its time zone: {exc}") from None
         return value
 
     @field_validator("timeout_seconds", mode="before")

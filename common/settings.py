@@ -10,6 +10,7 @@ YAML keys follow DESIGN section 7 (``heartbeat_interval``); the Python attribute
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import re
 from pathlib import Path
@@ -62,6 +63,20 @@ def masked_url(url: str) -> str:
         return url
     netloc = parts.netloc.rsplit("@", 1)[1]
     return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{netloc}"))
+
+
+def parse_moment(text: str, *, naive_is_utc: bool) -> dt.datetime:
+    """An RFC 3339 time (`2026-12-01T09:00Z`, `...+01:00`). One without a zone is UTC when
+    ``naive_is_utc``, else a ValueError: a request or a delay must say which 09:00 it means."""
+    try:
+        when = dt.datetime.fromisoformat(text.strip().replace("z", "Z"))
+    except ValueError:
+        raise ValueError(f"{text[:40]!r} is not an RFC 3339 time (e.g. 2026-12-01T09:00Z)") from None
+    if when.tzinfo is None:
+        if not naive_is_utc:
+            raise ValueError(f"{text[:40]!r} names no time zone: add Z or an offset such as +01:00")
+        when = when.replace(tzinfo=dt.UTC)
+    return when
 
 
 def where(url: str) -> str:

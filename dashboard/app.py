@@ -28,8 +28,8 @@ from starlette.routing import Route
 
 from common.client import BatonClient
 from common.logging import get_logger
-from common.schemas import Status
-from common.settings import Settings
+from common.schemas import TERMINAL_STATUSES, Status
+from common.settings import Settings, parse_moment
 from common.timeline import timeline
 
 log = get_logger("baton.dashboard")
@@ -48,10 +48,9 @@ def _time(value: str | None, what: str) -> dt.datetime | None:
     if not value:
         return None
     try:
-        when = dt.datetime.fromisoformat(value)
-    except ValueError:
-        raise ValueError(f"{what} {value!r} is not a date-time (e.g. 2026-11-30T12:00)") from None
-    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+        return parse_moment(value, naive_is_utc=True)
+    except ValueError as exc:
+        raise ValueError(f"{what}: {exc}") from None
 
 
 class Dashboard:
@@ -111,7 +110,7 @@ class Dashboard:
             return "<p class=error>No such execution.</p>"
         return TEMPLATES.get_template("_execution.html").render(
             e=execution, timeline=timeline(execution.get("events") or []), steps=execution.get("steps") or [],
-            terminal=execution["status"] in ("completed", "failed", "timeout", "cancelled"),
+            terminal=execution["status"] in TERMINAL_STATUSES,
             can_act=self.cfg.token is not None,
         )
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from common.schemas import TERMINAL_STATUSES
 from worker.journal import (
     ChildFailed,
     Fenced,
@@ -55,8 +56,9 @@ class Store:
         self._values[key] = value
         self._changes[key] = value
 
-    def snapshot(self) -> dict[str, Any]:
-        return dict(self._values)
+    def _pending_changes(self) -> dict[str, Any] | None:
+        """The changes the next recorded step would carry, left in place."""
+        return dict(self._changes) or None
 
     def _take_changes(self) -> dict[str, Any] | None:
         changes, self._changes = self._changes, {}
@@ -289,7 +291,7 @@ class WorkflowContext:
             await self._fail_child(step_id, name, {
                 "error": f"child execution {child_id} ({action_ref}) no longer exists", "child": str(child_id),
             })
-        if child.status not in ("completed", "failed", "timeout", "cancelled"):
+        if child.status not in TERMINAL_STATUSES:
             raise Suspend("waiting", child_id=child_id)
         if child.status != "completed":
             reason = (child.error or {}).get("error") or child.status
@@ -322,11 +324,11 @@ class WorkflowContext:
             self.store._replayed(record.store_delta)
             return record.result
         write = StepWrite(step_id, step_name, "completed", "signal.received", {"step": step_id, "signal": name},
-                          store_delta=self.store._take_changes())
+                          store_delta=self.store._pending_changes())
         found, data = await self._journal.take_signal(write)
         if found:
+            self.store._take_changes()  # recorded with the signal's step
             return data
-        self.store._changes = {**(write.store_delta or {}), **self.store._changes}  # not recorded after all
         wake_at_s = record.wake_at_s if record is not None else None
         if record is None:
             recorded = await self._record(StepWrite(
@@ -345,10 +347,6 @@ class WorkflowContext:
 
 async def _sleep(seconds: float) -> None:
     await asyncio.sleep(max(seconds, 0))
-
-
-def current() -> WorkflowContext | None:
-    return _current.get()
 
 
 def bind(ctx: WorkflowContext) -> contextvars.Token[WorkflowContext | None]:

@@ -158,7 +158,6 @@ async def run(state: WorkerState, dispatch: Assignment, action: RegisteredAction
         if changes and isinstance(journal, PgJournal):
             await db.until_available(lambda: state.pool.fetchrow(wq.SAVE_STORE, *journal.fence, changes), what="save_store")
     except Suspend as suspension:
-        ctx.closed = True
         await _suspend(state, dispatch, suspension, fields)
         return None
     except Fenced:

@@ -23,8 +23,6 @@ from worker import durable
 from worker.runner import Outcome, execute, with_retry
 from worker.state import WorkerState
 
-TERMINAL = {s.value for s in TERMINAL_STATUSES}
-
 #: What recording an interruption may run into: the database away, or refusing the statement.
 _DB_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, asyncpg.PostgresError)
 
@@ -182,4 +180,4 @@ async def _record(state: WorkerState, batch: list[tuple[Assignment, Outcome]]) -
             state.log.warning(
                 f"execution_{outcome.status}", error=(outcome.error or {}).get("error"), **fields
             )
-    await publish_terminal(state.exchanges.notifications, [r for r in rows if r["status"] in TERMINAL])
+    await publish_terminal(state.exchanges.notifications, [r for r in rows if r["status"] in TERMINAL_STATUSES])
