@@ -28,6 +28,7 @@ import asyncpg
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.throughput import recreate_database  # noqa: E402
 from common import db  # noqa: E402
 from common.queries import executions as q  # noqa: E402
 from common.queries import workflows as wq  # noqa: E402
@@ -76,13 +77,7 @@ async def measure(conn: asyncpg.Connection, repeat: int) -> dict[str, dict[str, 
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    base, name = args.database_url.rsplit("/", 1)
-    admin = await asyncpg.connect(f"{base}/postgres")
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
+    await recreate_database(args.database_url)
     conn = await asyncpg.connect(args.database_url, server_settings=db.SERVER_SETTINGS)
     try:
         await db.migrate(conn)

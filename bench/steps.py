@@ -42,6 +42,7 @@ import asyncpg
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.throughput import recreate_database  # noqa: E402
 from common import amqp  # noqa: E402
 from common.client import BatonClient  # noqa: E402
 from common.settings import load_settings  # noqa: E402
@@ -50,16 +51,6 @@ from common.settings import load_settings  # noqa: E402
 def pct(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))]
-
-
-async def recreate(url: str) -> None:
-    base, name = url.rsplit("/", 1)
-    admin = await asyncpg.connect(f"{base}/postgres")
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
 
 
 def spawn(env: dict[str, str], log_dir: Path, label: str, *args: str) -> subprocess.Popen:
@@ -82,7 +73,7 @@ async def wait_for_worker(pool: asyncpg.Pool, procs: list[subprocess.Popen], tim
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    await recreate(args.database_url)
+    await recreate_database(args.database_url)
     prefix = f"bench_steps_{uuid.uuid4().hex[:8]}"
     log_dir = Path(tempfile.mkdtemp(prefix="baton-bench-steps-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("BATON")}
