@@ -103,12 +103,25 @@ class ExecutionRequest(BaseModel):
 
 
 class Dispatch(BaseModel):
-    """What the executor sends to a worker's queue: identity and fencing only. What to run (action,
+    """One execution handed to a worker: identity and fencing only. What to run (action,
     parameters, timeout) the worker reads from the row its fenced claim returns, never from the
     message, which anyone able to reach the broker could have written."""
 
     execution_id: uuid.UUID
     attempt: int
+
+
+#: The most dispatches one message may carry (a scheduling pass sends at most its batch per worker).
+MAX_DISPATCHES_PER_MESSAGE = 1000
+
+
+class DispatchBatch(BaseModel):
+    """What the executor sends to a worker's queue: the dispatches one scheduling pass placed on
+    that worker, in one message, so that a burst costs the broker a message per worker per pass
+    rather than one per execution. Each is claimed (or found stale) on its own; the message is
+    acked once every one of them has been."""
+
+    dispatches: list[Dispatch] = Field(min_length=1, max_length=MAX_DISPATCHES_PER_MESSAGE)
 
 
 class Assignment(BaseModel):

@@ -1,7 +1,7 @@
 """Dead-letter handler: dispatches that expired in a worker's queue (TTL) or were handed back by a
-draining worker arrive here through the `<prefix>.dlx` fanout exchange. One whose execution is
-still `scheduled` at that attempt is rescheduled elsewhere (or failed); the rest are stale, logged
-and dropped."""
+draining worker arrive here through the `<prefix>.dlx` fanout exchange. Each dispatch in such a
+message whose execution is still `scheduled` at that attempt is rescheduled elsewhere (or failed);
+the rest are stale, logged and dropped."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from common.db import until_available
 from common.logging import get_logger
 from common.notifications import publish_terminal
 from common.queries import executions as q
-from common.schemas import Dispatch
+from common.schemas import Dispatch, DispatchBatch
 from executor.rescheduling import reschedule_or_fail
 
 if TYPE_CHECKING:
@@ -54,12 +54,26 @@ async def run(ctx: ExecutorContext, stop_event: asyncio.Event) -> None:
 async def handle(ctx: ExecutorContext, message: AbstractIncomingMessage) -> None:
     reason = death_reason(message.headers)
     try:
-        dispatch = Dispatch.model_validate_json(message.body)
+        batch = DispatchBatch.model_validate_json(message.body)
     except ValidationError as exc:
         metrics.DEAD_LETTERS.labels("invalid").inc()
         log.error("dead_letter_invalid", death_reason=reason, error=str(exc)[:500], message_id=message.message_id)
         await message.ack()
         return
+    failed = []
+    # One by one: a message carries one pass's dispatches to one worker, some of which the worker
+    # may have claimed before it handed the rest back (those are stale here).
+    for dispatch in batch.dispatches:
+        row = await _settle(ctx, dispatch, reason)
+        if row is not None:
+            failed.append(row)
+    if failed:
+        await publish_terminal(ctx.exchanges.notifications, failed)
+    await message.ack()
+
+
+async def _settle(ctx: ExecutorContext, dispatch: Dispatch, reason: str) -> asyncpg.Record | None:
+    """Reschedule (or fail) one dead-lettered dispatch still current; returns the row if failed."""
     fields = {"execution_id": str(dispatch.execution_id), "attempt": dispatch.attempt, "death_reason": reason}
     why = {
         "expired": "its dispatch expired unconsumed in the worker's queue",
@@ -93,6 +107,4 @@ async def handle(ctx: ExecutorContext, message: AbstractIncomingMessage) -> None
         metrics.DEAD_LETTERS.labels(status).inc()
         log.info("dead_letter_handled", outcome=status, **fields)
         ctx.wake.set()
-    if failed is not None:
-        await publish_terminal(ctx.exchanges.notifications, [failed])
-    await message.ack()
+    return failed

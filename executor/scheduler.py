@@ -25,7 +25,7 @@ from common.notifications import publish_terminal
 from common.queries import WAKE_CHANNEL
 from common.queries import executions as q
 from common.queries import workers as wq
-from common.schemas import Dispatch
+from common.schemas import MAX_DISPATCHES_PER_MESSAGE, Dispatch, DispatchBatch
 from executor.placement import Candidate, concurrency_room, limited_room, place, room_by_action
 from executor.rescheduling import reschedule_or_fail
 from executor.resilience import riding_out_outages
@@ -125,8 +125,17 @@ async def _pass(ctx: ExecutorContext, stop_event: asyncio.Event) -> tuple[bool, 
                 reason="the executor stopped before dispatching it", kind="executor_stopped", error={}, counts=False,
             )
         return False, False
-    outcomes = await asyncio.gather(*(_dispatch(ctx, by_id[s["id"]], s) for s in scheduled))
-    failed = [row for row in outcomes if row is not None]
+    by_worker: dict[str, list[asyncpg.Record]] = {}
+    for s in scheduled:
+        by_worker.setdefault(s["worker"], []).append(s)
+    outcomes = await asyncio.gather(
+        *(
+            _dispatch(ctx, worker, rows[i : i + MAX_DISPATCHES_PER_MESSAGE])
+            for worker, rows in by_worker.items()
+            for i in range(0, len(rows), MAX_DISPATCHES_PER_MESSAGE)
+        )
+    )
+    failed = [row for rows in outcomes for row in rows]
     await publish_terminal(ctx.exchanges.notifications, failed)
     # Work is left behind when some could not be placed, or when the room there was is all taken
     # (more may be waiting as `requested`): then freed capacity must wake the next pass.
@@ -154,43 +163,45 @@ async def _concurrency_caps(ctx: ExecutorContext, conn: Executor, room: dict[str
     return concurrency_room(limits, active)
 
 
-async def _dispatch(
-    ctx: ExecutorContext, row: asyncpg.Record, scheduled: asyncpg.Record
-) -> asyncpg.Record | None:
-    """Publish one dispatch; if it cannot be handed over, reschedule it (returns the row if that
-    failed the execution instead)."""
-    worker, attempt = scheduled["worker"], scheduled["attempt"]
-    dispatch = Dispatch(execution_id=row["id"], attempt=attempt)
-    fields = {"execution_id": str(row["id"]), "worker": worker, "attempt": attempt}
+async def _dispatch(ctx: ExecutorContext, worker: str, scheduled: list[asyncpg.Record]) -> list[asyncpg.Record]:
+    """Publish one worker's dispatches from this pass as one message; if it cannot be handed over,
+    reschedule each of them (returns the rows that this failed instead)."""
+    batch = DispatchBatch(dispatches=[Dispatch(execution_id=s["id"], attempt=s["attempt"]) for s in scheduled])
+    first = scheduled[0]
     try:
         await ctx.exchanges.dispatch.publish(
-            persistent_json(dispatch.model_dump_json().encode(), message_id=f"{row['id']}:{attempt}"),
+            persistent_json(batch.model_dump_json().encode(), message_id=f"{first['id']}:{first['attempt']}"),
             routing_key=Names.worker_routing_key(worker),
             mandatory=True,
         )
     except aiormq.exceptions.PublishError:
         reason, kind, counts = "dispatch returned: the worker's queue does not exist", "dispatch_returned", True
     except Exception as exc:  # noqa: BLE001 - any failure to hand over means: not dispatched
-        # The broker went away mid-publish; not the execution's fault, so it costs no dispatch.
+        # The broker went away mid-publish; not the executions' fault, so it costs no dispatch.
         reason, kind, counts = f"dispatch failed: {exc}", "broker_unavailable", False
     else:
-        log.info("execution_scheduled", **fields)
-        return None
+        for s in scheduled:
+            log.info("execution_scheduled", execution_id=str(s["id"]), worker=worker, attempt=s["attempt"])
+        return []
     # Safe even if the dispatch did arrive: the worker's claim is fenced by the attempt we move past.
-    log.warning("dispatch_failed", reason=reason, **fields)
     schedule_attempts = ctx.settings.executor.max_schedule_attempts
-    _, failed = await reschedule_or_fail(
-        ctx.pool,
-        {"id": row["id"], "attempt": attempt, "schedule_attempts": scheduled["schedule_attempts"]},
-        max_schedule_attempts=schedule_attempts,
-        reason=reason,
-        kind=kind,
-        counts=counts,
-        error={
-            "error": f"no worker could be reached after {schedule_attempts} dispatches: {reason}",
-            "failed_by": "scheduler",
-            "attempts": schedule_attempts,
-        },
-    )
+    failed = []
+    for s in scheduled:
+        log.warning("dispatch_failed", reason=reason, execution_id=str(s["id"]), worker=worker, attempt=s["attempt"])
+        _, row = await reschedule_or_fail(
+            ctx.pool,
+            {"id": s["id"], "attempt": s["attempt"], "schedule_attempts": s["schedule_attempts"]},
+            max_schedule_attempts=schedule_attempts,
+            reason=reason,
+            kind=kind,
+            counts=counts,
+            error={
+                "error": f"no worker could be reached after {schedule_attempts} dispatches: {reason}",
+                "failed_by": "scheduler",
+                "attempts": schedule_attempts,
+            },
+        )
+        if row is not None:
+            failed.append(row)
     ctx.wake.set()
     return failed

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import aio_pika
 import pytest
 
 from common import amqp
-from common.schemas import Dispatch
 from tests.harness import AMQP_URL, wait_until
 
 pytestmark = pytest.mark.integration
@@ -23,21 +23,28 @@ async def test_stale_dispatch_is_dropped(baton):
     try:
         channel = await connection.channel()
         exchange = await channel.get_exchange(baton.names.dispatch_exchange)
-        for execution_id, attempt in [(done["id"], 1), (done["id"], 7), (str(uuid.uuid4()), 1)]:
-            stale = Dispatch(execution_id=execution_id, attempt=attempt, action_ref="core.echo", parameters={"message": "zombie"})
+        # One message of two stale dispatches (one claimed before, one of an attempt never made),
+        # and one of a dispatch for an execution that does not exist; extra fields are ignored.
+        stale = [
+            {"execution_id": done["id"], "attempt": 1, "action_ref": "core.echo", "parameters": {"message": "zombie"}},
+            {"execution_id": done["id"], "attempt": 7},
+        ]
+        for dispatches in (stale, [{"execution_id": str(uuid.uuid4()), "attempt": 1}]):
             await exchange.publish(
-                aio_pika.Message(stale.model_dump_json().encode()), routing_key=amqp.Names.worker_routing_key("w1")
+                aio_pika.Message(json.dumps({"dispatches": dispatches}, default=str).encode()),
+                routing_key=amqp.Names.worker_routing_key("w1"),
             )
-        await exchange.publish(aio_pika.Message(b"not a dispatch"), routing_key=amqp.Names.worker_routing_key("w1"))
+        for invalid in (b"not a dispatch", b'{"dispatches": []}'):
+            await exchange.publish(aio_pika.Message(invalid), routing_key=amqp.Names.worker_routing_key("w1"))
     finally:
         await connection.close()
     await wait_until(lambda: _count(worker, "dispatch_stale", 3), what="three stale dispatches dropped")
-    await wait_until(lambda: _count(worker, "dispatch_invalid", 1), what="the invalid dispatch dropped")
+    await wait_until(lambda: _count(worker, "dispatch_invalid", 2), what="the invalid dispatches dropped")
     assert await baton.queue_depth(baton.names.worker_queue("w1")) == 0
     row = await baton.execution(done["id"])
     assert row["status"] == "completed" and row["result"] == {"message": "real"} and row["last_event_seq"] == 4
-    # The malformed one was dead-lettered and logged by the executor, not lost silently.
-    await wait_until(lambda: _count(executor, "dead_letter_invalid", 1), what="the dead letter to be logged")
+    # The malformed ones were dead-lettered and logged by the executor, not lost silently.
+    await wait_until(lambda: _count(executor, "dead_letter_invalid", 2), what="the dead letters to be logged")
     assert await baton.queue_depth(baton.names.dead_letters_queue) == 0
 
 

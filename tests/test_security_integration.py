@@ -147,7 +147,7 @@ async def test_a_worker_runs_what_was_recorded_not_what_the_dispatch_says(baton,
     try:
         channel = await connection.channel()
         exchange = await channel.get_exchange(baton.names.dispatch_exchange)
-        await exchange.publish(aio_pika.Message(json.dumps(forged).encode()),
+        await exchange.publish(aio_pika.Message(json.dumps({"dispatches": [forged]}).encode()),
                                routing_key=amqp.Names.worker_routing_key("victim"))
     finally:
         await connection.close()

@@ -1,22 +1,33 @@
-"""Receiving and claiming. A dispatch waits in the inbox, unacked, until a slot is free; the
-fenced claim (`scheduled` -> `running`) then makes it PostgreSQL's: the batch is acked once the
-claim has committed, and what it claimed is started. What the inbox holds is what a drain or a
-stand-down hands back."""
+"""Receiving and claiming. A dispatch message carries the executions one scheduling pass placed
+here; each waits in the inbox, its message unacked, until a slot is free; the fenced claim
+(`scheduled` -> `running`) then makes it PostgreSQL's. A message is acked once every dispatch it
+carried has been claimed (or found stale), and what was claimed is started. What the inbox holds
+is what a drain or a stand-down hands back: the messages not yet settled, which the dead-letter
+handler takes one dispatch at a time (those already claimed are stale there)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import uuid
+from dataclasses import dataclass
 
 from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
 
 from common import amqp, db
 from common.queries import executions as q
-from common.schemas import Assignment, Dispatch
+from common.schemas import Assignment, Dispatch, DispatchBatch
 from worker import recording
 from worker.state import WorkerState
+
+
+@dataclass(eq=False)
+class Delivery:
+    """A dispatch message held unacked: how many of its dispatches are not yet claimed or dropped."""
+
+    message: AbstractIncomingMessage
+    pending: int
 
 
 async def on_message(state: WorkerState, message: AbstractIncomingMessage) -> None:
@@ -24,7 +35,15 @@ async def on_message(state: WorkerState, message: AbstractIncomingMessage) -> No
         with contextlib.suppress(Exception):
             await message.reject(requeue=False)
         return
-    state.inbox.append(message)
+    try:
+        batch = DispatchBatch.model_validate_json(message.body)
+    except ValidationError as exc:
+        state.log.error("dispatch_invalid", error=str(exc)[:500], message_id=message.message_id)
+        with contextlib.suppress(Exception):  # a dead channel redelivers it; it is rejected again
+            await message.reject(requeue=False)
+        return
+    delivery = Delivery(message, len(batch.dispatches))
+    state.inbox.extend((dispatch, delivery) for dispatch in batch.dispatches)
     state.mail.set()
 
 
@@ -49,16 +68,9 @@ async def claim_loop(state: WorkerState) -> None:
             state.claiming = False
 
 
-async def _claim(state: WorkerState, batch: list[AbstractIncomingMessage]) -> None:
+async def _claim(state: WorkerState, batch: list[tuple[Dispatch, Delivery]]) -> None:
     dispatches: dict[uuid.UUID, Dispatch] = {}
-    for message in batch:
-        try:
-            dispatch = Dispatch.model_validate_json(message.body)
-        except ValidationError as exc:
-            state.log.error("dispatch_invalid", error=str(exc), message_id=message.message_id)
-            with contextlib.suppress(Exception):  # a dead channel redelivers it; it is rejected again
-                await message.reject(requeue=False)
-            continue
+    for dispatch, _ in batch:
         twin = dispatches.get(dispatch.execution_id)
         if twin is not None or dispatch.execution_id in state.running:
             # A redelivery, or an older attempt beside a newer one: only the newest can match.
@@ -83,7 +95,14 @@ async def _claim(state: WorkerState, batch: list[AbstractIncomingMessage]) -> No
         )
         for r in rows
     }
-    await amqp.ack_all(batch)
+    settled = []
+    for _, delivery in batch:
+        delivery.pending -= 1
+        if delivery.pending == 0:
+            settled.append(delivery.message)
+    # Dispatches are claimed in the order they arrived, so messages settle in delivery order too
+    # (what `ack_all`'s one cumulative ack per channel relies on).
+    await amqp.ack_all(settled)
     for execution_id, dispatch in dispatches.items():
         fields = {"execution_id": str(execution_id), "attempt": dispatch.attempt}
         assignment = claimed.get(execution_id)
@@ -98,13 +117,18 @@ async def _claim(state: WorkerState, batch: list[AbstractIncomingMessage]) -> No
 
 
 async def hand_back(state: WorkerState) -> int:
+    """Reject every dispatch message not yet settled (dead-lettered at once; the executor
+    reschedules what in it is still `scheduled` on another worker). Returns the dispatches
+    handed back."""
+    messages: dict[int, AbstractIncomingMessage] = {}
     handed_back = 0
     while state.inbox:
-        message = state.inbox.popleft()
+        _, delivery = state.inbox.popleft()
+        messages[id(delivery.message)] = delivery.message
+        handed_back += 1
+    for message in messages.values():
         with contextlib.suppress(Exception):
-            # Dead-lettered at once; the executor reschedules it on another worker.
             await message.reject(requeue=False)
-            handed_back += 1
     if handed_back:
-        state.log.info("dispatches_handed_back", count=handed_back)
+        state.log.info("dispatches_handed_back", count=handed_back, messages=len(messages))
     return handed_back

@@ -12,10 +12,10 @@ import asyncio
 import secrets
 import uuid
 from collections import deque
+from typing import TYPE_CHECKING
 
 import asyncpg
 from aio_pika.abc import (
-    AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustChannel,
     AbstractRobustConnection,
@@ -25,10 +25,13 @@ from aio_pika.abc import (
 from common import amqp
 from common.logging import get_logger
 from common.recovery import InterruptReason
-from common.schemas import Assignment
+from common.schemas import Assignment, Dispatch
 from common.settings import Settings
 from worker.registry import RegisteredAction
 from worker.runner import Outcome
+
+if TYPE_CHECKING:
+    from worker.claiming import Delivery
 
 log = get_logger("baton.worker")
 
@@ -55,7 +58,8 @@ class WorkerState:
         self.incarnation = uuid.uuid4()
         self.actions = actions
         self.log = log.bind(worker=name)
-        self.inbox: deque[AbstractIncomingMessage] = deque()
+        # Dispatches received but not yet claimed, each with the message that brought it.
+        self.inbox: deque[tuple[Dispatch, Delivery]] = deque()
         self.mail = asyncio.Event()
         self.slots = asyncio.Semaphore(self.cfg.max_concurrent_tasks)
         self.running: dict[uuid.UUID, asyncio.Task[None]] = {}
