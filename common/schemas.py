@@ -136,6 +136,29 @@ class Assignment(BaseModel):
     max_retries: int | None = None  # the invocation's own limit (None: the action's)
 
 
+class RecordedRequest(TypedDict):
+    """What intake reads back of an execution it recorded (`INSERT_REQUESTS`): enough to reply to
+    its request and to announce it if it failed there."""
+
+    id: uuid.UUID
+    action_ref: str | None
+    status: str
+    attempt: int
+    worker: str | None
+    finished_at: dt.datetime | None
+    error: dict[str, Any] | None
+    warnings: list[str] | None
+    not_before: dt.datetime | None
+
+
+class ExistingRequest(RecordedRequest):
+    """An execution a request turned out to repeat (`FIND_EXISTING`), with what it was given."""
+
+    parameters: dict[str, Any]
+    timeout_s: float | None
+    idempotency_key: str | None
+
+
 class ExecutionRow(TypedDict):
     """A whole `executions` row (``SELECT *``) as a dict, JSON columns decoded."""
 

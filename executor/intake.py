@@ -31,7 +31,7 @@ from common.db import until_available
 from common.logging import get_logger
 from common.notifications import publish_terminal
 from common.queries import executions as q
-from common.schemas import Acceptance, ExecutionRow
+from common.schemas import Acceptance, ExistingRequest, RecordedRequest
 from executor.parking import park
 from executor.requests import (
     NewExecution,
@@ -50,7 +50,8 @@ if TYPE_CHECKING:
 log = get_logger("baton.executor.intake")
 
 #: Executions by id: the rows recorded, or found already there.
-Rows = dict[uuid.UUID, ExecutionRow]
+Rows = dict[uuid.UUID, RecordedRequest]
+Existing = dict[uuid.UUID, ExistingRequest]
 #: Why each request that PostgreSQL refused cannot be stored, by execution id.
 Unstorable = dict[uuid.UUID, str]
 
@@ -231,9 +232,12 @@ async def _record(pool: asyncpg.Pool, executions: list[NewExecution]) -> tuple[R
     return inserted, unstorable
 
 
-def _execution_row(record: asyncpg.Record) -> ExecutionRow:
-    """A row of `executions` read whole (``SELECT *``, ``RETURNING *``)."""
-    return cast(ExecutionRow, dict(record))
+def _recorded(record: asyncpg.Record) -> RecordedRequest:
+    return cast(RecordedRequest, dict(record))
+
+
+def _existing_row(record: asyncpg.Record) -> ExistingRequest:
+    return cast(ExistingRequest, dict(record))
 
 
 async def _insert(pool: asyncpg.Pool, executions: list[NewExecution]) -> Rows:
@@ -248,10 +252,10 @@ async def _insert(pool: asyncpg.Pool, executions: list[NewExecution]) -> Rows:
             log.info("execution_requested", **fields)
         if row["warnings"]:
             log.warning("request_fields_ignored", warnings=row["warnings"], **fields)
-    return {row["id"]: _execution_row(row) for row in rows}
+    return {row["id"]: _recorded(row) for row in rows}
 
 
-async def _existing(pool: asyncpg.Pool, repeated: list[NewExecution]) -> tuple[Rows, Rows]:
+async def _existing(pool: asyncpg.Pool, repeated: list[NewExecution]) -> tuple[Existing, Existing]:
     """For requests not inserted: the execution each one is. By its own id, it is the same request
     seen again (its first recording committed, but the reply or the ack was lost); by its
     idempotency key only, it is another request that duplicates an earlier one."""
@@ -264,10 +268,10 @@ async def _existing(pool: asyncpg.Pool, repeated: list[NewExecution]) -> tuple[R
         [e.action_ref for e in keyed],
         [e.idempotency_key for e in keyed],
     )
-    by_id = {r["id"]: _execution_row(r) for r in rows}
-    by_key = {(r["action_ref"], r["idempotency_key"]): _execution_row(r) for r in rows if r["idempotency_key"]}
-    same: Rows = {}
-    duplicates: Rows = {}
+    by_id = {r["id"]: _existing_row(r) for r in rows}
+    by_key = {(r["action_ref"], r["idempotency_key"]): _existing_row(r) for r in rows if r["idempotency_key"]}
+    same: Existing = {}
+    duplicates: Existing = {}
     for e in repeated:
         if e.id in by_id:
             same[e.id] = by_id[e.id]
@@ -279,7 +283,7 @@ async def _existing(pool: asyncpg.Pool, repeated: list[NewExecution]) -> tuple[R
     return same, duplicates
 
 
-def key_conflict(execution: NewExecution, existing: ExecutionRow) -> str | None:
+def key_conflict(execution: NewExecution, existing: ExistingRequest) -> str | None:
     """Why a request that reuses an idempotency key is not the same request (None: it is). Keys are
     scoped by action; under one action, a key names one set of parameters."""
     if execution.parameters == existing["parameters"] and execution.timeout_s == existing["timeout_s"]:
@@ -291,7 +295,7 @@ def key_conflict(execution: NewExecution, existing: ExecutionRow) -> str | None:
     )
 
 
-def _failed_at_intake(row: ExecutionRow) -> bool:
+def _failed_at_intake(row: RecordedRequest) -> bool:
     return row["status"] == "failed" and (row.get("error") or {}).get("failed_by") == "executor_intake"
 
 
@@ -299,8 +303,8 @@ async def _reply_and_notify(
     ctx: ExecutorContext,
     parsed: list[tuple[AbstractIncomingMessage, NewExecution | Rejection]],
     inserted: Rows,
-    same: Rows,
-    duplicates: Rows,
+    same: Existing,
+    duplicates: Existing,
 ) -> None:
     replies = []
     for message, result in parsed:

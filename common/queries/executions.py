@@ -28,7 +28,7 @@ WITH ins AS (
          AS r(id, action_ref, parameters, status, idempotency_key, message_id, correlation_id, timeout_s, error,
               max_retries, not_before, schedule_name, scheduled_for, warnings)
     ON CONFLICT DO NOTHING
-    RETURNING *
+    RETURNING id, action_ref, status, attempt, worker, finished_at, error, warnings, not_before
 ), ev AS (
     INSERT INTO execution_events (execution_id, seq, type, data)
     SELECT id, 1, 'execution.' || status,
@@ -42,12 +42,17 @@ SELECT ins.*, CASE WHEN EXISTS (SELECT 1 FROM ins WHERE not_before IS NOT NULL)
 FROM ins
 """
 
-# Requests that were not inserted: the same request seen again (same id: whole rows, so that a
-# failed one's notification can be published again) or a repeated idempotency key.
+# Requests that were not inserted: the same request seen again (same id: enough of the row that a
+# failed one's notification can be published again) or a repeated idempotency key (with what the
+# key's holder was given, to tell the same request from a conflicting one).
 FIND_EXISTING = """
-SELECT * FROM executions WHERE id = ANY($1::uuid[])
+SELECT id, action_ref, status, attempt, worker, finished_at, error, warnings, not_before, parameters, timeout_s,
+       idempotency_key
+FROM executions WHERE id = ANY($1::uuid[])
 UNION ALL
-SELECT e.* FROM unnest($2::text[], $3::text[]) AS k(action_ref, idempotency_key)
+SELECT e.id, e.action_ref, e.status, e.attempt, e.worker, e.finished_at, e.error, e.warnings, e.not_before,
+       e.parameters, e.timeout_s, e.idempotency_key
+FROM unnest($2::text[], $3::text[]) AS k(action_ref, idempotency_key)
 JOIN executions e ON e.action_ref = k.action_ref AND e.idempotency_key = k.idempotency_key
 """
 
@@ -97,6 +102,9 @@ CROSS JOIN LATERAL (
 LIMIT $3
 """
 
+# Each row is found by its id. The fence on status is written `IS NOT DISTINCT FROM` so that it
+# cannot match the partial index of requested rows: a burst grows that backlog faster than the
+# planner's statistics follow, and with `=` it chose to read the whole backlog on every pass.
 # $1 ids, $2 workers, $3 current attempts
 MARK_SCHEDULED = """
 WITH upd AS (
@@ -105,7 +113,7 @@ WITH upd AS (
         schedule_attempts = e.schedule_attempts + 1, scheduled_at = now(),
         updated_at = now(), last_event_seq = e.last_event_seq + 1
     FROM unnest($1::uuid[], $2::text[], $3::int[]) AS p(id, worker, attempt)
-    WHERE e.id = p.id AND e.status = 'requested' AND e.attempt = p.attempt
+    WHERE e.id = p.id AND e.status IS NOT DISTINCT FROM 'requested' AND e.attempt = p.attempt
     RETURNING e.id, e.attempt, e.worker, e.schedule_attempts, e.last_event_seq
 ), ev AS (
     INSERT INTO execution_events (execution_id, seq, type, data)
@@ -166,7 +174,8 @@ WHERE e.id = c.id AND e.attempt = c.attempt AND e.worker = $3 AND e.incarnation 
 # application failure that is to be retried (status `retry`), back to `requested` until its
 # backoff has passed (`not_before`), its failure counted in `failed_tries`.
 # Idempotent: a retry after a finish whose commit was not acknowledged finds its own committed
-# outcome and returns it, so that its one notification is still published.
+# outcome and returns it, so that its one notification is still published. Returns what a
+# notification says of each (`common.notifications.NOTIFIED_FIELDS`).
 # $1 ids, $2 attempts, $3 statuses, $4 results, $5 errors, $6 worker, $7 incarnation, $8 retry delays
 FINISH = f"""
 WITH upd AS (
@@ -181,7 +190,8 @@ WITH upd AS (
     FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::text[], $8::float8[])
          AS f(id, attempt, status, result, error, retry_in_s)
     WHERE e.id = f.id AND e.attempt = f.attempt AND e.worker = $6 AND e.incarnation = $7 AND e.status = 'running'
-    RETURNING e.*, f.retry_in_s
+    RETURNING e.id, e.action_ref, e.status, e.attempt, e.worker, e.finished_at, e.error, e.last_event_seq,
+              e.failed_tries, e.not_before, f.retry_in_s
 ), ev AS (
     INSERT INTO execution_events (execution_id, seq, type, data)
     SELECT id, last_event_seq, CASE WHEN retry_in_s IS NULL THEN 'execution.' || status ELSE 'execution.retrying' END,
@@ -191,11 +201,11 @@ WITH upd AS (
                                            'not_before', not_before) END
     FROM upd
 )
-SELECT upd.*, pg_notify('{WAKE_CHANNEL}', 'capacity') AS pg_notify,
+SELECT id, action_ref, status, attempt, worker, finished_at, pg_notify('{WAKE_CHANNEL}', 'capacity') AS pg_notify,
        CASE WHEN retry_in_s IS NOT NULL THEN pg_notify('{TIMER_CHANNEL}', 'retry') END AS timer_notify
 FROM upd
 UNION ALL
-SELECT e.*, NULL AS retry_in_s, NULL AS pg_notify, NULL AS timer_notify
+SELECT e.id, e.action_ref, e.status, e.attempt, e.worker, e.finished_at, NULL AS pg_notify, NULL AS timer_notify
 FROM executions e, unnest($1::uuid[], $2::int[], $3::text[]) AS f(id, attempt, status)
 WHERE e.id = f.id AND e.attempt = f.attempt AND e.worker = $6 AND e.incarnation = $7
   AND (e.status = f.status OR (f.status = 'retry' AND e.status = 'requested'))
