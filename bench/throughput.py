@@ -6,8 +6,10 @@ unique RabbitMQ prefix, posts `--n` invocations (publisher confirms, concurrentl
 PostgreSQL until all are `completed` (or `--timeout`), then prints wall time, executions per second,
 latency percentiles (post -> created / scheduled / started / finished, from the database's
 timestamps against the client's wall clock on the same machine), the CPU time each process group
-used while the run was measured, and a final one-line JSON summary. Everything it created (queues,
-exchanges, database) is removed afterwards unless `--keep`.
+used while the run was measured, the resident memory of the executor and of each worker over the run,
+and a final one-line JSON summary. Everything it created (queues, exchanges, database) is removed
+afterwards unless `--keep`; with `--reuse-database` the database is neither recreated nor dropped
+(the executor migrates it on start), and only this run's executions are read.
 
     .venv/bin/python bench/throughput.py --n 5000 --workers 2 --concurrency 50
 """
@@ -117,6 +119,50 @@ def cpu_split(
     return split, others
 
 
+# -- resident memory from /proc ------------------------------------------------------------------
+
+
+def rss_mb(pid: int) -> float | None:
+    """Resident set size of one process in MB (VmRSS of /proc/<pid>/status), or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None
+
+
+class RssSampler:
+    """Samples the resident memory of some processes, by role, as [seconds since t0, MB] pairs."""
+
+    def __init__(self, pids: dict[str, int], t0: float) -> None:
+        self.pids = pids
+        self.t0 = t0
+        self.samples: dict[str, list[list[float]]] = {role: [] for role in pids}
+
+    def sample(self) -> None:
+        t_s = round(time.time() - self.t0, 1)
+        for role, pid in self.pids.items():
+            mb = rss_mb(pid)
+            if mb is not None:
+                self.samples[role].append([t_s, round(mb, 1)])
+
+    async def run(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            self.sample()
+
+    def summary(self) -> dict[str, dict]:
+        out = {}
+        for role, samples in self.samples.items():
+            if samples:
+                values = [mb for _, mb in samples]
+                out[role] = {"first": values[0], "last": values[-1], "max": max(values), "samples": samples}
+        return out
+
+
 # -- database ------------------------------------------------------------------------------------
 
 
@@ -155,6 +201,14 @@ async def wait_for(predicate, *, timeout_s: float, what: str, procs: list[subpro
         await asyncio.sleep(0.2)
 
 
+# This run's executions only (created since it started, through `executions_created`): cheap however
+# much history the table holds. $1 the run's start (epoch seconds)
+PROGRESS = """
+SELECT status, count(*) AS n FROM executions
+WHERE created_at >= to_timestamp($1)
+GROUP BY status
+"""
+
 XACTS = "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()"
 
 SCANS = "SELECT relname, seq_scan, seq_tup_read FROM pg_stat_user_tables"
@@ -165,6 +219,18 @@ SELECT count(DISTINCT created_at) AS intake,
        count(DISTINCT (worker, started_at)) AS claim,
        count(DISTINCT (worker, finished_at)) AS finish
 FROM executions
+WHERE created_at >= to_timestamp($1)
+"""
+
+# $1 the run's start (epoch seconds)
+TIMES = """
+SELECT id::text AS id, status,
+       extract(epoch FROM created_at)::float8 AS created,
+       extract(epoch FROM scheduled_at)::float8 AS scheduled,
+       extract(epoch FROM started_at)::float8 AS started,
+       extract(epoch FROM finished_at)::float8 AS finished
+FROM executions
+WHERE created_at >= to_timestamp($1)
 """
 
 
@@ -295,9 +361,11 @@ async def run(args: argparse.Namespace) -> dict:
         "prefix": prefix,
     }
     pool: asyncpg.Pool | None = None
+    rss_task: asyncio.Task | None = None
     log(f"prefix {prefix}, database {args.database_url}, service logs in {log_dir}")
     try:
-        await recreate_database(args.database_url)
+        if not args.reuse_database:
+            await recreate_database(args.database_url)
         executor = start([*cmd, "executor"], env, log_dir / "executor.log", args.source)
         procs.append(executor)
         roles[executor.pid] = "executor"
@@ -323,7 +391,9 @@ async def run(args: argparse.Namespace) -> dict:
                 f.write(f"worker {w} {p.pid}\n")
 
         async def registered() -> bool:
-            n = await pool.fetchval("SELECT count(*) FROM workers WHERE status = 'active'")
+            n = await pool.fetchval(
+                "SELECT count(*) FROM workers WHERE status = 'active' AND name = ANY($1::text[])", worker_names
+            )
             return n >= args.workers
 
         await wait_for(registered, timeout_s=60, what="the workers to register", procs=procs)
@@ -336,6 +406,9 @@ async def run(args: argparse.Namespace) -> dict:
         cpu_before = cpu_snapshot()
         total_before = _total_cpu_seconds()
         t_post = time.time()
+        rss = RssSampler({"executor": executor.pid} | {f"w{i + 1}": p.pid for i, p in enumerate(procs[1:])}, t_post)
+        rss.sample()
+        rss_task = asyncio.create_task(rss.run(args.rss_interval))
         posted = await post_all(args.amqp_url, names, args.n, args.chunk, args.rate)
         t_posted = time.time()
         post_s = t_posted - t_post
@@ -347,7 +420,7 @@ async def run(args: argparse.Namespace) -> dict:
         counts: dict[str, int] = {}
         while True:
             await asyncio.sleep(args.poll)
-            rows = await pool.fetch("SELECT status, count(*) AS n FROM executions GROUP BY status")
+            rows = await pool.fetch(PROGRESS, t_post)
             counts = {r["status"]: r["n"] for r in rows}
             done = sum(counts.get(s, 0) for s in TERMINAL)
             now = time.time()
@@ -368,6 +441,8 @@ async def run(args: argparse.Namespace) -> dict:
                 break
         cpu_after = cpu_snapshot()
         total_after = _total_cpu_seconds()
+        rss_task.cancel()
+        rss.sample()
         xacts = await pool.fetchval(XACTS) - xact_before
         # Other projects may share this PostgreSQL: count only the backends serving our database.
         backends = await pool.fetch(
@@ -376,7 +451,7 @@ async def run(args: argparse.Namespace) -> dict:
         )
         pg_backends = {r["pid"] for r in backends if r["client"] and r["ours"]}
         pg_background = {r["pid"] for r in backends if not r["client"]}
-        batches = await pool.fetchrow(BATCHES)
+        batches = await pool.fetchrow(BATCHES, t_post)
         await asyncio.sleep(1.0)  # backends report table statistics at most once a second
         await pool.execute("SELECT pg_stat_clear_snapshot()")
         scans = {}
@@ -386,16 +461,7 @@ async def run(args: argparse.Namespace) -> dict:
             if seq:
                 scans[r["relname"]] = {"seq_scans": seq, "rows_read": r["seq_tup_read"] - (b["seq_tup_read"] if b else 0)}
 
-        rows = await pool.fetch(
-            """
-            SELECT id::text AS id, status,
-                   extract(epoch FROM created_at)::float8 AS created,
-                   extract(epoch FROM scheduled_at)::float8 AS scheduled,
-                   extract(epoch FROM started_at)::float8 AS started,
-                   extract(epoch FROM finished_at)::float8 AS finished
-            FROM executions
-            """
-        )
+        rows = await pool.fetch(TIMES, t_post)
         by_status: dict[str, int] = {}
         for r in rows:
             by_status[r["status"]] = by_status.get(r["status"], 0) + 1
@@ -448,6 +514,10 @@ async def run(args: argparse.Namespace) -> dict:
                 for k in ("intake", "schedule", "claim", "finish")
             )
         )
+        memory = rss.summary()
+        print(f"resident memory (MB)     first     last      max   (sampled every {args.rss_interval:g} s)")
+        for role, m in memory.items():
+            print(f"  {role:<21} {m['first']:7.1f}  {m['last']:7.1f}  {m['max']:7.1f}")
         if scans:
             # Tables read whole, and how many rows that cost: a hot query that lost its index shows here.
             print(
@@ -473,10 +543,13 @@ async def run(args: argparse.Namespace) -> dict:
                 "db_xacts": xacts,
                 "batches": dict(batches),
                 "seq_scans": scans,
+                "rss_mb": memory,
             }
         )
         return summary
     finally:
+        if rss_task is not None:
+            rss_task.cancel()
         if pool is not None:
             with contextlib.suppress(Exception):
                 await pool.close()
@@ -489,7 +562,9 @@ async def run(args: argparse.Namespace) -> dict:
                 log(f"services exited non-zero: {bad}; see logs in {log_dir}")
         with contextlib.suppress(Exception):
             await amqp.delete_topology(args.amqp_url, names, worker_names)
-        if not args.keep:
+        if args.reuse_database:
+            log(f"left database {args.database_url} in place (--reuse-database); queues and exchanges removed")
+        elif not args.keep:
             with contextlib.suppress(Exception):
                 await drop_database(args.database_url)
             log("removed queues, exchanges and the bench database")
@@ -505,6 +580,13 @@ def main() -> None:
     parser.add_argument("--database-url", default="postgresql://postgres@127.0.0.1:5432/baton_bench")
     parser.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672/")
     parser.add_argument("--keep", action="store_true", help="keep the bench database afterwards")
+    parser.add_argument(
+        "--reuse-database", action="store_true",
+        help="run on the database as it is (say, seeded with history): neither recreate nor drop it",
+    )
+    parser.add_argument(
+        "--rss-interval", type=float, default=5.0, help="seconds between resident-memory samples (default 5)"
+    )
     parser.add_argument("--timeout", type=float, default=300.0, help="give up after this many seconds")
     parser.add_argument("--poll", type=float, default=0.5, help="progress poll interval in seconds")
     parser.add_argument(
