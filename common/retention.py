@@ -22,8 +22,7 @@ async def prune_executions(pool: asyncpg.Pool, *, older_than_s: float, batch_siz
     its own short transaction, so pruning a large history never holds locks for long."""
     total = 0
     while True:
-        status = await pool.execute(q.PRUNE_FINISHED, older_than_s, batch_size)
-        deleted = int(status.split()[-1])
+        deleted = int(await pool.fetchval(q.PRUNE_FINISHED, older_than_s, batch_size))
         total += deleted
         if deleted < batch_size:
             return total

@@ -400,15 +400,21 @@ LIMIT 500
 FOR UPDATE OF e SKIP LOCKED
 """
 
-# Retention: finished executions older than $1 seconds, oldest first, in batches of $2 (their
-# events go with them, ON DELETE CASCADE).
+# Retention: finished executions older than $1 seconds, oldest first, in batches of $2, with their
+# events (workflow steps and signals go with them, ON DELETE CASCADE). Returns how many.
 PRUNE_FINISHED = """
-DELETE FROM executions WHERE id IN (
-    SELECT id FROM executions
-    WHERE status IN ('completed', 'failed', 'timeout', 'cancelled')
-      AND finished_at < now() - make_interval(secs => $1)
-    ORDER BY finished_at
-    LIMIT $2
-    FOR UPDATE SKIP LOCKED
+WITH gone AS (
+    DELETE FROM executions WHERE id IN (
+        SELECT id FROM executions
+        WHERE status IN ('completed', 'failed', 'timeout', 'cancelled')
+          AND finished_at < now() - make_interval(secs => $1)
+        ORDER BY finished_at
+        LIMIT $2
+        FOR UPDATE SKIP LOCKED
+    )
+    RETURNING id
+), events AS (
+    DELETE FROM execution_events ev USING gone WHERE ev.execution_id = gone.id
 )
+SELECT count(*) FROM gone
 """
