@@ -14,7 +14,7 @@ import hashlib
 import json
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,7 @@ from pydantic import ValidationError
 
 from common import amqp, db, retention, schedules
 from common.actions import CORE_ACTIONS, ActionSpec
+from common.ids import MAX_BATCH_REQUESTS, batch_execution_id
 from common.notifications import publish_terminal
 from common.queries import actions as aq
 from common.queries import executions as q
@@ -107,6 +108,21 @@ def coerce_key_values(pairs: list[str], schema: dict[str, Any] | None) -> dict[s
         except json.JSONDecodeError:
             out[key] = value
     return out
+
+
+def request_batches(requests: list[bytes], max_count: int, max_bytes: int) -> list[list[bytes]]:
+    """Encoded requests grouped into batch messages of at most ``max_count`` and ``max_bytes``."""
+    batches: list[list[bytes]] = []
+    size = 0
+    for request in requests:
+        if len(request) + 2 > max_bytes:
+            raise ValueError(f"a request of {len(request)} bytes is larger than message_queue.max_request_bytes")
+        if not batches or len(batches[-1]) >= max_count or size + len(request) + 1 > max_bytes - 2:
+            batches.append([])
+            size = 0
+        batches[-1].append(request)
+        size += len(request) + 1
+    return batches
 
 
 class BatonClient:
@@ -273,6 +289,38 @@ class BatonClient:
             error=acceptance.error,
             warnings=acceptance.warnings,
         )
+
+    async def submit_many(
+        self, action_ref: str, parameter_sets: Sequence[dict[str, Any]], *, timeout_s: float | None = None,
+        max_retries: int | None = None,
+    ) -> list[uuid.UUID]:
+        """Post one invocation of ``action_ref`` per parameter set, as batch messages (up to
+        `MAX_BATCH_REQUESTS` requests and `message_queue.max_request_bytes` each), and return their
+        execution ids, in order, once the broker has taken every batch. No executor replies: the
+        executions are recorded shortly after, and each can be waited on (:meth:`wait`) or read."""
+        channel, _ = await self._amqp()
+        exchange = await channel.get_exchange(self.names.executions_exchange)
+        requests = []
+        for parameters in parameter_sets:
+            request: dict[str, Any] = {"action_ref": action_ref, "parameters": parameters}
+            if timeout_s is not None:
+                request["timeout_seconds"] = timeout_s
+            if max_retries is not None:
+                request["max_retries"] = max_retries
+            requests.append(json.dumps(request).encode())
+        ids: list[uuid.UUID] = []
+        publishes = []
+        for chunk in request_batches(requests, MAX_BATCH_REQUESTS, self.settings.message_queue.max_request_bytes):
+            message_id = uuid.uuid4().hex
+            ids += [batch_execution_id(message_id, i) for i in range(len(chunk))]
+            publishes.append(
+                exchange.publish(
+                    amqp.persistent_json(b"[" + b",".join(chunk) + b"]", message_id=message_id),
+                    routing_key=amqp.REQUESTED_KEY, mandatory=True,
+                )
+            )
+        await asyncio.gather(*publishes)
+        return ids
 
     async def wait(
         self, execution_id: uuid.UUID | str, timeout_s: float | None = None, recheck_s: float = 2.0

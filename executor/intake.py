@@ -39,7 +39,7 @@ from executor.requests import (
     Rejection,
     check_action,
     insert_arguments,
-    parse_request,
+    parse_message,
 )
 from executor.resilience import Backoff, being_cancelled, describe, unavailable
 
@@ -149,10 +149,11 @@ async def _process_guarded(ctx: ExecutorContext, batch: list[AbstractIncomingMes
 
 async def _process(ctx: ExecutorContext, batch: list[AbstractIncomingMessage], state: _State) -> None:
     max_bytes = ctx.settings.message_queue.max_request_bytes
+    # One entry per request: a batch message brings several, each its own execution.
     parsed: list[tuple[AbstractIncomingMessage, NewExecution | Rejection]] = []
     for message in batch:
         try:
-            result = parse_request(
+            result = parse_message(
                 message.body,
                 message_id=property_text(message.message_id),
                 correlation_id=property_text(message.correlation_id),
@@ -160,7 +161,10 @@ async def _process(ctx: ExecutorContext, batch: list[AbstractIncomingMessage], s
             )
         except Exception as exc:  # noqa: BLE001 - say, JSON nested deeper than the parser's recursion
             result = Rejection(f"request cannot be parsed: {describe(exc)}")
-        parsed.append((message, result))
+        if isinstance(result, Rejection):
+            parsed.append((message, result))
+        else:
+            parsed.extend((message, new) for new in result)
 
     executions = [r for _, r in parsed if isinstance(r, NewExecution)]
     specs = await ctx.catalogue.resolve({e.action_ref for e in executions if e.action_ref and not e.error})
@@ -194,9 +198,16 @@ async def _process(ctx: ExecutorContext, batch: list[AbstractIncomingMessage], s
             for m, r in parsed
         ]
     await _reply_and_notify(ctx, parsed, inserted, same, duplicates)
-    for message, result in parsed:
-        if isinstance(result, Rejection):
-            await park(ctx, message, result.reason)
+    # A message is parked once, with every reason its requests were refused for (a batch's other
+    # requests are recorded; parked, the message can be inspected, or replayed: those map to the
+    # executions already recorded).
+    to_park: dict[int, tuple[AbstractIncomingMessage, list[str]]] = {}
+    for message, entry in parsed:
+        if isinstance(entry, Rejection):
+            to_park.setdefault(id(message), (message, []))[1].append(entry.reason)
+    for message, reasons in to_park.values():
+        more = f" (and {len(reasons) - 3} more)" if len(reasons) > 3 else ""
+        await park(ctx, message, "; ".join(dict.fromkeys(reasons[:3])) + more)
     await amqp.ack_all(batch)
     metrics.REQUESTS.labels("recorded").inc(sum(1 for r in inserted.values() if r["status"] == "requested"))
     metrics.REQUESTS.labels("failed").inc(sum(1 for r in inserted.values() if r["status"] == "failed"))

@@ -17,22 +17,8 @@ import referencing
 from pydantic import ValidationError
 
 from common.actions import ActionSpec
+from common.ids import MAX_BATCH_REQUESTS, batch_execution_id, execution_id_for
 from common.schemas import ExecutionRequest
-
-# Execution ids derived from a non-UUID message_id live in this namespace, so that a redelivered
-# request maps to the same execution and is recorded once.
-_MESSAGE_ID_NAMESPACE = uuid.UUID("6f1c2b7e-3d4a-4c8e-9a51-0b7d2e9f4c13")
-
-
-def execution_id_for(message_id: str | None) -> uuid.UUID:
-    """The execution id a request gets: its message_id if that is a UUID (so a client knows the id
-    before posting), a stable UUID derived from any other message_id, else a fresh one."""
-    if not message_id:
-        return uuid.uuid4()
-    try:
-        return uuid.UUID(message_id)
-    except ValueError:
-        return uuid.uuid5(_MESSAGE_ID_NAMESPACE, message_id)
 
 
 @dataclass
@@ -122,24 +108,74 @@ def _problems(exc: ValidationError) -> list[str]:
     return problems
 
 
+def _decode(body: bytes, max_bytes: int) -> Any:
+    """The body's JSON, or the rejection that says why there is none."""
+    if len(body) > max_bytes:
+        return Rejection(f"request body is {len(body)} bytes, larger than the limit of {max_bytes}")
+    try:
+        return json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        return Rejection(f"request body is not JSON: {str(exc)[:200]}")
+
+
 def parse_request(
     body: bytes, *, message_id: str | None, correlation_id: str | None, max_bytes: int
 ) -> NewExecution | Rejection:
-    """Parse and check the envelope; the action itself is checked by :func:`check_action`.
+    """Parse and check one request's envelope; the action itself is checked by :func:`check_action`.
 
     A request that fails the envelope's checks is recorded as failed with only the fields that
     passed them: a field that failed (an idempotency key too long to index, say) is never stored.
     """
-    if len(body) > max_bytes:
-        return Rejection(f"request body is {len(body)} bytes, larger than the limit of {max_bytes}")
-    try:
-        data = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
-    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
-        return Rejection(f"request body is not JSON: {str(exc)[:200]}")
+    data = _decode(body, max_bytes)
+    if isinstance(data, Rejection):
+        return data
     if not isinstance(data, dict):
         return Rejection(f"request body is JSON {type(data).__name__}, not an object")
+    return request_from(data, execution_id_for(message_id), message_id=message_id, correlation_id=correlation_id)
+
+
+def parse_message(
+    body: bytes, *, message_id: str | None, correlation_id: str | None, max_bytes: int
+) -> list[NewExecution] | Rejection:
+    """A request message: one request (an object), or a batch (an array of up to
+    `MAX_BATCH_REQUESTS` of them, one execution each, with ids derived from the message_id and
+    their position). A batch's entry that is not a request object is recorded as failed under its
+    id; only what concerns the whole message (too large, not JSON, no message_id) rejects it."""
+    data = _decode(body, max_bytes)
+    if isinstance(data, Rejection):
+        return data
+    if isinstance(data, dict):
+        return [request_from(data, execution_id_for(message_id), message_id=message_id, correlation_id=correlation_id)]
+    if not isinstance(data, list):
+        return Rejection(f"request body is JSON {type(data).__name__}, not an object or an array of them")
+    if not message_id:
+        return Rejection(
+            "a batch of requests needs a message_id: its executions' ids are derived from it, so that a "
+            "redelivered batch is recorded once"
+        )
+    if not data or len(data) > MAX_BATCH_REQUESTS:
+        return Rejection(f"a batch holds {len(data)} requests: from 1 to {MAX_BATCH_REQUESTS} are accepted")
+    executions = []
+    for index, entry in enumerate(data):
+        execution_id = batch_execution_id(message_id, index)
+        if isinstance(entry, dict):
+            executions.append(request_from(entry, execution_id, message_id=message_id, correlation_id=correlation_id))
+            continue
+        execution = NewExecution(
+            id=execution_id, action_ref=None, parameters={}, idempotency_key=None, message_id=message_id,
+            correlation_id=correlation_id, timeout_s=None,
+        )
+        execution.fail(f"request {index} of the batch is JSON {type(entry).__name__}, not an object")
+        executions.append(execution)
+    return executions
+
+
+def request_from(
+    data: dict[str, Any], execution_id: uuid.UUID, *, message_id: str | None, correlation_id: str | None
+) -> NewExecution:
+    """One request object as the execution to record."""
     execution = NewExecution(
-        id=execution_id_for(message_id),
+        id=execution_id,
         action_ref=None,
         parameters={},
         idempotency_key=None,

@@ -29,14 +29,14 @@ async def test_not_json_and_oversized_are_parked_with_their_reason(baton):
     executor = await baton.start_executor(BATON__MESSAGE_QUEUE__MAX_REQUEST_BYTES="2048")
     await baton.start_worker("w1")
     await baton.publish_raw(b"this is { not json", message_id="garbage-1")
-    await baton.publish_raw(b"[1, 2, 3]", message_id="array-1")
+    await baton.publish_raw(b'"a string"', message_id="array-1")
     big = json.dumps({"action_ref": "core.echo", "parameters": {"message": "x" * 5000}}).encode()
     await baton.publish_raw(big, message_id="big-1")
     parked = {m.message_id: m for m in await baton.take_parked(3)}
     assert set(parked) == {"garbage-1", "array-1", "big-1"}
     assert "not JSON" in parked["garbage-1"].headers["x-baton-reason"]
     assert parked["garbage-1"].body == b"this is { not json"  # kept as it came, for an operator
-    assert "not an object" in parked["array-1"].headers["x-baton-reason"]
+    assert "not an object or an array of them" in parked["array-1"].headers["x-baton-reason"]
     assert "larger than the limit of 2048" in parked["big-1"].headers["x-baton-reason"]
     assert await (await baton.pool()).fetchval("SELECT count(*) FROM executions") == 0
     assert len(executor.events("request_rejected")) == 3

@@ -364,8 +364,8 @@ async def test_properties_that_are_not_utf8_do_not_cut_the_executor_off(baton, p
     await publisher.publish(_request(), message_id=bad_id, correlation_id=raw_shortstr(b"\xc3\x28"))
     await publisher.publish(_request(), message_id=str(uuid.uuid4()), headers=raw_table(b"\x02\xff\xfeS\x00\x00\x00\x01a"))
     await publisher.publish(_request(), message_id=str(uuid.uuid4()), timestamp=raw_timestamp(2**63 - 1))
-    await publisher.publish(b"[1]", message_id="nested-1", headers=nested_table(5000))
-    await publisher.publish(b"[1]", reply_to=raw_shortstr(b"\xff" * 255), message_id=raw_shortstr(b"\xfe" * 255))
+    await publisher.publish(b"\"x\"", message_id="nested-1", headers=nested_table(5000))
+    await publisher.publish(b"\"x\"", reply_to=raw_shortstr(b"\xff" * 255), message_id=raw_shortstr(b"\xfe" * 255))
     # The one with a message_id that is not UTF-8 is recorded under the id its lenient reading maps to.
     row = await _recorded(baton, execution_id_for("id-\ufffd\ufffd"))
     assert row["message_id"] == "id-\ufffd\ufffd" and row["error"] is None
@@ -536,6 +536,10 @@ bodies = st.one_of(
         b'{"action_ref": "core.noop", "parameters": {"n": 1' + b"0" * 5000 + b"}}",
         b"\xef\xbb\xbf{}",
         b"",
+        # Batches: mixed entries, an entry that would be refused alone, and the empty one.
+        b'[{"action_ref": "core.echo", "parameters": {"message": "ok"}}, 1, null, [], {"action_ref": 3}]',
+        b'[{"action_ref": "core.echo", "parameters": {"message": "ok"}, "idempotency_key": "k\\u0000"}]',
+        b"[]",
     ]),
 )
 

@@ -9,9 +9,18 @@ import pytest
 from pydantic import ValidationError
 
 from common.actions import CORE_ACTIONS
-from common.client import coerce_key_values
+from common.client import coerce_key_values, request_batches
+from common.ids import MAX_BATCH_REQUESTS, batch_execution_id
 from common.settings import load_settings, parse_duration
-from executor.requests import NewExecution, ParameterValidator, Rejection, check_action, execution_id_for, parse_request
+from executor.requests import (
+    NewExecution,
+    ParameterValidator,
+    Rejection,
+    check_action,
+    execution_id_for,
+    parse_message,
+    parse_request,
+)
 from executor.rescheduling import next_step
 from executor.timeout_monitor import scheduled_timeout_error
 from worker.registry import params_model_for
@@ -138,6 +147,39 @@ def test_a_valid_request():
     assert (e.action_ref, e.parameters, e.idempotency_key, e.timeout_s, e.message_id) == (
         "core.echo", {"message": "hi"}, "k", 3, "m1"
     )
+
+
+def _parse_message(body, message_id="batch-1", max_bytes=100_000):
+    return parse_message(json.dumps(body).encode(), message_id=message_id, correlation_id="c", max_bytes=max_bytes)
+
+
+def test_a_batch_is_one_execution_per_request_with_ids_from_the_message_id():
+    parsed = _parse_message([{"action_ref": "core.noop"}, [1], {"action_ref": "a.b", "timeout_seconds": -1}])
+    assert [e.id for e in parsed] == [batch_execution_id("batch-1", i) for i in range(3)]
+    assert len({e.id for e in parsed}) == 3 and batch_execution_id("batch-2", 0) != parsed[0].id
+    assert [e.status for e in parsed] == ["requested", "failed", "failed"]
+    assert parsed[1].error["error"] == "request 1 of the batch is JSON list, not an object"
+    assert all(e.message_id == "batch-1" and e.correlation_id == "c" for e in parsed)
+    # A single request is a batch of one, under the id it always had.
+    [single] = _parse_message({"action_ref": "core.noop"}, message_id="order-1")
+    assert single.id == execution_id_for("order-1")
+
+
+def test_what_rejects_a_whole_batch():
+    assert "needs a message_id" in _parse_message([{"action_ref": "core.noop"}], message_id=None).reason
+    assert "from 1 to" in _parse_message([]).reason
+    assert "from 1 to" in _parse_message([{}] * (MAX_BATCH_REQUESTS + 1)).reason
+    assert "larger than the limit" in _parse_message([{"action_ref": "core.noop"}] * 10, max_bytes=100).reason
+    assert "not an object or an array of them" in _parse_message(3).reason
+
+
+def test_client_batches_respect_count_and_bytes():
+    requests = [b"x" * 10] * 25
+    assert [len(b) for b in request_batches(requests, 10, 10_000)] == [10, 10, 5]
+    by_bytes = request_batches(requests, 100, 50)  # "[" + entries joined by "," + "]" stays within 50 bytes
+    assert all(len(b"[" + b",".join(b) + b"]") <= 50 for b in by_bytes) and sum(map(len, by_bytes)) == 25
+    with pytest.raises(ValueError, match=r"larger than message_queue\.max_request_bytes"):
+        request_batches([b"x" * 60], 10, 50)
 
 
 @pytest.mark.parametrize(
