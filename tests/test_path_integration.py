@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 pytestmark = pytest.mark.integration
@@ -21,6 +23,18 @@ async def test_echo_end_to_end(baton):
         "execution.started",
         "execution.completed",
     ]
+
+
+async def test_each_outcome_a_worker_records_is_announced(baton):
+    """A worker announces a batch of outcomes in one write; each still arrives on its own key."""
+    await baton.start_executor()
+    await baton.start_worker("w1", concurrency=20)
+    client = await baton.client()
+    submissions = [await client.submit("core.echo", {"message": f"m{i}"}, watch=True) for i in range(20)]
+    for sub in submissions:
+        # Only a notification sets this (the waiter's own re-reads of the row do not).
+        await asyncio.wait_for(client._notified[str(sub.execution_id)].wait(), 20)
+    assert {(await client.get(s.execution_id))["status"] for s in submissions} == {"completed"}
 
 
 async def test_every_builtin_and_a_python_action(baton, tmp_path):
