@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 
-.PHONY: install services browser demo test test-slow test-unit bench bench-steps bench-delayed chaos clean lock
+.PHONY: install services browser demo test test-slow test-unit bench bench-sweep bench-history bench-steps bench-delayed chaos clean lock
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,8 +34,22 @@ test-slow: install services
 test-unit: install
 	$(VENV)/bin/pytest tests/test_units.py tests/test_deployment.py
 
-bench: install services
-	$(PY) bench/throughput.py
+# The benchmarks also need what Baton is compared with (Celery) and matplotlib: the `bench` extra.
+$(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml
+	$(VENV)/bin/pip install --quiet -e '.[bench]'
+	touch $@
+
+# Baton beside Celery: burst throughput, post -> start latency, CPU per task, step checkpoints.
+bench: $(VENV)/.bench-installed services
+	$(PY) bench/compare.py
+
+# Throughput and p99 latency against offered rate, Baton and Celery; writes docs/performance.png.
+bench-sweep: $(VENV)/.bench-installed services
+	$(PY) bench/sweep.py
+
+# Throughput, latency and the periodic queries' plans beside 1,000 / 100,000 / 1,000,000 finished executions.
+bench-history: install services
+	$(PY) bench/history.py
 
 bench-steps: install services
 	$(PY) bench/steps.py

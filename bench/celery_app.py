@@ -1,10 +1,11 @@
-"""The Celery application `bench/compare.py` runs beside Baton: one no-op task, acks late, as a
-durable-minded Celery deployment would run it. Broker, result backend and queue come from the
-environment (BENCH_BROKER, BENCH_BACKEND, BENCH_QUEUE)."""
+"""The Celery application `bench/compare.py` and `bench/sweep.py` run beside Baton: one no-op task,
+acks late, as a durable-minded Celery deployment would run it. Broker, result backend and queue come
+from the environment (BENCH_BROKER, BENCH_BACKEND, BENCH_QUEUE)."""
 
 from __future__ import annotations
 
 import os
+import time
 
 from celery import Celery
 
@@ -19,5 +20,6 @@ app.conf.update(
 
 
 @app.task(name="bench.noop")
-def noop() -> None:
-    return None
+def noop() -> float:
+    """Does nothing; returns when it started (``time.time()``), for the post -> start latency."""
+    return time.time()

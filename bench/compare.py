@@ -1,16 +1,25 @@
 #!/usr/bin/env python
 """`make bench`: Baton side by side with Celery on the same machine, and Baton's own figures.
 
-- **Burst throughput**: `--n` no-op tasks posted at once, run to completion, each system with two
-  worker processes' worth of concurrency: Baton (`bench/throughput.py`: every state durable in
-  PostgreSQL), Celery with RabbitMQ and the RPC result backend (prefork -c 2, acks late), and Celery
-  with a PostgreSQL result backend. Celery comes from the optional `bench` extra
-  (`.venv/bin/pip install -e '.[bench]'`); without it those rows say so.
+- **Burst**: `--n` no-op tasks posted at once and run to completion, each system with two worker
+  processes: Baton (`bench/throughput.py`, 2 workers x 50: every state durable in PostgreSQL),
+  Celery with RabbitMQ and the RPC result backend (prefork -c 2, acks late), and Celery with a
+  PostgreSQL result backend (`db+postgresql+psycopg2://`; about 140 tasks/s, so it runs
+  `--celery-pg-n` tasks, 5,000 by default). For each: tasks per second (first post -> last
+  start or finish), post -> start latency p50/p99 (Celery's task returns when it started), and CPU
+  per task: the CPU seconds (from /proc) of the system's own processes during the run (Baton:
+  executor, workers, the PostgreSQL backends of its database, RabbitMQ; Celery: the worker and its
+  pool, RabbitMQ, and the backends of the results database), divided by the tasks. RabbitMQ is
+  the machine's, so anything else using it meanwhile is counted too.
 - **Per-step checkpoint overhead** of a durable workflow (`bench/steps.py`).
+- **Recovery time** of a run whose worker is SIGKILLed or SIGSTOPped (`bench/recovery.py`).
+- `--with-sweep`: the rate sweep (`bench/sweep.py`: throughput and p99 latency against offered
+  rate, Baton and Celery, plotted); `--with-history`: history growth (`bench/history.py`).
 
-Prints a table and writes it as JSON (`--out`, default `bench/results.json`).
+Celery comes from the optional `bench` extra (`.venv/bin/pip install -e '.[bench]'`); without it
+those rows say so. Prints a table and writes it all as JSON (`--out`, default `bench/results.json`).
 
-    .venv/bin/python bench/compare.py --n 20000
+    .venv/bin/python bench/compare.py --n 20000          # or: make bench
 """
 
 from __future__ import annotations
@@ -27,101 +36,231 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.throughput import cpu_snapshot, cpu_split, pct  # noqa: E402
+
 PG = "postgresql://postgres@127.0.0.1:5432"
 AMQP = "amqp://guest:guest@127.0.0.1:5672/"
+CELERY_RESULTS_DB = "celery_bench_results"
+CELERY_PG_BACKEND = f"db+{PG.replace('postgresql://', 'postgresql+psycopg2://')}/{CELERY_RESULTS_DB}"
+#: Requests per message in the batched Baton row (`BatonClient.submit_many` takes up to 1,000).
+BATCH = 500
+#: CPU that counts as the system's own, per system (roles of throughput.cpu_split).
+OWN_CPU = {"baton": ("executor", "workers", "postgres", "rabbitmq"), "celery": ("celery", "postgres", "rabbitmq")}
 
 
-def last_json(output: str) -> dict[str, Any]:
-    for line in reversed(output.strip().splitlines()):
+def machine() -> str:
+    model = ""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{os.cpu_count()} cores{', ' + model if model else ''}"
+
+
+def run_script(*args: str) -> list[str]:
+    """Run one of the bench scripts, showing its output as it comes; returns its lines."""
+    print(f"  $ python {' '.join(args)}", flush=True)
+    lines: list[str] = []
+    cmd = [sys.executable, *args]
+    with subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if not line.startswith("{"):
+                print(f"  | {line}", end="", flush=True)
+    return lines
+
+
+def last_json(lines: list[str]) -> dict[str, Any]:
+    for line in reversed(lines):
         if line.startswith("{"):
             return json.loads(line)
-    raise RuntimeError(f"no JSON line in:\n{output[-2000:]}")
+    raise RuntimeError("no JSON line in:\n" + "".join(lines[-30:]))
 
 
-def baton_burst(n: int) -> dict[str, Any]:
-    done = subprocess.run([sys.executable, "bench/throughput.py", "--n", str(n)], cwd=REPO, capture_output=True,
-                          text=True, timeout=1800)
-    result = last_json(done.stdout)
-    cpu = sum(result["cpu_s"].get(k, 0) for k in ("executor", "workers", "postgres", "rabbitmq"))
-    return {"system": "Baton (durable, PostgreSQL)", "per_s": round(result["executions_per_s"]),
+# -- Baton -----------------------------------------------------------------------------------------
+
+
+def baton_run(
+    n: int, rate: float | None = None, database: str = "baton_bench_compare", batch: int = 0
+) -> dict[str, Any]:
+    """bench/throughput.py: n no-ops, at once or at ``rate`` per second; ``batch`` posts a burst as
+    batch messages of that many requests (what `BatonClient.submit_many` does)."""
+    extra = ["--rate", str(rate)] if rate else []
+    extra += ["--batch", str(batch)] if batch else []
+    result = last_json(run_script("bench/throughput.py", "--n", str(n), "--database-url", f"{PG}/{database}", *extra))
+    cpu_s = sum(result["cpu_s"].get(k, 0) for k in OWN_CPU["baton"])
+    return {"n": n, "completed": result["completed"], "per_s": round(result["executions_per_s"]),
+            "posted_per_s": round(n / result["post_s"]) if result["post_s"] else None,
             "start_p50_ms": result["started_p50_ms"], "start_p99_ms": result["started_p99_ms"],
-            "cpu_ms_per_task": round(cpu / n * 1000, 2)}
+            "cpu_ms_per_task": round(cpu_s / n * 1000, 2), "cpu_s": result["cpu_s"]}
 
 
-def celery_burst(n: int, backend: str, label: str) -> dict[str, Any]:
+# -- Celery ----------------------------------------------------------------------------------------
+
+
+def _pg_backends(database: str) -> set[int]:
+    """The PostgreSQL backends serving ``database`` now (a Celery results database)."""
+    import psycopg2
+
+    conn = psycopg2.connect(f"{PG}/postgres")
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s", (database,))
+            return {pid for (pid,) in cur.fetchall()}
+    finally:
+        conn.close()
+
+
+def recreate_celery_results_db() -> None:
+    import psycopg2
+
+    conn = psycopg2.connect(f"{PG}/postgres")
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS {CELERY_RESULTS_DB} WITH (FORCE)")
+            cur.execute(f"CREATE DATABASE {CELERY_RESULTS_DB}")
+    finally:
+        conn.close()
+
+
+def celery_run(n: int, backend: str, rate: float | None = None, timeout_s: float = 600) -> dict[str, Any]:
+    """A Celery worker (prefork -c 2, acks late; `bench/celery_app.py`) on a fresh queue; n no-ops
+    posted at once, or at ``rate`` per second (what is due every 20 ms), each post's time recorded;
+    each task returns when it started. Returns what `baton_run` does, or a note if it could not run."""
     if importlib.util.find_spec("celery") is None:
-        return {"system": label, "note": "celery is not installed: pip install -e '.[bench]'"}
+        return {"n": n, "note": "celery is not installed: pip install -e '.[bench]'"}
+    from celery import Celery
+    from celery.exceptions import TimeoutError as CeleryTimeout
+
     queue = f"baton_bench_{uuid.uuid4().hex[:8]}"
+    node = f"{queue}@localhost"
     env = {**os.environ, "BENCH_BROKER": AMQP, "BENCH_BACKEND": backend, "BENCH_QUEUE": queue, "PYTHONPATH": str(REPO)}
     worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "bench.celery_app", "worker", "-c", "2", "-P", "prefork",
+        [sys.executable, "-m", "celery", "-A", "bench.celery_app", "worker", "-c", "2", "-P", "prefork", "-n", node,
          "--loglevel=WARNING", "-Q", queue, "--without-gossip", "--without-mingle", "--without-heartbeat"],
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
+    # A client app of its own per run: a Celery app keeps the first result backend it made.
+    app = Celery("baton_bench_client", broker=AMQP, backend=backend)
+    app.conf.update(task_default_queue=queue, result_expires=3600)
     try:
-        os.environ.update({k: env[k] for k in ("BENCH_BROKER", "BENCH_BACKEND", "BENCH_QUEUE")})
-        sys.path.insert(0, str(REPO))
-        from bench import celery_app
-
-        celery_app.app.conf.update(broker_url=AMQP, result_backend=backend, task_default_queue=queue)
         deadline = time.monotonic() + 60
-        while not celery_app.app.control.ping(timeout=1.0):
+        while not app.control.ping(destination=[node], timeout=1.0):
             if time.monotonic() > deadline or worker.poll() is not None:
-                return {"system": label, "note": "the Celery worker did not start"}
-        from celery.exceptions import TimeoutError as CeleryTimeout
-
-        started = time.monotonic()
-        results = [celery_app.noop.delay() for _ in range(n)]
-        for got, result in enumerate(results):
+                return {"n": n, "note": "the Celery worker did not start"}
+        roles = {worker.pid: "celery", os.getpid(): "bench"}
+        cpu_before = cpu_snapshot()
+        posted: list[tuple[float, Any]] = []
+        step = max(1, int(rate * 0.02)) if rate else n
+        t0 = time.monotonic()
+        for start_at in range(0, n, step):
+            if rate:
+                time.sleep(max(0.0, t0 + start_at / rate - time.monotonic()))
+            for _ in range(min(step, n - start_at)):
+                posted.append((time.time(), app.send_task("bench.noop", queue=queue)))
+        post_s = posted[-1][0] - posted[0][0]
+        started: list[float] = []
+        give_up = time.monotonic() + timeout_s
+        for _, result in posted:
             try:
-                result.get(timeout=max(60.0, 600 - (time.monotonic() - started)))
+                started.append(result.get(timeout=max(1.0, give_up - time.monotonic())))
             except CeleryTimeout:
-                return {"system": label, "note": f"timed out: {got} of {n} results after "
-                                                 f"{time.monotonic() - started:.0f} s"}
-        wall = time.monotonic() - started
-        return {"system": label, "per_s": round(n / wall)}
+                return {"n": n, "note": f"timed out: {len(started)} of {n} started within {timeout_s:.0f} s"}
+        pg_backends = _pg_backends(CELERY_RESULTS_DB) if backend.startswith("db+") else set()
+        split, _ = cpu_split(cpu_before, cpu_snapshot(), roles, pg_backends)
     finally:
         worker.terminate()
         try:
             worker.wait(30)
         except subprocess.TimeoutExpired:
             worker.kill()
+            worker.wait()
+        with app.connection_for_write() as connection:
+            connection.default_channel.queue_delete(queue)
+        app.close()
+    latencies = [s - p for (p, _), s in zip(posted, started, strict=True)]
+    wall_s = max(started) - posted[0][0]  # first post -> last start (a no-op ends as it starts)
+    cpu_s = sum(split.get(k, 0.0) for k in OWN_CPU["celery"])
+    return {"n": n, "completed": len(started), "per_s": round(n / wall_s),
+            "posted_per_s": round(n / post_s) if post_s > 0 else None,
+            "start_p50_ms": round(pct(latencies, 50) * 1000, 1), "start_p99_ms": round(pct(latencies, 99) * 1000, 1),
+            "cpu_ms_per_task": round(cpu_s / n * 1000, 2), "cpu_s": {k: round(v, 2) for k, v in sorted(split.items())}}
 
 
-def steps_overhead() -> dict[str, Any]:
-    done = subprocess.run([sys.executable, "bench/steps.py", "--runs", "10"], cwd=REPO, capture_output=True, text=True,
-                          timeout=900)
-    return last_json(done.stdout)
+# -- the comparison --------------------------------------------------------------------------------
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=20_000)
+    parser.add_argument("--n", type=int, default=20_000, help="tasks in the burst (default 20000)")
+    parser.add_argument("--celery-pg-n", type=int, default=5000,
+                        help="tasks for Celery with PostgreSQL results, which is slow (default 5000)")
+    parser.add_argument("--steps-runs", type=int, default=10, help="bench/steps.py --runs (default 10)")
+    parser.add_argument("--recovery-trials", type=int, default=5, help="bench/recovery.py --trials (default 5)")
+    parser.add_argument("--with-sweep", action="store_true", help="also run bench/sweep.py (a few minutes)")
+    parser.add_argument("--with-history", action="store_true", help="also run bench/history.py (long: seeds 1M rows)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results.json")
     args = parser.parse_args()
-    rows = [baton_burst(args.n), celery_burst(args.n, "rpc://", "Celery (RabbitMQ, RPC results)")]
-    if importlib.util.find_spec("sqlalchemy") is not None:
-        import psycopg2  # noqa: F401 - the backend's driver
 
-        name = "celery_bench_results"
-        subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-qc", f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"],
-                       check=True)
-        subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-qc", f"CREATE DATABASE {name}"], check=True)
-        rows.append(celery_burst(args.n, f"db+{PG.replace('postgresql://', 'postgresql+psycopg2://')}/{name}",
-                                 "Celery (RabbitMQ, PostgreSQL results)"))
-    steps = steps_overhead()
-    machine = f"{os.cpu_count()} cores, {os.uname().sysname} {os.uname().release}"
-    print(f"\nburst of {args.n} no-ops on this machine ({machine}):")
-    print(f"{'system':40} {'tasks/s':>8} {'start p50':>10} {'start p99':>10} {'CPU/task':>9}")
+    print(f"== burst of {args.n} no-ops: Baton", flush=True)
+    rows = [{"system": "Baton (durable, PostgreSQL)", **baton_run(args.n)}]
+    print(f"== burst of {args.n} no-ops: Baton, posted in batches of {BATCH}", flush=True)
+    rows.append({"system": f"Baton, batch posts ({BATCH}/message)", **baton_run(args.n, batch=BATCH)})
+    print("== Celery (RabbitMQ, RPC results)", flush=True)
+    rows.append({"system": "Celery (RabbitMQ, RPC results)", **celery_run(args.n, "rpc://")})
+    print("== Celery (RabbitMQ, PostgreSQL results)", flush=True)
+    if importlib.util.find_spec("sqlalchemy") is None or importlib.util.find_spec("psycopg2") is None:
+        rows.append({"system": "Celery (RabbitMQ, PostgreSQL results)", "n": args.celery_pg_n,
+                     "note": "sqlalchemy and psycopg2 are not installed: pip install -e '.[bench]'"})
+    else:
+        recreate_celery_results_db()
+        rows.append({"system": "Celery (RabbitMQ, PostgreSQL results)",
+                     **celery_run(args.celery_pg_n, CELERY_PG_BACKEND)})
+    print("== durable workflow step checkpoints", flush=True)
+    steps = last_json(run_script("bench/steps.py", "--runs", str(args.steps_runs)))
+    print("== recovery of a run after its worker is SIGKILLed or SIGSTOPped", flush=True)
+    recovery = last_json(run_script("bench/recovery.py", "--trials", str(args.recovery_trials)))
+    results: dict[str, Any] = {"n": args.n, "celery_pg_n": args.celery_pg_n, "machine": machine(), "burst": rows,
+                               "steps": steps, "recovery": recovery}
+    for wanted, script in ((args.with_sweep, "sweep"), (args.with_history, "history")):
+        if wanted:
+            print(f"== bench/{script}.py", flush=True)
+            out = REPO / "bench" / f"{script}.json"
+            run_script(f"bench/{script}.py", "--out", str(out))
+            results[script] = json.loads(out.read_text())
+
+    print(f"\nburst of no-ops on this machine ({results['machine']}); latency from post to start:")
+    print(f"{'system':40} {'tasks':>6} {'posted/s':>9} {'tasks/s':>8} {'start p50':>10} {'start p99':>10} "
+          f"{'CPU/task':>9}")
     for r in rows:
         if "note" in r:
-            print(f"{r['system']:40} {r['note']}")
+            print(f"{r['system']:40} {r['n']:>6} {r['note']}")
             continue
-        print(f"{r['system']:40} {r['per_s']:>8} {r.get('start_p50_ms', '-'):>10} {r.get('start_p99_ms', '-'):>10} "
-              f"{r.get('cpu_ms_per_task', '-'):>9}")
-    print(f"durable workflow step checkpoint: median {steps['overhead_per_step_ms']['median']} ms, "
-          f"p99 {steps['overhead_per_step_ms']['p99']} ms (fsync {steps['fsync']})")
-    args.out.write_text(json.dumps({"n": args.n, "machine": machine, "burst": rows, "steps": steps}, indent=2))
+        print(f"{r['system']:40} {r['n']:>6} {r['posted_per_s']:>9} {r['per_s']:>8} {r['start_p50_ms']:>7.1f} ms "
+              f"{r['start_p99_ms']:>7.1f} ms {r['cpu_ms_per_task']:>6.2f} ms")
+    print("  posted/s: how fast the client published (Baton's: asyncio with confirms, 500 in flight, one message "
+          f"per request, or {BATCH} requests per message; Celery's: send_task in a loop), which bounds tasks/s")
+    if args.celery_pg_n != args.n:
+        print(f"  (Celery with PostgreSQL results ran {args.celery_pg_n} tasks, not {args.n}: it stores each result "
+              "in its own transaction and manages about 140/s)")
+    print("  CPU/task: CPU seconds of the system's own processes during the run / tasks (Baton: executor, workers, "
+          "its PostgreSQL backends, RabbitMQ; Celery: worker and pool, RabbitMQ, results database backends)")
+    print(f"durable workflow step checkpoint: overhead median {steps['overhead_per_step_ms']['median']} ms, "
+          f"p99 {steps['overhead_per_step_ms']['p99']} ms per step (fsync {steps['fsync']})")
+    for kind in ("sigkill", "sigstop"):
+        r = recovery.get(kind, {})
+        if "median_s" in r:
+            print(f"recovery after {kind.upper()}: signal -> running on another worker, median {r['median_s']} s, "
+                  f"max {r['max_s']} s over {len(r['times_s'])} trials (target {r['target_s']} s)")
+    for script in ("sweep", "history"):
+        if script in results:
+            print(f"{script}: its table is above; its figures are in bench/{script}.json (and in {args.out.name})")
+    args.out.write_text(json.dumps(results, indent=2))
     print(f"written to {args.out}")
 
 

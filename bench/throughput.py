@@ -38,6 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from common import amqp  # noqa: E402
+from common.ids import batch_execution_id  # noqa: E402
 
 TERMINAL = ("completed", "failed", "timeout", "cancelled")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -283,7 +284,9 @@ def stop(procs: list[subprocess.Popen], timeout_s: float = 60.0) -> dict[int, in
 # -- posting ---------------------------------------------------------------------------------------
 
 
-async def post_all(amqp_url: str, names: amqp.Names, n: int, chunk: int, rate: float | None) -> dict[str, float]:
+async def post_all(
+    amqp_url: str, names: amqp.Names, n: int, chunk: int, rate: float | None, batch: int = 0
+) -> dict[str, float]:
     """Publish n noop requests with confirms, as fast as possible (``chunk`` in flight at once) or
     at ``rate`` per second; returns {execution id: wall-clock post time}."""
     connection = await aio_pika.connect(amqp_url)
@@ -307,8 +310,26 @@ async def post_all(amqp_url: str, names: amqp.Names, n: int, chunk: int, rate: f
                 routing_key=amqp.REQUESTED_KEY,
             )
 
+        async def many(count: int) -> None:
+            # One message holding ``count`` requests (`BatonClient.submit_many` posts the same).
+            message_id = uuid.uuid4().hex
+            now = time.time()
+            for k in range(count):
+                posted[str(batch_execution_id(message_id, k))] = now
+            await exchange.publish(
+                aio_pika.Message(
+                    b"[" + b",".join([body] * count) + b"]",
+                    content_type="application/json",
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    message_id=message_id,
+                ),
+                routing_key=amqp.REQUESTED_KEY,
+            )
+
         ids = [str(uuid.uuid4()) for _ in range(n)]
-        if rate:
+        if batch and not rate:
+            await asyncio.gather(*(many(min(batch, n - start_at)) for start_at in range(0, n, batch)))
+        elif rate:
             # A steady stream: every 20 ms, what is due by then (latency without a backlog).
             step = max(1, int(rate * 0.02))
             t0 = time.monotonic()
@@ -358,6 +379,7 @@ async def run(args: argparse.Namespace) -> dict:
         "workers": args.workers,
         "concurrency": args.concurrency,
         "rate": args.rate,
+        "batch": args.batch,
         "prefix": prefix,
     }
     pool: asyncpg.Pool | None = None
@@ -409,7 +431,7 @@ async def run(args: argparse.Namespace) -> dict:
         rss = RssSampler({"executor": executor.pid} | {f"w{i + 1}": p.pid for i, p in enumerate(procs[1:])}, t_post)
         rss.sample()
         rss_task = asyncio.create_task(rss.run(args.rss_interval))
-        posted = await post_all(args.amqp_url, names, args.n, args.chunk, args.rate)
+        posted = await post_all(args.amqp_url, names, args.n, args.chunk, args.rate, args.batch)
         t_posted = time.time()
         post_s = t_posted - t_post
         log(f"posted {args.n} requests in {post_s:.2f} s ({args.n / post_s:.0f}/s)")
@@ -593,6 +615,10 @@ def main() -> None:
         "--rate", type=float, default=None, help="post at this many per second instead of all at once"
     )
     parser.add_argument("--chunk", type=int, default=500, help="publishes in flight at once while posting")
+    parser.add_argument(
+        "--batch", type=int, default=0,
+        help="post a burst as batch messages of this many requests each (default 0: one message per request)",
+    )
     parser.add_argument("--settle", type=float, default=1.0, help="seconds to wait after registration")
     parser.add_argument("--log-level", default="warning", help="services' logging.level (default warning)")
     parser.add_argument(

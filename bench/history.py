@@ -1,0 +1,376 @@
+#!/usr/bin/env python
+"""History growth: Baton's throughput, latency and periodic queries beside 1,000, 100,000 and
+1,000,000 finished executions already in the tables.
+
+For each history size (`--sizes`), on one database (`--database-url`, default
+`.../baton_bench_history`, created and migrated with the executor's own migrations):
+
+1. seeds that many finished executions (every 50th failed, the rest completed; finished over the
+   last 29 days, inside the default 30-day retention) and their events, 4 each like real ones
+   (requested, scheduled, started, completed/failed), one `INSERT ... SELECT` from
+   `generate_series` per table, then `VACUUM ANALYZE` (what autovacuum has long done to old rows);
+2. prints `EXPLAIN (ANALYZE, BUFFERS)` of every query the executor's periodic loops run against
+   `executions` (scheduler, sweeper, recovery, both timeout monitors, timers, retention), with the
+   configured parameters and some work in flight (requested, delayed, scheduled, running, sleeping
+   and interrupted rows, live workers and a lost one, all inside a transaction that is rolled back):
+   per query the plan's top nodes and every scan in it, the execution time and the shared buffers
+   touched. Those must not grow with history: index scans on partial indexes, never a sequential
+   scan of `executions` or `execution_events`;
+3. runs `bench/throughput.py --reuse-database` on it twice: a burst (`--n`, default 10,000) and a
+   steady stream (`--rate`, default 500/s, `--steady-n` 5,000), deleting each run's executions
+   afterwards so that the next run sees the same history.
+
+Prints a table, writes everything as JSON (`--out`, default `bench/history.json`), and drops the
+database unless `--keep`.
+
+    .venv/bin/python bench/history.py                      # or: make bench-history
+    .venv/bin/python bench/history.py --sizes 1000,100000 --n 2000 --steady-n 2000 --rate 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.compare import last_json, run_script  # noqa: E402
+from bench.throughput import drop_database, recreate_database  # noqa: E402
+from common import db  # noqa: E402
+from common.queries import executions as q  # noqa: E402
+from common.queries import workers as wq  # noqa: E402
+from common.queries import workflows as fq  # noqa: E402
+from common.settings import load_settings  # noqa: E402
+from executor import recovery, requested_timeout, timeout_monitor, timers  # noqa: E402
+
+HISTORY_SPAN_S = 29 * 86400.0  # inside the default retention (30 days): pruning finds nothing due
+
+# $1 first row, $2 last row, $3 history size, $4 span in seconds, $5 the moment history ends.
+# Row g finished g * span / size seconds before $5; its id is derived from g, so the events below
+# can name it without reading the table.
+SEED_EXECUTIONS = """
+INSERT INTO executions (id, action_ref, parameters, status, attempt, worker, incarnation, result, error,
+                        last_event_seq, created_at, scheduled_at, started_at, finished_at, updated_at)
+SELECT md5('history:' || g)::uuid, 'core.noop', '{}'::jsonb,
+       CASE WHEN g % 50 = 0 THEN 'failed' ELSE 'completed' END, 1, 'history_w' || (g % 2 + 1),
+       md5('history_w' || (g % 2 + 1))::uuid, CASE WHEN g % 50 = 0 THEN NULL ELSE 'null'::jsonb END,
+       CASE WHEN g % 50 = 0 THEN '{"error": "boom", "type": "RuntimeError"}'::jsonb END,
+       4, t.at, t.at + interval '4 ms', t.at + interval '6 ms', t.at + interval '8 ms', t.at + interval '8 ms'
+FROM generate_series($1::int, $2::int) AS g
+CROSS JOIN LATERAL (SELECT $5::timestamptz - make_interval(secs => g * $4::float8 / $3::int) AS at) AS t
+"""
+
+# The same rows' events: execution.requested, .scheduled, .started, .completed (or .failed).
+SEED_EVENTS = """
+INSERT INTO execution_events (execution_id, seq, type, data, created_at)
+SELECT md5('history:' || g)::uuid, s.seq,
+       CASE s.seq WHEN 1 THEN 'execution.requested' WHEN 2 THEN 'execution.scheduled'
+                  WHEN 3 THEN 'execution.started'
+                  ELSE CASE WHEN g % 50 = 0 THEN 'execution.failed' ELSE 'execution.completed' END END,
+       CASE WHEN s.seq = 1 THEN '{}'::jsonb
+            ELSE CASE WHEN s.seq = 4 AND g % 50 = 0 THEN '{"error": "boom", "type": "RuntimeError"}'::jsonb
+                      ELSE '{}'::jsonb END
+                 || jsonb_build_object('worker', 'history_w' || (g % 2 + 1), 'attempt', 1) END,
+       t.at + make_interval(secs => (s.seq - 1) * 0.002)
+FROM generate_series($1::int, $2::int) AS g
+CROSS JOIN generate_series(1, 4) AS s(seq)
+CROSS JOIN LATERAL (SELECT $5::timestamptz - make_interval(secs => g * $4::float8 / $3::int) AS at) AS t
+"""
+
+# Benchmark runs' executions (created after the history, $1) and their events.
+FORGET_RUNS = """
+WITH gone AS (DELETE FROM executions WHERE created_at > $1 RETURNING id)
+DELETE FROM execution_events WHERE execution_id IN (SELECT id FROM gone)
+"""
+
+# Work in flight while the queries are explained (inside the transaction that is rolled back):
+# two live workers and a lost one, and executions in every state a periodic loop looks for.
+FIXTURE_WORKERS = """
+INSERT INTO workers (name, status, runtimes, actions, max_concurrent_tasks, heartbeat_interval_s,
+                     last_heartbeat, incarnation)
+VALUES ('explain_w1', 'active', '{python}', '{core.noop}', 50, 10, now(), gen_random_uuid()),
+       ('explain_w2', 'active', '{python}', '{core.noop}', 50, 10, now(), gen_random_uuid()),
+       ('explain_w3', 'lost', '{python}', '{core.noop}', 50, 10, now() - interval '1 minute', gen_random_uuid())
+"""
+
+FIXTURE_EXECUTIONS = """
+INSERT INTO executions (id, action_ref, status, worker, attempt, not_before, wake_at, last_event_seq,
+                        scheduled_at, started_at)
+SELECT gen_random_uuid(), 'core.noop', f.status, f.worker, CASE WHEN f.status = 'requested' THEN 0 ELSE 1 END,
+       CASE WHEN f.delayed THEN now() + interval '1 hour' END,
+       CASE WHEN f.status = 'sleeping' THEN now() + interval '1 hour' END, 1,
+       CASE WHEN f.status <> 'requested' THEN now() END, CASE WHEN f.status = 'running' THEN now() END
+FROM (VALUES ('requested', NULL, false, 100), ('requested', NULL, true, 10), ('scheduled', 'explain_w1', false, 50),
+             ('running', 'explain_w2', false, 50), ('running', 'explain_w3', false, 2),
+             ('interrupted', 'explain_w3', false, 2), ('sleeping', NULL, false, 5))
+     AS f(status, worker, delayed, n)
+CROSS JOIN LATERAL generate_series(1, f.n)
+"""
+
+FIXTURE_IN_FLIGHT = "100 requested, 10 delayed, 50 scheduled, 52 running (2 on a lost worker), 2 interrupted, 5 sleeping"
+
+
+def periodic_queries() -> list[tuple[str, str, tuple[Any, ...]]]:
+    """(label, query, arguments) of what the executor's periodic loops run against `executions`,
+    with the parameters the default configuration gives them."""
+    settings = load_settings()
+    cfg = settings.executor
+    multiplier = cfg.heartbeat_staleness_multiplier
+    return [
+        ("scheduler: live workers and their load", wq.ELIGIBLE, (multiplier,)),
+        ("scheduler: requested rows to place", q.SELECT_REQUESTED_FOR_UPDATE,
+         (cfg.schedule_batch_size, ["core.noop"], [100])),
+        ("scheduler: dispatched per limited action", q.ACTIVE_BY_ACTION, (["core.noop"],)),
+        ("sweeper: scheduled on unavailable workers", q.SELECT_SCHEDULED_ON_UNAVAILABLE, ()),
+        ("sweeper: running on stopped workers", q.SELECT_RUNNING_ON_STOPPED, ()),
+        ("sweeper: held by a lost worker", q.SELECT_HELD_BY_WORKER, ("explain_w3",)),
+        ("sweeper: active by status (metrics)", q.COUNT_ACTIVE_BY_STATUS, ()),
+        ("recovery: interrupted runs", q.SELECT_INTERRUPTED, (recovery.BATCH,)),
+        ("timeout monitor: scheduled too long", q.SELECT_SCHEDULED_TIMED_OUT,
+         (cfg.scheduled_timeout_s, timeout_monitor.BATCH, multiplier)),
+        ("requested timeout: unserved and expired", q.SELECT_REQUESTED_EXPIRED,
+         (cfg.requested_timeout_s, ["bench.unserved"], requested_timeout.BATCH)),
+        ("timers: next due time", fq.NEXT_WAKE_IN, ()),
+        ("timers: wake due suspended runs", fq.WAKE_DUE, (timers.BATCH,)),
+        ("timers: release due delayed rows", fq.RELEASE_DELAYED, (timers.BATCH,)),
+        ("retention: prune finished", q.PRUNE_FINISHED,
+         (settings.retention.executions_days * 86400.0, settings.retention.batch_size)),
+    ]
+
+
+# -- seeding ---------------------------------------------------------------------------------------
+
+
+async def seed(conn: asyncpg.Connection, size: int) -> dict[str, Any]:
+    """Replace whatever history the tables hold with ``size`` finished executions and their events."""
+    started = time.monotonic()
+    await conn.execute("TRUNCATE executions, execution_events CASCADE")
+    end = await conn.fetchval("SELECT now() - interval '1 minute'")
+    async with conn.transaction():
+        if await conn.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user"):
+            # The events name their executions by construction: skip a foreign-key check per row, if any.
+            await conn.execute("SET LOCAL session_replication_role = replica")
+        await conn.execute(SEED_EXECUTIONS, 1, size, size, HISTORY_SPAN_S, end)
+        await conn.execute(SEED_EVENTS, 1, size, size, HISTORY_SPAN_S, end)
+    inserted_s = time.monotonic() - started
+    await conn.execute("VACUUM (ANALYZE) executions, execution_events")
+    sizes = await conn.fetchrow(
+        "SELECT pg_total_relation_size('executions') / 1048576.0 AS executions_mb,"
+        " pg_total_relation_size('execution_events') / 1048576.0 AS events_mb,"
+        " (SELECT count(*) FROM execution_events) AS events"
+    )
+    return {
+        "executions": size,
+        "events": sizes["events"],
+        "executions_mb": round(float(sizes["executions_mb"]), 1),
+        "events_mb": round(float(sizes["events_mb"]), 1),
+        "insert_s": round(inserted_s, 1),
+        "seed_s": round(time.monotonic() - started, 1),
+        "history_ends": end,
+    }
+
+
+async def forget_runs(conn: asyncpg.Connection, history_ends: Any) -> None:
+    """Delete what benchmark runs added after the history, with their events."""
+    await conn.execute(FORGET_RUNS, history_ends)
+    await conn.execute("VACUUM (ANALYZE) executions, execution_events")
+
+
+# -- plans -----------------------------------------------------------------------------------------
+
+
+def nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from nodes(child)
+
+
+def scan_label(node: dict[str, Any]) -> str | None:
+    kind = node["Node Type"]
+    if "Index Name" in node:
+        return f"{kind} using {node['Index Name']}"
+    if kind.endswith("Scan") and "Relation Name" in node:
+        return f"{kind} on {node['Relation Name']}"
+    return None
+
+
+def top_nodes(plan: dict[str, Any], depth: int = 3) -> str:
+    chain = []
+    node: dict[str, Any] | None = plan
+    while node is not None and len(chain) < depth:
+        chain.append(node["Node Type"])
+        children = node.get("Plans", [])
+        node = children[0] if len(children) == 1 else None
+    return " > ".join(chain)
+
+
+async def undone(conn: asyncpg.Connection, run: Callable[[], Awaitable[Any]]) -> Any:
+    """``run()`` inside a savepoint that is then rolled back: whatever it changed is undone."""
+    savepoint = conn.transaction()
+    await savepoint.start()
+    try:
+        return await run()
+    finally:
+        await savepoint.rollback()
+
+
+async def explain(conn: asyncpg.Connection) -> dict[str, dict[str, Any]]:
+    """EXPLAIN (ANALYZE, BUFFERS) of each periodic query beside the fixture's work in flight, each
+    from the same state (run once to warm up, then explained); nothing of it is kept."""
+    out: dict[str, dict[str, Any]] = {}
+    tx = conn.transaction()
+    await tx.start()
+    try:
+        await conn.execute(FIXTURE_WORKERS)
+        await conn.execute(FIXTURE_EXECUTIONS)
+        for label, sql, args in periodic_queries():
+            await undone(conn, lambda sql=sql, args=args: conn.fetch(sql, *args))
+            raw = await undone(
+                conn, lambda sql=sql, args=args: conn.fetchval(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {sql}", *args)
+            )
+            result = (json.loads(raw) if isinstance(raw, str) else raw)[0]
+            plan = result["Plan"]
+            scans = list(dict.fromkeys(scan for n in nodes(plan) if (scan := scan_label(n))))
+            out[label] = {
+                "top": top_nodes(plan),
+                "scans": scans,
+                "seq_scan_of_history": any(
+                    s in ("Seq Scan on executions", "Seq Scan on execution_events") for s in scans
+                ),
+                "rows": plan.get("Actual Rows"),
+                "execution_ms": round(result["Execution Time"], 3),
+                "shared_buffers": plan.get("Shared Hit Blocks", 0) + plan.get("Shared Read Blocks", 0),
+            }
+    finally:
+        await tx.rollback()
+    return out
+
+
+# -- throughput ------------------------------------------------------------------------------------
+
+
+def throughput(args: argparse.Namespace, *extra: str) -> dict[str, Any]:
+    """bench/throughput.py on the seeded database; its output is shown as it comes, its summary returned."""
+    return last_json(run_script("bench/throughput.py", "--reuse-database", "--database-url", args.database_url,
+                                "--amqp-url", args.amqp_url, *extra))
+
+
+def run_figures(summary: dict[str, Any]) -> dict[str, Any]:
+    """What the history table shows of one throughput run."""
+    keys = ("n", "rate", "completed", "timed_out", "executions_per_s", "started_p50_ms", "started_p99_ms",
+            "finished_p99_ms", "cpu_s", "seq_scans")
+    figures = {k: summary.get(k) for k in keys}
+    figures["rss_max_mb"] = {role: m["max"] for role, m in summary.get("rss_mb", {}).items()}
+    return figures
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+
+async def prepare(url: str) -> asyncpg.Connection:
+    await recreate_database(url)
+    conn = await asyncpg.connect(url, server_settings=db.SERVER_SETTINGS)
+    await db.migrate(conn)
+    return conn
+
+
+async def seed_and_explain(url: str, size: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    conn = await asyncpg.connect(url, server_settings=db.SERVER_SETTINGS)
+    try:
+        seeded = await seed(conn, size)
+        return seeded, await explain(conn)
+    finally:
+        await conn.close()
+
+
+async def forget(url: str, history_ends: Any) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        await forget_runs(conn, history_ends)
+    finally:
+        await conn.close()
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    async def migrated() -> None:
+        conn = await prepare(args.database_url)
+        await conn.close()
+
+    asyncio.run(migrated())
+    results: dict[str, Any] = {}
+    try:
+        for size in args.sizes:
+            print(f"\n== history of {size:,} finished executions", flush=True)
+            seeded, plans = asyncio.run(seed_and_explain(args.database_url, size))
+            print(f"  seeded {seeded['executions']:,} executions ({seeded['executions_mb']} MB with indexes) and "
+                  f"{seeded['events']:,} events ({seeded['events_mb']} MB) in {seeded['seed_s']} s", flush=True)
+            burst = throughput(args, "--n", str(args.n))
+            asyncio.run(forget(args.database_url, seeded["history_ends"]))
+            steady = throughput(args, "--n", str(args.steady_n), "--rate", str(args.rate))
+            asyncio.run(forget(args.database_url, seeded["history_ends"]))
+            seeded["history_ends"] = seeded["history_ends"].isoformat()
+            results[str(size)] = {"seeded": seeded, "queries": plans, "burst": run_figures(burst),
+                                  "steady": run_figures(steady)}
+    finally:
+        if not args.keep:
+            asyncio.run(drop_database(args.database_url))
+    return results
+
+
+def report(results: dict[str, Any], args: argparse.Namespace) -> None:
+    sizes = list(results)
+    print(f"\nhistory growth: burst of {args.n:,}, steady {args.rate:g}/s x {args.steady_n:,}; "
+          "post -> start latency in ms")
+    print(f"{'history':>10} {'table MB':>9} {'burst/s':>8} {'p50':>7} {'p99':>7} {'steady/s':>9} {'p50':>7} "
+          f"{'p99':>7} {'executor RSS max':>17}")
+    for size in sizes:
+        r = results[size]
+        b, s = r["burst"], r["steady"]
+        mb = r["seeded"]["executions_mb"] + r["seeded"]["events_mb"]
+        rss = max(b["rss_max_mb"].get("executor", 0), s["rss_max_mb"].get("executor", 0))
+        print(f"{int(size):>10,} {mb:>9.0f} {b['executions_per_s']:>8.0f} {b['started_p50_ms']:>7.1f} "
+              f"{b['started_p99_ms']:>7.1f} {s['executions_per_s']:>9.0f} {s['started_p50_ms']:>7.1f} "
+              f"{s['started_p99_ms']:>7.1f} {rss:>14.1f} MB")
+    print(f"\nperiodic queries on executions (in flight: {FIXTURE_IN_FLIGHT}): execution ms / shared buffers")
+    print(f"{'query':42}" + "".join(f"{int(size):>18,}" for size in sizes))
+    for label in results[sizes[0]]["queries"]:
+        cells = []
+        for size in sizes:
+            f = results[size]["queries"][label]
+            cells.append(f"{f['execution_ms']:8.3f} / {f['shared_buffers']:<5}")
+        print(f"{label:42}" + "".join(f"{c:>18}" for c in cells))
+        largest = results[sizes[-1]]["queries"][label]
+        flag = "  SEQUENTIAL SCAN OF HISTORY" if largest["seq_scan_of_history"] else ""
+        print(f"    {largest['top']}: {', '.join(largest['scans']) or 'no table scan'}{flag}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="1000,100000,1000000", help="history sizes (finished executions)")
+    parser.add_argument("--n", type=int, default=10_000, help="executions in the burst (default 10000)")
+    parser.add_argument("--rate", type=float, default=500.0, help="steady stream's rate per second (default 500)")
+    parser.add_argument("--steady-n", type=int, default=5000, help="executions in the steady stream (default 5000)")
+    parser.add_argument("--database-url", default="postgresql://postgres@127.0.0.1:5432/baton_bench_history")
+    parser.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672/")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "history.json")
+    parser.add_argument("--keep", action="store_true", help="keep the database (with the largest history)")
+    args = parser.parse_args()
+    args.sizes = [int(s) for s in args.sizes.split(",")]
+    results = run(args)
+    report(results, args)
+    args.out.write_text(json.dumps({"n": args.n, "rate": args.rate, "steady_n": args.steady_n,
+                                    "in_flight": FIXTURE_IN_FLIGHT, "sizes": results}, indent=2, default=str))
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
