@@ -4,7 +4,9 @@ Woken by intake (in process) and by PostgreSQL notifications (a worker registere
 freed), with a slow fallback timer as a safety net. Each pass locks a batch of requested rows
 (`FOR UPDATE SKIP LOCKED`, so replicas never place the same row), records `scheduled` with the
 worker and attempt+1, commits, and only then publishes the dispatches: a worker can never see a
-dispatch its claim would not match. A returned (unroutable) dispatch is rescheduled.
+dispatch its claim would not match. A returned (unroutable) dispatch is rescheduled. A pass does
+not wait for the broker's confirms of its dispatches: they are published in the background while
+the next pass runs.
 """
 
 from __future__ import annotations
@@ -25,15 +27,21 @@ from common.notifications import publish_terminal
 from common.queries import WAKE_CHANNEL
 from common.queries import executions as q
 from common.queries import workers as wq
+from common.retry import TRANSIENT_ERRORS
 from common.schemas import MAX_DISPATCHES_PER_MESSAGE, Dispatch, DispatchBatch
 from executor.placement import Candidate, concurrency_room, limited_room, place, room_by_action
 from executor.rescheduling import reschedule_or_fail
-from executor.resilience import riding_out_outages
+from executor.resilience import describe, riding_out_outages
 
 if TYPE_CHECKING:
     from executor.service import ExecutorContext
 
 log = get_logger("baton.executor.scheduler")
+
+#: What rescheduling an undeliverable dispatch may run into: the database away, or refusing.
+_DB_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, asyncpg.PostgresError)
+#: How long a stopping scheduler waits for the dispatches it is still publishing.
+HANDOVER_TIMEOUT_S = 10.0
 
 
 async def run(ctx: ExecutorContext, stop_event: asyncio.Event) -> None:
@@ -46,6 +54,8 @@ async def run(ctx: ExecutorContext, stop_event: asyncio.Event) -> None:
         if payload != "capacity" or state["blocked"]:
             ctx.wake.set()
 
+    # Dispatches being published while the next pass runs.
+    handovers: set[asyncio.Task[None]] = set()
     listener = await connect_one(ctx.settings.database.url)
     await listener.add_listener(WAKE_CHANNEL, on_notify)
     log.info("scheduler_started")
@@ -59,7 +69,7 @@ async def run(ctx: ExecutorContext, stop_event: asyncio.Event) -> None:
             ctx.wake.clear()
             async with riding_out_outages("schedule", stop_event):
                 while not stop_event.is_set():
-                    more, state["blocked"] = await _pass(ctx, stop_event)
+                    more, state["blocked"] = await _pass(ctx, stop_event, handovers)
                     if not more:
                         break
             if listener.is_closed():
@@ -68,6 +78,9 @@ async def run(ctx: ExecutorContext, stop_event: asyncio.Event) -> None:
                 await listener.add_listener(WAKE_CHANNEL, on_notify)
                 ctx.wake.set()
     finally:
+        # Let the dispatches under way be sent: a stopping executor hands over what it placed.
+        if handovers:
+            await asyncio.wait(handovers, timeout=HANDOVER_TIMEOUT_S)
         with contextlib.suppress(Exception):
             await listener.close()
         log.info("scheduler_stopped")
@@ -91,7 +104,9 @@ async def _connected_or_stopping(ctx: ExecutorContext, stop_event: asyncio.Event
     return ctx.amqp.connected.is_set()
 
 
-async def _pass(ctx: ExecutorContext, stop_event: asyncio.Event) -> tuple[bool, bool]:
+async def _pass(
+    ctx: ExecutorContext, stop_event: asyncio.Event, handovers: set[asyncio.Task[None]]
+) -> tuple[bool, bool]:
     """One placement pass; returns (another pass may find more, work was left unplaced)."""
     cfg = ctx.settings.executor
     async with ctx.pool.acquire() as conn, conn.transaction():
@@ -125,24 +140,40 @@ async def _pass(ctx: ExecutorContext, stop_event: asyncio.Event) -> tuple[bool, 
                 reason="the executor stopped before dispatching it", kind="executor_stopped", error={}, counts=False,
             )
         return False, False
-    by_worker: dict[str, list[asyncpg.Record]] = {}
-    for s in scheduled:
-        by_worker.setdefault(s["worker"], []).append(s)
-    outcomes = await asyncio.gather(
-        *(
-            _dispatch(ctx, worker, rows[i : i + MAX_DISPATCHES_PER_MESSAGE])
-            for worker, rows in by_worker.items()
-            for i in range(0, len(rows), MAX_DISPATCHES_PER_MESSAGE)
-        )
-    )
-    failed = [row for rows in outcomes for row in rows]
-    await publish_terminal(ctx.exchanges.notifications, failed)
+    if scheduled:
+        # The broker's confirm of a persistent dispatch can take as long as its disk: the next pass
+        # does not wait for it. What a handover could not send, it puts back in line itself.
+        task = asyncio.create_task(_hand_over(ctx, scheduled))
+        handovers.add(task)
+        task.add_done_callback(handovers.discard)
     # Work is left behind when some could not be placed, or when the room there was is all taken
     # (more may be waiting as `requested`): then freed capacity must wake the next pass.
     fetched = Counter(r["action_ref"] for r in rows)
     room_taken = any(fetched[a] >= min(free, cfg.schedule_batch_size) for a, free in room.items())
     log.debug("scheduler_pass", rows=len(rows), placed=len(plan), room_taken=room_taken)
     return len(rows) == cfg.schedule_batch_size, len(plan) < len(rows) or room_taken
+
+
+async def _hand_over(ctx: ExecutorContext, scheduled: list[asyncpg.Record]) -> None:
+    """Publish one pass's dispatches, a message per worker, and announce what could not be
+    dispatched and failed for it."""
+    by_worker: dict[str, list[asyncpg.Record]] = {}
+    for s in scheduled:
+        by_worker.setdefault(s["worker"], []).append(s)
+    try:
+        outcomes = await asyncio.gather(
+            *(
+                _dispatch(ctx, worker, rows[i : i + MAX_DISPATCHES_PER_MESSAGE])
+                for worker, rows in by_worker.items()
+                for i in range(0, len(rows), MAX_DISPATCHES_PER_MESSAGE)
+            )
+        )
+    except _DB_ERRORS as exc:
+        # The database went away while rescheduling what could not be sent: those executions stay
+        # `scheduled`, and the scheduled-timeout monitor moves them on.
+        log.warning("dispatch_handover_failed", error=describe(exc), executions=len(scheduled))
+        return
+    await publish_terminal(ctx.exchanges.notifications, [row for rows in outcomes for row in rows])
 
 
 async def _concurrency_caps(ctx: ExecutorContext, conn: Executor, room: dict[str, int]) -> dict[str, int]:

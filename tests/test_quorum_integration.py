@@ -129,10 +129,13 @@ async def test_expired_dispatch_is_dead_lettered_and_rescheduled(baton, quorum_c
     stuck = await baton.start_worker("stuck", concurrency=1, BATON__WORKER__QUEUE_TTL="1")
     stuck.signal(signal.SIGSTOP)
     try:
-        subs = [await quorum_client.submit("core.echo", {"message": f"q{i}"}, watch=True) for i in range(4)]
-        # One slot plus a pipeline of three: all four go to the frozen worker, which receives one of them.
-        for s in subs:
-            assert (await baton.wait_status(s.execution_id, "scheduled"))["worker"] == "stuck"
+        # One slot plus a pipeline of three: all four go to the frozen worker, which receives one of
+        # them. Each is dispatched before the next is posted, so that each is a message of its own (a
+        # scheduling pass sends what it places on a worker as one message).
+        subs = []
+        for i in range(4):
+            subs.append(await quorum_client.submit("core.echo", {"message": f"q{i}"}, watch=True))
+            assert (await baton.wait_status(subs[-1].execution_id, "scheduled"))["worker"] == "stuck"
         # With no other worker, an expired dispatch is rescheduled onto the same worker, and expires again.
         await wait_until(lambda: _async(executor.events("dead_letter_handled")), what="a dead-lettered dispatch")
         await baton.start_worker("free")
