@@ -145,13 +145,21 @@ async def _pass(
         # does not wait for it. What a handover could not send, it puts back in line itself.
         task = asyncio.create_task(_hand_over(ctx, scheduled))
         handovers.add(task)
-        task.add_done_callback(handovers.discard)
+        task.add_done_callback(lambda done: _handed_over(done, handovers))
     # Work is left behind when some could not be placed, or when the room there was is all taken
     # (more may be waiting as `requested`): then freed capacity must wake the next pass.
     fetched = Counter(r["action_ref"] for r in rows)
     room_taken = any(fetched[a] >= min(free, cfg.schedule_batch_size) for a, free in room.items())
     log.debug("scheduler_pass", rows=len(rows), placed=len(plan), room_taken=room_taken)
     return len(rows) == cfg.schedule_batch_size, len(plan) < len(rows) or room_taken
+
+
+def _handed_over(task: asyncio.Task[None], handovers: set[asyncio.Task[None]]) -> None:
+    """Forget a finished handover; log what it did not expect (its executions stay `scheduled`,
+    and the scheduled-timeout monitor moves them on)."""
+    handovers.discard(task)
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("dispatch_handover_failed", error=describe(exc))
 
 
 async def _hand_over(ctx: ExecutorContext, scheduled: list[asyncpg.Record]) -> None:
