@@ -283,6 +283,13 @@ class RetentionSettings(_Section):
     batch_size: int = Field(1000, ge=1)
     """Rows deleted per statement, so that pruning never holds long locks."""
 
+    vacuum_interval_s: Seconds = Field(30.0, alias="vacuum_interval")
+    """How often the executor looks for dead rows in Baton's hot tables and vacuums the tables
+    that have at least `vacuum_dead_rows` (whether or not the server's autovacuum runs); 0: never."""
+
+    vacuum_dead_rows: int = Field(20_000, ge=1)
+    """Dead row versions a hot table may gather before the executor vacuums it."""
+
 
 class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"

@@ -239,6 +239,34 @@ async def test_retention_prunes_old_history_and_gone_workers(baton):
     assert executor.process.poll() is None
 
 
+async def test_the_executor_vacuums_hot_tables_that_gather_dead_rows(baton):
+    """On a server whose autovacuum is off (or behind), the executor clears dead rows itself."""
+    pool = await baton.pool()
+    async with pool.acquire() as conn:
+        await conn.execute(
+            "INSERT INTO executions (id, action_ref, status, last_event_seq) "
+            "SELECT gen_random_uuid(), 'core.noop', 'requested', 1 FROM generate_series(1, 300)"
+        )
+        for _ in range(3):  # every update leaves a dead version behind
+            await conn.execute("UPDATE executions SET updated_at = now()")
+        await conn.execute("SELECT pg_stat_force_next_flush()")  # counted now, not when idle for 10 s
+    executor = await baton.start_executor(
+        BATON__RETENTION__VACUUM_INTERVAL="0.3", BATON__RETENTION__VACUUM_DEAD_ROWS="500"
+    )
+    vacuumed = await wait_until(
+        lambda: _async([e for e in executor.events("table_vacuumed") if e["table"] == "executions"]),
+        what="the executions table to be vacuumed",
+    )
+    assert vacuumed[0]["dead_rows"] >= 500
+    assert await pool.fetchval(
+        "SELECT last_vacuum IS NOT NULL FROM pg_stat_user_tables WHERE relname = 'executions'"
+    )
+
+
+async def _async(value):
+    return value
+
+
 async def _gone(pool, execution_id) -> bool:
     return await pool.fetchval("SELECT count(*) FROM executions WHERE id = $1", execution_id) == 0
 

@@ -1,0 +1,51 @@
+"""Maintenance loop: Baton's hot tables stay lean whether or not the server's autovacuum runs.
+
+Every execution leaves dead row versions behind in `executions` (one per transition) and dead
+entries in its indexes. Autovacuum normally clears them, but it may be off (as on some CI and
+development servers) or slower than a steady load: then the partial indexes the scheduler and the
+worker's claims read fill with dead entries, and every pass gets slower as history grows. Every
+`retention.vacuum_interval` this loop vacuums (and analyzes) each hot table with at least
+`retention.vacuum_dead_rows` dead rows; when autovacuum keeps up, it finds nothing to do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING
+
+from common.logging import get_logger
+from common.queries import maintenance as q
+from executor.resilience import every
+
+if TYPE_CHECKING:
+    from executor.service import ExecutorContext
+
+log = get_logger("baton.executor.maintenance")
+
+
+async def run(ctx: ExecutorContext, stop_event: asyncio.Event) -> None:
+    cfg = ctx.settings.retention
+    if not cfg.vacuum_interval_s:
+        log.info("maintenance_disabled")
+        await stop_event.wait()
+        return
+    log.info("maintenance_started", vacuum_interval_s=cfg.vacuum_interval_s, vacuum_dead_rows=cfg.vacuum_dead_rows)
+    await every(cfg.vacuum_interval_s, "maintenance", stop_event, lambda: vacuum_dead(ctx))
+    log.info("maintenance_stopped")
+
+
+async def vacuum_dead(ctx: ExecutorContext) -> list[str]:
+    """One pass; returns the tables vacuumed."""
+    rows = await ctx.pool.fetch(q.DEAD_ROWS, list(q.HOT_TABLES), ctx.settings.retention.vacuum_dead_rows)
+    vacuumed = []
+    for row in rows:
+        started = time.monotonic()
+        # Outside a transaction (VACUUM cannot run in one), on a pooled connection.
+        await ctx.pool.execute(q.vacuum(row["table_name"]), timeout=None)
+        log.info(
+            "table_vacuumed", table=row["table_name"], dead_rows=row["dead_rows"], live_rows=row["live_rows"],
+            took_s=round(time.monotonic() - started, 3),
+        )
+        vacuumed.append(row["table_name"])
+    return vacuumed
