@@ -4,7 +4,7 @@
 - **Burst**: `--n` no-op tasks posted at once and run to completion, each system with two worker
   processes: Baton (`bench/throughput.py`, 2 workers x 50: every state durable in PostgreSQL),
   Celery with RabbitMQ and the RPC result backend (prefork -c 2, acks late), and Celery with a
-  PostgreSQL result backend (`db+postgresql+psycopg2://`; about 140 tasks/s, so it runs
+  PostgreSQL result backend (`db+postgresql+psycopg2://`; a few hundred tasks/s, so it runs
   `--celery-pg-n` tasks, 5,000 by default). For each: tasks per second (first post -> last
   start or finish), post -> start latency p50/p99 (Celery's task returns when it started), and CPU
   per task: the CPU seconds (from /proc) of the system's own processes during the run (Baton:
@@ -247,7 +247,7 @@ def main() -> None:
           f"per request, or {BATCH} requests per message; Celery's: send_task in a loop), which bounds tasks/s")
     if args.celery_pg_n != args.n:
         print(f"  (Celery with PostgreSQL results ran {args.celery_pg_n} tasks, not {args.n}: it stores each result "
-              "in its own transaction and manages about 140/s)")
+              "in its own transaction, a run of 20,000 would take minutes)")
     print("  CPU/task: CPU seconds of the system's own processes during the run / tasks (Baton: executor, workers, "
           "its PostgreSQL backends, RabbitMQ; Celery: worker and pool, RabbitMQ, results database backends)")
     print(f"durable workflow step checkpoint: overhead median {steps['overhead_per_step_ms']['median']} ms, "
