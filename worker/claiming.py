@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from dataclasses import dataclass
 
 from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
@@ -19,15 +18,7 @@ from common import amqp, db
 from common.queries import executions as q
 from common.schemas import Assignment, Dispatch, DispatchBatch
 from worker import recording
-from worker.state import WorkerState
-
-
-@dataclass(eq=False)
-class Delivery:
-    """A dispatch message held unacked: how many of its dispatches are not yet claimed or dropped."""
-
-    message: AbstractIncomingMessage
-    pending: int
+from worker.state import Delivery, WorkerState
 
 
 async def on_message(state: WorkerState, message: AbstractIncomingMessage) -> None:

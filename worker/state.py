@@ -12,10 +12,11 @@ import asyncio
 import secrets
 import uuid
 from collections import deque
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import asyncpg
 from aio_pika.abc import (
+    AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustChannel,
     AbstractRobustConnection,
@@ -30,14 +31,19 @@ from common.settings import Settings
 from worker.registry import RegisteredAction
 from worker.runner import Outcome
 
-if TYPE_CHECKING:
-    from worker.claiming import Delivery
-
 log = get_logger("baton.worker")
 
 
 #: Why a run is interrupted when it is cancelled, unless the worker is standing down.
 DRAIN_DEADLINE: tuple[InterruptReason, str] = ("signal", "the worker stopped past its drain deadline")
+
+
+@dataclass(eq=False)
+class Delivery:
+    """A dispatch message held unacked: how many of its dispatches are not yet claimed or dropped."""
+
+    message: AbstractIncomingMessage
+    pending: int
 
 
 class WorkerState:
