@@ -258,17 +258,24 @@ async def check(soak: Soak, quiet: bool) -> dict[str, Any]:
                 steps_over.append(f"{i}:{what} ran {n} times, {interrupted.get(i, 0)} interruptions")
     # From the fault that struck last before a run was interrupted to that run running again (or
     # ending): how long a fault kept work from going on.
-    fault_times = sorted(f["at"] for f in soak.faults)
+    faults_in_order = sorted(soak.faults, key=lambda f: f["at"])
     ends = {"execution.started", *(f"execution.{s}" for s in TERMINAL)}
     worst_s = 0.0
-    for evs in by_execution.values():
+    worst: dict[str, Any] = {}
+    for execution_id, evs in by_execution.items():
         for k, e in enumerate(evs):
             if e["type"] != "workflow.interrupted":
                 continue
             again = next((x for x in evs[k + 1:] if x["type"] in ends), None)
-            struck = [t for t in fault_times if t <= e["created_at"].timestamp()]
-            if again is not None and struck:
-                worst_s = max(worst_s, again["created_at"].timestamp() - struck[-1])
+            struck = [f for f in faults_in_order if f["at"] <= e["created_at"].timestamp()]
+            if again is not None and struck and again["created_at"].timestamp() - struck[-1]["at"] > worst_s:
+                worst_s = again["created_at"].timestamp() - struck[-1]["at"]
+                # What that run went through from the fault on, to see where the time went.
+                worst = {
+                    "execution_id": str(execution_id), "fault": struck[-1],
+                    "events": [[round(x["created_at"].timestamp() - struck[-1]["at"], 3), x["type"]]
+                               for x in evs if x["created_at"].timestamp() >= struck[-1]["at"]][:15],
+                }
     kinds = Counter(e["type"] for e in events)
     failures = Counter(f"{r['action_ref']}: {((r['error'] or {}).get('error') or '')[:100]}"
                        for r in rows.values() if r["status"] == "failed")
@@ -290,6 +297,7 @@ async def check(soak: Soak, quiet: bool) -> dict[str, Any]:
         "interrupted": kinds["workflow.interrupted"], "recovered": kinds["execution.recovering"],
         "rescheduled": kinds["execution.rescheduled"], "timed_out": statuses.get("timeout", 0),
         "cancelled": statuses.get("cancelled", 0), "worst_fault_to_recovery_s": round(worst_s, 2),
+        "worst_recovery": worst,
         "failures": dict(failures.most_common(8)),
         "checks": checks, "ok": all(checks.values()),
         "problems": {"missing": missing[:20], "unfinished": unfinished[:20], "two_terminal_events": twice[:20],
@@ -340,6 +348,10 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"  statuses {report['statuses']}; interrupted {report['interrupted']}, recovered {report['recovered']}, "
           f"rescheduled {report['rescheduled']}, timed out {report['timed_out']}, cancelled {report['cancelled']}; "
           f"worst fault -> recovery {report['worst_fault_to_recovery_s']} s")
+    if report.get("worst_recovery"):
+        worst = report["worst_recovery"]
+        print(f"  the worst: {worst['execution_id']} after {worst['fault']['fault']} ({worst['fault']['detail']}): "
+              + ", ".join(f"+{t:.2f} s {kind}" for t, kind in worst["events"]))
     print(f"  failures, most common first: {json.dumps(report['failures'])}")
     if not report["ok"]:
         print("  problems: " + json.dumps({k: v for k, v in report["problems"].items() if v}))
