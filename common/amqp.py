@@ -77,13 +77,16 @@ class Names:
         return f"execution.{execution_id}.{status}"
 
 
-async def connect(url: str, *, max_wait_s: float = 60.0) -> AbstractRobustConnection:
-    """A robust connection (it reconnects and re-declares by itself), waiting for the broker first.
-    Frames are decoded leniently (`common.amqp_decoding`): no message can close the connection."""
+async def connect(
+    url: str, *, max_wait_s: float = 60.0, reconnect_interval_s: float = 1.0
+) -> AbstractRobustConnection:
+    """A robust connection (it reconnects every ``reconnect_interval_s`` and re-declares by itself),
+    waiting for the broker first. Frames are decoded leniently (`common.amqp_decoding`): no message
+    can close the connection."""
     amqp_decoding.install()
     async for attempt in connect_retrying(max_wait_s, what="RabbitMQ", at=where(url)):
         with attempt:
-            return await aio_pika.connect_robust(url)
+            return await aio_pika.connect_robust(url, reconnect_interval=reconnect_interval_s)
     raise AssertionError("unreachable")
 
 

@@ -112,6 +112,10 @@ class MessageQueueSettings(_Section):
     """How long a service or command starting up waits for RabbitMQ (retrying with backoff, saying
     so each time) before it gives up with one line; a refused login fails at once."""
 
+    reconnect_interval_s: Seconds = Field(1.0, alias="reconnect_interval", gt=0)
+    """How long a service waits between attempts to reconnect to RabbitMQ once its connection is
+    lost (a broker restart): work held up meanwhile goes on this soon after the broker is back."""
+
     max_request_bytes: int = Field(1_048_576, ge=1024)
     """Largest accepted request body; a larger one is rejected with a clear reason, never retried."""
 

@@ -80,7 +80,10 @@ async def serve(settings: Settings, stop_event: asyncio.Event) -> None:
     connection: AbstractRobustConnection | None = None
     try:
         await db.migrate(pool)
-        connection = await amqp.connect(settings.message_queue.url, max_wait_s=wait_mq_s)
+        connection = await amqp.connect(
+            settings.message_queue.url, max_wait_s=wait_mq_s,
+            reconnect_interval_s=settings.message_queue.reconnect_interval_s,
+        )
         publish_channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         exchanges, _ = await amqp.declare_executor_topology(
             publish_channel, names, rejected_max_length=settings.message_queue.rejected_requests_max_length,

@@ -78,8 +78,9 @@ class WorkerService:
         await db.ensure_database(state.settings.database.url, max_wait_s=wait_db_s)
         state.pool = await db.connect(state.settings.database.url, max_size=4, max_wait_s=wait_db_s)
         await db.migrate(state.pool)
+        mq = state.settings.message_queue
         state.connection = await amqp.connect(
-            state.settings.message_queue.url, max_wait_s=state.settings.message_queue.startup_wait_s
+            mq.url, max_wait_s=mq.startup_wait_s, reconnect_interval_s=mq.reconnect_interval_s
         )
         try:
             await self._start()
