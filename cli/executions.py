@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
+import signal
 import sys
 import time
 import uuid
@@ -336,14 +338,26 @@ def executions_watch(
         return table
 
     async def go(c: BatonClient) -> int:
-        with Live(render([]), console=console, refresh_per_second=4) as live:
-            while True:
-                live.update(render(await c.list_page(status=status, action_ref=action, worker=worker, limit=limit)))
-                await asyncio.sleep(interval)
+        # Ctrl-C sets an event the loop checks, rather than cancelling it: a cancellation that
+        # lands as a read completes can be lost (asyncio.wait_for on Python 3.11), and the table
+        # would then go on for ever.
+        interrupted = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGINT, interrupted.set)
+        try:
+            with Live(render([]), console=console, refresh_per_second=4) as live:
+                while not interrupted.is_set():
+                    rows = await c.list_page(status=status, action_ref=action, worker=worker, limit=limit)
+                    live.update(render(rows))
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(interrupted.wait(), interval)
+        finally:
+            loop.remove_signal_handler(signal.SIGINT)
+        return 0
 
     try:
         _run_client(go)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # before the table started
         raise typer.Exit(0) from None
 
 

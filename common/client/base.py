@@ -21,6 +21,9 @@ from common.retry import TRANSIENT_ERRORS
 from common.schemas import Acceptance, execution_json, jsonable_row
 from common.settings import Settings
 
+#: How long closing each connection may take before it is dropped.
+CLOSE_TIMEOUT_S = 5.0
+
 #: What unbinding a notification key may fail with once the channel or the broker has gone.
 _UNBIND_ERRORS: tuple[type[BaseException], ...] = (aio_pika.exceptions.AMQPError, *TRANSIENT_ERRORS)
 
@@ -49,11 +52,16 @@ class ClientBase:
         await self.close()
 
     async def close(self) -> None:
+        """Close both connections, each within `CLOSE_TIMEOUT_S`, so that a command never hangs on
+        its way out (interrupted by Ctrl-C in the middle of a read, say)."""
         if self._connection is not None:
             with contextlib.suppress(Exception):
-                await self._connection.close()
+                await asyncio.wait_for(self._connection.close(), CLOSE_TIMEOUT_S)
         if self._pool is not None:
-            await self._pool.close()
+            try:
+                await asyncio.wait_for(self._pool.close(), CLOSE_TIMEOUT_S)
+            except TimeoutError:
+                self._pool.terminate()
 
     # -- connections -------------------------------------------------------------------------
 
@@ -66,8 +74,9 @@ class ClientBase:
 
     async def _amqp(self) -> tuple[AbstractChannel, AbstractQueue]:
         if self._channel is None or self._inbox is None:
+            mq = self.settings.message_queue
             self._connection = await amqp.connect(
-                self.settings.message_queue.url, max_wait_s=self.settings.message_queue.startup_wait_s
+                mq.url, max_wait_s=mq.startup_wait_s, reconnect_interval_s=mq.reconnect_interval_s
             )
             # Declared here too, so that a request posted before any executor ever ran is kept. A
             # submitter's credentials may not configure Baton's topology (README, trust model):
