@@ -18,7 +18,7 @@ import asyncpg
 
 from common.logging import get_logger
 from common.queries import maintenance as q
-from executor.resilience import every
+from executor.resilience import periodic
 
 if TYPE_CHECKING:
     from executor.service import ExecutorContext
@@ -31,13 +31,10 @@ VACUUM_TIMEOUT_S = 3600.0
 
 async def run(ctx: ExecutorContext, stop_event: asyncio.Event) -> None:
     cfg = ctx.settings.retention
-    if not cfg.vacuum_interval_s:
-        log.info("maintenance_disabled")
-        await stop_event.wait()
-        return
-    log.info("maintenance_started", vacuum_interval_s=cfg.vacuum_interval_s, vacuum_dead_rows=cfg.vacuum_dead_rows)
-    await every(cfg.vacuum_interval_s, "maintenance", stop_event, lambda: vacuum_dead(ctx))
-    log.info("maintenance_stopped")
+    await periodic(
+        log, "maintenance", stop_event, enabled=bool(cfg.vacuum_interval_s), every_s=cfg.vacuum_interval_s,
+        step=lambda: vacuum_dead(ctx), vacuum_interval_s=cfg.vacuum_interval_s, vacuum_dead_rows=cfg.vacuum_dead_rows,
+    )
 
 
 async def vacuum_dead(ctx: ExecutorContext) -> list[str]:

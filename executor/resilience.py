@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 from tenacity import RetryCallState, wait_exponential, wait_random_exponential
@@ -14,6 +14,9 @@ from tenacity import RetryCallState, wait_exponential, wait_random_exponential
 from common.db import connect_one
 from common.logging import get_logger
 from common.retry import TRANSIENT_ERRORS
+
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
 
 log = get_logger("baton.executor")
 
@@ -114,6 +117,22 @@ async def every(interval_s: float, what: str, stop_event: asyncio.Event, step: C
             await step()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop_event.wait(), interval_s)
+
+
+async def periodic(
+    log: FilteringBoundLogger, name: str, stop_event: asyncio.Event, *, enabled: bool, every_s: float,
+    step: Callable[[], Awaitable[Any]], what: str | None = None, **fields: Any,
+) -> None:
+    """The whole life of a periodic loop called ``name``: when off, `<name>_disabled`, and it waits
+    for the stop; else `<name>_started` (with ``fields``), ``step`` every ``every_s`` (see
+    `every`; outages are reported as during ``what``, by default ``name``), and `<name>_stopped`."""
+    if not enabled:
+        log.info(f"{name}_disabled")
+        await stop_event.wait()
+        return
+    log.info(f"{name}_started", **fields)
+    await every(every_s, what or name, stop_event, step)
+    log.info(f"{name}_stopped")
 
 
 #: Past the moment something is due, so that the pass that wakes then finds it due; also the

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from common.logging import get_logger
 from common.retention import prune_executions, prune_workers
-from executor.resilience import every
+from executor.resilience import periodic
 
 if TYPE_CHECKING:
     from executor.service import ExecutorContext
@@ -25,13 +25,11 @@ _DAY_S = 86400.0
 
 async def run(ctx: ExecutorContext, stop_event: asyncio.Event) -> None:
     cfg = ctx.settings.retention
-    if not cfg.executions_days and not cfg.workers_days:
-        log.info("retention_disabled")
-        await stop_event.wait()
-        return
-    log.info("retention_started", executions_days=cfg.executions_days, workers_days=cfg.workers_days)
-    await every(cfg.prune_interval_s, "retention", stop_event, lambda: prune(ctx))
-    log.info("retention_stopped")
+    await periodic(
+        log, "retention", stop_event, enabled=bool(cfg.executions_days or cfg.workers_days),
+        every_s=cfg.prune_interval_s, step=lambda: prune(ctx),
+        executions_days=cfg.executions_days, workers_days=cfg.workers_days,
+    )
 
 
 async def prune(ctx: ExecutorContext) -> tuple[int, int]:

@@ -14,7 +14,7 @@ from common.logging import get_logger
 from common.notifications import publish_terminal
 from common.queries import executions as q
 from executor.rescheduling import reschedule_or_fail
-from executor.resilience import every
+from executor.resilience import periodic
 
 if TYPE_CHECKING:
     from executor.service import ExecutorContext
@@ -43,18 +43,16 @@ def scheduled_timeout_error(timeout_s: float, age_s: float) -> dict[str, Any]:
 
 async def run(ctx: ExecutorContext, stop_event: asyncio.Event) -> None:
     cfg = ctx.settings.executor
-    if not cfg.enable_timeout_monitor:
-        log.info("timeout_monitor_disabled")
-        await stop_event.wait()
-        return
-    log.info("timeout_monitor_started", scheduled_timeout_s=cfg.scheduled_timeout_s, interval_s=cfg.timeout_check_interval_s)
 
     async def step() -> None:
         while await check(ctx) == BATCH:
             pass
 
-    await every(cfg.timeout_check_interval_s, "timeout_check", stop_event, step)
-    log.info("timeout_monitor_stopped")
+    await periodic(
+        log, "timeout_monitor", stop_event, enabled=cfg.enable_timeout_monitor, every_s=cfg.timeout_check_interval_s,
+        step=step, what="timeout_check", scheduled_timeout_s=cfg.scheduled_timeout_s,
+        interval_s=cfg.timeout_check_interval_s,
+    )
 
 
 async def check(ctx: ExecutorContext) -> int:
