@@ -118,22 +118,6 @@ def _decode(body: bytes, max_bytes: int) -> Any:
         return Rejection(f"request body is not JSON: {str(exc)[:200]}")
 
 
-def parse_request(
-    body: bytes, *, message_id: str | None, correlation_id: str | None, max_bytes: int
-) -> NewExecution | Rejection:
-    """Parse and check one request's envelope; the action itself is checked by :func:`check_action`.
-
-    A request that fails the envelope's checks is recorded as failed with only the fields that
-    passed them: a field that failed (an idempotency key too long to index, say) is never stored.
-    """
-    data = _decode(body, max_bytes)
-    if isinstance(data, Rejection):
-        return data
-    if not isinstance(data, dict):
-        return Rejection(f"request body is JSON {type(data).__name__}, not an object")
-    return request_from(data, execution_id_for(message_id), message_id=message_id, correlation_id=correlation_id)
-
-
 def parse_message(
     body: bytes, *, message_id: str | None, correlation_id: str | None, max_bytes: int
 ) -> list[NewExecution] | Rejection:

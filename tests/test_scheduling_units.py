@@ -12,7 +12,7 @@ from common import schedules
 from common.actions import ActionSpec
 from common.schemas import Assignment
 from executor.placement import Candidate, concurrency_room, limited_room, place
-from executor.requests import NewExecution, parse_request
+from executor.requests import NewExecution, parse_message
 from worker.registry import RegisteredAction
 from worker.runner import Outcome, with_retry
 
@@ -108,8 +108,7 @@ def test_retry_decisions():
 
 
 def _parse(body: dict) -> NewExecution:
-    parsed = parse_request(json.dumps(body).encode(), message_id=None, correlation_id=None, max_bytes=10_000)
-    assert isinstance(parsed, NewExecution)
+    [parsed] = parse_message(json.dumps(body).encode(), message_id=None, correlation_id=None, max_bytes=10_000)
     return parsed
 
 

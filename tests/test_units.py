@@ -19,7 +19,6 @@ from executor.requests import (
     check_action,
     execution_id_for,
     parse_message,
-    parse_request,
 )
 from executor.rescheduling import next_step
 from executor.timeout_monitor import scheduled_timeout_error
@@ -124,7 +123,8 @@ def test_readme_documents_every_key():
 
 def _parse(body, message_id=None, max_bytes=10_000):
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return parse_request(raw, message_id=message_id, correlation_id=None, max_bytes=max_bytes)
+    parsed = parse_message(raw, message_id=message_id, correlation_id=None, max_bytes=max_bytes)
+    return parsed if isinstance(parsed, Rejection) else parsed[0]
 
 
 def test_execution_ids():

@@ -24,8 +24,9 @@ from common.schemas import MAX_PARAMETERS_DEPTH
 from executor.requests import (
     NewExecution,
     ParameterValidator,
+    Rejection,
     check_action,
-    parse_request,
+    parse_message,
 )
 from worker.registry import Invocation, RegisteredAction, params_model_for
 from worker.runner import execute
@@ -75,8 +76,9 @@ VALIDATOR = ParameterValidator()
 def executor_accepts(action: RegisteredAction, parameters: dict[str, Any]) -> tuple[bool, Any]:
     """What intake decides for a request carrying these parameters."""
     body = json.dumps({"action_ref": action.spec.ref, "parameters": parameters}).encode()
-    execution = parse_request(body, message_id=None, correlation_id=None, max_bytes=1 << 30)
-    assert isinstance(execution, NewExecution), execution
+    parsed = parse_message(body, message_id=None, correlation_id=None, max_bytes=1 << 30)
+    assert isinstance(parsed, list), parsed
+    [execution] = parsed
     check_action(execution, action.spec, VALIDATOR)
     return execution.error is None, execution.error
 
@@ -168,7 +170,8 @@ def test_the_rule(func, params, accepted):
 
 def _parse(body: Any) -> Any:
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return parse_request(raw, message_id="m", correlation_id=None, max_bytes=1 << 20)
+    parsed = parse_message(raw, message_id="m", correlation_id=None, max_bytes=1 << 20)
+    return parsed if isinstance(parsed, Rejection) else parsed[0]
 
 
 def test_a_field_that_fails_its_checks_is_not_kept():
