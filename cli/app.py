@@ -192,6 +192,16 @@ def parse_age(value: str) -> float:
     return parse_duration(text)
 
 
+def age_option_s(option: str, value: str) -> float:
+    """``value`` of an age option (``--older-than``) in seconds; one line naming the option and
+    exit status 2 if it is not a duration."""
+    try:
+        return parse_age(value)
+    except ValueError as exc:
+        typer.echo(f"{option}: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
 
 def _global_options(argv: list[str]) -> list[str]:
     """`--config PATH` and `--debug` are taken wherever they stand (before or after the command)."""

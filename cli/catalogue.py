@@ -17,8 +17,8 @@ from cli.app import (
     _settings,
     _styled,
     actions_app,
+    age_option_s,
     console,
-    parse_age,
     rejected_app,
     schedules_app,
     workers_app,
@@ -186,11 +186,7 @@ def workers_prune(
     older_than: str = typer.Option("1d", "--older-than", help="Stopped or lost for longer than this (e.g. 1h, 7d)."),
 ) -> None:
     """Remove `inactive` and `lost` workers not seen for a while, with their queues if empty."""
-    try:
-        age_s = parse_age(older_than)
-    except ValueError as exc:
-        typer.echo(f"--older-than: {exc}", err=True)
-        raise typer.Exit(2) from None
+    age_s = age_option_s("--older-than", older_than)
 
     async def go(c: BatonClient) -> str:
         removed, kept = await c.prune_workers(age_s)

@@ -25,6 +25,7 @@ from cli.app import (
     _run_client,
     _settings,
     _styled,
+    age_option_s,
     app,
     console,
     executions_app,
@@ -455,11 +456,7 @@ def executions_prune(
     from common import db
     from common.retention import prune_executions
 
-    try:
-        older_than_s = parse_age(older_than)
-    except ValueError as exc:
-        typer.echo(f"--older-than: {exc}", err=True)
-        raise typer.Exit(2) from None
+    older_than_s = age_option_s("--older-than", older_than)
     settings = _settings()
 
     async def main() -> int:
