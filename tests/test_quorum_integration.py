@@ -125,7 +125,11 @@ async def test_expired_dispatch_is_dead_lettered_and_rescheduled(baton, quorum_c
     """A worker frozen with dispatches queued behind the one it has received: those expire after the
     queue TTL, reach the dead-letter handler, are rescheduled, and complete on another worker."""
     baton.env.update(BLIND)
-    executor = await baton.start_executor(BATON__EXECUTOR__DISPATCH_PIPELINE="3")
+    # Until the free worker is up, an expired dispatch goes back to the frozen worker, as often as
+    # booting takes: no dispatch may fail for want of a worker meanwhile.
+    executor = await baton.start_executor(
+        BATON__EXECUTOR__DISPATCH_PIPELINE="3", BATON__EXECUTOR__MAX_SCHEDULE_ATTEMPTS="100"
+    )
     stuck = await baton.start_worker("stuck", concurrency=1, BATON__WORKER__QUEUE_TTL="1")
     stuck.signal(signal.SIGSTOP)
     try:
