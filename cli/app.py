@@ -25,6 +25,8 @@ from common.retry import TRANSIENT_ERRORS
 from common.settings import Settings, load_settings, parse_duration, where
 
 if TYPE_CHECKING:
+    from rich.table import Table
+
     from common.client import BatonClient
 
 _T = TypeVar("_T")
@@ -141,6 +143,13 @@ def _one_line(settings: Settings, who: str) -> Iterator[None]:
 def _styled(status: str | None) -> str:
     style = STATUS_STYLE.get(status or "", "")
     return f"[{style}]{escape(str(status))}[/{style}]" if style else escape(str(status))
+
+
+def _table(**options: Any) -> Table:
+    """A rich table; rich's tables load with the first one (most commands, and every service, print none)."""
+    from rich.table import Table
+
+    return Table(**options)
 
 
 def _cell(value: Any) -> str:

@@ -7,7 +7,6 @@ import json
 from typing import TYPE_CHECKING
 
 import typer
-from rich.table import Table
 
 from cli.app import (
     _cell,
@@ -16,6 +15,7 @@ from cli.app import (
     _run_client,
     _settings,
     _styled,
+    _table,
     actions_app,
     age_option_s,
     console,
@@ -25,6 +25,7 @@ from cli.app import (
 )
 
 if TYPE_CHECKING:
+
     from common.client import BatonClient
 
 @schedules_app.command("add")
@@ -61,7 +62,7 @@ def schedules_list(as_json: bool = typer.Option(False, "--json")) -> None:
     if as_json:
         _print_json(rows)
         return
-    table = Table()
+    table = _table()
     for column in ("name", "cron", "zone", "action", "catch-up", "source", "next", "last fired"):
         table.add_column(column)
     for r in rows:
@@ -88,7 +89,7 @@ def actions_list(as_json: bool = typer.Option(False, "--json")) -> None:
     if as_json:
         _print_json([s.model_dump() for s in specs])
         return
-    table = Table()
+    table = _table()
     for column in ("action", "runtime", "version", "kind", "timeout", "retries", "limit", "description"):
         table.add_column(column)
     for a in specs:
@@ -121,7 +122,7 @@ def actions_show(action_ref: str, as_json: bool = typer.Option(False, "--json"))
     if as_json:
         _print_json(details)
         return
-    table = Table(show_header=False, box=None)
+    table = _table(show_header=False, box=None)
     for key, value in details.items():
         table.add_row(f"[bold]{key}[/bold]", _cell(json.dumps(value, indent=2) if isinstance(value, dict) else value))
     console.print(table)
@@ -137,7 +138,7 @@ def rejected_list(
         _print_json([{"key": p.key, "reason": p.reason, "message_id": p.message_id, "truncated": p.truncated,
                       "body": p.preview(4096)} for p in parked])
         return
-    table = Table()
+    table = _table()
     for column in ("key", "reason", "message id", "body"):
         table.add_column(column)
     for p in parked:
@@ -163,7 +164,7 @@ def workers_list(as_json: bool = typer.Option(False, "--json")) -> None:
     if as_json:
         _print_json(rows)
         return
-    table = Table()
+    table = _table()
     for column in ("name", "status", "runtimes", "in flight", "concurrency", "heartbeat age", "host", "pid"):
         table.add_column(column)
     for r in rows:

@@ -13,7 +13,6 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 import typer
-from rich.table import Table
 
 from cli.app import (
     STATUS_STYLE,
@@ -25,6 +24,7 @@ from cli.app import (
     _run_client,
     _settings,
     _styled,
+    _table,
     age_option_s,
     app,
     console,
@@ -37,6 +37,8 @@ from common.settings import parse_duration, parse_moment
 from common.timeline import timeline
 
 if TYPE_CHECKING:
+    from rich.table import Table
+
     from common.client import BatonClient
 
 # -- posting ------------------------------------------------------------------------------------
@@ -191,7 +193,7 @@ def _when(delay: str | None, at: str | None) -> tuple[float | None, dt.datetime 
 
 
 def _show(execution: dict[str, Any]) -> None:
-    table = Table(show_header=False, box=None)
+    table = _table(show_header=False, box=None)
     for key in ("id", "action_ref", "status", "attempt", "worker", "created_at", "started_at", "finished_at"):
         value = execution.get(key)
         table.add_row(f"[bold]{key}[/bold]", _styled(value) if key == "status" else _cell(value))
@@ -210,7 +212,7 @@ def _show(execution: dict[str, Any]) -> None:
         console.print(trace.rstrip(), markup=False, highlight=False)
     steps = execution.get("steps") or []
     if steps:
-        step_table = Table(title="steps")
+        step_table = _table(title="steps")
         for column in ("step", "name", "status", "attempts", "duration", "detail"):
             step_table.add_column(column)
         for st in steps:
@@ -223,7 +225,7 @@ def _show(execution: dict[str, Any]) -> None:
         console.print(step_table)
     events = execution.get("events") or []
     if events:
-        ev_table = Table(title="timeline")
+        ev_table = _table(title="timeline")
         for column in ("seq", "at", "event", "what happened"):
             ev_table.add_column(column)
         for seq, offset, kind, what in timeline(events):
@@ -259,7 +261,7 @@ def executions_list(
     if as_json:
         _print_json([jsonable_row(r) for r in rows])
         return
-    table = Table()
+    table = _table()
     for column in ("id", "action", "status", "attempt", "worker", "created", "error"):
         table.add_column(column)
     for r in rows:
@@ -329,7 +331,7 @@ def executions_watch(
     from rich.live import Live
 
     def render(rows: list[dict[str, Any]]) -> Table:
-        table = Table(title=f"newest executions, every {interval:g} s (Ctrl-C to stop)")
+        table = _table(title=f"newest executions, every {interval:g} s (Ctrl-C to stop)")
         for column in ("id", "action", "status", "attempt", "worker", "created", "error"):
             table.add_column(column)
         for r in rows:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 import zoneinfo
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from croniter import croniter
+if TYPE_CHECKING:
+    from croniter import croniter
 
 CatchUp = Literal["latest", "all", "none"]
 
@@ -23,9 +24,17 @@ MAX_CATCH_UP = 1000
 _NAMESPACE = uuid.UUID("2b0f4c61-8d7e-4a2f-9f3c-5e1a6b7c8d90")
 
 
+def _croniter() -> type[croniter]:
+    """croniter, imported when a schedule is first read: every process loads the settings, which
+    check schedules, but most have none (and croniter with dateutil is a tenth of a start-up)."""
+    from croniter import croniter
+
+    return croniter
+
+
 def check(cron: str, timezone: str) -> None:
     """Raise ValueError, saying what is wrong, for an expression or a zone that cannot be used."""
-    if not croniter.is_valid(cron):
+    if not _croniter().is_valid(cron):
         raise ValueError(f"{cron!r} is not a cron expression (five fields, or six with seconds last)")
     try:
         zoneinfo.ZoneInfo(timezone)
@@ -36,13 +45,13 @@ def check(cron: str, timezone: str) -> None:
 def next_after(cron: str, timezone: str, after: dt.datetime) -> dt.datetime:
     """The first due time strictly after ``after``, as an aware UTC time."""
     local = after.astimezone(zoneinfo.ZoneInfo(timezone))
-    nxt: dt.datetime = croniter(cron, local).get_next(dt.datetime)
+    nxt: dt.datetime = _croniter()(cron, local).get_next(dt.datetime)
     return nxt.astimezone(dt.UTC)
 
 
 def _before(cron: str, timezone: str, t: dt.datetime) -> dt.datetime:
     """The last due time strictly before ``t``."""
-    prev: dt.datetime = croniter(cron, t.astimezone(zoneinfo.ZoneInfo(timezone))).get_prev(dt.datetime)
+    prev: dt.datetime = _croniter()(cron, t.astimezone(zoneinfo.ZoneInfo(timezone))).get_prev(dt.datetime)
     return prev.astimezone(dt.UTC)
 
 

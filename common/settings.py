@@ -86,7 +86,9 @@ def where(url: str) -> str:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, populate_by_name=False)
+    # Field docstrings are for readers (a test checks every field has one); pydantic's
+    # `use_attribute_docstrings` would read this file's source at every start of every process.
+    model_config = ConfigDict(extra="forbid", populate_by_name=False)
 
 
 class DatabaseSettings(_Section):
@@ -362,7 +364,6 @@ class Settings(BaseSettings):
         env_prefix="BATON__",
         env_nested_delimiter="__",
         extra="forbid",
-        use_attribute_docstrings=True,
     )
 
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
