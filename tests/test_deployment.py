@@ -24,10 +24,11 @@ import typer.main
 import yaml
 from typer.testing import CliRunner
 
-from cli import app
+from cli import app, load_commands
 from cli import main as cli_main
 from common.settings import Settings, WorkerSettings, load_settings
 
+load_commands()  # every command on `app`, as `baton` with any command line but a service's
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yaml"
 DOCKERFILE = ROOT / "Dockerfile"

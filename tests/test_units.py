@@ -123,6 +123,7 @@ def test_readme_documents_every_key():
 def _documented_fields(path):
     """Class name -> the fields declared in it with a docstring (a string right after the field)."""
     import ast
+    import itertools
 
     documented = {}
     for cls in ast.parse(path.read_text()).body:
@@ -130,7 +131,7 @@ def _documented_fields(path):
             body = cls.body
             documented[cls.name] = {
                 node.target.id
-                for node, after in zip(body, body[1:], strict=False)
+                for node, after in itertools.pairwise(body)
                 if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
                 and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)
             }
@@ -346,3 +347,30 @@ def test_unknown_request_fields_are_ignored_with_a_warning_and_timeouts_take_dur
     assert ok.warnings == ["unknown field 'later_field' ignored"]
     bad = _parse({"action_ref": "a.b", "timeout_seconds": "soon"})
     assert "timeout_seconds" in bad.error["error"]
+
+
+# -- the command line -------------------------------------------------------------------------
+
+
+def test_a_service_command_loads_only_the_services_commands():
+    import subprocess
+    import sys
+
+    from cli import command_of
+    from tests.harness import REPO
+
+    assert command_of(["--config", "worker", "executor", "--name", "x"]) == "executor"
+    assert command_of(["--debug", "--config=a.yaml", "executions", "list"]) == "executions"
+    assert command_of(["--help"]) is None and command_of([]) is None
+    probe = (
+        "import sys, cli; cli.load_commands(sys.argv[1:]); "
+        "print(sorted(m for m in ('cli.services', 'cli.catalogue', 'cli.executions') if m in sys.modules))"
+    )
+    loaded = {
+        args[0] if args else "": subprocess.run(
+            [sys.executable, "-c", probe, *args], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        for args in (["--debug", "worker"], ["executions", "list"])
+    }
+    assert loaded["--debug"] == "['cli.services']"
+    assert loaded["executions"] == "['cli.catalogue', 'cli.executions', 'cli.services']"
