@@ -153,15 +153,17 @@ async def test_sigterm_drains_in_flight_and_hands_back_the_rest(baton):
     await baton.start_executor(BATON__EXECUTOR__DISPATCH_PIPELINE="3")
     leaving = await baton.start_worker("leaving", concurrency=1)
     client = await baton.client()
-    in_flight = await client.submit("tests.sleep_then_echo", {"seconds": 1.5, "message": "finished"}, watch=True)
+    in_flight = await client.submit("tests.sleep_then_echo", {"seconds": 2.5, "message": "finished"}, watch=True)
     await _running_on(baton, in_flight.execution_id, "leaving")
     queued = [await client.submit("core.echo", {"message": f"q{i}"}, watch=True) for i in range(3)]
     for s in queued:
         assert (await baton.wait_status(s.execution_id, "scheduled"))["worker"] == "leaving"
-    await baton.start_worker("staying")
 
     signalled_at = await (await baton.pool()).fetchval("SELECT now()")
     leaving.signal(signal.SIGTERM)
+    # Started once the drain is under way, so that the in-flight run cannot end (and free the slot
+    # for what is queued) while it boots: what was handed back waits for it as `requested`.
+    await baton.start_worker("staying")
     done = await client.wait(in_flight.execution_id, 20)
     assert done["status"] == "completed" and done["worker"] == "leaving" and done["result"] == {"message": "finished"}
     for s in queued:
