@@ -25,8 +25,7 @@ demo: install services
 test: install services browser
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
-	$(VENV)/bin/pytest -n 2 -m "not slow and not soak"
-	$(VENV)/bin/pytest -m soak
+	$(VENV)/bin/pytest -n 3 -m "not slow"
 
 test-slow: install services
 	$(VENV)/bin/pytest -m slow
