@@ -510,9 +510,10 @@ async def test_drain_deadline_and_same_name_restart_resume_from_the_last_step(ba
     client = await baton.client()
     submission = await client.submit("tests.steps_then_long", {"path": str(path), "steps": 2, "seconds": 3.0}, watch=True)
     await _lines(path, "long.start")
-    await baton.start_worker("wf-other", concurrency=2)
     draining.signal(signal.SIGTERM)  # the long step outlasts the drain deadline: interrupted, "signal"
     assert draining.wait(20) == 0
+    # Started after the drain, so that the long step cannot end on its own while this one boots.
+    await baton.start_worker("wf-other", concurrency=2)
     done = await client.wait(submission.execution_id, 30)
     assert done["status"] == "completed" and done["worker"] == "wf-other"
     [interrupted] = _interrupted(await _events(baton, submission.execution_id))
