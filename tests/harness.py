@@ -424,14 +424,15 @@ class PrivateRabbit:
 
     def ctl(self, *args: str) -> None:
         subprocess.run([str(self.BIN / "rabbitmqctl"), "-n", self.node, "-q", *args], env=self.env, check=True,
-                       capture_output=True, timeout=120)
+                       capture_output=True, timeout=120, cwd=self.dir)
 
     def start(self) -> None:
         self.dir.mkdir(parents=True)
         (self.dir / "plugins").write_text("[].\n")
         (self.dir / "rabbitmq.conf").write_text("")
+        # Run from its own directory: the Erlang VM writes crash dumps (MnesiaCore.*) where it runs.
         subprocess.run([str(self.BIN / "rabbitmq-server"), "-detached"], env=self.env, check=True, timeout=60,
-                       capture_output=True)
+                       capture_output=True, cwd=self.dir)
         self.ctl("wait", "--timeout", "90", str(self.dir / "pid"))
 
     def stop(self) -> None:
