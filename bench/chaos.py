@@ -6,7 +6,7 @@ Everything runs as real processes on a PostgreSQL and a RabbitMQ of the soak's o
 and data directories, started here and stopped at the end), so that restarting them never touches
 the machine's shared servers. Worker `w3` reaches PostgreSQL through a proxy the soak can cut.
 
-Load (`--rate` per second for `--duration` seconds): no-ops, sleeps, shell commands, failing
+Load (`--rate` per second for `--duration` seconds, or on until `--min-faults` faults have struck): no-ops, sleeps, shell commands, failing
 actions, and durable workflows (`chaos.flow`: steps that write to a ledger, a durable sleep,
 parallel steps, a child action); a few are cancelled and a few failed ones retried.
 
@@ -86,6 +86,7 @@ class Soak:
     workers: dict[str, Service] = dataclasses.field(default_factory=dict)
     cancels: int = 0
     retries: int = 0
+    load_s: float = 0.0  # how long the load ran: `--duration`, or longer to fit `--min-faults`
 
     # -- services ----------------------------------------------------------------------------------
 
@@ -112,11 +113,11 @@ class Soak:
             return "tests.fail", {"message": "chaos"}
         return "chaos.flow", {"ledger": str(self.ledger), "step_s": 0.2, "sleep_s": 0.5}
 
-    async def load(self, stop_at: float) -> None:
+    async def load(self, faults_over: asyncio.Event) -> None:
         client = await self.world.client()
         interval = 1.0 / self.args.rate
         next_at = time.monotonic()
-        while time.monotonic() < stop_at:
+        while not faults_over.is_set():
             action, params = self.invocation()
             try:
                 submission = await client.submit(action, params, accept_timeout_s=2)
@@ -141,14 +142,20 @@ class Soak:
 
     # -- faults --------------------------------------------------------------------------------------
 
-    async def faults_until(self, stop_at: float) -> None:
-        while time.monotonic() + self.args.fault_every < stop_at:
-            await asyncio.sleep(self.args.fault_every * self.rng.uniform(0.5, 1.5))
-            kind = self.rng.choice(self.args.faults)
-            started = time.time()
-            detail = await getattr(self, kind)()
-            self.faults.append({"fault": kind, "at": started, "detail": detail, "took_s": round(time.time() - started, 2)})
-            log(f"fault {kind}: {detail}")
+    async def faults_until(self, stop_at: float, faults_over: asyncio.Event) -> None:
+        """Strike until `stop_at`, and on (the load with it) until `--min-faults` have struck: a
+        fault takes as long as the services take to come back, so a slow machine fits fewer."""
+        try:
+            while time.monotonic() + self.args.fault_every < stop_at or len(self.faults) < self.args.min_faults:
+                await asyncio.sleep(self.args.fault_every * self.rng.uniform(0.5, 1.5))
+                kind = self.rng.choice(self.args.faults)
+                started = time.time()
+                detail = await getattr(self, kind)()
+                self.faults.append({"fault": kind, "at": started, "detail": detail, "took_s": round(time.time() - started, 2)})
+                log(f"fault {kind}: {detail}")
+            await asyncio.sleep(max(0.0, stop_at - time.monotonic()))
+        finally:
+            faults_over.set()
 
     def _alive_worker(self) -> str:
         return self.rng.choice(sorted(n for n, s in self.workers.items() if s.process.poll() is None))
@@ -290,7 +297,7 @@ async def check(soak: Soak, quiet: bool) -> dict[str, Any]:
         "no step ran more than its run's interruptions + 1": not steps_over,
     }
     return {
-        "seed": soak.args.seed, "duration_s": soak.args.duration, "rate": soak.args.rate,
+        "seed": soak.args.seed, "duration_s": round(soak.load_s, 1), "rate": soak.args.rate,
         "posted": len(soak.posted), "executions": len(rows), "statuses": dict(statuses),
         "durable_workflows": len(flows), "faults": soak.faults, "fault_counts": dict(Counter(f["fault"] for f in soak.faults)),
         "cancels": soak.cancels, "retries": soak.retries,
@@ -324,7 +331,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await soak.start_worker(name)
         stop_at = time.monotonic() + args.duration
         log(f"load at {args.rate}/s for {args.duration} s, a fault about every {args.fault_every} s")
-        await asyncio.gather(soak.load(stop_at), soak.faults_until(stop_at))
+        faults_over = asyncio.Event()
+        load_started = time.monotonic()
+        await asyncio.gather(soak.load(faults_over), soak.faults_until(stop_at, faults_over))
+        soak.load_s = time.monotonic() - load_started
         if proxy._server is None:  # a fault left it cut
             await proxy.heal()
         for name, service in list(soak.workers.items()):  # anything a fault left stopped comes back
@@ -363,6 +373,8 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=600)
     parser.add_argument("--rate", type=float, default=20)
     parser.add_argument("--fault-every", type=float, default=8)
+    parser.add_argument("--min-faults", type=int, default=0,
+                        help="go on past --duration, load and faults, until this many faults have struck")
     parser.add_argument("--faults", type=lambda v: v.split(","), default=list(FAULTS))
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--quiet-timeout", type=float, default=180)

@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.soak]
 def test_a_short_chaos_soak_keeps_every_invariant(tmp_path):
     report_path = tmp_path / "chaos.json"
     done = subprocess.run(
-        [sys.executable, "bench/chaos.py", "--duration", "40", "--rate", "8", "--fault-every", "4", "--seed", "20261130",
+        [sys.executable, "bench/chaos.py", "--duration", "40", "--rate", "8", "--fault-every", "4", "--min-faults", "5", "--seed", "20261130",
          "--quiet-timeout", "150", "--report", str(report_path)],
         cwd=REPO, capture_output=True, text=True, timeout=400,
     )
