@@ -26,14 +26,14 @@ def _alive(pid: int) -> bool:
 
 
 async def test_shell_timeout_terminates_the_command_and_its_children(baton, tmp_path):
-    await baton.start_executor()
-    await baton.start_worker("w1")
+    await baton.started(baton.spawn_executor(), baton.spawn_worker("w1"))
     client = await baton.client()
     pidfile = tmp_path / "child.pid"
     script = f"sleep 60 & echo $! > {pidfile}; echo started; wait"
-    done = await client.run("core.local", {"cmd": script}, timeout_s=0.5, wait_timeout_s=20)
+    # Long enough for a busy machine to start the shell and reach `wait`.
+    done = await client.run("core.local", {"cmd": script}, timeout_s=2, wait_timeout_s=20)
     assert done["status"] == "timeout"
-    assert done["error"]["timeout_seconds"] == 0.5
+    assert done["error"]["timeout_seconds"] == 2
     assert "timeout" in done["error"]["error"]
     assert done["result"]["stdout"] == "started\n"
     child = int(pidfile.read_text())
@@ -42,12 +42,12 @@ async def test_shell_timeout_terminates_the_command_and_its_children(baton, tmp_
 
 
 async def test_shell_command_ignoring_sigterm_is_killed_after_the_grace(baton, tmp_path):
-    await baton.start_executor()
-    await baton.start_worker("w1", BATON__WORKER__KILL_GRACE="0.3")
+    await baton.started(baton.spawn_executor(), baton.spawn_worker("w1", BATON__WORKER__KILL_GRACE="0.3"))
     client = await baton.client()
     pidfile = tmp_path / "stubborn.pid"
     script = f"trap '' TERM; echo $$ > {pidfile}; while true; do sleep 0.05; done"
-    done = await client.run("core.local", {"cmd": script}, timeout_s=0.5, wait_timeout_s=20)
+    # A timeout long enough for a busy machine to reach the trap: a SIGTERM before it would end the shell.
+    done = await client.run("core.local", {"cmd": script}, timeout_s=2, wait_timeout_s=20)
     assert done["status"] == "timeout"
     # It ignored SIGTERM and loops forever: only the SIGKILL after the grace ended it.
     assert done["result"]["exit_code"] == -signal.SIGKILL
@@ -55,8 +55,7 @@ async def test_shell_command_ignoring_sigterm_is_killed_after_the_grace(baton, t
 
 
 async def test_python_timeout_per_invocation_and_per_action(baton):
-    await baton.start_executor()
-    await baton.start_worker("w1")
+    await baton.started(baton.spawn_executor(), baton.spawn_worker("w1"))
     client = await baton.client()
     per_invocation = await client.run("core.sleep", {"seconds": 30}, timeout_s=0.3, wait_timeout_s=20)
     assert per_invocation["status"] == "timeout"
@@ -70,8 +69,7 @@ async def test_python_timeout_per_invocation_and_per_action(baton):
 
 
 async def test_worker_default_task_timeout(baton):
-    await baton.start_executor()
-    await baton.start_worker("w1", BATON__WORKER__TASK_TIMEOUT="0.3")
+    await baton.started(baton.spawn_executor(), baton.spawn_worker("w1", BATON__WORKER__TASK_TIMEOUT="0.3"))
     done = await (await baton.client()).run("core.sleep", {"seconds": 30}, wait_timeout_s=20)
     assert done["status"] == "timeout" and done["error"]["timeout_seconds"] == 0.3
 
