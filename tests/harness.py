@@ -60,6 +60,8 @@ class Service:
     name: str
     process: subprocess.Popen
     log_path: Path
+    #: The log events that say it is up (`Baton.started` waits for them).
+    ready_events: tuple[str, ...] = ()
 
     def log_lines(self) -> list[dict[str, Any]]:
         lines = []
@@ -169,19 +171,36 @@ class Baton:
         return service
 
     async def start_executor(self, label: str = "executor", **env: str) -> Service:
-        service = self.spawn(label, "executor", **env)
-        await wait_until(lambda: self._alive_and_logged(service, "scheduler_started"), what=f"{label} to start")
-        await wait_until(lambda: self._alive_and_logged(service, "intake_started"), what=f"{label} intake")
-        return service
+        return (await self.started(self.spawn_executor(label, **env)))[0]
 
     async def start_worker(
         self, name: str, *, concurrency: int = 4, runtimes: str = "python,shell", **env: str
     ) -> Service:
+        return (await self.started(self.spawn_worker(name, concurrency=concurrency, runtimes=runtimes, **env)))[0]
+
+    def spawn_executor(self, label: str = "executor", **env: str) -> Service:
+        """Start an executor without waiting for it (see `started`)."""
+        service = self.spawn(label, "executor", **env)
+        service.ready_events = ("scheduler_started", "intake_started")
+        return service
+
+    def spawn_worker(self, name: str, *, concurrency: int = 4, runtimes: str = "python,shell", **env: str) -> Service:
+        """Start a worker without waiting for it (see `started`)."""
         env.setdefault("BATON__WORKER__ACTION_MODULES", '["examples.actions", "examples.workflows", "tests.actions", "tests.workflows"]')
         self.worker_names.add(name)
         service = self.spawn(name, "worker", "--name", name, "--concurrency", str(concurrency), "--runtimes", runtimes, **env)
-        await wait_until(lambda: self._alive_and_logged(service, "worker_registered"), what=f"worker {name} to register")
+        service.ready_events = ("worker_registered",)
         return service
+
+    async def started(self, *services: Service) -> list[Service]:
+        """Wait until each of these services is up. Services spawned together boot side by side, as
+        a deployment starts them: a start is mostly the interpreter's imports."""
+
+        async def ready() -> bool:
+            return all([await self._alive_and_logged(s, event) for s in services for event in s.ready_events])
+
+        await wait_until(ready, what=" and ".join(s.name for s in services) + " to start")
+        return list(services)
 
     async def _alive_and_logged(self, service: Service, event: str) -> bool:
         if service.process.poll() is not None:

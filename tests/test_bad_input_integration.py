@@ -26,8 +26,9 @@ async def _depth_at_least(baton, queue: str, count: int) -> bool:
 
 
 async def test_not_json_and_oversized_are_parked_with_their_reason(baton):
-    executor = await baton.start_executor(BATON__MESSAGE_QUEUE__MAX_REQUEST_BYTES="2048")
-    await baton.start_worker("w1")
+    executor, _ = await baton.started(
+        baton.spawn_executor(BATON__MESSAGE_QUEUE__MAX_REQUEST_BYTES="2048"), baton.spawn_worker("w1")
+    )
     await baton.publish_raw(b"this is { not json", message_id="garbage-1")
     await baton.publish_raw(b'"a string"', message_id="array-1")
     big = json.dumps({"action_ref": "core.echo", "parameters": {"message": "x" * 5000}}).encode()
@@ -63,8 +64,7 @@ async def test_a_client_gets_the_rejection_as_an_error(baton):
     ],
 )
 async def test_requests_tied_to_an_execution_are_recorded_failed(baton, body, expected):
-    await baton.start_executor()
-    await baton.start_worker("w1")
+    await baton.started(baton.spawn_executor(), baton.spawn_worker("w1"))
     client = await baton.client()
     execution_id = str(uuid.uuid4())
     notified = await client._watch(uuid.UUID(execution_id))
@@ -78,8 +78,7 @@ async def test_requests_tied_to_an_execution_are_recorded_failed(baton, body, ex
 
 
 async def test_user_action_parameters_are_validated_from_its_signature(baton):
-    await baton.start_executor()
-    await baton.start_worker("w1")
+    await baton.started(baton.spawn_executor(), baton.spawn_worker("w1"))
     client = await baton.client()
     bad = await client.submit("tests.typed", {"count": "many"})
     assert bad.status == "failed" and "count" in bad.error
@@ -145,8 +144,7 @@ def test_an_unknown_environment_override_is_a_clear_error(tmp_path):
 
 
 async def test_outputs_postgres_cannot_store_never_stop_a_worker(baton):
-    await baton.start_executor()
-    worker = await baton.start_worker("w1")
+    _, worker = await baton.started(baton.spawn_executor(), baton.spawn_worker("w1"))
     client = await baton.client()
     binary = await client.run("core.local", {"cmd": ["printf", "a\\000b"]}, wait_timeout_s=20)
     assert binary["status"] == "completed" and binary["result"]["stdout"] == "a\ufffdb"
@@ -159,8 +157,7 @@ async def test_outputs_postgres_cannot_store_never_stop_a_worker(baton):
 
 
 async def test_deeply_nested_json_is_parked(baton):
-    executor = await baton.start_executor()
-    await baton.start_worker("w1")
+    executor, _ = await baton.started(baton.spawn_executor(), baton.spawn_worker("w1"))
     await baton.publish_raw(b"[" * 100_000 + b"]" * 100_000, message_id="deep-1")
     parked = await baton.take_parked(1)
     assert [m.message_id for m in parked] == ["deep-1"]
@@ -170,8 +167,7 @@ async def test_deeply_nested_json_is_parked(baton):
 
 
 async def test_unknown_request_fields_are_ignored_and_the_warning_recorded(baton):
-    await baton.start_executor()
-    await baton.start_worker("w1")
+    await baton.started(baton.spawn_executor(), baton.spawn_worker("w1"))
     client = await baton.client()
     execution_id = str(uuid.uuid4())
     body = {"action_ref": "core.echo", "parameters": {"message": "hi"}, "surprise": True, "timeout_seconds": "30s"}

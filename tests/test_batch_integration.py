@@ -20,8 +20,7 @@ async def _statuses(baton, ids) -> dict[str, int]:
 
 
 async def test_submit_many_records_and_runs_each_request(baton):
-    await baton.start_executor()
-    await baton.start_worker("w1")
+    await baton.started(baton.spawn_executor(), baton.spawn_worker("w1"))
     client = await baton.client()
     ids = await client.submit_many("core.echo", [{"message": f"m{i}"} for i in range(1200)])
     # More than one batch's worth: two messages, ids in the order given.
@@ -38,8 +37,7 @@ async def _all_done(baton, ids) -> bool:
 
 
 async def test_a_bad_request_in_a_batch_fails_alone_and_a_redelivered_batch_is_recorded_once(baton):
-    executor = await baton.start_executor()
-    await baton.start_worker("w1")
+    executor, _ = await baton.started(baton.spawn_executor(), baton.spawn_worker("w1"))
     body = json.dumps([
         {"action_ref": "core.echo", "parameters": {"message": "fine"}},
         "not a request",

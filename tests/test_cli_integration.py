@@ -28,8 +28,7 @@ async def _baton(baton, *args: str, timeout_s: float = 60) -> subprocess.Complet
 
 
 async def test_submit_wait_exit_codes_and_reads(baton):
-    await baton.start_executor()
-    await baton.start_worker("cli-w")
+    await baton.started(baton.spawn_executor(), baton.spawn_worker("cli-w"))
     ok = await _baton(baton, "submit", "core.echo", "message=hello world", "--wait", "--json")
     assert ok.returncode == 0, ok.stderr
     done = json.loads(ok.stdout)
@@ -131,8 +130,9 @@ async def test_concurrent_migrations_apply_once(baton):
 
 
 async def test_workflow_controls_and_timeline_from_the_command_line(baton):
-    await baton.start_executor()
-    await baton.start_worker("cli-w", BATON__WORKER__MAX_INLINE_SLEEP="0.2")
+    await baton.started(
+        baton.spawn_executor(), baton.spawn_worker("cli-w", BATON__WORKER__MAX_INLINE_SLEEP="0.2")
+    )
     path = baton.tmp / "side.txt"
     path.write_text("")
     posted = await _baton(baton, "submit", "tests.sleeper", f"path={path}", "seconds=60", "--json")
@@ -168,8 +168,7 @@ async def test_workflow_controls_and_timeline_from_the_command_line(baton):
 
 
 async def test_delays_retries_and_schedules_from_the_command_line(baton):
-    await baton.start_executor()
-    await baton.start_worker("cli-w")
+    await baton.started(baton.spawn_executor(), baton.spawn_worker("cli-w"))
     delayed = await _baton(baton, "submit", "core.echo", "message=later", "--delay", "1s", "--wait", "--json")
     assert delayed.returncode == 0, delayed.stderr
     done = json.loads(delayed.stdout)
@@ -246,8 +245,7 @@ async def test_unreachable_or_refused_services_and_bad_config_get_one_line(baton
 
 
 async def test_inspection_commands_and_what_submit_wait_says(baton):
-    await baton.start_executor()
-    await baton.start_worker("cli-w")
+    await baton.started(baton.spawn_executor(), baton.spawn_worker("cli-w"))
     listed = await _baton(baton, "actions", "list", "--json")
     refs = {a["ref"]: a for a in json.loads(listed.stdout)}
     assert {"core.echo", "examples.order", "tests.flaky"} <= set(refs)
@@ -296,8 +294,7 @@ async def test_inspection_commands_and_what_submit_wait_says(baton):
 
 
 async def test_parked_requests_and_the_live_table_from_the_command_line(baton):
-    await baton.start_executor()
-    await baton.start_worker("cli-w")
+    await baton.started(baton.spawn_executor(), baton.spawn_worker("cli-w"))
     await baton.publish_raw(b"{not json", message_id="cli-parked-1")
 
     async def parked() -> bool:

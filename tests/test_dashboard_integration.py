@@ -68,8 +68,7 @@ def _post(url: str, data: dict[str, str]) -> tuple[int, str]:
 
 
 async def test_pages_update_live_and_cancel_needs_the_token(baton, browser):
-    await baton.start_executor()
-    await baton.start_worker("dash-w", concurrency=2)
+    await baton.started(baton.spawn_executor(), baton.spawn_worker("dash-w", concurrency=2))
     url = await _dashboard(baton, BATON__DASHBOARD__TOKEN=TOKEN)
     client = await baton.client()
     page = await browser.new_page()
@@ -116,8 +115,7 @@ async def test_pages_update_live_and_cancel_needs_the_token(baton, browser):
 
 
 async def test_a_workflow_page_shows_steps_and_a_read_only_dashboard_refuses_actions(baton, browser):
-    await baton.start_executor()
-    await baton.start_worker("dash-w")
+    await baton.started(baton.spawn_executor(), baton.spawn_worker("dash-w"))
     url = await _dashboard(baton)  # no token: read-only
     client = await baton.client()
     order = await client.run("examples.order", {"order_id": "d-1", "pack_seconds": 0.1}, wait_timeout_s=30)
@@ -133,8 +131,7 @@ async def test_a_workflow_page_shows_steps_and_a_read_only_dashboard_refuses_act
 
 
 async def test_parked_requests_are_listed_with_their_reason_and_replayed_with_the_token(baton, browser):
-    await baton.start_executor()
-    await baton.start_worker("dash-w")
+    await baton.started(baton.spawn_executor(), baton.spawn_worker("dash-w"))
     url = await _dashboard(baton, BATON__DASHBOARD__TOKEN=TOKEN)
     await baton.publish_raw(b"this is not json", message_id="not-json-1")
     await baton.take_parked(1)  # parked, then taken off to start from a known state

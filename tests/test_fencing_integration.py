@@ -15,8 +15,7 @@ pytestmark = pytest.mark.integration
 
 
 async def test_stale_dispatch_is_dropped(baton):
-    executor = await baton.start_executor()
-    worker = await baton.start_worker("w1")
+    executor, worker = await baton.started(baton.spawn_executor(), baton.spawn_worker("w1"))
     client = await baton.client()
     done = await client.run("core.echo", {"message": "real"}, wait_timeout_s=20)
     connection = await aio_pika.connect(AMQP_URL)

@@ -33,8 +33,7 @@ async def _scheduled_on(baton, execution_id) -> list[str]:
 
 
 async def test_no_execution_waits_behind_a_busy_worker_while_another_has_a_free_slot(baton):
-    await baton.start_executor()
-    await baton.start_worker("busy", concurrency=1)
+    await baton.started(baton.spawn_executor(), baton.spawn_worker("busy", concurrency=1))
     client = await baton.client()
     long = await client.submit("core.sleep", {"seconds": 30}, watch=True)
     await baton.wait_status(long.execution_id, "running")
@@ -76,8 +75,7 @@ async def test_a_worker_busy_past_scheduled_timeout_fails_nothing(baton, pipelin
 
 
 async def test_a_name_held_by_a_live_process_is_refused(baton):
-    await baton.start_executor()
-    first = await baton.start_worker("twin")
+    _, first = await baton.started(baton.spawn_executor(), baton.spawn_worker("twin"))
     second = baton.spawn("twin-2", "worker", "--name", "twin", "--runtimes", "python")
     assert second.wait(30) == 1
     output = second.log_path.read_text().strip().splitlines()
@@ -105,8 +103,7 @@ async def test_the_default_name_is_unique_per_process(baton):
 
 
 async def test_finish_and_interrupt_are_fenced_by_incarnation_and_finish_is_idempotent(baton):
-    await baton.start_executor()
-    await baton.start_worker("fenced", concurrency=1)
+    await baton.started(baton.spawn_executor(), baton.spawn_worker("fenced", concurrency=1))
     client = await baton.client()
     running = await client.submit("core.sleep", {"seconds": 30}, watch=True)
     row = await baton.wait_status(running.execution_id, "running")
@@ -154,8 +151,10 @@ async def test_the_executor_stops_while_rabbitmq_is_down(baton):
     proxy = CuttableProxy(target_port=5672)
     await proxy.start()
     url = f"amqp://guest:guest@127.0.0.1:{proxy.port}/"
-    executor = await baton.start_executor(BATON__MESSAGE_QUEUE__URL=url, BATON__EXECUTOR__SHUTDOWN_TIMEOUT="2")
-    await baton.start_worker("w1", concurrency=1)
+    executor, _ = await baton.started(
+        baton.spawn_executor(BATON__MESSAGE_QUEUE__URL=url, BATON__EXECUTOR__SHUTDOWN_TIMEOUT="2"),
+        baton.spawn_worker("w1", concurrency=1),
+    )
     client = await baton.client()
     running = await client.submit("core.sleep", {"seconds": 2}, watch=True)
     await baton.wait_status(running.execution_id, "running")
@@ -182,8 +181,10 @@ async def _has_event(service, *names: str) -> bool:
 
 
 async def test_a_request_no_live_worker_serves_fails_after_requested_timeout(baton):
-    await baton.start_executor(BATON__EXECUTOR__REQUESTED_TIMEOUT="1", BATON__EXECUTOR__TIMEOUT_CHECK_INTERVAL="0.3")
-    gone = await baton.start_worker("gone", concurrency=1)
+    _, gone = await baton.started(
+        baton.spawn_executor(BATON__EXECUTOR__REQUESTED_TIMEOUT="1", BATON__EXECUTOR__TIMEOUT_CHECK_INTERVAL="0.3"),
+        baton.spawn_worker("gone", concurrency=1),
+    )
     gone.signal(signal.SIGTERM)
     assert gone.wait() == 0
     busy = await baton.start_worker("busy", concurrency=1, runtimes="python")
@@ -294,8 +295,7 @@ async def test_prune_by_hand(baton):
 @pytest.mark.parametrize("queue_type", ["classic", "quorum"])
 async def test_a_cleanly_stopped_worker_deletes_its_empty_queue(baton, queue_type):
     baton.env["BATON__MESSAGE_QUEUE__QUEUE_TYPE"] = queue_type
-    await baton.start_executor()
-    worker = await baton.start_worker("tidy")
+    _, worker = await baton.started(baton.spawn_executor(), baton.spawn_worker("tidy"))
     assert await baton.queue_depth(baton.names.worker_queue("tidy")) == 0
     worker.signal(signal.SIGTERM)
     assert worker.wait() == 0
@@ -305,8 +305,7 @@ async def test_a_cleanly_stopped_worker_deletes_its_empty_queue(baton, queue_typ
 
 
 async def test_the_client_unbinds_what_it_bound(baton):
-    await baton.start_executor()
-    await baton.start_worker("w")
+    await baton.started(baton.spawn_executor(), baton.spawn_worker("w"))
     client = await baton.client()
     for i in range(3):
         assert (await client.run("core.echo", {"message": str(i)}, wait_timeout_s=20))["status"] == "completed"

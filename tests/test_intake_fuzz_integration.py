@@ -220,8 +220,7 @@ async def test_an_idempotency_key_too_long_to_index_fails_only_its_request(baton
     """A key over the envelope's limit used to be stored anyway; the unique index refused it
     (ProgramLimitExceededError), intake did not expect that, and every executor that took the
     message in turn exited."""
-    executor = await baton.start_executor()
-    await baton.start_worker("w1")
+    executor, _ = await baton.started(baton.spawn_executor(), baton.spawn_worker("w1"))
     key = "".join(random.choices(string.ascii_letters + string.digits, k=3000))
     execution_id = uuid.uuid4()
     await publisher.publish(_request(idempotency_key=key), message_id=str(execution_id))
@@ -237,8 +236,7 @@ async def test_any_error_storing_one_request_parks_that_request_alone(baton, pub
     constraint, an IntegrityConstraintViolation) is parked with the reason; its batch is recorded."""
     pool = await baton.pool()
     await pool.execute("ALTER TABLE executions ADD CONSTRAINT no_poison CHECK (correlation_id IS DISTINCT FROM 'poison')")
-    executor = await baton.start_executor()
-    await baton.start_worker("w1")
+    executor, _ = await baton.started(baton.spawn_executor(), baton.spawn_worker("w1"))
     good = [uuid.uuid4() for _ in range(5)]
     bad = uuid.uuid4()
     for execution_id in good[:2]:
@@ -274,8 +272,7 @@ async def test_a_database_that_refuses_everything_is_an_outage_not_a_bad_request
         END $$;
         CREATE TRIGGER refuse BEFORE INSERT ON executions FOR EACH ROW EXECUTE FUNCTION refuse();
     """)
-    executor = await baton.start_executor()
-    await baton.start_worker("w1")
+    executor, _ = await baton.started(baton.spawn_executor(), baton.spawn_worker("w1"))
     execution_id = uuid.uuid4()
     await publisher.publish(_request(), message_id=str(execution_id))
 
@@ -297,8 +294,7 @@ async def test_a_database_that_refuses_everything_is_an_outage_not_a_bad_request
 async def test_the_same_request_seen_again_is_not_a_duplicate(baton, publisher, replies):
     """When the first recording commits but its reply (or ack) is lost, the request comes again:
     it is the same request, answered with its status, not `duplicate`."""
-    await baton.start_executor()
-    await baton.start_worker("w1")
+    await baton.started(baton.spawn_executor(), baton.spawn_worker("w1"))
     reply_to = await replies.open()
     execution_id = str(uuid.uuid4())
     body = _request(idempotency_key="nightly-1")
@@ -358,8 +354,7 @@ async def test_an_oversized_request_is_parked_truncated(baton, publisher, replie
 async def test_properties_that_are_not_utf8_do_not_cut_the_executor_off(baton, publisher):
     """pamqp raised on these while decoding the delivery, the executor's connection closed, the
     message came back, and again, for ever: nothing else was taken in or dispatched."""
-    executor = await baton.start_executor()
-    await baton.start_worker("w1")
+    executor, _ = await baton.started(baton.spawn_executor(), baton.spawn_worker("w1"))
     bad_id = raw_shortstr(b"id-\xff\xfe")
     await publisher.publish(_request(), message_id=bad_id, correlation_id=raw_shortstr(b"\xc3\x28"))
     await publisher.publish(_request(), message_id=str(uuid.uuid4()), headers=raw_table(b"\x02\xff\xfeS\x00\x00\x00\x01a"))
@@ -385,8 +380,7 @@ async def test_replies_go_only_to_client_inboxes(baton, publisher, replies):
     to a malformed direct reply-to name, RabbitMQ closes the publishing connection (the executor's
     own, every time the request is redelivered). Replies go only to `<prefix>.reply.*` and
     server-named `amq.gen-*` queues."""
-    executor = await baton.start_executor()
-    await baton.start_worker("w1")
+    executor, _ = await baton.started(baton.spawn_executor(), baton.spawn_worker("w1"))
     inbox = await replies.open()
     assert inbox.startswith("amq.gen-")
     crashing = "amq.rabbitmq.reply-to.g1h2AA5yZXBseUAxMzM3NjM2Mg==.abc"
@@ -583,8 +577,10 @@ class Fuzzing:
 
 
 async def test_no_message_stops_intake(baton):
-    executor = await baton.start_executor(BATON__MESSAGE_QUEUE__MAX_REQUEST_BYTES=str(MAX_REQUEST_BYTES))
-    await baton.start_worker("w1")
+    executor, _ = await baton.started(
+        baton.spawn_executor(BATON__MESSAGE_QUEUE__MAX_REQUEST_BYTES=str(MAX_REQUEST_BYTES)),
+        baton.spawn_worker("w1"),
+    )
     publisher = Publisher(baton.names)
     await publisher.open()
     names = [

@@ -37,8 +37,10 @@ async def _worker_status(baton, name: str) -> str:
 
 async def test_sigkill_transient_run_fails_with_reason_and_scheduled_work_moves(baton):
     # Work waits in the busy worker's queue (a pipeline beyond its one slot), not as requested.
-    await baton.start_executor(BATON__EXECUTOR__DISPATCH_PIPELINE="3")
-    doomed = await baton.start_worker("doomed", concurrency=1)
+    _, doomed = await baton.started(
+        baton.spawn_executor(BATON__EXECUTOR__DISPATCH_PIPELINE="3"),
+        baton.spawn_worker("doomed", concurrency=1),
+    )
     client = await baton.client()
     running = await client.submit("core.sleep", {"seconds": 30}, watch=True)
     await _running_on(baton, running.execution_id, "doomed")
@@ -67,8 +69,9 @@ async def test_sigkill_transient_run_fails_with_reason_and_scheduled_work_moves(
 
 
 async def test_sigkill_recoverable_run_restarts_on_another_worker(baton):
-    executor = await baton.start_executor(**RECOVER)
-    doomed = await baton.start_worker("doomed", concurrency=1)
+    executor, doomed = await baton.started(
+        baton.spawn_executor(**RECOVER), baton.spawn_worker("doomed", concurrency=1)
+    )
     client = await baton.client()
     sub = await client.submit("tests.sleep_then_echo", {"seconds": 1.0, "message": "again"}, watch=True)
     await _running_on(baton, sub.execution_id, "doomed")
@@ -112,8 +115,9 @@ async def test_recovery_attempts_are_capped(baton, env, action_ref):
 
 
 async def test_sigstop_hung_worker_is_lost_and_its_late_writes_are_fenced(baton):
-    executor = await baton.start_executor(**RECOVER)
-    hung = await baton.start_worker("hung", concurrency=1)
+    executor, hung = await baton.started(
+        baton.spawn_executor(**RECOVER), baton.spawn_worker("hung", concurrency=1)
+    )
     client = await baton.client()
     sub = await client.submit("tests.sleep_then_echo", {"seconds": 1.0, "message": "mine"}, watch=True)
     await _running_on(baton, sub.execution_id, "hung")
@@ -150,8 +154,10 @@ async def test_sigstop_hung_worker_is_lost_and_its_late_writes_are_fenced(baton)
 
 async def test_sigterm_drains_in_flight_and_hands_back_the_rest(baton):
     # Work waits in the busy worker's queue (a pipeline beyond its one slot), not as requested.
-    await baton.start_executor(BATON__EXECUTOR__DISPATCH_PIPELINE="3")
-    leaving = await baton.start_worker("leaving", concurrency=1)
+    _, leaving = await baton.started(
+        baton.spawn_executor(BATON__EXECUTOR__DISPATCH_PIPELINE="3"),
+        baton.spawn_worker("leaving", concurrency=1),
+    )
     client = await baton.client()
     in_flight = await client.submit("tests.sleep_then_echo", {"seconds": 2.5, "message": "finished"}, watch=True)
     await _running_on(baton, in_flight.execution_id, "leaving")
@@ -183,8 +189,10 @@ async def test_sigterm_drains_in_flight_and_hands_back_the_rest(baton):
 
 async def test_work_longer_than_the_drain_timeout_is_interrupted_with_reason_signal(baton):
     baton.env.update(RECOVER)  # one configuration for every service, as in a deployment
-    await baton.start_executor()
-    leaving = await baton.start_worker("leaving", concurrency=2, BATON__WORKER__SHUTDOWN_TIMEOUT="0.5")
+    _, leaving = await baton.started(
+        baton.spawn_executor(),
+        baton.spawn_worker("leaving", concurrency=2, BATON__WORKER__SHUTDOWN_TIMEOUT="0.5"),
+    )
     client = await baton.client()
     long_run = await client.submit("tests.sleep_then_echo", {"seconds": 3, "message": "resumed"}, watch=True)
     await _running_on(baton, long_run.execution_id, "leaving")
@@ -204,8 +212,10 @@ async def test_a_full_worker_still_drains_within_its_timeout(baton):
     """Every slot busy with long work and a dispatch prefetched: the drain must not wait for a
     slot to free up; the prefetched dispatch goes back, the run is interrupted at the deadline."""
     # A pipeline of one: the second execution is dispatched to the busy worker, not kept as requested.
-    executor = await baton.start_executor(BATON__EXECUTOR__DISPATCH_PIPELINE="1")
-    full = await baton.start_worker("full", concurrency=1, BATON__WORKER__SHUTDOWN_TIMEOUT="1")
+    executor, full = await baton.started(
+        baton.spawn_executor(BATON__EXECUTOR__DISPATCH_PIPELINE="1"),
+        baton.spawn_worker("full", concurrency=1, BATON__WORKER__SHUTDOWN_TIMEOUT="1"),
+    )
     client = await baton.client()
     long_run = await client.submit("core.sleep", {"seconds": 60}, watch=True)
     await _running_on(baton, long_run.execution_id, "full")
@@ -231,8 +241,10 @@ async def test_a_full_worker_still_drains_within_its_timeout(baton):
 
 
 async def test_second_signal_exits_at_once(baton):
-    await baton.start_executor()
-    leaving = await baton.start_worker("leaving", concurrency=1, BATON__WORKER__SHUTDOWN_TIMEOUT="30")
+    _, leaving = await baton.started(
+        baton.spawn_executor(),
+        baton.spawn_worker("leaving", concurrency=1, BATON__WORKER__SHUTDOWN_TIMEOUT="30"),
+    )
     client = await baton.client()
     sub = await client.submit("core.sleep", {"seconds": 30})
     await _running_on(baton, sub.execution_id, "leaving")
@@ -349,8 +361,9 @@ async def test_timeout_monitor_can_be_turned_off(baton):
 
 
 async def test_a_worker_restarted_under_the_same_name_hands_over_what_it_ran(baton):
-    await baton.start_executor(**RECOVER)
-    crashed = await baton.start_worker("phoenix", concurrency=1)
+    _, crashed = await baton.started(
+        baton.spawn_executor(**RECOVER), baton.spawn_worker("phoenix", concurrency=1)
+    )
     client = await baton.client()
     sub = await client.submit("tests.sleep_then_echo", {"seconds": 0.5, "message": "reborn"}, watch=True)
     await _running_on(baton, sub.execution_id, "phoenix")
@@ -367,8 +380,10 @@ async def test_metrics_endpoints(baton):
     from tests.harness import free_port
 
     executor_port, worker_port = free_port(), free_port()
-    await baton.start_executor(BATON__EXECUTOR__METRICS_PORT=str(executor_port))
-    await baton.start_worker("measured", BATON__WORKER__METRICS_PORT=str(worker_port))
+    await baton.started(
+        baton.spawn_executor(BATON__EXECUTOR__METRICS_PORT=str(executor_port)),
+        baton.spawn_worker("measured", BATON__WORKER__METRICS_PORT=str(worker_port)),
+    )
     client = await baton.client()
     await client.run("core.echo", {"message": "count me"}, wait_timeout_s=20)
 
@@ -456,8 +471,7 @@ async def test_a_live_worker_interrupts_what_it_is_recorded_running_but_is_not(b
     interrupts it, and recovery settles it."""
     import uuid
 
-    await baton.start_executor()
-    await baton.start_worker("auditor")
+    await baton.started(baton.spawn_executor(), baton.spawn_worker("auditor"))
     execution_id = uuid.uuid4()
     await (await baton.pool()).execute(
         "INSERT INTO executions (id, action_ref, status, attempt, worker, started_at) "

@@ -10,8 +10,7 @@ pytestmark = pytest.mark.integration
 
 
 async def test_echo_end_to_end(baton):
-    await baton.start_executor()
-    await baton.start_worker("w1")
+    await baton.started(baton.spawn_executor(), baton.spawn_worker("w1"))
     client = await baton.client()
     done = await client.run("core.echo", {"message": "hello"}, wait_timeout_s=20)
     assert done["status"] == "completed"
@@ -27,8 +26,7 @@ async def test_echo_end_to_end(baton):
 
 async def test_each_outcome_a_worker_records_is_announced(baton):
     """A worker announces a batch of outcomes in one write; each still arrives on its own key."""
-    await baton.start_executor()
-    await baton.start_worker("w1", concurrency=20)
+    await baton.started(baton.spawn_executor(), baton.spawn_worker("w1", concurrency=20))
     client = await baton.client()
     submissions = [await client.submit("core.echo", {"message": f"m{i}"}, watch=True) for i in range(20)]
     for sub in submissions:
@@ -38,8 +36,7 @@ async def test_each_outcome_a_worker_records_is_announced(baton):
 
 
 async def test_every_builtin_and_a_python_action(baton, tmp_path):
-    await baton.start_executor()
-    await baton.start_worker("w1")
+    await baton.started(baton.spawn_executor(), baton.spawn_worker("w1"))
     client = await baton.client()
 
     noop = await client.run("core.noop", wait_timeout_s=20)
@@ -71,8 +68,7 @@ async def test_every_builtin_and_a_python_action(baton, tmp_path):
 
 
 async def test_failures_are_recorded_with_their_reason(baton):
-    await baton.start_executor()
-    await baton.start_worker("w1")
+    await baton.started(baton.spawn_executor(), baton.spawn_worker("w1"))
     client = await baton.client()
 
     shell = await client.run("core.local", {"cmd": "echo partial; exit 3"}, wait_timeout_s=20)
@@ -92,8 +88,7 @@ async def test_failures_are_recorded_with_their_reason(baton):
 
 
 async def test_shell_parameters_are_never_interpolated(baton, tmp_path):
-    await baton.start_executor()
-    await baton.start_worker("w1")
+    await baton.started(baton.spawn_executor(), baton.spawn_worker("w1"))
     client = await baton.client()
     marker = tmp_path / "pwned"
     hostile = f"$(touch {marker}); `touch {marker}`; echo injected"
@@ -108,8 +103,9 @@ async def test_shell_parameters_are_never_interpolated(baton, tmp_path):
 
 
 async def test_output_and_results_are_capped(baton):
-    await baton.start_executor()
-    await baton.start_worker("w1", BATON__WORKER__MAX_OUTPUT_BYTES="100")
+    await baton.started(
+        baton.spawn_executor(), baton.spawn_worker("w1", BATON__WORKER__MAX_OUTPUT_BYTES="100")
+    )
     client = await baton.client()
     done = await client.run("core.local", {"cmd": "head -c 100000 /dev/zero | tr '\\0' a; echo done >&2"}, wait_timeout_s=20)
     assert done["status"] == "completed"
@@ -120,8 +116,7 @@ async def test_output_and_results_are_capped(baton):
 
 
 async def test_idempotent_repost_returns_the_same_execution(baton):
-    await baton.start_executor()
-    await baton.start_worker("w1")
+    await baton.started(baton.spawn_executor(), baton.spawn_worker("w1"))
     client = await baton.client()
     first = await client.submit("core.echo", {"message": "once"}, idempotency_key="order-42")
     second = await client.submit("core.echo", {"message": "once"}, idempotency_key="order-42")
@@ -170,8 +165,7 @@ async def test_waits_for_a_worker_then_runs_when_one_registers(baton):
 
 
 async def test_runtime_matching(baton):
-    await baton.start_executor()
-    await baton.start_worker("shelly", runtimes="shell")
+    await baton.started(baton.spawn_executor(), baton.spawn_worker("shelly", runtimes="shell"))
     client = await baton.client()
     shell = await client.run("core.local", {"cmd": ["true"]}, wait_timeout_s=20)
     assert shell["worker"] == "shelly"
@@ -186,8 +180,7 @@ async def test_runtime_matching(baton):
 
 
 async def test_work_is_spread_over_workers(baton):
-    await baton.start_executor()
-    await baton.start_worker("a", concurrency=2)
+    await baton.started(baton.spawn_executor(), baton.spawn_worker("a", concurrency=2))
     await baton.start_worker("b", concurrency=2)
     client = await baton.client()
     submissions = [await client.submit("core.sleep", {"seconds": 0.3}, watch=True) for _ in range(8)]
@@ -198,8 +191,7 @@ async def test_work_is_spread_over_workers(baton):
 async def test_a_restarted_worker_reuses_its_row(baton):
     import signal
 
-    await baton.start_executor()
-    first = await baton.start_worker("again")
+    _, first = await baton.started(baton.spawn_executor(), baton.spawn_worker("again"))
     first.signal(signal.SIGTERM)
     assert first.wait() == 0
     await baton.start_worker("again")
@@ -212,8 +204,9 @@ async def test_a_restarted_worker_reuses_its_row(baton):
 async def test_changing_the_queue_ttl_takes_effect_on_restart(baton):
     import signal
 
-    await baton.start_executor()
-    first = await baton.start_worker("tuned", BATON__WORKER__QUEUE_TTL="300")
+    _, first = await baton.started(
+        baton.spawn_executor(), baton.spawn_worker("tuned", BATON__WORKER__QUEUE_TTL="300")
+    )
     first.signal(signal.SIGTERM)
     assert first.wait() == 0
     await baton.start_worker("tuned", BATON__WORKER__QUEUE_TTL="60")

@@ -75,8 +75,7 @@ def _handled(executor, execution_id, reason: str, *, also_dropped: bool = False)
 
 
 async def test_queues_are_quorum_and_work_completes(baton, quorum_client):
-    await baton.start_executor()
-    await baton.start_worker("replicated")
+    await baton.started(baton.spawn_executor(), baton.spawn_worker("replicated"))
     echo = await quorum_client.run("core.echo", {"message": "on a quorum"}, wait_timeout_s=20)
     assert echo["status"] == "completed" and echo["result"] == {"message": "on a quorum"}
     local = await quorum_client.run("core.local", {"cmd": ["echo", "quorum"]}, wait_timeout_s=20)
@@ -167,8 +166,10 @@ async def test_expired_dispatch_is_dead_lettered_and_rescheduled(baton, quorum_c
 
 
 async def test_drain_hands_back_through_the_dead_letter_exchange(baton, quorum_client):
-    executor = await baton.start_executor(BATON__EXECUTOR__DISPATCH_PIPELINE="1")
-    leaving = await baton.start_worker("leaving", concurrency=1)
+    executor, leaving = await baton.started(
+        baton.spawn_executor(BATON__EXECUTOR__DISPATCH_PIPELINE="1"),
+        baton.spawn_worker("leaving", concurrency=1),
+    )
     in_flight = await quorum_client.submit("tests.sleep_then_echo", {"seconds": 3, "message": "finished"}, watch=True)
     await _running_on(baton, in_flight.execution_id, "leaving")
     waiting = await quorum_client.submit("core.echo", {"message": "handed back"}, watch=True)

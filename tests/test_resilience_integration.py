@@ -62,8 +62,7 @@ async def test_two_executors_one_killed_every_execution_ends_once(baton):
     # one picks it up after scheduled_timeout.
     baton.env.update(BATON__EXECUTOR__SCHEDULED_TIMEOUT="2", BATON__EXECUTOR__MAX_SCHEDULE_ATTEMPTS="10")
     first = await baton.start_executor("executor-1")
-    await baton.start_executor("executor-2")
-    await baton.start_worker("w1", concurrency=8)
+    await baton.started(baton.spawn_executor("executor-2"), baton.spawn_worker("w1", concurrency=8))
     await baton.start_worker("w2", concurrency=8)
     ids = await _post_many(baton, 300)
 
@@ -159,8 +158,10 @@ async def test_a_worker_cut_off_from_the_database_stands_down_and_comes_back(bat
     proxy = CuttableProxy()
     await proxy.start()
     try:
-        await baton.start_executor()
-        island = await baton.start_worker("island", concurrency=1, BATON__DATABASE__URL=proxy.url(baton.db_name))
+        _, island = await baton.started(
+            baton.spawn_executor(),
+            baton.spawn_worker("island", concurrency=1, BATON__DATABASE__URL=proxy.url(baton.db_name)),
+        )
         client = await baton.client()
         sub = await client.submit("tests.sleep_then_echo", {"seconds": 3, "message": "made it"}, watch=True)
         row = await baton.wait_status(sub.execution_id, "running")

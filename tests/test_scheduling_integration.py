@@ -27,8 +27,7 @@ async def _events(baton: Baton, execution_id) -> list[dict]:
 
 
 async def test_a_retried_action_succeeds_on_its_third_try_waiting_in_the_database(baton):
-    await baton.start_executor()
-    await baton.start_worker("r1", concurrency=1)
+    await baton.started(baton.spawn_executor(), baton.spawn_worker("r1", concurrency=1))
     path = baton.tmp / "tries"
     client = await baton.client()
     done = await client.run("tests.flaky", {"path": str(path), "failures": 2}, wait_timeout_s=30)
@@ -46,8 +45,7 @@ async def test_a_retried_action_succeeds_on_its_third_try_waiting_in_the_databas
 
 
 async def test_retries_run_out_and_the_error_says_how_many_tries(baton):
-    await baton.start_executor()
-    await baton.start_worker("r1")
+    await baton.started(baton.spawn_executor(), baton.spawn_worker("r1"))
     client = await baton.client()
     exhausted = await client.run("tests.flaky", {"path": str(baton.tmp / "a"), "failures": 99}, wait_timeout_s=30)
     assert exhausted["status"] == "failed"
@@ -71,8 +69,7 @@ async def test_retries_run_out_and_the_error_says_how_many_tries(baton):
 
 
 async def test_delayed_execution_does_not_run_early_and_survives_an_executor_restart(baton):
-    executor = await baton.start_executor()
-    await baton.start_worker("d1")
+    executor, _ = await baton.started(baton.spawn_executor(), baton.spawn_worker("d1"))
     client = await baton.client()
     early = await client.submit("core.echo", {"message": "later"}, delay_s=3.0, watch=True)
     row = await baton.wait_status(early.execution_id, "requested")
@@ -99,8 +96,7 @@ async def test_delayed_execution_does_not_run_early_and_survives_an_executor_res
 
 async def test_cron_fires_each_due_time_once_with_two_executors_one_sigkilled(baton):
     doomed = await baton.start_executor("executor-a")
-    await baton.start_executor("executor-b")
-    await baton.start_worker("c1", concurrency=8)
+    await baton.started(baton.spawn_executor("executor-b"), baton.spawn_worker("c1", concurrency=8))
     client = await baton.client()
     await client.add_schedule("every-second", "* * * * * *", "core.noop", catch_up="all")
     pool = await baton.pool()

@@ -36,8 +36,7 @@ async def test_a_command_sees_a_minimal_environment_not_the_workers(baton):
 
 @pytest.mark.parametrize("name", ["BASH_ENV", "ENV", "BASH_FUNC_ls%%", "LD_PRELOAD", "SHELLOPTS", "PS4", "BATON_ATTEMPT"])
 async def test_dangerous_environment_names_are_refused(baton, tmp_path, name):
-    await baton.start_executor()
-    await baton.start_worker("shell")
+    await baton.started(baton.spawn_executor(), baton.spawn_worker("shell"))
     marker = tmp_path / "ran"
     done = await (await baton.client()).run(
         "core.local", {"cmd": ["true"], "env": {name: f"$(touch {marker})"}}, wait_timeout_s=20
@@ -76,8 +75,7 @@ async def test_secret_references_are_resolved_on_the_worker_and_never_stored(bat
 
 
 async def test_a_forged_notification_wakes_but_does_not_fool_the_waiter(baton):
-    await baton.start_executor()
-    await baton.start_worker("w")
+    await baton.started(baton.spawn_executor(), baton.spawn_worker("w"))
     client = await baton.client()
     submission = await client.submit("tests.sleep_then_echo", {"seconds": 1, "message": "real"}, watch=True)
     connection = await aio_pika.connect(AMQP_URL)
@@ -97,8 +95,7 @@ async def test_a_forged_notification_wakes_but_does_not_fool_the_waiter(baton):
 
 async def test_submit_wait_prints_the_recorded_failure_despite_a_forged_success(baton):
     """A rogue consumer on the requests answers every request with a forged `completed`."""
-    await baton.start_executor()
-    await baton.start_worker("w")
+    await baton.started(baton.spawn_executor(), baton.spawn_worker("w"))
     connection = await aio_pika.connect(AMQP_URL)
     channel = await connection.channel()
     spy = await channel.declare_queue(exclusive=True)
@@ -129,8 +126,7 @@ async def test_submit_wait_prints_the_recorded_failure_despite_a_forged_success(
 
 
 async def test_a_worker_runs_what_was_recorded_not_what_the_dispatch_says(baton, tmp_path):
-    await baton.start_executor()
-    await baton.start_worker("victim", concurrency=1)
+    await baton.started(baton.spawn_executor(), baton.spawn_worker("victim", concurrency=1))
     pool = await baton.pool()
     execution_id = uuid.uuid4()
     # A real execution, recorded as `scheduled` on the worker at attempt 1 ...
@@ -157,8 +153,7 @@ async def test_a_worker_runs_what_was_recorded_not_what_the_dispatch_says(baton,
 
 
 async def test_what_a_command_leaves_running_is_killed_when_it_ends(baton):
-    await baton.start_executor()
-    await baton.start_worker("shell")
+    await baton.started(baton.spawn_executor(), baton.spawn_worker("shell"))
     marker = f"{uuid.uuid4().int % 10**6}.25"
     done = await (await baton.client()).run(
         "core.local", {"cmd": f"sleep 3{marker} & echo started"}, wait_timeout_s=20
@@ -176,8 +171,7 @@ async def test_what_a_command_leaves_running_is_killed_when_it_ends(baton):
 
 
 async def test_core_actions_cannot_be_overridden_by_the_catalogue(baton):
-    await baton.start_executor()
-    await baton.start_worker("w")
+    await baton.started(baton.spawn_executor(), baton.spawn_worker("w"))
     pool = await baton.pool()
     assert await pool.fetchval("SELECT count(*) FROM actions WHERE ref LIKE 'core.%'") == 0
     # A row written behind Baton's back (a rogue worker with database access) changes nothing.
@@ -203,8 +197,7 @@ async def test_core_actions_cannot_be_overridden_by_the_catalogue(baton):
     ],
 )
 async def test_a_conflicting_registration_is_refused(baton, tamper, expected):
-    await baton.start_executor()
-    first = await baton.start_worker("first")
+    _, first = await baton.started(baton.spawn_executor(), baton.spawn_worker("first"))
     pool = await baton.pool()
     await pool.execute(tamper)
     before = await pool.fetchrow("SELECT * FROM actions WHERE ref = 'tests.typed'")
@@ -221,8 +214,7 @@ async def test_a_conflicting_registration_is_refused(baton, tamper, expected):
 
 
 async def test_markup_in_stored_values_is_printed_as_text(baton):
-    await baton.start_executor()
-    await baton.start_worker("w")
+    await baton.started(baton.spawn_executor(), baton.spawn_worker("w"))
     done = await (await baton.client()).run("tests.fail", {"message": "[/oops] [bold]x"}, wait_timeout_s=20)
     assert done["status"] == "failed"
     for args in (["executions", "list"], ["executions", "show", done["id"]]):
@@ -256,8 +248,7 @@ def _create_roles(which: str, **env: str) -> None:
 
 
 async def test_a_submitter_can_post_and_hear_back_but_cannot_touch_a_workers_queue(baton):
-    await baton.start_executor()
-    await baton.start_worker("w")
+    await baton.started(baton.spawn_executor(), baton.spawn_worker("w"))
     password = uuid.uuid4().hex
     vhost_user = "baton-submitter"
     # The script creates fixed user names; this test's prefix keeps its permissions to itself, and
@@ -298,8 +289,7 @@ async def test_a_submitter_can_post_and_hear_back_but_cannot_touch_a_workers_que
 async def test_the_operator_role_reads_but_cannot_write(baton):
     import asyncpg
 
-    await baton.start_executor()
-    await baton.start_worker("w")
+    await baton.started(baton.spawn_executor(), baton.spawn_worker("w"))
     done = await (await baton.client()).run("core.noop", {}, wait_timeout_s=20)
     password = uuid.uuid4().hex
     _create_roles("postgres", BATON_DB=baton.db_name, BATON_DB_PASSWORD=uuid.uuid4().hex,
@@ -316,8 +306,7 @@ async def test_the_operator_role_reads_but_cannot_write(baton):
 
 
 async def test_validation_errors_never_echo_parameter_values(baton):
-    executor = await baton.start_executor()
-    await baton.start_worker("w")
+    executor, _ = await baton.started(baton.spawn_executor(), baton.spawn_worker("w"))
     client = await baton.client()
     secret = "hunter2-" + uuid.uuid4().hex
     cases = [
@@ -354,8 +343,7 @@ async def test_a_registered_schema_cannot_stall_the_executor(baton):
     is decided at once, and the executor keeps taking others."""
     silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
     port = silent.sockets[0].getsockname()[1]
-    await baton.start_executor()
-    await baton.start_worker("w")
+    await baton.started(baton.spawn_executor(), baton.spawn_worker("w"))
     pool = await baton.pool()
     schemas = {
         "evil.remote_ref": {"type": "object", "properties": {"x": {"$ref": f"http://127.0.0.1:{port}/s.json"}}},
@@ -382,8 +370,7 @@ async def test_a_registered_schema_cannot_stall_the_executor(baton):
 
 
 async def test_idempotency_keys_are_scoped_by_action_and_cannot_be_squatted(baton):
-    await baton.start_executor()
-    await baton.start_worker("w", runtimes="python,shell")
+    await baton.started(baton.spawn_executor(), baton.spawn_worker("w", runtimes="python,shell"))
     client = await baton.client()
     squatter = await client.submit("core.local", {"cmd": ["echo", "squatted"]}, idempotency_key="nightly-1")
     await client.wait(squatter.execution_id, 20)
@@ -434,15 +421,13 @@ async def test_an_executor_starts_beside_a_parking_queue_left_with_older_limits(
         await channel.default_exchange.publish(aio_pika.Message(b"parked earlier"), routing_key=old.name)
     finally:
         await connection.close()
-    await baton.start_executor()
-    await baton.start_worker("w")
+    await baton.started(baton.spawn_executor(), baton.spawn_worker("w"))
     assert (await (await baton.client()).run("core.noop", {}, wait_timeout_s=20))["status"] == "completed"
     assert await baton.queue_depth(baton.names.rejected_requests_queue) == 1  # nothing parked was lost
 
 
 async def test_parameters_nested_too_deep_fail_at_intake_and_are_never_dispatched(baton):
-    executor = await baton.start_executor()
-    await baton.start_worker("w")
+    executor, _ = await baton.started(baton.spawn_executor(), baton.spawn_worker("w"))
     deep: dict = {}
     for _ in range(300):
         deep = {"a": deep}
@@ -454,8 +439,7 @@ async def test_parameters_nested_too_deep_fail_at_intake_and_are_never_dispatche
 
 
 async def test_a_command_inherits_none_of_the_workers_sockets(baton):
-    await baton.start_executor()
-    await baton.start_worker("shell", runtimes="shell")
+    await baton.started(baton.spawn_executor(), baton.spawn_worker("shell", runtimes="shell"))
     done = await (await baton.client()).run(
         "core.local", {"cmd": "for fd in /proc/$$/fd/*; do echo $fd $(readlink $fd); done"}, wait_timeout_s=20
     )

@@ -250,8 +250,10 @@ async def test_changed_code_fails_the_run_with_a_non_determinism_error(baton):
 
 
 async def test_long_sleep_frees_the_slot_and_wakes_on_time(baton):
-    await baton.start_executor()
-    await baton.start_worker("solo", concurrency=1, BATON__WORKER__MAX_INLINE_SLEEP="0.2")
+    await baton.started(
+        baton.spawn_executor(),
+        baton.spawn_worker("solo", concurrency=1, BATON__WORKER__MAX_INLINE_SLEEP="0.2"),
+    )
     path = await _path(baton)
     client = await baton.client()
     sleeper = await client.submit("tests.sleeper", {"path": str(path), "seconds": 3.0}, watch=True)
@@ -271,8 +273,7 @@ async def test_long_sleep_frees_the_slot_and_wakes_on_time(baton):
 
 
 async def test_child_shell_action_runs_on_a_shell_only_worker(baton):
-    await baton.start_executor()
-    await baton.start_worker("py-only", runtimes="python")
+    await baton.started(baton.spawn_executor(), baton.spawn_worker("py-only", runtimes="python"))
     await baton.start_worker("sh-only", runtimes="shell")
     path = await _path(baton)
     client = await baton.client()
@@ -314,8 +315,7 @@ async def _exists(path: Path) -> bool:
 
 
 async def test_signal_wakes_a_waiting_run_and_its_timeout_returns_none(baton):
-    await baton.start_executor()
-    await baton.start_worker("solo", concurrency=1)
+    await baton.started(baton.spawn_executor(), baton.spawn_worker("solo", concurrency=1))
     path = await _path(baton)
     client = await baton.client()
     waiting = await client.submit("tests.waits_for_signal", {"path": str(path)}, watch=True)
@@ -339,8 +339,7 @@ async def test_signal_wakes_a_waiting_run_and_its_timeout_returns_none(baton):
 
 
 async def test_step_retries_with_backoff_then_fail_without_recovery(baton):
-    await baton.start_executor()
-    await baton.start_worker("solo")
+    await baton.started(baton.spawn_executor(), baton.spawn_worker("solo"))
     ok_path = await _path(baton, "ok")
     bad_path = await _path(baton, "bad")
     client = await baton.client()
@@ -357,8 +356,9 @@ async def test_step_retries_with_backoff_then_fail_without_recovery(baton):
 
 
 async def test_whole_run_deadline_spans_suspensions(baton):
-    await baton.start_executor()
-    await baton.start_worker("solo", BATON__WORKER__MAX_INLINE_SLEEP="0.2")
+    await baton.started(
+        baton.spawn_executor(), baton.spawn_worker("solo", BATON__WORKER__MAX_INLINE_SLEEP="0.2")
+    )
     path = await _path(baton)
     client = await baton.client()
     submission = await client.submit("tests.sleeper", {"path": str(path), "seconds": 30.0}, timeout_s=1.5, watch=True)
@@ -372,8 +372,7 @@ async def test_whole_run_deadline_spans_suspensions(baton):
 
 
 async def test_cancel_stops_running_shell_and_python_actions_within_a_second(baton):
-    await baton.start_executor()
-    await baton.start_worker("solo", concurrency=2)
+    await baton.started(baton.spawn_executor(), baton.spawn_worker("solo", concurrency=2))
     pidfile = baton.tmp / "pid"
     client = await baton.client()
     shell = await client.submit("core.local", {"cmd": f"echo $$ > {pidfile}; exec sleep 60"}, watch=True)
@@ -409,8 +408,9 @@ async def _logged_count(service: Service, name: str, n: int) -> bool:
 
 
 async def test_cancel_requested_sleeping_and_a_parent_with_its_running_child(baton):
-    await baton.start_executor()
-    await baton.start_worker("solo", BATON__WORKER__MAX_INLINE_SLEEP="0.2")
+    await baton.started(
+        baton.spawn_executor(), baton.spawn_worker("solo", BATON__WORKER__MAX_INLINE_SLEEP="0.2")
+    )
     path = await _path(baton)
     client = await baton.client()
     nobody = await client.submit("nobody.serves", {}, watch=True)  # fails at intake: unknown action
@@ -434,8 +434,10 @@ async def test_cancel_requested_sleeping_and_a_parent_with_its_running_child(bat
 
 
 async def test_pause_at_the_next_step_boundary_then_resume(baton):
-    await baton.start_executor()
-    await baton.start_worker("solo", concurrency=1, BATON__WORKER__MAX_INLINE_SLEEP="0.2")
+    await baton.started(
+        baton.spawn_executor(),
+        baton.spawn_worker("solo", concurrency=1, BATON__WORKER__MAX_INLINE_SLEEP="0.2"),
+    )
     path = await _path(baton)
     client = await baton.client()
     submission = await client.submit("tests.steps_then_long", {"path": str(path), "steps": 2, "seconds": 1.0}, watch=True)
@@ -467,8 +469,7 @@ async def test_pause_at_the_next_step_boundary_then_resume(baton):
 
 
 async def test_retry_failed_and_cancelled_durable_runs_from_their_checkpoint(baton):
-    await baton.start_executor()
-    await baton.start_worker("solo", concurrency=2)
+    await baton.started(baton.spawn_executor(), baton.spawn_worker("solo", concurrency=2))
     path = await _path(baton)
     Path(str(path) + ".fail").write_text("")
     client = await baton.client()
@@ -504,8 +505,10 @@ async def test_retry_failed_and_cancelled_durable_runs_from_their_checkpoint(bat
 
 
 async def test_drain_deadline_and_same_name_restart_resume_from_the_last_step(baton):
-    await baton.start_executor()
-    draining = await baton.start_worker("wf-drain", concurrency=2, BATON__WORKER__SHUTDOWN_TIMEOUT="0.3")
+    _, draining = await baton.started(
+        baton.spawn_executor(),
+        baton.spawn_worker("wf-drain", concurrency=2, BATON__WORKER__SHUTDOWN_TIMEOUT="0.3"),
+    )
     path = await _path(baton)
     client = await baton.client()
     submission = await client.submit("tests.steps_then_long", {"path": str(path), "steps": 2, "seconds": 3.0}, watch=True)
@@ -536,8 +539,7 @@ async def test_drain_deadline_and_same_name_restart_resume_from_the_last_step(ba
 
 
 async def test_a_retried_run_starts_a_new_child_where_the_old_one_failed(baton):
-    await baton.start_executor()
-    await baton.start_worker("py", runtimes="python")
+    await baton.started(baton.spawn_executor(), baton.spawn_worker("py", runtimes="python"))
     await baton.start_worker("sh", runtimes="shell")
     path = await _path(baton)
     marker = baton.tmp / "may-pass"
