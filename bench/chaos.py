@@ -320,7 +320,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     await asyncio.gather(asyncio.to_thread(pg.start), asyncio.to_thread(rabbit.start))
     proxy = CuttableProxy(target_port=pg.port)
     await proxy.start()
-    world = Baton(template=await make_template(pg.url), tmp=tmp, pg_url=pg.url, amqp_url=rabbit.url)
+    # Services start afresh, as a deployment starts them: a restart's cost is part of a recovery.
+    world = Baton(template=await make_template(pg.url), tmp=tmp, pg_url=pg.url, amqp_url=rabbit.url, forked=False)
     world.env.update(CHAOS_ENV)
     await world.setup()
     soak = Soak(args, world, pg, rabbit, proxy, tmp / "ledger.txt", random.Random(args.seed))

@@ -1,5 +1,6 @@
 """Test harness: each test gets its own database (cloned from a migrated template) and its own
-AMQP name prefix, and runs the real `baton executor` / `baton worker` as subprocesses."""
+AMQP name prefix, and runs the real `baton executor` / `baton worker` as processes of their own
+(forked by `tests.zygote`, which has Baton imported already; or, `forked=False`, started afresh)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -55,10 +57,94 @@ async def wait_until(predicate: Callable[[], Awaitable[Any]], *, timeout_s: floa
         await asyncio.sleep(0.05)
 
 
+class Zygote:
+    """This process's `tests.zygote`: it forks the services, and says when each has ended."""
+
+    _instance: Zygote | None = None
+    _instance_lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-u", "-m", "tests.zygote"], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            env={**{k: v for k, v in os.environ.items() if not k.startswith("BATON")}, "PYTHONPATH": str(REPO)},
+        )
+        self._asking = threading.Lock()
+        self._changed = threading.Condition()
+        self._pid: int | None = None
+        self.returncodes: dict[int, int] = {}
+        threading.Thread(target=self._read, name="zygote-reader", daemon=True).start()
+
+    @classmethod
+    def get(cls) -> Zygote:
+        with cls._instance_lock:
+            if cls._instance is None or cls._instance.process.poll() is not None:
+                cls._instance = cls()
+            return cls._instance
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            message = json.loads(line)
+            with self._changed:
+                if "pid" in message:
+                    self._pid = message["pid"]
+                else:
+                    self.returncodes[message["exited"]] = message["returncode"]
+                self._changed.notify_all()
+        with self._changed:  # the zygote is gone: so is any answer it owed
+            self._changed.notify_all()
+
+    def spawn(self, argv: list[str], env: dict[str, str], cwd: Path, log: Path) -> ForkedProcess:
+        assert self.process.stdin is not None
+        with self._asking, self._changed:
+            self._pid = None
+            self.process.stdin.write((json.dumps({"argv": argv, "env": env, "cwd": str(cwd), "log": str(log)}) + "\n").encode())
+            self.process.stdin.flush()
+            if not self._changed.wait_for(lambda: self._pid is not None or self.process.poll() is not None, 30):
+                raise RuntimeError("the zygote did not fork within 30 s")
+            if self._pid is None:
+                raise RuntimeError(f"the zygote exited with {self.process.returncode}")
+            return ForkedProcess(self, self._pid)
+
+    def wait_for(self, pid: int, timeout: float | None) -> int | None:
+        with self._changed:
+            self._changed.wait_for(lambda: pid in self.returncodes or self.process.poll() is not None, timeout)
+            return self.returncodes.get(pid)
+
+
+class ForkedProcess:
+    """What the harness uses of `subprocess.Popen`, for a process the zygote forked."""
+
+    def __init__(self, zygote: Zygote, pid: int) -> None:
+        self.zygote, self.pid = zygote, pid
+        self.args = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self.zygote.returncodes.get(self.pid)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.poll() is None:
+            self.returncode = self.zygote.wait_for(self.pid, timeout)
+            if self.returncode is None:
+                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout or 0)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:  # never a signal to a pid reused since
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
 @dataclass
 class Service:
     name: str
-    process: subprocess.Popen
+    process: subprocess.Popen[bytes] | ForkedProcess
     log_path: Path
     #: The log events that say it is up (`Baton.started` waits for them).
     ready_events: tuple[str, ...] = ()
@@ -94,6 +180,8 @@ class Baton:
     pg_url: str = PG_URL
     amqp_url: str = AMQP_URL
     worker_names: set[str] = field(default_factory=set)
+    #: Services forked by the zygote (fast), or started afresh (`python -m cli`, as a deployment does).
+    forked: bool = True
     _client: BatonClient | None = None
     _pool: asyncpg.Pool | None = None
     _amqp: aio_pika.abc.AbstractRobustConnection | None = None
@@ -158,14 +246,19 @@ class Baton:
     def spawn(self, label: str, *args: str, **env: str) -> Service:
         runs = sum(1 for s in self.services if s.name == label)
         log_path = self.tmp / (f"{label}.log" if not runs else f"{label}.{runs}.log")
-        with open(log_path, "wb") as log_file:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "cli", *args],
-                cwd=REPO,
-                env=self.service_env(**env),
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-            )
+        process: subprocess.Popen[bytes] | ForkedProcess
+        if self.forked:
+            log_path.touch()
+            process = Zygote.get().spawn(list(args), self.service_env(**env), REPO, log_path)
+        else:
+            with open(log_path, "wb") as log_file:
+                process = subprocess.Popen(
+                    [sys.executable, "-m", "cli", *args],
+                    cwd=REPO,
+                    env=self.service_env(**env),
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                )
         service = Service(label, process, log_path)
         self.services.append(service)
         return service
