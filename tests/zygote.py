@@ -41,7 +41,7 @@ def _become(request: dict[str, object], keep: set[int]) -> None:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         os.environ.clear()
-        os.environ.update({str(k): str(v) for k, v in dict(request["env"]).items()})  # type: ignore[call-overload]
+        os.environ.update({str(k): str(v) for k, v in dict(request["env"]).items()})
         os.chdir(str(request["cwd"]))
         log = os.open(str(request["log"]), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         devnull = os.open(os.devnull, os.O_RDONLY)
@@ -54,7 +54,7 @@ def _become(request: dict[str, object], keep: set[int]) -> None:
         sys.stdin = open(0, closefd=False)  # noqa: SIM115
         sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
         sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
-        sys.argv = ["baton", *[str(a) for a in request["argv"]]]  # type: ignore[attr-defined]
+        sys.argv = ["baton", *[str(a) for a in request["argv"]]]
         cli.load_commands(sys.argv[1:])
         cli.main()
         code = 0
