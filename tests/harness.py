@@ -98,7 +98,8 @@ class Zygote:
         assert self.process.stdin is not None
         with self._asking, self._changed:
             self._pid = None
-            self.process.stdin.write((json.dumps({"argv": argv, "env": env, "cwd": str(cwd), "log": str(log)}) + "\n").encode())
+            request = {"argv": argv, "env": env, "cwd": str(cwd), "log": str(log)}
+            self.process.stdin.write((json.dumps(request) + "\n").encode())
             self.process.stdin.flush()
             if not self._changed.wait_for(lambda: self._pid is not None or self.process.poll() is not None, 30):
                 raise RuntimeError("the zygote did not fork within 30 s")
@@ -117,7 +118,6 @@ class ForkedProcess:
 
     def __init__(self, zygote: Zygote, pid: int) -> None:
         self.zygote, self.pid = zygote, pid
-        self.args = pid
         self.returncode: int | None = None
 
     def poll(self) -> int | None:
