@@ -25,7 +25,6 @@ from cli.app import (
 )
 
 if TYPE_CHECKING:
-
     from common.client import BatonClient
 
 @schedules_app.command("add")

@@ -356,12 +356,18 @@ def test_a_service_command_loads_only_the_services_commands():
     import subprocess
     import sys
 
-    from cli import command_of
+    from cli import SERVICE_COMMANDS, app, command_of, load_commands
     from tests.harness import REPO
 
     assert command_of(["--config", "worker", "executor", "--name", "x"]) == "executor"
     assert command_of(["--debug", "--config=a.yaml", "executions", "list"]) == "executions"
     assert command_of(["--help"]) is None and command_of([]) is None
+    # The service commands named are those `cli.services` registers: its commands, and `db` (all its).
+    load_commands()
+    registered = {c.name or c.callback.__name__ for c in app.registered_commands if c.callback.__module__ == "cli.services"}
+    [db] = [g.typer_instance for g in app.registered_groups if g.name == "db"]
+    assert db.registered_commands and all(c.callback.__module__ == "cli.services" for c in db.registered_commands)
+    assert registered | {"db"} == SERVICE_COMMANDS
     probe = (
         "import sys, cli; cli.load_commands(sys.argv[1:]); "
         "print(sorted(m for m in ('cli.services', 'cli.catalogue', 'cli.executions') if m in sys.modules))"

@@ -55,8 +55,7 @@ def _become(request: dict[str, object], keep: set[int]) -> None:
         sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
         sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
         sys.argv = ["baton", *[str(a) for a in request["argv"]]]
-        cli.load_commands(sys.argv[1:])
-        cli.main()
+        cli.main()  # registers the commands this command line needs, as `baton` does
         code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
