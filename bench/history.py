@@ -16,9 +16,12 @@ For each history size (`--sizes`), on one database (`--database-url`, default
    per query the plan's top nodes and every scan in it, the execution time and the shared buffers
    touched. Those must not grow with history: index scans on partial indexes, never a sequential
    scan of `executions` or `execution_events`;
-3. runs `bench/throughput.py --reuse-database` on it twice: a burst (`--n`, default 10,000) and a
-   steady stream (`--rate`, default 500/s, `--steady-n` 5,000), deleting each run's executions
-   afterwards so that the next run sees the same history.
+3. runs `bench/throughput.py --reuse-database` on it: a burst (`--n`, default 10,000) and a
+   steady stream (`--rate`, default 500/s, `--steady-n` 5,000), `--repeat` times each (default 3,
+   alternating), deleting each run's executions afterwards so that the next run sees the same
+   history. The table shows each figure's median over the repeats and, beside it, the spread
+   between the repeats: on a busy machine one run's p99 moves by more than history moves it, and
+   the spread at one size says how much of a difference between sizes is noise.
 
 Prints a table, writes everything as JSON (`--out`, default `bench/history.json`), and drops the
 database unless `--keep`.
@@ -32,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -264,13 +268,35 @@ def throughput(args: argparse.Namespace, *extra: str) -> dict[str, Any]:
                                 "--amqp-url", args.amqp_url, *extra))
 
 
+#: The figures compared across history sizes: each is the median of the repeats.
+COMPARED = ("executions_per_s", "started_p50_ms", "started_p99_ms", "finished_p99_ms")
+
+
 def run_figures(summary: dict[str, Any]) -> dict[str, Any]:
     """What the history table shows of one throughput run."""
-    keys = ("n", "rate", "completed", "timed_out", "executions_per_s", "started_p50_ms", "started_p99_ms",
-            "finished_p99_ms", "cpu_s", "seq_scans")
+    keys = ("n", "rate", "completed", "timed_out", *COMPARED, "cpu_s", "seq_scans")
     figures = {k: summary.get(k) for k in keys}
     figures["rss_max_mb"] = {role: m["max"] for role, m in summary.get("rss_mb", {}).items()}
     return figures
+
+
+def combined(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Repeated runs of one kind as one: the median of each compared figure, its range over the
+    runs (``spread``, as a share of the median), and every run as it was."""
+    out: dict[str, Any] = {"repeats": len(runs), "completed": sum(r["completed"] or 0 for r in runs),
+                           "timed_out": any(r["timed_out"] for r in runs), "runs": runs}
+    out["spread"] = {}
+    for key in COMPARED:
+        values = [r[key] for r in runs if r.get(key) is not None]
+        if not values:
+            continue
+        out[key] = statistics.median(values)
+        out["spread"][key] = round((max(values) - min(values)) / out[key], 3) if out[key] else 0.0
+    out["rss_max_mb"] = {
+        role: max(r["rss_max_mb"][role] for r in runs if role in r["rss_max_mb"])
+        for role in {role for r in runs for role in r["rss_max_mb"]}
+    }
+    return out
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -313,13 +339,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             seeded, plans = asyncio.run(seed_and_explain(args.database_url, size))
             print(f"  seeded {seeded['executions']:,} executions ({seeded['executions_mb']} MB with indexes) and "
                   f"{seeded['events']:,} events ({seeded['events_mb']} MB) in {seeded['seed_s']} s", flush=True)
-            burst = throughput(args, "--n", str(args.n))
-            asyncio.run(forget(args.database_url, seeded["history_ends"]))
-            steady = throughput(args, "--n", str(args.steady_n), "--rate", str(args.rate))
-            asyncio.run(forget(args.database_url, seeded["history_ends"]))
+            bursts, steadies = [], []
+            for _ in range(args.repeat):
+                bursts.append(run_figures(throughput(args, "--n", str(args.n))))
+                asyncio.run(forget(args.database_url, seeded["history_ends"]))
+                steadies.append(run_figures(throughput(args, "--n", str(args.steady_n), "--rate", str(args.rate))))
+                asyncio.run(forget(args.database_url, seeded["history_ends"]))
             seeded["history_ends"] = seeded["history_ends"].isoformat()
-            results[str(size)] = {"seeded": seeded, "queries": plans, "burst": run_figures(burst),
-                                  "steady": run_figures(steady)}
+            results[str(size)] = {"seeded": seeded, "queries": plans, "burst": combined(bursts),
+                                  "steady": combined(steadies)}
     finally:
         if not args.keep:
             asyncio.run(drop_database(args.database_url))
@@ -329,17 +357,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def report(results: dict[str, Any], args: argparse.Namespace) -> None:
     sizes = list(results)
     print(f"\nhistory growth: burst of {args.n:,}, steady {args.rate:g}/s x {args.steady_n:,}; "
-          "post -> start latency in ms")
-    print(f"{'history':>10} {'table MB':>9} {'burst/s':>8} {'p50':>7} {'p99':>7} {'steady/s':>9} {'p50':>7} "
-          f"{'p99':>7} {'executor RSS max':>17}")
+          f"post -> start latency in ms; medians of {args.repeat} runs, (spread between runs, % of the median)")
+    print(f"{'history':>10} {'table MB':>9} {'burst/s':>13} {'steady/s':>13} {'steady p50':>15} {'steady p99':>15} "
+          f"{'executor RSS max':>17}")
     for size in sizes:
         r = results[size]
         b, s = r["burst"], r["steady"]
         mb = r["seeded"]["executions_mb"] + r["seeded"]["events_mb"]
         rss = max(b["rss_max_mb"].get("executor", 0), s["rss_max_mb"].get("executor", 0))
-        print(f"{int(size):>10,} {mb:>9.0f} {b['executions_per_s']:>8.0f} {b['started_p50_ms']:>7.1f} "
-              f"{b['started_p99_ms']:>7.1f} {s['executions_per_s']:>9.0f} {s['started_p50_ms']:>7.1f} "
-              f"{s['started_p99_ms']:>7.1f} {rss:>14.1f} MB")
+        print(f"{int(size):>10,} {mb:>9.0f} {_cell(b, 'executions_per_s', 0):>13} {_cell(s, 'executions_per_s', 0):>13} "
+              f"{_cell(s, 'started_p50_ms', 1):>15} {_cell(s, 'started_p99_ms', 1):>15} {rss:>14.1f} MB")
+    first, last = results[sizes[0]], results[sizes[-1]]
+    print(f"\n{int(sizes[-1]):,} against {int(sizes[0]):,}, medians:")
+    for kind in ("burst", "steady"):
+        for key in COMPARED:
+            if key in first[kind] and key in last[kind] and first[kind][key]:
+                change = (last[kind][key] - first[kind][key]) / first[kind][key]
+                print(f"  {kind:6} {key:18} {first[kind][key]:9.1f} -> {last[kind][key]:9.1f}  ({change:+.0%}; "
+                      f"runs at one size spread up to {max(first[kind]['spread'][key], last[kind]['spread'][key]):.0%})")
     print(f"\nperiodic queries on executions (in flight: {FIXTURE_IN_FLIGHT}): execution ms / shared buffers")
     print(f"{'query':42}" + "".join(f"{int(size):>18,}" for size in sizes))
     for label in results[sizes[0]]["queries"]:
@@ -353,12 +388,18 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
         print(f"    {largest['top']}: {', '.join(largest['scans']) or 'no table scan'}{flag}")
 
 
+def _cell(figures: dict[str, Any], key: str, digits: int) -> str:
+    """A median with the spread between its runs: ``512 (8%)`` (the runs span 8% of the median)."""
+    return f"{figures[key]:.{digits}f} ({figures['spread'][key]:.0%})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1000,100000,1000000", help="history sizes (finished executions)")
     parser.add_argument("--n", type=int, default=10_000, help="executions in the burst (default 10000)")
     parser.add_argument("--rate", type=float, default=500.0, help="steady stream's rate per second (default 500)")
     parser.add_argument("--steady-n", type=int, default=5000, help="executions in the steady stream (default 5000)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each kind per size; medians are compared (default 3)")
     parser.add_argument("--database-url", default="postgresql://postgres@127.0.0.1:5432/baton_bench_history")
     parser.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672/")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "history.json")
@@ -367,7 +408,7 @@ def main() -> None:
     args.sizes = [int(s) for s in args.sizes.split(",")]
     results = run(args)
     report(results, args)
-    args.out.write_text(json.dumps({"n": args.n, "rate": args.rate, "steady_n": args.steady_n,
+    args.out.write_text(json.dumps({"n": args.n, "rate": args.rate, "steady_n": args.steady_n, "repeat": args.repeat,
                                     "in_flight": FIXTURE_IN_FLIGHT, "sizes": results}, indent=2, default=str))
     print(f"written to {args.out}")
 
