@@ -380,3 +380,20 @@ def test_a_service_command_loads_only_the_services_commands():
     }
     assert loaded["--debug"] == "['cli.services']"
     assert loaded["executions"] == "['cli.catalogue', 'cli.executions', 'cli.services']"
+
+
+def test_a_workflow_failed_by_its_lost_transient_child_counts_as_failed_by_policy_in_the_soak():
+    from bench.chaos import failed_by_policy
+
+    lost_child, failing_child = uuid.uuid4(), uuid.uuid4()
+    rows = {
+        lost_child: {"status": "failed", "error": {"error": "interrupted", "failed_by": "recovery"}},
+        failing_child: {"status": "failed", "error": {"error": "boom", "failed_by": "worker"}},
+    }
+    child_failed = {"status": "failed", "error": {"error": "child ... ended failed", "child": str(lost_child),
+                                                  "failed_by": "workflow"}}
+    assert failed_by_policy(child_failed, rows)
+    assert not failed_by_policy({**child_failed, "error": {**child_failed["error"], "child": str(failing_child)}}, rows)
+    assert not failed_by_policy({"status": "failed", "error": {"error": "its own bug", "failed_by": "workflow"}}, rows)
+    assert failed_by_policy({"status": "failed", "error": {"error": "spent", "failed_by": "scheduler"}}, rows)
+    assert not failed_by_policy({"status": "timeout", "error": None}, rows)
