@@ -6,11 +6,14 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import time
 import uuid
 
 import pytest
 
-from tests.harness import wait_until
+from tests.harness import FAST_ENV, wait_until
+
+HEARTBEAT_INTERVAL_S = float(FAST_ENV["BATON__WORKER__HEARTBEAT_INTERVAL"])
 
 pytestmark = pytest.mark.integration
 
@@ -167,11 +170,15 @@ async def test_a_worker_cut_off_from_the_database_stands_down_and_comes_back(bat
         row = await baton.wait_status(sub.execution_id, "running")
         assert row["worker"] == "island"
         await proxy.cut()
+        cut_at = time.monotonic()
         await baton.start_worker("mainland")
         done = await client.wait(sub.execution_id, 30)
         assert done["status"] == "completed" and done["worker"] == "mainland" and done["recovery_attempts"] == 1
         await wait_until(lambda: _logged_async(island, "worker_standing_down"), what="the cut-off worker to stand down")
         assert await (await baton.pool()).fetchval("SELECT status FROM workers WHERE name = 'island'") == "lost"
+        # While the database refuses it, the worker tries again once a heartbeat, not in a loop.
+        cut_for_s, failed = time.monotonic() - cut_at, len(island.events("heartbeat_failed"))
+        assert 0 < failed <= cut_for_s / HEARTBEAT_INTERVAL_S + 5, (failed, cut_for_s)
         await proxy.heal()
         await wait_until(lambda: _logged_async(island, "worker_reregistered"), what="the worker to register again")
         assert await (await baton.pool()).fetchval("SELECT status FROM workers WHERE name = 'island'") == "active"

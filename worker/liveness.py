@@ -166,6 +166,9 @@ async def heartbeat_loop(state: WorkerState) -> None:
         except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             if state.lock_conn is not None and state.lock_conn.is_closed():
                 state.lock_conn = None
+            # A lost lock is retaken at once, but a failed retake waits for the next heartbeat:
+            # while the database refuses connections, the loop must not spin on them.
+            state.lock_lost.clear()
             silent_s = time.monotonic() - last_ok
             metrics.OWN_HEARTBEAT_AGE.set(silent_s)
             state.log.warning("heartbeat_failed", error=str(exc) or type(exc).__name__, silent_s=round(silent_s, 2))
