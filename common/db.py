@@ -165,7 +165,7 @@ async def until_available(operation: Callable[[], Awaitable[_T]], *, what: str, 
 
     Used where giving up would lose work held only in memory (a batch not yet recorded); after
     ``max_wait_s`` the error propagates and the service stops loudly."""
-    async for attempt in connect_retrying(max_wait_s):
+    async for attempt in connect_retrying(max_wait_s, what="PostgreSQL", operation=what):
         with attempt:
             if attempt.retry_state.attempt_number > 1:
                 log.info("database_retry", operation=what, attempt=attempt.retry_state.attempt_number)

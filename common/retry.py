@@ -11,7 +11,6 @@ import asyncpg
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
-    before_sleep_log,
     retry_if_exception_type,
     retry_if_not_exception_type,
     stop_after_delay,
@@ -52,17 +51,21 @@ AUTH_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def connect_retrying(max_wait_s: float = 60.0, *, what: str | None = None, at: str | None = None) -> AsyncRetrying:
+def connect_retrying(
+    max_wait_s: float = 60.0, *, what: str, at: str | None = None, operation: str | None = None
+) -> AsyncRetrying:
     """Exponential backoff with jitter on connect, giving up after ``max_wait_s``; a wrong user or
-    password fails at once. Each wait is logged (`waiting_for_service`: what, where, why, for how
-    much longer)."""
+    password fails at once. Each wait is logged (`waiting_for_service`: which dependency, where, for
+    which operation, why, for how much longer)."""
     started = time.monotonic()
 
     def say(state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome is not None else None
         _log.warning(
             "waiting_for_service",
-            extra={"service": what, "at": at, "error": (str(exc) or type(exc).__name__) if exc else None,
+            # `dependency`, not `service`: that names the process logging (executor, worker).
+            extra={"dependency": what, "at": at, "operation": operation,
+                   "error": (str(exc) or type(exc).__name__) if exc else None,
                    "retry_in_s": round(state.next_action.sleep, 2) if state.next_action else None,
                    "giving_up_in_s": round(max(max_wait_s - (time.monotonic() - started), 0), 1)},
         )
@@ -71,6 +74,6 @@ def connect_retrying(max_wait_s: float = 60.0, *, what: str | None = None, at: s
         retry=retry_if_exception_type(TRANSIENT_ERRORS) & retry_if_not_exception_type(AUTH_ERRORS),
         wait=wait_exponential(multiplier=0.1, max=5.0) + wait_random(0, 0.5),
         stop=stop_after_delay(max_wait_s),
-        before_sleep=say if what else before_sleep_log(_log, logging.WARNING),
+        before_sleep=say,
         reraise=True,
     )

@@ -46,7 +46,7 @@ SCRIPT = textwrap.dedent(
         return "ok"
 
     async def main():
-        async for attempt in connect_retrying(10).copy(wait=wait_none()):
+        async for attempt in connect_retrying(10, what="PostgreSQL", operation="record_outcomes").copy(wait=wait_none()):
             with attempt:
                 return await flaky()
 
@@ -99,7 +99,8 @@ def test_every_line_is_one_json_object_with_level_logger_and_context():
     assert by_event["aiormq multi\nline"]["logger"] == "aiormq.connection"
 
     [retry] = [line for line in lines if line["logger"] == "baton.retry" and line["level"] == "warning"]
-    assert "ConnectionRefusedError" in retry["event"] and "not yet" in retry["event"]
+    assert retry["event"] == "waiting_for_service" and retry["error"] == "not yet"
+    assert (retry["dependency"], retry["operation"]) == ("PostgreSQL", "record_outcomes")
 
     [warning] = [line for line in lines if line["logger"] == "py.warnings"]
     assert "a python warning" in warning["event"]
