@@ -151,9 +151,11 @@ async def heartbeat_loop(state: WorkerState) -> None:
     interval_s = state.cfg.heartbeat_interval_s
     stale_after_s = interval_s * state.settings.executor.heartbeat_staleness_multiplier
     last_ok = time.monotonic()
+    wait_s = interval_s
     while True:
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(state.lock_lost.wait(), interval_s)
+            await asyncio.wait_for(state.lock_lost.wait(), wait_s)
+        wait_s = interval_s
         if state.lock_lost.is_set():
             state.lock_conn = None
         metrics.IN_FLIGHT.set(len(state.running))
@@ -166,10 +168,13 @@ async def heartbeat_loop(state: WorkerState) -> None:
         except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             if state.lock_conn is not None and state.lock_conn.is_closed():
                 state.lock_conn = None
-            # A lost lock is retaken at once, but a failed retake waits for the next heartbeat:
-            # while the database refuses connections, the loop must not spin on them.
+            # A lost lock is retaken at once, but a failed retake waits for the next heartbeat
+            # (or the moment this worker turns stale, if sooner, to stand down on time): while the
+            # database refuses connections, the loop must not spin on them.
             state.lock_lost.clear()
             silent_s = time.monotonic() - last_ok
+            if silent_s < stale_after_s:
+                wait_s = min(interval_s, stale_after_s - silent_s + 0.01)
             metrics.OWN_HEARTBEAT_AGE.set(silent_s)
             state.log.warning("heartbeat_failed", error=str(exc) or type(exc).__name__, silent_s=round(silent_s, 2))
             if silent_s > stale_after_s:
