@@ -44,18 +44,13 @@ async def _keep_session(_conn: asyncpg.Connection) -> None:
     skip asyncpg's reset query on every release. Open transactions are still ended by asyncpg."""
 
 
-async def connect(
-    url: str, *, max_size: int = 10, max_wait_s: float = 60.0, synchronous_commit: bool = True
-) -> asyncpg.Pool:
-    """A pool to ``url``, waiting (with backoff) for PostgreSQL to accept connections. Without
-    ``synchronous_commit``, a commit returns before its record reaches the disk: only for writes
-    that a crash may undo without harm (see `ExecutorContext.placement_pool`)."""
-    settings = SERVER_SETTINGS if synchronous_commit else {**SERVER_SETTINGS, "synchronous_commit": "off"}
+async def connect(url: str, *, max_size: int = 10, max_wait_s: float = 60.0) -> asyncpg.Pool:
+    """A pool to ``url``, waiting (with backoff) for PostgreSQL to accept connections."""
     async for attempt in connect_retrying(max_wait_s, what="PostgreSQL", at=where(url)):
         with attempt:
             return await asyncpg.create_pool(
                 url, min_size=1, max_size=max_size, init=_init_connection, reset=_keep_session, command_timeout=60,
-                server_settings=settings,
+                server_settings=SERVER_SETTINGS,
             )
     raise AssertionError("unreachable")
 

@@ -109,9 +109,7 @@ async def _pass(
 ) -> tuple[bool, bool]:
     """One placement pass; returns (another pass may find more, work was left unplaced)."""
     cfg = ctx.settings.executor
-    # Committed without waiting for the disk: see `ExecutorContext.placement_pool` for why a crash
-    # that undoes a pass is harmless.
-    async with ctx.placement_pool.acquire() as conn, conn.transaction():
+    async with ctx.pool.acquire() as conn, conn.transaction():
         candidates = [
             Candidate(r["name"], frozenset(r["actions"]), r["max_concurrent_tasks"], r["outstanding"])
             for r in await conn.fetch(wq.ELIGIBLE, cfg.heartbeat_staleness_multiplier)

@@ -46,13 +46,6 @@ class ExecutorContext:
     settings: Settings
     names: Names
     pool: asyncpg.Pool
-    #: The scheduler's placement passes commit on these connections without waiting for the disk
-    #: (`synchronous_commit = off`): a pass's commit was most of its time. A crash may undo the
-    #: last passes (their rows go back to `requested`), and that is harmless: a dispatch whose
-    #: `scheduled` row was undone does not match the row at its claim, so it is stale, and the row
-    #: is placed again. Nothing can build on an undone pass first: a claim commits synchronously,
-    #: and flushing its commit record flushes the placement's before it.
-    placement_pool: asyncpg.Pool
     amqp: AbstractRobustConnection
     publish_channel: AbstractChannel
     exchanges: Exchanges
@@ -84,14 +77,9 @@ async def serve(settings: Settings, stop_event: asyncio.Event) -> None:
     wait_db_s, wait_mq_s = settings.database.startup_wait_s, settings.message_queue.startup_wait_s
     await db.ensure_database(settings.database.url, max_wait_s=wait_db_s)
     pool = await db.connect(settings.database.url, max_size=settings.database.pool_max_size, max_wait_s=wait_db_s)
-    placement_pool: asyncpg.Pool | None = None
     connection: AbstractRobustConnection | None = None
     try:
         await db.migrate(pool)
-        # One pass runs at a time, and its dispatch failures reschedule on the main pool.
-        placement_pool = await db.connect(
-            settings.database.url, max_size=1, max_wait_s=wait_db_s, synchronous_commit=False
-        )
         connection = await amqp.connect(
             settings.message_queue.url, max_wait_s=wait_mq_s,
             reconnect_interval_s=settings.message_queue.reconnect_interval_s,
@@ -106,7 +94,6 @@ async def serve(settings: Settings, stop_event: asyncio.Event) -> None:
             settings=settings,
             names=names,
             pool=pool,
-            placement_pool=placement_pool,
             amqp=connection,
             publish_channel=publish_channel,
             exchanges=exchanges,
@@ -119,8 +106,6 @@ async def serve(settings: Settings, stop_event: asyncio.Event) -> None:
         if connection is not None:
             with contextlib.suppress(Exception):
                 await connection.close()
-        if placement_pool is not None:
-            await placement_pool.close()
         await pool.close()
         log.info("executor_stopped")
 

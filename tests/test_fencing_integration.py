@@ -74,34 +74,3 @@ async def test_the_claim_is_fenced_and_idempotent(baton):
     assert [r["id"] for r in await pool.fetch(q.CLAIM, [execution_id], [2], "w1", incarnation)] == [execution_id]
     row = await baton.execution(execution_id)
     assert row["status"] == "running" and row["last_event_seq"] == 1  # started once, one event
-
-
-async def test_a_placement_undone_by_a_crash_leaves_only_stale_dispatches(baton):
-    """The scheduler commits its placements without waiting for the disk, so a PostgreSQL crash
-    may undo the last ones after their dispatches went out. Such a dispatch matches nothing: not
-    the row as the crash left it (`requested`), nor the row placed again under the same attempt
-    number on another worker. Only the placement that stands can be claimed."""
-    from common.queries import executions as q
-
-    pool = await baton.pool()
-    execution_id, incarnations = uuid.uuid4(), {"w1": uuid.uuid4(), "w2": uuid.uuid4()}
-    for name, incarnation in incarnations.items():
-        await pool.execute(
-            "INSERT INTO workers (name, status, runtimes, actions, max_concurrent_tasks, heartbeat_interval_s, "
-            "last_heartbeat, incarnation) VALUES ($1, 'active', '{python}', '{core.noop}', 1, 0.2, now(), $2)",
-            name, incarnation,
-        )
-    # The row as the crash left it: requested, before the undone placement (attempt 1 on w1).
-    await pool.execute(
-        "INSERT INTO executions (id, action_ref, status, attempt) VALUES ($1, 'core.noop', 'requested', 0)", execution_id
-    )
-    assert await pool.fetch(q.CLAIM, [execution_id], [1], "w1", incarnations["w1"]) == []
-    # Placed again after the restart: attempt 1 once more, this time on w2.
-    placed = await pool.fetch(q.MARK_SCHEDULED, [execution_id], ["w2"], [0])
-    assert [(r["attempt"], r["worker"]) for r in placed] == [(1, "w2")]
-    assert await pool.fetch(q.CLAIM, [execution_id], [1], "w1", incarnations["w1"]) == []
-    assert [r["id"] for r in await pool.fetch(q.CLAIM, [execution_id], [1], "w2", incarnations["w2"])] == [execution_id]
-    row = await baton.execution(execution_id)
-    assert (row["status"], row["worker"], row["attempt"]) == ("running", "w2", 1)
-    events = await pool.fetch("SELECT type FROM execution_events WHERE execution_id = $1 ORDER BY seq", execution_id)
-    assert [e["type"] for e in events] == ["execution.scheduled", "execution.started"]
