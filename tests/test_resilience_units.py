@@ -76,3 +76,25 @@ async def test_anything_else_propagates_and_keeps_the_count():
         await _fail("schedule", stop_event, ValueError("a bug"))
     assert backoff_for("schedule", stop_event).failures == 1
 
+
+
+def test_a_failed_heartbeat_retakes_a_lost_lock_soon_backing_off_and_never_past_staleness():
+    from worker.liveness import FIRST_RETAKE_S, after_failed_heartbeat
+
+    def wait(silent_s: float, lock_held: bool, retake_s: float = 0.0) -> tuple[float, float]:
+        return after_failed_heartbeat(
+            interval_s=10.0, stale_after_s=30.0, silent_s=silent_s, lock_held=lock_held, retake_s=retake_s
+        )
+
+    # The lock still held: the next heartbeat, as usual.
+    assert wait(3.0, True, retake_s=1.0) == (10.0, 0.0)
+    # The lock lost: soon, doubling, up to a quarter interval (well inside the half interval after
+    # which the sweeper takes a free lock for a dead process).
+    pauses, retake_s = [], 0.0
+    for _ in range(10):
+        pause, retake_s = wait(1.0, False, retake_s)
+        pauses.append(pause)
+    assert pauses[0] == FIRST_RETAKE_S and pauses == sorted(pauses) and max(pauses) == 2.5
+    # Never past the moment the worker turns stale, when it stands down.
+    assert wait(29.0, True)[0] == pytest.approx(1.01)
+    assert wait(29.9, False, retake_s=2.5)[0] == pytest.approx(0.11)

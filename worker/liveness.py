@@ -147,11 +147,34 @@ async def _resume(state: WorkerState) -> None:
     state.log.info("worker_reregistered")
 
 
+#: The first pause before trying again to retake a lost session lock; doubled on each failure.
+FIRST_RETAKE_S = 0.05
+
+
+def after_failed_heartbeat(
+    *, interval_s: float, stale_after_s: float, silent_s: float, lock_held: bool, retake_s: float
+) -> tuple[float, float]:
+    """How long to wait before the next try, and the retake pause to remember. Without its session
+    lock a worker looks dead to the sweeper once its last heartbeat is half an interval old, so a
+    lost lock is tried again soon: from `FIRST_RETAKE_S`, doubling up to a quarter interval (not in
+    a loop, for the database may refuse connections for a while). With the lock still held, the
+    next try is the next heartbeat. Never later than the moment the worker turns stale, when it
+    has to stand down."""
+    if lock_held:
+        wait_s, retake_s = interval_s, 0.0
+    else:
+        retake_s = min(max(2 * retake_s, FIRST_RETAKE_S), interval_s / 4)
+        wait_s = retake_s
+    if silent_s < stale_after_s:
+        wait_s = min(wait_s, stale_after_s - silent_s + 0.01)
+    return wait_s, retake_s
+
+
 async def heartbeat_loop(state: WorkerState) -> None:
     interval_s = state.cfg.heartbeat_interval_s
     stale_after_s = interval_s * state.settings.executor.heartbeat_staleness_multiplier
     last_ok = time.monotonic()
-    wait_s = interval_s
+    wait_s, retake_s = interval_s, 0.0
     while True:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(state.lock_lost.wait(), wait_s)
@@ -168,19 +191,20 @@ async def heartbeat_loop(state: WorkerState) -> None:
         except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             if state.lock_conn is not None and state.lock_conn.is_closed():
                 state.lock_conn = None
-            # A lost lock is retaken at once, but a failed retake waits for the next heartbeat
-            # (or the moment this worker turns stale, if sooner, to stand down on time): while the
-            # database refuses connections, the loop must not spin on them.
+            # A lost lock is retaken at once; after a failed retake, the next comes after a pause
+            # (the event stays set otherwise, and the loop would spin on a refused connection).
             state.lock_lost.clear()
             silent_s = time.monotonic() - last_ok
-            if silent_s < stale_after_s:
-                wait_s = min(interval_s, stale_after_s - silent_s + 0.01)
+            wait_s, retake_s = after_failed_heartbeat(
+                interval_s=interval_s, stale_after_s=stale_after_s, silent_s=silent_s,
+                lock_held=state.lock_conn is not None, retake_s=retake_s,
+            )
             metrics.OWN_HEARTBEAT_AGE.set(silent_s)
             state.log.warning("heartbeat_failed", error=str(exc) or type(exc).__name__, silent_s=round(silent_s, 2))
             if silent_s > stale_after_s:
                 await _stand_down(state, "its heartbeat could not be recorded for longer than the staleness threshold")
             continue
-        last_ok = time.monotonic()
+        last_ok, retake_s = time.monotonic(), 0.0
         metrics.OWN_HEARTBEAT_AGE.set(0)
         health.write(
             state.cfg.health_file, service="worker", worker=state.name, status=status,
