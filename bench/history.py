@@ -389,7 +389,10 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
 
 
 def _cell(figures: dict[str, Any], key: str, digits: int) -> str:
-    """A median with the spread between its runs: ``512 (8%)`` (the runs span 8% of the median)."""
+    """A median with the spread between its runs: ``512 (8%)`` (the runs span 8% of the median);
+    ``n/a`` when no run gave the figure (each failed)."""
+    if key not in figures:
+        return "n/a"
     return f"{figures[key]:.{digits}f} ({figures['spread'][key]:.0%})"
 
 
@@ -406,11 +409,14 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the database (with the largest history)")
     args = parser.parse_args()
     args.sizes = [int(s) for s in args.sizes.split(",")]
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     results = run(args)
-    report(results, args)
+    # Written first: a long run's figures survive a report that cannot print them.
     args.out.write_text(json.dumps({"n": args.n, "rate": args.rate, "steady_n": args.steady_n, "repeat": args.repeat,
                                     "in_flight": FIXTURE_IN_FLIGHT, "sizes": results}, indent=2, default=str))
     print(f"written to {args.out}")
+    report(results, args)
 
 
 if __name__ == "__main__":
