@@ -243,7 +243,7 @@ def main() -> None:
             continue
         print(f"{r['system']:40} {r['n']:>6} {r['posted_per_s']:>9} {r['per_s']:>8} {r['start_p50_ms']:>7.1f} ms "
               f"{r['start_p99_ms']:>7.1f} ms {r['cpu_ms_per_task']:>6.2f} ms")
-    print("  posted/s: how fast the client published (Baton's: asyncio with confirms, 500 in flight, one message "
+    print("  posted/s: how fast the client published (Baton's: asyncio on uvloop with confirms, 500 in flight, one message "
           f"per request, or {BATCH} requests per message; Celery's: send_task in a loop), which bounds tasks/s")
     if args.celery_pg_n != args.n:
         print(f"  (Celery with PostgreSQL results ran {args.celery_pg_n} tasks, not {args.n}: it stores each result "
