@@ -37,6 +37,7 @@ import asyncpg
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from cli.app import run_on_uvloop  # noqa: E402
 from common import amqp  # noqa: E402
 from common.ids import batch_execution_id  # noqa: E402
 
@@ -632,12 +633,7 @@ def main() -> None:
     args.source = args.source.resolve()
     # On uvloop, as Baton's services run: the load generator shares the cores with what it measures,
     # and on the default loop each confirmed publish cost it a third more CPU.
-    try:
-        import uvloop
-    except ImportError:
-        summary = asyncio.run(run(args))
-    else:
-        summary = uvloop.run(run(args))
+    summary = run_on_uvloop(run(args))
     print(json.dumps(summary, sort_keys=True))
     sys.exit(1 if summary.get("timed_out") else 0)
 

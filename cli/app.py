@@ -8,7 +8,7 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -66,14 +66,14 @@ STATUS_STYLE = {
 }
 
 
-def _serve(main: Any) -> None:
-    """Run a service's main coroutine, on uvloop where it is available (a faster event loop)."""
+def run_on_uvloop(main: Coroutine[Any, Any, _T]) -> _T:
+    """Run a main coroutine (a service's, or a benchmark's) to its result, on uvloop where it is
+    available (a faster event loop)."""
     try:
         import uvloop
     except ImportError:
-        asyncio.run(main)
-    else:
-        uvloop.run(main)
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 #: Set by `--debug` (anywhere on the command line): tracebacks instead of one-line errors.

@@ -14,10 +14,10 @@ from pydantic import ValidationError
 
 from cli.app import (
     _one_line,
-    _serve,
     _settings,
     app,
     db_app,
+    run_on_uvloop,
 )
 from common.logging import configure_logging
 from common.retry import TRANSIENT_ERRORS
@@ -38,7 +38,7 @@ def executor() -> None:
     configure_logging(settings.logging, service="executor")
     with _one_line(settings, "executor"):
         try:
-            _serve(main(settings))
+            run_on_uvloop(main(settings))
         except RuntimeError as exc:  # a refusal to start, or a loop that died (logged with its cause)
             typer.echo(f"executor: {exc}", err=True)
             raise typer.Exit(1) from None
@@ -111,7 +111,7 @@ def worker(
 
     with _one_line(settings, f"worker {settings.worker.name}"):
         try:
-            _serve(main())
+            run_on_uvloop(main())
         except RuntimeError as exc:
             typer.echo(f"worker {settings.worker.name}: {exc}", err=True)
             raise typer.Exit(1) from None
