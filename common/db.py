@@ -164,10 +164,9 @@ async def until_available(operation: Callable[[], Awaitable[_T]], *, what: str, 
     """Run ``operation()`` (a coroutine factory), waiting out a database that is briefly away.
 
     Used where giving up would lose work held only in memory (a batch not yet recorded); after
-    ``max_wait_s`` the error propagates and the service stops loudly."""
+    ``max_wait_s`` the error propagates and the service stops loudly. Each wait is logged once,
+    as `waiting_for_service` naming the operation."""
     async for attempt in connect_retrying(max_wait_s, what="PostgreSQL", operation=what):
         with attempt:
-            if attempt.retry_state.attempt_number > 1:
-                log.info("database_retry", operation=what, attempt=attempt.retry_state.attempt_number)
             return await operation()
     raise AssertionError("unreachable")
