@@ -6,9 +6,10 @@ Everything runs as real processes on a PostgreSQL and a RabbitMQ of the soak's o
 and data directories, started here and stopped at the end), so that restarting them never touches
 the machine's shared servers. Worker `w3` reaches PostgreSQL through a proxy the soak can cut.
 
-Load (`--rate` per second for `--duration` seconds, or on until `--min-faults` faults have struck): no-ops, sleeps, shell commands, failing
-actions, and durable workflows (`chaos.flow`: steps that write to a ledger, a durable sleep,
-parallel steps, a child action); a few are cancelled and a few failed ones retried.
+Load (`--rate` per second for `--duration` seconds, or on until `--min-faults` faults have
+struck): no-ops, sleeps, shell commands, failing actions, and durable workflows (`chaos.flow`:
+steps that write to a ledger, a durable sleep, parallel steps, a child action); a few are cancelled
+and a few failed ones retried.
 
 Faults (one every `--fault-every` seconds, chosen by the seeded generator): SIGKILL a worker and
 start it again under its name; SIGTERM a worker and start a replacement; SIGSTOP a worker past the
