@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from prometheus_client import Counter, Gauge, start_http_server
 
 from common.logging import get_logger
@@ -23,6 +25,20 @@ HEARTBEAT_AGE = Gauge("baton_worker_heartbeat_age_seconds", "Age of each live wo
 IN_FLIGHT = Gauge("baton_worker_in_flight", "Executions this worker is running.")
 FINISHED = Counter("baton_worker_executions_total", "Executions this worker finished, by status.", ["status"])
 OWN_HEARTBEAT_AGE = Gauge("baton_worker_own_heartbeat_age_seconds", "Seconds since this worker's last recorded heartbeat.")
+
+
+def replace_all(gauge: Gauge, values: Mapping[str, float]) -> None:
+    """Make ``gauge``'s series exactly ``values`` (one label each).
+
+    Scrapes run on the metrics server's own thread, so clear-then-set would let one see a family
+    with a live worker's series missing; setting first and then removing the series that are gone
+    never does. A label whose count fell to nothing is removed, not left at its last value.
+    """
+    for label, value in values.items():
+        gauge.labels(label).set(value)
+    present = {label for metric in gauge.collect() for sample in metric.samples for label in sample.labels.values()}
+    for gone in present - values.keys():
+        gauge.remove(gone)
 
 
 def serve(port: int | None, host: str = "127.0.0.1") -> None:

@@ -166,12 +166,9 @@ async def _observe(ctx: ExecutorContext) -> None:
     """Refresh the gauges that describe the whole system."""
     if ctx.settings.executor.metrics_port is None:
         return
-    metrics.EXECUTIONS.clear()
-    for row in await ctx.pool.fetch(q.COUNT_ACTIVE_BY_STATUS):
-        metrics.EXECUTIONS.labels(row["status"]).set(row["n"])
-    for row in await ctx.pool.fetch(wq.COUNT_BY_STATUS):
-        metrics.WORKERS.labels(row["status"]).set(row["n"])
-    metrics.HEARTBEAT_AGE.clear()
-    for row in await ctx.pool.fetch(wq.HEARTBEAT_AGES):
-        if row["age_s"] is not None:
-            metrics.HEARTBEAT_AGE.labels(row["name"]).set(row["age_s"])
+    executions = await ctx.pool.fetch(q.COUNT_ACTIVE_BY_STATUS)
+    workers = await ctx.pool.fetch(wq.COUNT_BY_STATUS)
+    ages = await ctx.pool.fetch(wq.HEARTBEAT_AGES)
+    metrics.replace_all(metrics.EXECUTIONS, {row["status"]: row["n"] for row in executions})
+    metrics.replace_all(metrics.WORKERS, {row["status"]: row["n"] for row in workers})
+    metrics.replace_all(metrics.HEARTBEAT_AGE, {row["name"]: row["age_s"] for row in ages if row["age_s"] is not None})
