@@ -98,3 +98,20 @@ def test_a_failed_heartbeat_retakes_a_lost_lock_soon_backing_off_and_never_past_
     # Never past the moment the worker turns stale, when it stands down.
     assert wait(29.0, True)[0] == pytest.approx(1.01)
     assert wait(29.9, False, retake_s=2.5)[0] == pytest.approx(0.11)
+
+
+def test_a_name_holder_is_gone_only_when_this_host_shows_its_process_is():
+    import os
+    import subprocess
+    import sys
+
+    from worker.liveness import holder_gone
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    here = {"this_host": "h1", "this_pid": os.getpid()}
+    assert holder_gone("h1", child.pid, **here)  # exited and reaped: nothing has that pid
+    assert holder_gone("h1", os.getpid(), **here)  # our own pid: a restarted container's pid 1
+    assert not holder_gone("h1", os.getppid(), **here)  # alive
+    assert not holder_gone("h2", child.pid, **here)  # another host's process: cannot tell, so held
+    assert not holder_gone("h1", None, **here)

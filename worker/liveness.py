@@ -28,6 +28,31 @@ class WorkerNameInUse(RuntimeError):
     """Another live process holds this worker name."""
 
 
+class _HolderExiting(RuntimeError):
+    """The name's lock is still held, but by a process of this host that no longer exists."""
+
+
+#: How long registration waits for PostgreSQL to release a dead predecessor's lock: it does once
+#: it notices the closed connection, a moment after the process died.
+HOLDER_EXIT_WAIT_S = 10.0
+
+
+def holder_gone(hostname: str | None, pid: int | None, *, this_host: str, this_pid: int) -> bool:
+    """Whether the process recorded as holding a name is certainly gone: it ran on this host and
+    no process has its pid, or the pid is this process's own (a container restarted as pid 1)."""
+    if hostname != this_host or pid is None:
+        return False
+    if pid == this_pid:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # a live process of another user
+        return False
+    return False
+
+
 async def lock(state: WorkerState) -> None:
     """(Re)open the lock connection and take the session lock on it."""
     if state.lock_conn is not None and not state.lock_conn.is_closed():
@@ -64,11 +89,30 @@ def _on_control(state: WorkerState, _conn: object, _pid: int, _channel: str, pay
 async def register(state: WorkerState) -> None:
     """Mark this process the worker's live incarnation. What the row says is `running` here but
     this process does not run (a predecessor that died, or work given up while the database
-    was away) is interrupted first, so that recovery takes it over."""
+    was away) is interrupted first, so that recovery takes it over. A predecessor killed a moment
+    ago may still hold the name's lock: if it ran on this host and is gone, wait for the lock."""
+    deadline = time.monotonic() + HOLDER_EXIT_WAIT_S
+    while True:
+        try:
+            await _register_once(state)
+            return
+        except _HolderExiting:
+            if time.monotonic() > deadline:
+                raise WorkerNameInUse(
+                    f"worker name {state.name!r} is still locked in PostgreSQL by a process that has exited, "
+                    f"after {HOLDER_EXIT_WAIT_S:.0f} s: check for a connection of that process left open "
+                    f"(pg_stat_activity), or start this one under another --name"
+                ) from None
+            await asyncio.sleep(0.1)
+
+
+async def _register_once(state: WorkerState) -> None:
     cfg = state.cfg
     async with state.pool.acquire() as conn, conn.transaction():
         previous = await conn.fetchrow(wq.PREVIOUS, state.name, state.incarnation)
         if previous is not None and previous["held"]:
+            if holder_gone(previous["hostname"], previous["pid"], this_host=socket.gethostname(), this_pid=os.getpid()):
+                raise _HolderExiting(state.name)
             raise WorkerNameInUse(
                 f"worker name {state.name!r} is held by a live process (host {previous['hostname']}, "
                 f"pid {previous['pid']}): stop that process, or start this one under another --name"
