@@ -193,6 +193,29 @@ async def test_transient_workflow_fails_on_worker_loss_or_restarts_when_asked(ba
     assert await _steps(baton, restarting.execution_id) == []
 
 
+async def test_a_run_the_workers_own_machinery_fails_is_interrupted_and_recovered_not_left_running(baton):
+    # Many recoveries allowed: the run fails on every try until the journal's table is back.
+    many = {"BATON__RECOVERY__MAX_RECOVERY_ATTEMPTS": "50"}
+    await baton.started(baton.spawn_executor(**many), baton.spawn_worker("wf-x", concurrency=2, **many))
+    pool = await baton.pool()
+    # The journal cannot be read: an error from the worker's machinery, not from the workflow.
+    await pool.execute("ALTER TABLE workflow_steps RENAME TO workflow_steps_away")
+    path = await _path(baton)
+    client = await baton.client()
+    submission = await client.submit("tests.steps_then_long", {"path": str(path), "steps": 1, "seconds": 0.1})
+
+    async def interrupted():
+        return _interrupted(await _events(baton, submission.execution_id))
+
+    [first, *_] = await wait_until(interrupted, what="the failed run to be interrupted")
+    await pool.execute("ALTER TABLE workflow_steps_away RENAME TO workflow_steps")
+    assert first["reason"] == "worker_lost" and first["recoverable"] is True
+    assert "the worker failed while running it" in first["error"] and first["worker_id"] == "wf-x"
+    done = await client.wait(submission.execution_id, 30)
+    assert done["status"] == "completed" and done["recovery_attempts"] >= 1
+    assert _count(path, "s0") == 1
+
+
 async def test_store_is_restored_after_a_crash(baton):
     workers = await _two_workers(baton)
     path = await _path(baton)

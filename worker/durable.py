@@ -122,7 +122,7 @@ async def run(state: WorkerState, dispatch: Assignment, action: RegisteredAction
         if started is None:
             state.log.info("workflow_fenced", at="start", **fields)
             return None
-        records = await state.pool.fetch(wq.STEPS, dispatch.execution_id)
+        records = await db.until_available(lambda: state.pool.fetch(wq.STEPS, dispatch.execution_id), what="read_steps")
         replay = Replay.of([StepRecord(**dict(r)) for r in records])
         remaining_s: float | None = started["remaining_s"]
         recovery_attempts = started["recovery_attempts"]
