@@ -145,7 +145,6 @@ class RecordedRequest(TypedDict):
     status: str
     attempt: int
     worker: str | None
-    schedule_attempts: int
     finished_at: dt.datetime | None
     error: dict[str, Any] | None
     warnings: list[str] | None

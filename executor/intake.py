@@ -1,9 +1,7 @@
 """Intake: requests from `<prefix>.execution.requests` become rows in `executions`.
 
 Requests are taken in batches and recorded in one statement; only then are they acked, so a crash
-loses nothing (a redelivered request maps to the same execution id and is recorded once). While
-nothing waits to be placed, the requests there is room for are placed as they are recorded, in
-the same transaction, and their dispatches handed over once it commits (`executor.dispatching`). A bad
+loses nothing (a redelivered request maps to the same execution id and is recorded once). A bad
 request is recorded as `failed` when it can be tied to an execution, otherwise parked in
 `<prefix>.rejected_requests` with its reason; either way it is acked and never retried in a loop.
 
@@ -34,7 +32,6 @@ from common.logging import get_logger
 from common.notifications import publish_terminal
 from common.queries import executions as q
 from common.schemas import Acceptance, ExistingRequest, RecordedRequest
-from executor import dispatching
 from executor.parking import park
 from executor.requests import (
     NewExecution,
@@ -177,7 +174,7 @@ async def _process(ctx: ExecutorContext, batch: list[AbstractIncomingMessage], s
         except Exception as exc:  # noqa: BLE001 - a schema a worker registered that cannot be used
             execution.fail(f"parameters cannot be checked against the action's schema: {describe(exc)}")
 
-    inserted, unstorable = await _record(ctx, executions, placing=not ctx.backlog)
+    inserted, unstorable = await _record(ctx.pool, executions)
     same, duplicates = await _existing(
         ctx.pool, [e for e in executions if e.id not in inserted and e.id not in unstorable]
     )
@@ -192,7 +189,7 @@ async def _process(ctx: ExecutorContext, batch: list[AbstractIncomingMessage], s
             execution.fail(reason, conflicts_with=str(existing_id))
             conflicts.append(execution)
     if conflicts:
-        recorded, refused = await _record(ctx, conflicts)
+        recorded, refused = await _record(ctx.pool, conflicts)
         inserted.update(recorded)
         unstorable.update(refused)
     if unstorable:
@@ -212,7 +209,7 @@ async def _process(ctx: ExecutorContext, batch: list[AbstractIncomingMessage], s
         more = f" (and {len(reasons) - 3} more)" if len(reasons) > 3 else ""
         await park(ctx, message, "; ".join(dict.fromkeys(reasons[:3])) + more)
     await amqp.ack_all(batch)
-    metrics.REQUESTS.labels("recorded").inc(sum(1 for r in inserted.values() if r["status"] != "failed"))
+    metrics.REQUESTS.labels("recorded").inc(sum(1 for r in inserted.values() if r["status"] == "requested"))
     metrics.REQUESTS.labels("failed").inc(sum(1 for r in inserted.values() if r["status"] == "failed"))
     metrics.REQUESTS.labels("redelivered").inc(len(same))
     metrics.REQUESTS.labels("duplicate").inc(len(duplicates))
@@ -221,15 +218,14 @@ async def _process(ctx: ExecutorContext, batch: list[AbstractIncomingMessage], s
         ctx.wake.set()
 
 
-async def _record(ctx: ExecutorContext, executions: list[NewExecution], *, placing: bool = False) -> tuple[Rows, Unstorable]:
-    """Insert all in one statement, placing what there is room for (``placing``). If PostgreSQL
-    refuses it for anything but an outage (a NUL in a string, a value too large for an index, any
-    other error a request's data can cause), insert one by one, unplaced, so that only the requests
-    that cannot be stored are rejected."""
+async def _record(pool: asyncpg.Pool, executions: list[NewExecution]) -> tuple[Rows, Unstorable]:
+    """Insert all in one statement. If PostgreSQL refuses it for anything but an outage (a NUL in
+    a string, a value too large for an index, any other error a request's data can cause), insert
+    one by one, so that only the requests that cannot be stored are rejected."""
     if not executions:
         return {}, {}
     try:
-        return await _insert(ctx, executions, placing=placing), {}
+        return await _insert(pool, executions), {}
     except Exception as exc:
         if unavailable(exc):
             raise
@@ -239,7 +235,7 @@ async def _record(ctx: ExecutorContext, executions: list[NewExecution], *, placi
     unstorable: Unstorable = {}
     for execution in executions:
         try:
-            inserted.update(await _insert(ctx, [execution]))
+            inserted.update(await _insert(pool, [execution]))
         except Exception as exc:
             if unavailable(exc):
                 raise
@@ -255,34 +251,19 @@ def _existing_row(record: asyncpg.Record) -> ExistingRequest:
     return cast(ExistingRequest, dict(record))
 
 
-async def _insert(ctx: ExecutorContext, executions: list[NewExecution], *, placing: bool = False) -> Rows:
-    """Record the requests; with ``placing``, those there is room for are recorded `scheduled` on
-    a worker in the same transaction, and their dispatches handed over once it has committed: a
-    request then costs no scheduling pass, and one row version less."""
-    placeable = [e for e in executions if e.status == "requested" and e.not_before is None and e.action_ref]
-
-    async def insert() -> list[asyncpg.Record]:
-        if not (placing and placeable):
-            return await ctx.pool.fetch(q.INSERT_REQUESTS, *insert_arguments(executions))
-        async with ctx.pool.acquire() as conn, conn.transaction():
-            workers = await dispatching.place_new(ctx, conn, [(e.id, e.action_ref or "") for e in placeable])
-            return await conn.fetch(q.INSERT_REQUESTS, *insert_arguments(executions, workers))
-
+async def _insert(pool: asyncpg.Pool, executions: list[NewExecution]) -> Rows:
+    args = insert_arguments(executions)
     # The batch stays unacked while the database is away; nothing is dropped.
-    rows = [_recorded(row) for row in await until_available(insert, what="record_requests")]
-    placed = [dispatching.placed(row) for row in rows if row["status"] == "scheduled"]
-    dispatching.hand_over(ctx, placed)
-    if len(placed) < len(placeable):
-        ctx.backlog = True  # what found no room waits for the scheduler, and so do the next requests
+    rows = await until_available(lambda: pool.fetch(q.INSERT_REQUESTS, *args), what="record_requests")
     for row in rows:
         fields = {"execution_id": str(row["id"]), "action_ref": row["action_ref"]}
         if row["status"] == "failed":
-            log.warning("execution_rejected", error=(row["error"] or {}).get("error"), **fields)
+            log.warning("execution_rejected", error=row["error"]["error"], **fields)
         else:
             log.info("execution_requested", **fields)
         if row["warnings"]:
             log.warning("request_fields_ignored", warnings=row["warnings"], **fields)
-    return {row["id"]: row for row in rows}
+    return {row["id"]: _recorded(row) for row in rows}
 
 
 async def _existing(pool: asyncpg.Pool, repeated: list[NewExecution]) -> tuple[Existing, Existing]:

@@ -7,7 +7,7 @@ import functools
 import json
 import math
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,12 +54,8 @@ class NewExecution:
         self.error = {"error": message, "failed_by": "executor_intake", **details}
 
 
-def insert_arguments(
-    executions: list[NewExecution], workers: Mapping[uuid.UUID, str] | None = None
-) -> tuple[list[Any], ...]:
-    """The arrays `INSERT_REQUESTS` takes, one element per execution; ``workers`` are the workers
-    those placed as they are recorded go to."""
-    placed = workers or {}
+def insert_arguments(executions: list[NewExecution]) -> tuple[list[Any], ...]:
+    """The arrays `INSERT_REQUESTS` takes, one element per execution."""
     return (
         [e.id for e in executions],
         [e.action_ref for e in executions],
@@ -75,7 +71,6 @@ def insert_arguments(
         [e.schedule_name for e in executions],
         [e.scheduled_for for e in executions],
         [json.dumps(e.warnings) if e.warnings else None for e in executions],
-        [placed.get(e.id) for e in executions],
     )
 
 

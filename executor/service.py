@@ -22,7 +22,6 @@ from common.logging import get_logger
 from common.settings import Settings
 from executor import (
     dead_letters,
-    dispatching,
     health,
     intake,
     maintenance,
@@ -52,11 +51,6 @@ class ExecutorContext:
     exchanges: Exchanges
     catalogue: Catalogue
     wake: asyncio.Event = field(default_factory=asyncio.Event)
-    #: Work may be waiting to be placed (the last pass left some, or intake found no room): until a
-    #: pass finds none, intake records new requests as `requested` rather than placing them itself.
-    backlog: bool = True
-    #: Dispatches being published after their placement committed (`executor.dispatching`).
-    handovers: set[asyncio.Task[None]] = field(default_factory=set)
 
 
 class LoopDied(RuntimeError):
@@ -107,10 +101,7 @@ async def serve(settings: Settings, stop_event: asyncio.Event) -> None:
         )
         metrics.serve(settings.executor.metrics_port, settings.executor.metrics_host)
         log.info("executor_started", prefix=names.prefix)
-        try:
-            await supervise(ctx, LOOPS, stop_event)
-        finally:
-            await dispatching.finish_handovers(ctx)
+        await supervise(ctx, LOOPS, stop_event)
     finally:
         if connection is not None:
             with contextlib.suppress(Exception):

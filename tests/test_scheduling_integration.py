@@ -23,66 +23,6 @@ async def _events(baton: Baton, execution_id) -> list[dict]:
     return [dict(r) for r in rows]
 
 
-# -- placement as requests are recorded -----------------------------------------------------------
-
-
-async def _placed_as_recorded(client, action_ref: str, parameters: dict):
-    """Post until intake places a request as it records it: it does so once a pass has found
-    nothing left waiting (the executor starts out assuming there may be)."""
-
-    async def placed():
-        submission = await client.submit(action_ref, parameters)
-        return submission if submission.status == "scheduled" else None
-
-    return await wait_until(placed, what="a request placed on a worker as it was recorded")
-
-
-async def test_a_request_is_placed_on_a_free_worker_as_it_is_recorded(baton):
-    # No fallback pass: only what intake does, and what wakes the scheduler, places anything.
-    await baton.started(
-        baton.spawn_executor(BATON__EXECUTOR__SCHEDULER_FALLBACK_INTERVAL="3600"), baton.spawn_worker("roomy")
-    )
-    client = await baton.client()
-    submission = await _placed_as_recorded(client, "core.echo", {"message": "straight through"})
-    done = await client.wait(submission.execution_id, 20)
-    assert done["status"] == "completed" and done["result"] == {"message": "straight through"}
-    assert (done["worker"], done["attempt"]) == ("roomy", 1)
-    events = await _events(baton, submission.execution_id)
-    assert [e["type"] for e in events] == [
-        "execution.requested", "execution.scheduled", "execution.started", "execution.completed"
-    ]
-    # Recorded and placed in one transaction: the same moment, with what a pass would have written.
-    assert events[0]["created_at"] == events[1]["created_at"] == dt.datetime.fromisoformat(done["scheduled_at"])
-    assert events[1]["data"] == {"worker": "roomy", "attempt": 1}
-
-
-async def test_a_new_request_does_not_overtake_one_already_waiting(baton):
-    await baton.started(
-        baton.spawn_executor(BATON__EXECUTOR__SCHEDULER_FALLBACK_INTERVAL="3600"), baton.spawn_worker("fifo")
-    )
-    client = await baton.client()
-    await _placed_as_recorded(client, "core.echo", {"message": "warm"})
-    # One waits to be placed, as another executor's request does until that one's next pass:
-    # written behind this executor's back, so that nothing wakes its scheduler.
-    pool = await baton.pool()
-    first = uuid.uuid4()
-    await pool.execute(
-        "INSERT INTO executions (id, action_ref, parameters, status, last_event_seq) "
-        "VALUES ($1, 'core.echo', '{\"message\": \"first\"}', 'requested', 1)",
-        first,
-    )
-    second = await client.submit("core.echo", {"message": "second"})
-    # Not placed ahead of it: left for the pass that intake then wakes, which places both in order.
-    assert second.status == "requested"
-    done = await client.wait(second.execution_id, 20)
-    assert done["status"] == "completed"
-    row = await wait_until(
-        lambda: pool.fetchrow("SELECT * FROM executions WHERE id = $1 AND status = 'completed'", first),
-        what="the request that was waiting first to complete",
-    )
-    assert row["scheduled_at"] <= dt.datetime.fromisoformat(done["scheduled_at"])
-
-
 # -- retries ---------------------------------------------------------------------------------------
 
 

@@ -10,63 +10,47 @@ from common.queries.workers import busy
 
 # $1 id, $2 action_ref, $3 parameters, $4 status, $5 idempotency_key, $6 message_id,
 # $7 correlation_id, $8 timeout_s, $9 error, $10 max_retries, $11 not_before, $12 schedule_name,
-# $13 scheduled_for, $14 warnings, $15 worker (all arrays, one element per request;
-# `executor.requests.insert_arguments`). A delayed request whose time has already come is not delayed.
-# A request given a worker (placed as it is recorded) is recorded `scheduled` on it at attempt 1,
-# exactly as a scheduling pass would have left it, with both events: requested, then scheduled.
+# $13 scheduled_for, $14 warnings (all arrays, one element per request; `executor.requests.insert_arguments`).
+# A delayed request whose time has already come is not delayed.
 INSERT_REQUESTS = f"""
 WITH ins AS (
     INSERT INTO executions (id, action_ref, parameters, status, idempotency_key, message_id,
                             correlation_id, timeout_s, error, finished_at, last_event_seq, max_retries, not_before,
-                            schedule_name, scheduled_for, warnings, worker, attempt, schedule_attempts, scheduled_at)
-    SELECT r.id, r.action_ref, r.parameters::jsonb,
-           CASE WHEN r.worker IS NULL THEN r.status ELSE 'scheduled' END,
-           r.idempotency_key, r.message_id, r.correlation_id, r.timeout_s, r.error::jsonb,
-           CASE WHEN r.status = 'failed' THEN now() END, CASE WHEN r.worker IS NULL THEN 1 ELSE 2 END, r.max_retries,
+                            schedule_name, scheduled_for, warnings)
+    SELECT r.id, r.action_ref, r.parameters::jsonb, r.status, r.idempotency_key, r.message_id,
+           r.correlation_id, r.timeout_s, r.error::jsonb,
+           CASE WHEN r.status = 'failed' THEN now() END, 1, r.max_retries,
            CASE WHEN r.status = 'requested' AND r.not_before > now() THEN r.not_before END,
-           r.schedule_name, r.scheduled_for, r.warnings::jsonb, r.worker,
-           CASE WHEN r.worker IS NULL THEN 0 ELSE 1 END, CASE WHEN r.worker IS NULL THEN 0 ELSE 1 END,
-           CASE WHEN r.worker IS NOT NULL THEN now() END
+           r.schedule_name, r.scheduled_for, r.warnings::jsonb
     FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
                 $8::float8[], $9::text[], $10::int[], $11::timestamptz[], $12::text[], $13::timestamptz[],
-                $14::text[], $15::text[])
+                $14::text[])
          AS r(id, action_ref, parameters, status, idempotency_key, message_id, correlation_id, timeout_s, error,
-              max_retries, not_before, schedule_name, scheduled_for, warnings, worker)
+              max_retries, not_before, schedule_name, scheduled_for, warnings)
     ON CONFLICT DO NOTHING
-    RETURNING id, action_ref, status, attempt, worker, schedule_attempts, finished_at, error, warnings, not_before
+    RETURNING id, action_ref, status, attempt, worker, finished_at, error, warnings, not_before
 ), ev AS (
     INSERT INTO execution_events (execution_id, seq, type, data)
-    SELECT id, 1, 'execution.' || CASE WHEN status = 'scheduled' THEN 'requested' ELSE status END,
+    SELECT id, 1, 'execution.' || status,
            COALESCE(error, '{{}}'::jsonb)
            || CASE WHEN not_before IS NULL THEN '{{}}'::jsonb ELSE jsonb_build_object('not_before', not_before) END
            || CASE WHEN warnings IS NULL THEN '{{}}'::jsonb ELSE jsonb_build_object('warnings', warnings) END
     FROM ins
-    UNION ALL
-    SELECT id, 2, 'execution.scheduled', jsonb_build_object('worker', worker, 'attempt', attempt)
-    FROM ins WHERE status = 'scheduled'
 )
 SELECT ins.*, CASE WHEN EXISTS (SELECT 1 FROM ins WHERE not_before IS NOT NULL)
                    THEN pg_notify('{TIMER_CHANNEL}', 'delayed') END AS pg_notify
 FROM ins
 """
 
-# Which of these actions ($1) have executions waiting to be placed: new requests of theirs are not
-# placed as they are recorded, so that they do not overtake those (the next pass places them in order).
-ACTIONS_WAITING = """
-SELECT a.ref FROM unnest($1::text[]) AS a(ref)
-WHERE EXISTS (SELECT 1 FROM executions WHERE status = 'requested' AND not_before IS NULL AND action_ref = a.ref)
-"""
-
 # Requests that were not inserted: the same request seen again (same id: enough of the row that a
 # failed one's notification can be published again) or a repeated idempotency key (with what the
 # key's holder was given, to tell the same request from a conflicting one).
 FIND_EXISTING = """
-SELECT id, action_ref, status, attempt, worker, schedule_attempts, finished_at, error, warnings, not_before,
-       parameters, timeout_s, idempotency_key
+SELECT id, action_ref, status, attempt, worker, finished_at, error, warnings, not_before, parameters, timeout_s,
+       idempotency_key
 FROM executions WHERE id = ANY($1::uuid[])
 UNION ALL
-SELECT e.id, e.action_ref, e.status, e.attempt, e.worker, e.schedule_attempts, e.finished_at, e.error, e.warnings,
-       e.not_before,
+SELECT e.id, e.action_ref, e.status, e.attempt, e.worker, e.finished_at, e.error, e.warnings, e.not_before,
        e.parameters, e.timeout_s, e.idempotency_key
 FROM unnest($2::text[], $3::text[]) AS k(action_ref, idempotency_key)
 JOIN executions e ON e.action_ref = k.action_ref AND e.idempotency_key = k.idempotency_key
