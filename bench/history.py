@@ -134,6 +134,7 @@ def periodic_queries() -> list[tuple[str, str, tuple[Any, ...]]]:
         ("scheduler: requested rows to place", q.SELECT_REQUESTED_FOR_UPDATE,
          (cfg.schedule_batch_size, ["core.noop"], [100])),
         ("scheduler: dispatched per limited action", q.ACTIVE_BY_ACTION, (["core.noop"],)),
+        ("scheduler: actions waiting for room", q.ACTIONS_WAITING, (["core.noop", "core.echo"],)),
         ("sweeper: scheduled on unavailable workers", q.SELECT_SCHEDULED_ON_UNAVAILABLE, ()),
         ("sweeper: running on stopped workers", q.SELECT_RUNNING_ON_STOPPED, ()),
         ("sweeper: held by a lost worker", q.SELECT_HELD_BY_WORKER, ("explain_w3",)),

@@ -38,6 +38,11 @@ def room_by_action(candidates: Iterable[Candidate], pipeline: int) -> dict[str, 
     return room
 
 
+def served_actions(candidates: Iterable[Candidate]) -> set[str]:
+    """Every action some candidate serves, busy or not."""
+    return {action for c in candidates for action in c.actions}
+
+
 def concurrency_room(limits: Mapping[str, int], active: Mapping[str, int]) -> dict[str, int]:
     """For each action with a concurrency limit: how many more may be dispatched now."""
     return {action: max(limit - active.get(action, 0), 0) for action, limit in limits.items()}

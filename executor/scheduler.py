@@ -29,7 +29,7 @@ from common.queries import executions as q
 from common.queries import workers as wq
 from common.retry import TRANSIENT_ERRORS
 from common.schemas import MAX_DISPATCHES_PER_MESSAGE, Dispatch, DispatchBatch
-from executor.placement import Candidate, concurrency_room, limited_room, place, room_by_action
+from executor.placement import Candidate, concurrency_room, limited_room, place, room_by_action, served_actions
 from executor.rescheduling import reschedule_or_fail
 from executor.resilience import describe, riding_out_outages
 
@@ -125,8 +125,12 @@ async def _pass(
         plan = place(
             [(r["id"], r["action_ref"], r["previous_worker"]) for r in rows], candidates, cfg.dispatch_pipeline, caps
         )
+        # Work of an action no live worker has room for waits for freed capacity, which must then
+        # wake a pass, even when this one had room for other actions.
+        without_room = sorted(served_actions(candidates) - room.keys())
+        waits_for_room = bool(without_room) and bool(await conn.fetch(q.ACTIONS_WAITING, without_room))
         if not plan:
-            return False, bool(rows)
+            return False, bool(rows) or waits_for_room
         by_id = {r["id"]: r for r in rows}
         scheduled = await conn.fetch(
             q.MARK_SCHEDULED, list(plan), list(plan.values()), [by_id[i]["attempt"] for i in plan]
@@ -150,8 +154,8 @@ async def _pass(
     # (more may be waiting as `requested`): then freed capacity must wake the next pass.
     fetched = Counter(r["action_ref"] for r in rows)
     room_taken = any(fetched[a] >= min(free, cfg.schedule_batch_size) for a, free in room.items())
-    log.debug("scheduler_pass", rows=len(rows), placed=len(plan), room_taken=room_taken)
-    return len(rows) == cfg.schedule_batch_size, len(plan) < len(rows) or room_taken
+    log.debug("scheduler_pass", rows=len(rows), placed=len(plan), room_taken=room_taken, waits_for_room=waits_for_room)
+    return len(rows) == cfg.schedule_batch_size, len(plan) < len(rows) or room_taken or waits_for_room
 
 
 def _handed_over(task: asyncio.Task[None], handovers: set[asyncio.Task[None]]) -> None:

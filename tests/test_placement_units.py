@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from executor.placement import Candidate, place, room_by_action
+from executor.placement import Candidate, place, room_by_action, served_actions
 
 
 def _c(name: str, actions: set[str], conc: int = 2, outstanding: int = 0) -> Candidate:
@@ -79,3 +79,11 @@ def test_never_over_capacity_and_never_a_pipeline_while_a_slot_is_free(workers, 
             assert all(load[c.name] >= c.max_concurrent_tasks for c in serving)
         load[chosen.name] += 1
         assert load[chosen.name] <= chosen.max_concurrent_tasks + pipeline
+
+
+def test_served_actions_counts_busy_workers_too():
+    full = Candidate("full", frozenset({"a", "b"}), 1, 1)
+    idle = Candidate("idle", frozenset({"c"}), 2, 0)
+    assert served_actions([full, idle]) == {"a", "b", "c"}
+    assert room_by_action([full, idle], 0) == {"c": 2}  # what a pass fetches; "a" and "b" wait for room
+    assert served_actions([]) == set()

@@ -23,6 +23,27 @@ async def _events(baton: Baton, execution_id) -> list[dict]:
     return [dict(r) for r in rows]
 
 
+# -- waking for freed capacity --------------------------------------------------------------------
+
+
+async def test_work_waiting_for_a_full_worker_starts_when_it_frees_while_another_worker_has_room(baton):
+    # No fallback pass: only a wake-up can place the waiting request.
+    await baton.started(
+        baton.spawn_executor(BATON__EXECUTOR__SCHEDULER_FALLBACK_INTERVAL="3600"),
+        baton.spawn_worker("py", concurrency=1, runtimes="python"),
+        baton.spawn_worker("sh", runtimes="shell"),
+    )
+    client = await baton.client()
+    busy = await client.submit("core.sleep", {"seconds": 1.5})
+    await baton.wait_status(busy.execution_id, "running")
+    # Only the full worker serves it; the pass that intake wakes finds room only on the shell
+    # worker, for actions nobody asked for. It must still count this as work left waiting.
+    waiting = await client.submit("core.echo", {"message": "next in line"})
+    assert (await baton.execution(waiting.execution_id))["status"] == "requested"
+    done = await client.wait(waiting.execution_id, 20)
+    assert done["status"] == "completed" and done["worker"] == "py"
+
+
 # -- retries ---------------------------------------------------------------------------------------
 
 

@@ -74,6 +74,13 @@ ORDER BY r.updated_at
 LIMIT $1
 """
 
+# Which of these actions ($1) have executions waiting to be placed, each looked up in its own
+# index range (delayed rows are not in it).
+ACTIONS_WAITING = """
+SELECT a.ref FROM unnest($1::text[]) AS a(ref)
+WHERE EXISTS (SELECT 1 FROM executions WHERE status = 'requested' AND not_before IS NULL AND action_ref = a.ref)
+"""
+
 # Serialises the passes that place actions with a concurrency limit, across executors: each pass
 # takes these transaction locks (in one order) before it counts what runs. $1 actions (sorted)
 LOCK_CONCURRENCY = "SELECT pg_advisory_xact_lock(hashtext('baton.concurrency:' || a)) FROM unnest($1::text[]) AS a"
