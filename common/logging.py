@@ -32,6 +32,37 @@ LIBRARY_LOGGERS = ("asyncpg", "aio_pika", "aiormq", "pamqp", "tenacity", "urllib
 LIBRARY_LEVEL = logging.WARNING
 
 
+#: Library lines logged as errors that are routine for Baton, with the level they are shown at. A
+#: RabbitMQ restart is routine: aio-pika reconnects and says so at WARNING ("Connection attempt
+#: ... failed ... Reconnecting after 1 seconds"), while aiormq logs each refused attempt again as
+#: an error, and aio-pika a callback of the closed channel that fails (its issue #668).
+#: (logger, what the message contains, level)
+LIBRARY_LEVELS: tuple[tuple[str, str, int], ...] = (
+    ("aiormq.connection", "Unexpected connection close from remote", logging.WARNING),
+    ("aiormq.connection", "error when creating transport", logging.DEBUG),
+    ("aio_pika.tools", "RobustChannel._on_close", logging.DEBUG),
+)
+
+
+class _LibraryLevels(logging.Filter):
+    """Shows the lines of `LIBRARY_LEVELS` at their level (or not at all, below the configured one)."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        for logger, contains, level in LIBRARY_LEVELS:
+            if record.name == logger and contains in record.getMessage():
+                if level < self.level:
+                    return False
+                record.levelno, record.levelname = level, logging.getLevelName(level)
+                return True
+        return True
+
+
 class _StaticContext:
     """Adds the process's context to every event, including those logged by threads that did not
     inherit the context variables (``loop.run_in_executor`` does not copy them)."""
@@ -107,6 +138,7 @@ def configure_logging(settings: LoggingSettings, **context: object) -> None:
     )
     handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)
+    handler.addFilter(_LibraryLevels(level))
     handler._baton = True  # type: ignore[attr-defined]  # so that configuring again replaces it
 
     root = logging.getLogger()

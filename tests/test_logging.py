@@ -36,6 +36,11 @@ SCRIPT = textwrap.dedent(
         logging.getLogger("aio_pika").error("aio_pika failed", exc_info=True)
         log.exception("structlog_exception")
     logging.getLogger("aiormq.connection").warning("aiormq multi\\nline")
+    # A broker restart, as the libraries report it: routine, so not shown as errors.
+    logging.getLogger("aiormq.connection").error("Unexpected connection close from remote \\"amqp://guest:******@h/\\"")
+    logging.getLogger("aiormq.connection").error("error when creating transport: <AMQPConnectionError: (111, 'x')>")
+    logging.getLogger("aio_pika.tools").error("Callback <OneShotCallback: cb=<bound method RobustChannel._on_close>> error")
+    logging.getLogger("aio_pika.tools").error("a real aio_pika error")
     logging.getLogger("baton.retry").info("baton stdlib info")
     warnings.warn("a python warning")
 
@@ -97,6 +102,13 @@ def test_every_line_is_one_json_object_with_level_logger_and_context():
     assert "ZeroDivisionError" in by_event["structlog_exception"]["exception"]
 
     assert by_event["aiormq multi\nline"]["logger"] == "aiormq.connection"
+
+    # Routine broker-restart lines are not errors: the close is a warning, the noise after it is
+    # not shown (aio-pika's own warning says it reconnects); any other library error stays one.
+    closed = [line for line in lines if line["event"].startswith("Unexpected connection close")]
+    assert [line["level"] for line in closed] == ["warning"]
+    assert not [line for line in lines if "creating transport" in line["event"] or "_on_close" in line["event"]]
+    assert by_event["a real aio_pika error"]["level"] == "error"
 
     [retry] = [line for line in lines if line["logger"] == "baton.retry" and line["level"] == "warning"]
     assert retry["event"] == "waiting_for_service" and retry["error"] == "not yet"
