@@ -160,8 +160,9 @@ class ExecutorSettings(_Section):
     for a slot waits as `requested` in PostgreSQL, not in a busy worker's inbox."""
 
     requested_timeout_s: Seconds = Field(3600.0, alias="requested_timeout")
-    """A request that has waited this long as `requested` while no live worker serves its action
-    fails with a reason naming the action; 0 turns this off."""
+    """A request that has waited this long as `requested`, for an action no worker has served for
+    this long (a restarting worker's heartbeat counts), fails with a reason naming the action; 0
+    turns this off."""
 
     intake_batch_size: int = Field(500, ge=1)
     """Requests taken from the queue and recorded in one database round trip."""

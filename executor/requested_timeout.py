@@ -1,11 +1,13 @@
 """Requested-timeout monitor: a request that has waited `executor.requested_timeout` as `requested`
-for an action that no live worker serves fails with a reason naming the action, instead of
-waiting forever. Work for an action that some live worker serves is only waiting its turn and is
-left alone. Each action's backlog is read through its own index range, oldest first."""
+for an action that no live worker has served for that long fails with a reason naming the action,
+instead of waiting forever. Work for an action that some live worker serves, or served a moment
+ago (its only worker is restarting, or missed a heartbeat), is only waiting its turn and is left
+alone. Each action's backlog is read through its own index range, oldest first."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from common import metrics
@@ -25,11 +27,18 @@ log = get_logger("baton.executor.requested_timeout")
 BATCH = 500
 
 
+def expirable(unserved_for_s: Mapping[str, float | None], timeout_s: float) -> list[str]:
+    """Of the actions no live worker serves, by seconds since a worker last served each (None:
+    never), those whose requests may time out: unserved for at least the whole timeout."""
+    return sorted(a for a, age_s in unserved_for_s.items() if age_s is None or age_s >= timeout_s)
+
+
 def requested_timeout_error(action_ref: str, timeout_s: float, age_s: float) -> dict[str, Any]:
     return {
         "error": (
-            f"no live worker serves action {action_ref!r}: the request waited {int(age_s)} s as requested "
-            f"(executor.requested_timeout = {timeout_s:g} s); start a worker that serves it and submit again"
+            f"no live worker serves action {action_ref!r}: the request waited {int(age_s)} s as requested, "
+            f"and no worker has served the action for at least {timeout_s:g} s (executor.requested_timeout); "
+            f"start a worker that serves it and submit again"
         ),
         "failed_by": "requested_timeout_monitor",
         "timeout_seconds": timeout_s,
@@ -64,7 +73,11 @@ async def check(ctx: ExecutorContext) -> int:
         unserved = sorted(known - served)
         if not unserved:
             return 0
-        rows = await conn.fetch(q.SELECT_REQUESTED_EXPIRED, cfg.requested_timeout_s, unserved, BATCH)
+        last_served = {r["ref"]: r["age_s"] for r in await conn.fetch(wq.LAST_SERVED, unserved)}
+        expiring = expirable(last_served, cfg.requested_timeout_s)
+        if not expiring:
+            return 0
+        rows = await conn.fetch(q.SELECT_REQUESTED_EXPIRED, cfg.requested_timeout_s, expiring, BATCH)
         for row in rows:
             error = requested_timeout_error(row["action_ref"], cfg.requested_timeout_s, row["age_s"])
             done = await conn.fetchrow(q.FAIL, row["id"], "requested", row["attempt"], error)

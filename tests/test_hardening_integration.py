@@ -202,6 +202,42 @@ async def test_a_request_no_live_worker_serves_fails_after_requested_timeout(bat
     assert done["status"] == "completed" and done["worker"] == busy.name
 
 
+async def test_a_request_waiting_its_turn_survives_a_restart_of_the_only_worker_serving_it(baton):
+    # The request waits longer than the requested timeout behind a busy worker; then that worker
+    # dies and comes back. For a moment nobody serves the action, but somebody did a moment ago:
+    # the request is waiting its turn, not for a worker that does not exist.
+    await baton.start_executor(BATON__EXECUTOR__REQUESTED_TIMEOUT="4", BATON__EXECUTOR__TIMEOUT_CHECK_INTERVAL="0.2")
+    busy = await baton.start_worker("only", concurrency=1, runtimes="python")
+    client = await baton.client()
+    blocker = await client.submit("core.sleep", {"seconds": 30}, watch=True)
+    await baton.wait_status(blocker.execution_id, "running")
+    patient = await client.submit("core.echo", {"message": "still here"}, watch=True)
+    pool = await baton.pool()
+
+    async def waited_past_the_timeout() -> bool:
+        return await pool.fetchval(
+            "SELECT updated_at < now() - interval '4.5 s' FROM executions WHERE id = $1", patient.execution_id
+        )
+
+    await wait_until(waited_past_the_timeout, what="the request to wait longer than the requested timeout")
+    busy.signal(signal.SIGKILL)
+    busy.wait()
+
+    async def lost() -> bool:
+        return await pool.fetchval("SELECT status = 'lost' FROM workers WHERE name = 'only'")
+
+    await wait_until(lost, what="the killed worker to be declared lost")
+
+    async def unserved_for_a_while() -> bool:  # several of the monitor's checks (every 0.2 s) go by
+        return await pool.fetchval("SELECT last_heartbeat < now() - interval '1.5 s' FROM workers WHERE name = 'only'")
+
+    await wait_until(unserved_for_a_while, what="the action to have had no live worker for 1.5 s")
+    assert (await baton.execution(patient.execution_id))["status"] == "requested"
+    await baton.start_worker("only", concurrency=1, runtimes="python")
+    done = await client.wait(patient.execution_id, 20)
+    assert done["status"] == "completed" and done["result"] == {"message": "still here"}
+
+
 # -- retention -------------------------------------------------------------------------------
 
 

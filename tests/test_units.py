@@ -418,3 +418,13 @@ def test_a_gauge_family_is_replaced_without_dropping_a_series_that_stays():
     assert series() == {"a": 3.0, "c": 4.0}
     replace_all(gauge, {})
     assert series() == {}
+
+
+def test_requests_time_out_only_for_actions_unserved_for_the_whole_timeout():
+    from executor.requested_timeout import expirable
+
+    # Never served, and unserved for longer than the timeout: their requests may time out. Served
+    # a moment ago (its only worker restarting): its requests are waiting their turn.
+    ages = {"never": None, "long_gone": 3600.0, "just_now": 2.5, "exactly": 60.0}
+    assert expirable(ages, 60.0) == ["exactly", "long_gone", "never"]
+    assert expirable({}, 60.0) == []

@@ -123,6 +123,15 @@ FROM workers w
 WHERE {alive("$1")}
 """
 
+# How long ago each of these actions ($1) was last served: seconds since the last heartbeat of any
+# worker, live or not, that serves it (None: no worker on record serves it).
+LAST_SERVED = """
+SELECT a.ref, extract(epoch FROM now() - max(w.last_heartbeat))::float8 AS age_s
+FROM unnest($1::text[]) AS a(ref)
+LEFT JOIN workers w ON a.ref = ANY(w.actions)
+GROUP BY a.ref
+"""
+
 # Every action some live worker serves, busy or not. $1 staleness multiplier
 SERVED_ACTIONS = f"SELECT DISTINCT unnest(w.actions) AS ref FROM workers w WHERE {alive('$1')}"
 
