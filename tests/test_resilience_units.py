@@ -115,3 +115,23 @@ def test_a_name_holder_is_gone_only_when_this_host_shows_its_process_is():
     assert not holder_gone("h1", os.getppid(), **here)  # alive
     assert not holder_gone("h2", child.pid, **here)  # another host's process: cannot tell, so held
     assert not holder_gone("h1", None, **here)
+
+
+async def test_a_journal_out_of_reach_for_too_long_is_the_workers_failure_not_the_workflows():
+    from worker.durable import JournalUnavailable, _journal
+
+    calls = []
+
+    async def refused():
+        calls.append(1)
+        raise ConnectionRefusedError("PostgreSQL is away")
+
+    with pytest.raises(JournalUnavailable, match="checkpoint: PostgreSQL stayed unreachable"):
+        await _journal(refused, what="checkpoint", max_wait_s=0.3)
+    assert len(calls) > 1  # waited it out first
+
+    async def refused_by_the_data():
+        raise ValueError("not an outage")
+
+    with pytest.raises(ValueError):  # anything else is what it is
+        await _journal(refused_by_the_data, what="checkpoint", max_wait_s=0.3)

@@ -12,11 +12,13 @@ import asyncio
 import dataclasses
 import time
 import uuid
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from common import db
 from common.actions import CORE_ACTIONS
 from common.queries import workflows as wq
+from common.retry import TRANSIENT_ERRORS
 from common.schemas import Assignment
 from worker.context import WorkflowContext, bind, unbind
 from worker.journal import (
@@ -34,9 +36,25 @@ from worker.replay import NonDeterminismError, Replay, StepRecord
 from worker.runner import Outcome, bounded_result, error_object, failure, parse_parameters, resolve_timeout_s
 from worker.state import WorkerState
 
+_T = TypeVar("_T")
+
 
 class _UnknownAction(Exception):
     """Raised inside the child's transaction to roll its pending step back."""
+
+
+class JournalUnavailable(Exception):
+    """The run's journal stayed out of reach for longer than the worker waits for PostgreSQL: an
+    infrastructure failure, not the workflow's. It ends the run here as interrupted (recovery
+    decides by its policy), never as the workflow's own failure."""
+
+
+async def _journal(operation: Callable[[], Awaitable[_T]], *, what: str, max_wait_s: float = 300.0) -> _T:
+    """A journal read or write, waiting out a database that is briefly away."""
+    try:
+        return await db.until_available(operation, what=what, max_wait_s=max_wait_s)
+    except TRANSIENT_ERRORS as exc:
+        raise JournalUnavailable(f"{what}: PostgreSQL stayed unreachable: {exc}") from exc
 
 
 class PgJournal:
@@ -56,7 +74,7 @@ class PgJournal:
         )
 
     async def record(self, write: StepWrite) -> Recorded:
-        row = await db.until_available(lambda: self.pool.fetchrow(wq.CHECKPOINT, *self._args(write)), what="checkpoint")
+        row = await _journal(lambda: self.pool.fetchrow(wq.CHECKPOINT, *self._args(write)), what="checkpoint")
         if row is None:
             raise Fenced(f"step {write.step_id} not recorded: the run is no longer this worker's")
         return Recorded(pause_requested=row["pause_requested"], wake_at_s=row["wake_at_s"])
@@ -78,10 +96,10 @@ class PgJournal:
                 return False
             return True
 
-        return await db.until_available(attempt, what="start_child")
+        return await _journal(attempt, what="start_child")
 
     async def child(self, child_id: uuid.UUID) -> ChildState | None:
-        row = await db.until_available(lambda: self.pool.fetchrow(wq.CHILD, child_id), what="read_child")
+        row = await _journal(lambda: self.pool.fetchrow(wq.CHILD, child_id), what="read_child")
         return None if row is None else ChildState(row["status"], row["result"], row["error"])
 
     async def take_signal(self, write: StepWrite) -> tuple[bool, Any]:
@@ -95,7 +113,7 @@ class PgJournal:
                     raise Fenced("signal not taken: the run is no longer this worker's")  # rolls the take back
                 return True, signal["data"]
 
-        return await db.until_available(attempt, what="take_signal")
+        return await _journal(attempt, what="take_signal")
 
 
 async def run(state: WorkerState, dispatch: Assignment, action: RegisteredAction) -> Outcome | None:
@@ -113,7 +131,7 @@ async def run(state: WorkerState, dispatch: Assignment, action: RegisteredAction
     if spec.durable:
         pg = journal = PgJournal(state, dispatch)
         run_timeout_s = dispatch.timeout_s or spec.timeout_s
-        started = await db.until_available(
+        started = await _journal(
             lambda: state.pool.fetchrow(
                 wq.START, *pg.fence, run_timeout_s, {"worker": state.name, "attempt": dispatch.attempt}
             ),
@@ -122,7 +140,7 @@ async def run(state: WorkerState, dispatch: Assignment, action: RegisteredAction
         if started is None:
             state.log.info("workflow_fenced", at="start", **fields)
             return None
-        records = await db.until_available(lambda: state.pool.fetch(wq.STEPS, dispatch.execution_id), what="read_steps")
+        records = await _journal(lambda: state.pool.fetch(wq.STEPS, dispatch.execution_id), what="read_steps")
         replay = Replay.of([StepRecord(**dict(r)) for r in records])
         remaining_s: float | None = started["remaining_s"]
         recovery_attempts = started["recovery_attempts"]
@@ -156,7 +174,7 @@ async def run(state: WorkerState, dispatch: Assignment, action: RegisteredAction
         replay.check_finished(ctx.steps_called)
         changes = ctx.store._take_changes()
         if changes and isinstance(journal, PgJournal):
-            await db.until_available(lambda: state.pool.fetchrow(wq.SAVE_STORE, *journal.fence, changes), what="save_store")
+            await _journal(lambda: state.pool.fetchrow(wq.SAVE_STORE, *journal.fence, changes), what="save_store")
     except Suspend as suspension:
         await _suspend(state, dispatch, suspension, fields)
         return None
@@ -176,6 +194,8 @@ async def run(state: WorkerState, dispatch: Assignment, action: RegisteredAction
         return failure(exc)
     except StepFailed as exc:
         return Outcome("failed", error={**exc.error, "failed_by": "workflow"})
+    except JournalUnavailable:
+        raise  # the worker's failure, not the workflow's: the run is interrupted (recording.run_one)
     except Exception as exc:  # noqa: BLE001 - the workflow's own failure is its execution's outcome
         return failure(exc)
     finally:
@@ -185,7 +205,7 @@ async def run(state: WorkerState, dispatch: Assignment, action: RegisteredAction
 
 
 async def _suspend(state: WorkerState, dispatch: Assignment, suspension: Suspend, fields: dict[str, Any]) -> None:
-    status = await db.until_available(
+    status = await _journal(
         lambda: state.pool.fetchval(
             wq.SUSPEND, dispatch.execution_id, dispatch.attempt, state.name, state.incarnation, suspension.status,
             suspension.wake_at_s, suspension.child_id, suspension.signal,
