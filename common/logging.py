@@ -36,11 +36,13 @@ LIBRARY_LEVEL = logging.WARNING
 #: RabbitMQ restart is routine: aio-pika reconnects and says so at WARNING ("Connection attempt
 #: ... failed ... Reconnecting after 1 seconds"), while aiormq logs each refused attempt again as
 #: an error, and aio-pika a callback of the closed channel that fails (its issue #668).
-#: (logger, what the message contains, level)
-LIBRARY_LEVELS: tuple[tuple[str, str, int], ...] = (
-    ("aiormq.connection", "Unexpected connection close from remote", logging.WARNING),
-    ("aiormq.connection", "error when creating transport", logging.DEBUG),
-    ("aio_pika.tools", "RobustChannel._on_close", logging.DEBUG),
+#: (logger, what the message contains, level, one of which it must also contain if any)
+LIBRARY_LEVELS: tuple[tuple[str, str, int, tuple[str, ...]], ...] = (
+    ("aiormq.connection", "Unexpected connection close from remote", logging.WARNING, ()),
+    ("aiormq.connection", "error when creating transport", logging.DEBUG, ()),
+    # Only the errors of a connection that is closing: a channel that fails to reopen on a live
+    # connection (the callback's other errors) stays an error.
+    ("aio_pika.tools", "RobustChannel._on_close", logging.DEBUG, ("ChannelInvalidStateError", "> closed")),
 )
 
 
@@ -54,8 +56,9 @@ class _LibraryLevels(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.ERROR:
             return True
-        for logger, contains, level in LIBRARY_LEVELS:
-            if record.name == logger and contains in record.getMessage():
+        for logger, contains, level, any_of in LIBRARY_LEVELS:
+            message = record.getMessage() if record.name == logger else ""
+            if contains in message and (not any_of or any(part in message for part in any_of)):
                 if level < self.level:
                     return False
                 record.levelno, record.levelname = level, logging.getLevelName(level)
@@ -83,6 +86,16 @@ class _NamedWriter(structlog.WriteLogger):
         super().__init__(file)
         self.name = name
 
+    def msg(self, message: str) -> None:
+        # As the stdlib's handlers do: a log line that cannot be written (stderr closed, a full
+        # disk, a broken pipe) must not fail the code that logged it.
+        try:
+            super().msg(message)
+        except (OSError, ValueError):
+            return
+
+    log = debug = info = warn = warning = err = error = critical = exception = fatal = failure = msg
+
 
 def _dumps(event_dict: Any, **kw: Any) -> str:
     """JSON with orjson, which is several times faster than the stdlib's on an event; a value it
@@ -98,7 +111,9 @@ def configure_logging(settings: LoggingSettings, **context: object) -> None:
     level = _LEVELS[settings.level]
     renderer: structlog.typing.Processor
     if settings.format == "json":
-        renderer = structlog.processors.JSONRenderer(serializer=_dumps)
+        # orjson writes non-ASCII as it is: only where stderr takes UTF-8 (else the stdlib's ASCII escapes).
+        utf8 = (getattr(sys.stderr, "encoding", None) or "").lower().replace("-", "") == "utf8"
+        renderer = structlog.processors.JSONRenderer(serializer=_dumps if utf8 else json.dumps)
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     # Run for every event, whether it came from structlog or from a stdlib logger.

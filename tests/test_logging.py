@@ -5,6 +5,7 @@ needed: a small subprocess configures logging the way a service does and logs ev
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -39,7 +40,10 @@ SCRIPT = textwrap.dedent(
     # A broker restart, as the libraries report it: routine, so not shown as errors.
     logging.getLogger("aiormq.connection").error("Unexpected connection close from remote \\"amqp://guest:******@h/\\"")
     logging.getLogger("aiormq.connection").error("error when creating transport: <AMQPConnectionError: (111, 'x')>")
-    logging.getLogger("aio_pika.tools").error("Callback <OneShotCallback: cb=<bound method RobustChannel._on_close>> error")
+    logging.getLogger("aio_pika.tools").error(
+        "Callback <OneShotCallback: cb=<bound method RobustChannel._on_close>> error: ChannelInvalidStateError: x")
+    logging.getLogger("aio_pika.tools").error(
+        "Callback <OneShotCallback: cb=<bound method RobustChannel._on_close>> error: ChannelNotFoundEntity: gone")
     logging.getLogger("aio_pika.tools").error("a real aio_pika error")
     logging.getLogger("baton.retry").info("baton stdlib info")
     warnings.warn("a python warning")
@@ -107,8 +111,10 @@ def test_every_line_is_one_json_object_with_level_logger_and_context():
     # not shown (aio-pika's own warning says it reconnects); any other library error stays one.
     closed = [line for line in lines if line["event"].startswith("Unexpected connection close")]
     assert [line["level"] for line in closed] == ["warning"]
-    assert not [line for line in lines if "creating transport" in line["event"] or "_on_close" in line["event"]]
-    assert by_event["a real aio_pika error"]["level"] == "error"
+    assert not [line for line in lines if "creating transport" in line["event"] or "InvalidState" in line["event"]]
+    # A channel that fails to reopen on a live connection is a real error.
+    [reopen] = [line for line in lines if "ChannelNotFoundEntity" in line["event"]]
+    assert reopen["level"] == "error" and by_event["a real aio_pika error"]["level"] == "error"
 
     [retry] = [line for line in lines if line["logger"] == "baton.retry" and line["level"] == "warning"]
     assert retry["event"] == "waiting_for_service" and retry["error"] == "not yet"
@@ -166,3 +172,29 @@ def test_a_crash_is_one_json_line_too():
     assert "ZeroDivisionError" in in_thread["exception"]
     assert crash["event"] == "uncaught_exception" and crash["level"] == "critical"
     assert crash["service"] == "executor" and "RuntimeError: the service crashed" in crash["exception"]
+
+
+def test_lines_stay_json_whatever_stderr_takes_and_a_failed_write_raises_nothing():
+    script = textwrap.dedent(
+        """
+        import os, sys
+        from common.logging import configure_logging, get_logger
+        from common.settings import LoggingSettings
+
+        configure_logging(LoggingSettings(level="info", format="json"), service="worker")
+        log = get_logger("baton.test")
+        log.info("non_ascii", text="café ✓")
+        os.close(2)  # stderr gone: logging must not fail the caller
+        log.warning("unwritable")
+        print("still running")
+        """
+    )
+    for encoding in ("utf-8", "ascii"):
+        result = subprocess.run(
+            [sys.executable, "-c", script], cwd=REPO, capture_output=True, timeout=60, check=False,
+            env={**os.environ, "PYTHONIOENCODING": encoding},
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == b"still running"
+        [line] = _lines(result.stderr.decode("utf-8"))
+        assert line["event"] == "non_ascii" and line["text"] == "café ✓"
