@@ -93,9 +93,10 @@ RETURNING w.name
 COUNT_BY_STATUS = "SELECT status, count(*) AS n FROM workers GROUP BY status"
 
 # An age is never below zero: now() is when this statement's transaction began, and a heartbeat
-# stamped a moment later can commit before the statement takes its snapshot.
+# stamped a moment later can commit before the statement takes its snapshot. No heartbeat: no age.
 HEARTBEAT_AGES = """
-SELECT name, GREATEST(0, extract(epoch FROM now() - last_heartbeat))::float8 AS age_s
+SELECT name, CASE WHEN last_heartbeat IS NOT NULL
+            THEN GREATEST(0, extract(epoch FROM now() - last_heartbeat))::float8 END AS age_s
 FROM workers WHERE status IN ('active', 'draining')
 """
 
@@ -150,7 +151,8 @@ DELETE_GONE = "DELETE FROM workers WHERE name = ANY($1::text[]) AND status IN ('
 LIST = """
 SELECT name, status, runtimes, max_concurrent_tasks,
        CASE WHEN status IN ('active', 'draining') THEN in_flight ELSE 0 END AS in_flight, last_heartbeat,
-       GREATEST(0, extract(epoch FROM now() - last_heartbeat))::float8 AS heartbeat_age_s, heartbeat_interval_s,
+       CASE WHEN last_heartbeat IS NOT NULL
+            THEN GREATEST(0, extract(epoch FROM now() - last_heartbeat))::float8 END AS heartbeat_age_s, heartbeat_interval_s,
        hostname, pid, started_at, actions
 FROM workers
 ORDER BY name
