@@ -31,6 +31,10 @@ class WorkerNameInUse(RuntimeError):
 class _HolderExiting(RuntimeError):
     """The name's lock is still held, but by a process of this host that no longer exists."""
 
+    def __init__(self, hostname: str, pid: int) -> None:
+        super().__init__(f"{hostname} pid {pid}")
+        self.hostname, self.pid = hostname, pid
+
 
 #: How long registration waits for PostgreSQL to release a dead predecessor's lock: it does once
 #: it notices the closed connection, a moment after the process died.
@@ -96,12 +100,16 @@ async def register(state: WorkerState) -> None:
         try:
             await _register_once(state)
             return
-        except _HolderExiting:
+        except _HolderExiting as holder:
             if time.monotonic() > deadline:
+                # Its pid looked gone from here, yet the lock is still held: a process with that pid
+                # in another pid namespace (a container under the same hostname), or its
+                # connection left open.
                 raise WorkerNameInUse(
-                    f"worker name {state.name!r} is still locked in PostgreSQL by a process that has exited, "
-                    f"after {HOLDER_EXIT_WAIT_S:.0f} s: check for a connection of that process left open "
-                    f"(pg_stat_activity), or start this one under another --name"
+                    f"worker name {state.name!r} is still held after {HOLDER_EXIT_WAIT_S:.0f} s by the process "
+                    f"recorded as its holder (host {holder.hostname}, pid {holder.pid}), or by its database "
+                    f"connection: stop that process (or end its connection, see pg_stat_activity), or start "
+                    f"this one under another --name"
                 ) from None
             await asyncio.sleep(0.1)
 
@@ -112,7 +120,7 @@ async def _register_once(state: WorkerState) -> None:
         previous = await conn.fetchrow(wq.PREVIOUS, state.name, state.incarnation)
         if previous is not None and previous["held"]:
             if holder_gone(previous["hostname"], previous["pid"], this_host=socket.gethostname(), this_pid=os.getpid()):
-                raise _HolderExiting(state.name)
+                raise _HolderExiting(previous["hostname"], previous["pid"])
             raise WorkerNameInUse(
                 f"worker name {state.name!r} is held by a live process (host {previous['hostname']}, "
                 f"pid {previous['pid']}): stop that process, or start this one under another --name"
