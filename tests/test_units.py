@@ -399,7 +399,7 @@ def test_a_workflow_failed_by_its_lost_transient_child_counts_as_failed_by_polic
     assert not failed_by_policy({"status": "timeout", "error": None}, rows)
 
 
-def test_a_gauge_family_is_replaced_without_dropping_a_series_that_stays():
+def test_a_gauge_family_is_replaced_whole_and_series_that_are_gone_are_removed():
     from prometheus_client import CollectorRegistry, Gauge
 
     from common.metrics import replace_all
@@ -412,7 +412,6 @@ def test_a_gauge_family_is_replaced_without_dropping_a_series_that_stays():
 
     replace_all(gauge, {"a": 1.0, "b": 2.0})
     assert series() == {"a": 1.0, "b": 2.0}
-    # A scrape between the two steps would see a, which stays, at its old or new value: never missing.
     gauge.labels("a").set(5.0)
     replace_all(gauge, {"a": 3.0, "c": 4.0})
     assert series() == {"a": 3.0, "c": 4.0}
