@@ -11,6 +11,13 @@ def alive(multiplier: str, w: str = "w") -> str:
     )
 
 
+def heartbeat_age_s() -> str:
+    """The one definition of a worker's heartbeat age in seconds: never below zero (now() is when
+    the reading transaction began, and a heartbeat stamped a moment later can commit before the
+    statement takes its snapshot), and none without a heartbeat."""
+    return "CASE WHEN last_heartbeat IS NOT NULL THEN GREATEST(0, extract(epoch FROM now() - last_heartbeat))::float8 END"
+
+
 def busy(multiplier: str, w: str = "w") -> str:
     """Alive and with every slot taken: healthy, merely busy. Work waiting on such a worker is not
     its fault, so the scheduled-timeout monitor and the TTL count nothing against the execution."""
@@ -92,11 +99,8 @@ RETURNING w.name
 
 COUNT_BY_STATUS = "SELECT status, count(*) AS n FROM workers GROUP BY status"
 
-# An age is never below zero: now() is when this statement's transaction began, and a heartbeat
-# stamped a moment later can commit before the statement takes its snapshot. No heartbeat: no age.
-HEARTBEAT_AGES = """
-SELECT name, CASE WHEN last_heartbeat IS NOT NULL
-            THEN GREATEST(0, extract(epoch FROM now() - last_heartbeat))::float8 END AS age_s
+HEARTBEAT_AGES = f"""
+SELECT name, {heartbeat_age_s()} AS age_s
 FROM workers WHERE status IN ('active', 'draining')
 """
 
@@ -148,11 +152,10 @@ LIMIT $2
 DELETE_GONE = "DELETE FROM workers WHERE name = ANY($1::text[]) AND status IN ('inactive', 'lost') RETURNING name"
 
 # A stopped or lost worker runs nothing, whatever its last heartbeat said.
-LIST = """
+LIST = f"""
 SELECT name, status, runtimes, max_concurrent_tasks,
        CASE WHEN status IN ('active', 'draining') THEN in_flight ELSE 0 END AS in_flight, last_heartbeat,
-       CASE WHEN last_heartbeat IS NOT NULL
-            THEN GREATEST(0, extract(epoch FROM now() - last_heartbeat))::float8 END AS heartbeat_age_s, heartbeat_interval_s,
+       {heartbeat_age_s()} AS heartbeat_age_s, heartbeat_interval_s,
        hostname, pid, started_at, actions
 FROM workers
 ORDER BY name
