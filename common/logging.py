@@ -109,13 +109,14 @@ def _dumps(event_dict: Any, **kw: Any) -> str:
 def configure_logging(settings: LoggingSettings, **context: object) -> None:
     """Configure logging for this process; ``context`` (service, worker) is bound to every event."""
     level = _LEVELS[settings.level]
+    stream = sys.stderr
     renderer: structlog.typing.Processor
     if settings.format == "json":
         # orjson writes non-ASCII as it is: only where stderr takes UTF-8 (else the stdlib's ASCII escapes).
-        utf8 = (getattr(sys.stderr, "encoding", None) or "").lower().replace("-", "") == "utf8"
+        utf8 = (getattr(stream, "encoding", None) or "").lower().replace("-", "") == "utf8"
         renderer = structlog.processors.JSONRenderer(serializer=_dumps if utf8 else json.dumps)
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
     # Run for every event, whether it came from structlog or from a stdlib logger.
     shared: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
@@ -130,7 +131,6 @@ def configure_logging(settings: LoggingSettings, **context: object) -> None:
         *([structlog.processors.format_exc_info] if settings.format == "json" else []),
         renderer,
     ]
-    stream = sys.stderr
     # Baton's own events are rendered by structlog and written straight to stderr: through the
     # stdlib's loggers and handler, an event cost several times as much, and the services log a
     # few per execution. Loggers are not cached on first use, so that configuring again (and
