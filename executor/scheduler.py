@@ -126,7 +126,9 @@ async def _pass(
             [(r["id"], r["action_ref"], r["previous_worker"]) for r in rows], candidates, cfg.dispatch_pipeline, caps
         )
         # Work of an action no live worker has room for waits for freed capacity, which must then
-        # wake a pass, even when this one had room for other actions.
+        # wake a pass, even when this one had room for other actions. (For the actions it had room
+        # for, what it fetched says so without a query: `room_taken` below. Asking the index for
+        # them too would walk the entries of the rows this pass has just placed.)
         without_room = sorted(served_actions(candidates) - room.keys())
         waits_for_room = bool(without_room) and bool(await conn.fetch(q.ACTIONS_WAITING, without_room))
         if not plan:
