@@ -35,6 +35,10 @@ AMQP_URL = os.environ.get("BATON_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/
 #: Short intervals so that a whole suite of real-process tests stays fast.
 FAST_ENV = {
     "BATON__WORKER__HEARTBEAT_INTERVAL": "0.2",
+    # Stale after 1 s (5 heartbeats), not the default 3 (0.6 s): a suite running three at a time
+    # on two cores stalls for more than half a second now and then, and a worker declared lost
+    # in a test about something else fails that test.
+    "BATON__EXECUTOR__HEARTBEAT_STALENESS_MULTIPLIER": "5",
     "BATON__EXECUTOR__SCHEDULER_FALLBACK_INTERVAL": "1",
     "BATON__EXECUTOR__SWEEP_INTERVAL": "0.3",
     "BATON__EXECUTOR__TIMEOUT_CHECK_INTERVAL": "0.5",
