@@ -70,7 +70,12 @@ class Zygote:
     def __init__(self) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-u", "-m", "tests.zygote"], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            env={**{k: v for k, v in os.environ.items() if not k.startswith("BATON")}, "PYTHONPATH": str(REPO)},
+            # Without COLUMNS and LINES: the command line's console, made as the zygote imports it,
+            # keeps a size it is given then, and a forked command is to take its own environment's.
+            env={
+                **{k: v for k, v in os.environ.items() if not k.startswith("BATON") and k not in ("COLUMNS", "LINES")},
+                "PYTHONPATH": str(REPO),
+            },
         )
         self._asking = threading.Lock()
         self._changed = threading.Condition()
@@ -98,11 +103,16 @@ class Zygote:
         with self._changed:  # the zygote is gone: so is any answer it owed
             self._changed.notify_all()
 
-    def spawn(self, argv: list[str], env: dict[str, str], cwd: Path, log: Path) -> ForkedProcess:
+    def spawn(
+        self, argv: list[str], env: dict[str, str], cwd: Path, log: Path, err: Path | None = None
+    ) -> ForkedProcess:
+        """Fork ``argv``, its output to ``log`` and its standard error there too, or to ``err``."""
         assert self.process.stdin is not None
         with self._asking, self._changed:
             self._pid = None
             request = {"argv": argv, "env": env, "cwd": str(cwd), "log": str(log)}
+            if err is not None:
+                request["err"] = str(err)
             self.process.stdin.write((json.dumps(request) + "\n").encode())
             self.process.stdin.flush()
             if not self._changed.wait_for(lambda: self._pid is not None or self.process.poll() is not None, 30):
@@ -168,6 +178,28 @@ class Service:
 
     def wait(self, timeout_s: float = 30) -> int:
         return self.process.wait(timeout=timeout_s)
+
+
+@dataclass
+class Command:
+    """A `baton` command line the test started (`Baton.start_cli`), its output and standard error
+    each written to a file of its own."""
+
+    args: tuple[str, ...]
+    process: subprocess.Popen[bytes] | ForkedProcess
+    out_path: Path
+    err_path: Path
+
+    async def finished(self, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
+        """Wait for it to end (killed, and TimeoutExpired raised, after ``timeout_s``)."""
+        try:
+            code = await asyncio.to_thread(self.process.wait, timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise
+        return subprocess.CompletedProcess(
+            list(self.args), code, self.out_path.read_text(errors="replace"), self.err_path.read_text(errors="replace")
+        )
 
 
 @dataclass
@@ -266,6 +298,28 @@ class Baton:
         service = Service(label, process, log_path)
         self.services.append(service)
         return service
+
+    def start_cli(self, *args: str, **env: str) -> Command:
+        """Start `baton <args>` (forked by the zygote, or afresh as `python -m cli` when not
+        ``forked``) against this world, with ``env`` over its environment."""
+        runs = len(list(self.tmp.glob("cli.*.out")))
+        out_path, err_path = self.tmp / f"cli.{runs}.out", self.tmp / f"cli.{runs}.err"
+        process: subprocess.Popen[bytes] | ForkedProcess
+        if self.forked:
+            out_path.touch()
+            err_path.touch()
+            process = Zygote.get().spawn(list(args), self.service_env(**env), REPO, out_path, err_path)
+        else:
+            with open(out_path, "wb") as out, open(err_path, "wb") as err:
+                process = subprocess.Popen(
+                    [sys.executable, "-m", "cli", *args], cwd=REPO, env=self.service_env(**env),
+                    stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                )
+        return Command(args, process, out_path, err_path)
+
+    async def cli(self, *args: str, timeout_s: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
+        """Run `baton <args>` to its end (see `start_cli`)."""
+        return await self.start_cli(*args, **env).finished(timeout_s)
 
     async def start_executor(self, label: str = "executor", **env: str) -> Service:
         return (await self.started(self.spawn_executor(label, **env)))[0]

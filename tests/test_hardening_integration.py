@@ -8,7 +8,6 @@ import asyncio
 import json
 import signal
 import subprocess
-import sys
 import uuid
 
 import aio_pika
@@ -16,7 +15,7 @@ import pytest
 
 from common.queries import executions as q
 from common.queries import workers as wq
-from tests.harness import AMQP_URL, REPO, CuttableProxy, wait_until
+from tests.harness import AMQP_URL, CuttableProxy, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -320,10 +319,7 @@ async def test_prune_by_hand(baton):
         " ($2, 'core.noop', 'requested', NULL)",
         uuid.uuid4(), uuid.uuid4(),
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "cli", "executions", "prune", "--older-than", "2d"],
-        cwd=REPO, env=baton.service_env(), capture_output=True, text=True, timeout=60,
-    )
+    result = await baton.cli("executions", "prune", "--older-than", "2d")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "deleted 1 finished execution(s) older than 2d"
     assert await pool.fetchval("SELECT count(*) FROM executions") == 1  # the unfinished one stays
@@ -359,18 +355,17 @@ async def test_health_reports_a_live_connected_executor_and_a_dead_one(baton, tm
     health_file = str(tmp_path / "executor.health")
     executor = await baton.start_executor(BATON__EXECUTOR__HEALTH_FILE=health_file)
 
-    def health() -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "cli", "health", "--service", "executor"],
-            cwd=REPO, env=baton.service_env(BATON__EXECUTOR__HEALTH_FILE=health_file),
-            capture_output=True, text=True, timeout=60,
-        )
+    async def health() -> subprocess.CompletedProcess[str]:
+        return await baton.cli("health", "--service", "executor", BATON__EXECUTOR__HEALTH_FILE=health_file)
 
-    await wait_until(lambda: asyncio.to_thread(lambda: health().returncode == 0), what="a healthy report")
-    out = health().stdout
+    async def healthy() -> bool:
+        return (await health()).returncode == 0
+
+    await wait_until(healthy, what="a healthy report")
+    out = (await health()).stdout
     assert "executor: executor pid" in out and "postgresql: reachable at 127.0.0.1:5432" in out
     assert "rabbitmq: reachable at 127.0.0.1:5672" in out
     executor.signal(signal.SIGKILL)
     executor.wait()
-    result = health()
+    result = await health()
     assert result.returncode == 1 and "is gone" in result.stdout

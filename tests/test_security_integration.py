@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -113,11 +112,7 @@ async def test_submit_wait_prints_the_recorded_failure_despite_a_forged_success(
 
     await spy.consume(forge)
     try:
-        result = await asyncio.to_thread(
-            subprocess.run,
-            [sys.executable, "-m", "cli", "submit", "tests.fail", "message=really", "--wait", "--json"],
-            cwd=REPO, env=baton.service_env(), capture_output=True, text=True, timeout=60,
-        )
+        result = await baton.cli("submit", "tests.fail", "message=really", "--wait", "--json")
     finally:
         await connection.close()
     assert result.returncode == 1, result.stderr
@@ -218,10 +213,7 @@ async def test_markup_in_stored_values_is_printed_as_text(baton):
     done = await (await baton.client()).run("tests.fail", {"message": "[/oops] [bold]x"}, wait_timeout_s=20)
     assert done["status"] == "failed"
     for args in (["executions", "list"], ["executions", "show", done["id"]]):
-        result = await asyncio.to_thread(
-            subprocess.run, [sys.executable, "-m", "cli", *args], cwd=REPO, env=baton.service_env(COLUMNS="250"),
-            capture_output=True, text=True, timeout=60,
-        )
+        result = await baton.cli(*args, COLUMNS="250")
         assert result.returncode == 0, result.stderr
         assert "[/oops] [bold]x" in result.stdout
 
@@ -387,12 +379,7 @@ async def test_idempotency_keys_are_scoped_by_action_and_cannot_be_squatted(bato
     assert f"is already used by execution {mine.execution_id}" in other.error
     row = await client.wait(other.execution_id, 20)
     assert row["error"]["conflicts_with"] == str(mine.execution_id) and row["idempotency_key"] is None
-    result = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "cli", "submit", "core.echo", "message=third", "--idempotency-key", "nightly-1",
-         "--wait"],
-        cwd=REPO, env=baton.service_env(), capture_output=True, text=True, timeout=60,
-    )
+    result = await baton.cli("submit", "core.echo", "message=third", "--idempotency-key", "nightly-1", "--wait")
     assert result.returncode == 1
 
 

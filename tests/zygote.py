@@ -6,8 +6,8 @@ imported them once, to fork each one instead. A forked service is still a proces
 its own environment, working directory, log file and exit status; real signals reach it, and it
 runs the same `baton` command line (`cli.main`) as `python -m cli` would.
 
-JSON lines. The harness writes `{"argv": [...], "env": {...}, "cwd": "...", "log": "..."}`; this
-answers `{"pid": N}`, then, once that process has ended, `{"exited": N, "returncode": R}` (negative
+JSON lines. The harness writes `{"argv": [...], "env": {...}, "cwd": "...", "log": "..."}` (and
+`"err": "..."` for a command whose standard error is read apart from its output); this answers `{"pid": N}`, then, once that process has ended, `{"exited": N, "returncode": R}` (negative
 for a signal, as `subprocess` says). It stops at the end of its input. One thread only: the fork
 copies no lock another thread holds.
 
@@ -27,7 +27,8 @@ import cli
 import executor.service  # noqa: F401 - imported here so that no service imports it again
 import worker.service  # noqa: F401
 
-cli.load_commands(["worker"])
+# Every command: the tests run the command line's other commands through here too.
+cli.load_commands()
 
 
 def _answer(message: dict[str, object]) -> None:
@@ -44,11 +45,12 @@ def _become(request: dict[str, object], keep: set[int]) -> None:
         os.environ.update({str(k): str(v) for k, v in dict(request["env"]).items()})
         os.chdir(str(request["cwd"]))
         log = os.open(str(request["log"]), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        err = os.open(str(request["err"]), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644) if "err" in request else log
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
         os.dup2(log, 1)
-        os.dup2(log, 2)
-        for fd in {log, devnull, *keep}:
+        os.dup2(err, 2)
+        for fd in {log, err, devnull, *keep}:
             os.close(fd)
         # Fresh streams over the new descriptors, written through at once (tests read the log).
         sys.stdin = open(0, closefd=False)  # noqa: SIM115
