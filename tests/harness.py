@@ -282,40 +282,35 @@ class Baton:
     def spawn(self, label: str, *args: str, **env: str) -> Service:
         runs = sum(1 for s in self.services if s.name == label)
         log_path = self.tmp / (f"{label}.log" if not runs else f"{label}.{runs}.log")
-        process: subprocess.Popen[bytes] | ForkedProcess
-        if self.forked:
-            log_path.touch()
-            process = Zygote.get().spawn(list(args), self.service_env(**env), REPO, log_path)
-        else:
-            with open(log_path, "wb") as log_file:
-                process = subprocess.Popen(
-                    [sys.executable, "-m", "cli", *args],
-                    cwd=REPO,
-                    env=self.service_env(**env),
-                    stdout=log_file,
-                    stderr=subprocess.STDOUT,
-                )
-        service = Service(label, process, log_path)
+        service = Service(label, self._launch(args, env, log_path), log_path)
         self.services.append(service)
         return service
+
+    def _launch(
+        self, args: tuple[str, ...], env: dict[str, str], out_path: Path, err_path: Path | None = None
+    ) -> subprocess.Popen[bytes] | ForkedProcess:
+        """Start `baton <args>` with ``env`` over this world's environment: forked by the zygote,
+        or afresh (`python -m cli`) when not ``forked``. Its output goes to ``out_path``, and its
+        standard error there too, or to ``err_path``."""
+        for path in (out_path, err_path):
+            if path is not None:
+                path.touch()
+        if self.forked:
+            return Zygote.get().spawn(list(args), self.service_env(**env), REPO, out_path, err_path)
+        with contextlib.ExitStack() as files:
+            out = files.enter_context(open(out_path, "wb"))
+            err = files.enter_context(open(err_path, "wb")) if err_path is not None else subprocess.STDOUT
+            return subprocess.Popen(
+                [sys.executable, "-m", "cli", *args], cwd=REPO, env=self.service_env(**env),
+                stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+            )
 
     def start_cli(self, *args: str, **env: str) -> Command:
         """Start `baton <args>` (forked by the zygote, or afresh as `python -m cli` when not
         ``forked``) against this world, with ``env`` over its environment."""
         runs = len(list(self.tmp.glob("cli.*.out")))
         out_path, err_path = self.tmp / f"cli.{runs}.out", self.tmp / f"cli.{runs}.err"
-        process: subprocess.Popen[bytes] | ForkedProcess
-        if self.forked:
-            out_path.touch()
-            err_path.touch()
-            process = Zygote.get().spawn(list(args), self.service_env(**env), REPO, out_path, err_path)
-        else:
-            with open(out_path, "wb") as out, open(err_path, "wb") as err:
-                process = subprocess.Popen(
-                    [sys.executable, "-m", "cli", *args], cwd=REPO, env=self.service_env(**env),
-                    stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                )
-        return Command(args, process, out_path, err_path)
+        return Command(args, self._launch(args, env, out_path, err_path), out_path, err_path)
 
     async def cli(self, *args: str, timeout_s: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
         """Run `baton <args>` to its end (see `start_cli`)."""

@@ -7,8 +7,9 @@ its own environment, working directory, log file and exit status; real signals r
 runs the same `baton` command line (`cli.main`) as `python -m cli` would.
 
 JSON lines. The harness writes `{"argv": [...], "env": {...}, "cwd": "...", "log": "..."}` (and
-`"err": "..."` for a command whose standard error is read apart from its output); this answers `{"pid": N}`, then, once that process has ended, `{"exited": N, "returncode": R}` (negative
-for a signal, as `subprocess` says). It stops at the end of its input. One thread only: the fork
+`"err": "..."` for a command whose standard error is read apart from its output); this answers
+`{"pid": N}`, then, once that process has ended, `{"exited": N, "returncode": R}` (negative for a
+signal, as `subprocess` says). It stops at the end of its input. One thread only: the fork
 copies no lock another thread holds.
 
     python -u -m tests.zygote
