@@ -17,12 +17,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import aio_pika
 import asyncpg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.throughput import pct
 
 PG_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -31,11 +37,7 @@ PAUSE_S = 0.01
 
 
 def p50_p99(samples_s: list[float]) -> dict[str, float]:
-    ordered = sorted(samples_s)
-    return {
-        "p50_ms": round(1000 * ordered[len(ordered) // 2], 3),
-        "p99_ms": round(1000 * ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))], 3),
-    }
+    return {"p50_ms": round(1000 * pct(samples_s, 50), 3), "p99_ms": round(1000 * pct(samples_s, 99), 3)}
 
 
 async def aio_pika_hop(url: str, samples: int) -> list[float]:

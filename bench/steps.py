@@ -42,15 +42,10 @@ import asyncpg
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.throughput import recreate_database  # noqa: E402
+from bench.throughput import pct, recreate_database  # noqa: E402
 from common import amqp  # noqa: E402
 from common.client import BatonClient  # noqa: E402
 from common.settings import load_settings  # noqa: E402
-
-
-def pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))]
 
 
 def spawn(env: dict[str, str], log_dir: Path, label: str, *args: str) -> subprocess.Popen:
