@@ -70,6 +70,41 @@ async def test_a_worker_busy_past_scheduled_timeout_fails_nothing(baton, pipelin
         assert done["status"] == "completed", done["error"]
 
 
+async def test_a_worker_between_runs_is_still_busy(baton):
+    """A heartbeat can fall between a run's end and the claim of the dispatch waiting in the
+    worker's inbox, and say `in_flight` 0. A worker seen full within its staleness window is still
+    busy: what waits on it is put back in line at no cost (by the scheduled-timeout monitor and the
+    dead-letter handler alike). One that has had room for a whole window is charged."""
+    pool = await baton.pool()
+    incarnation = uuid.uuid4()
+    await pool.execute(
+        "INSERT INTO workers (name, status, runtimes, actions, max_concurrent_tasks, heartbeat_interval_s,"
+        " last_heartbeat, incarnation) VALUES ('one', 'active', '{python}', '{core.echo}', 1, 0.2, now(), $1)",
+        incarnation,
+    )
+    waiting = uuid.uuid4()
+    await pool.execute(
+        "INSERT INTO executions (id, action_ref, status, attempt, worker, updated_at)"
+        " VALUES ($1, 'core.echo', 'scheduled', 1, 'one', now() - interval '1 second')",
+        waiting,
+    )
+
+    async def busy() -> tuple[bool, bool]:
+        async with pool.acquire() as conn, conn.transaction():
+            [timed_out] = await conn.fetch(q.SELECT_SCHEDULED_TIMED_OUT, 0.5, 10, 5.0)
+            dead_lettered = await conn.fetchrow(q.SELECT_FOR_UPDATE, waiting, 5.0)
+        return timed_out["worker_busy"], dead_lettered["worker_busy"]
+
+    assert await busy() == (False, False)  # never seen full: room it did not use
+    await pool.execute(wq.HEARTBEAT, "one", incarnation, 1)
+    assert await busy() == (True, True)
+    await pool.execute(wq.HEARTBEAT, "one", incarnation, 0)  # its run just ended; the claim is under way
+    assert await busy() == (True, True)
+    # Room for longer than its staleness window (5 x 0.2 s) and still not started: its fault.
+    await pool.execute("UPDATE workers SET full_at = now() - interval '2 seconds' WHERE name = 'one'")
+    assert await busy() == (False, False)
+
+
 # -- one live process per name, fencing by incarnation ----------------------------------------
 
 

@@ -19,9 +19,15 @@ def heartbeat_age_s() -> str:
 
 
 def busy(multiplier: str, w: str = "w") -> str:
-    """Alive and with every slot taken: healthy, merely busy. Work waiting on such a worker is not
-    its fault, so the scheduled-timeout monitor and the TTL count nothing against the execution."""
-    return f"({alive(multiplier, w)} AND {w}.in_flight >= {w}.max_concurrent_tasks)"
+    """Alive and with every slot taken, now or at a heartbeat within its staleness window: healthy,
+    merely busy. Work waiting on such a worker is not its fault, so the scheduled-timeout monitor
+    and the TTL count nothing against the execution. (A heartbeat can fall between a run's end and
+    the claim of the dispatch waiting for that slot; only room left unused for a whole window is
+    the worker's fault.)"""
+    window = f"make_interval(secs => {w}.heartbeat_interval_s * {multiplier})"
+    return (
+        f"({alive(multiplier, w)} AND ({w}.in_flight >= {w}.max_concurrent_tasks OR {w}.full_at > now() - {window}))"
+    )
 
 
 # The process's session lock (on a connection of its own): PostgreSQL releases it the moment the
@@ -48,7 +54,7 @@ WITH up AS (
     ON CONFLICT (name) DO UPDATE SET
         status = 'active', runtimes = EXCLUDED.runtimes, actions = EXCLUDED.actions,
         max_concurrent_tasks = EXCLUDED.max_concurrent_tasks,
-        heartbeat_interval_s = EXCLUDED.heartbeat_interval_s, last_heartbeat = now(), in_flight = 0,
+        heartbeat_interval_s = EXCLUDED.heartbeat_interval_s, last_heartbeat = now(), in_flight = 0, full_at = NULL,
         hostname = EXCLUDED.hostname, pid = EXCLUDED.pid, incarnation = EXCLUDED.incarnation,
         lock_key = EXCLUDED.lock_key, started_at = now(), updated_at = now()
     RETURNING name
@@ -106,7 +112,8 @@ FROM workers WHERE status IN ('active', 'draining')
 
 # $1 name, $2 incarnation, $3 in_flight. Returns the row's status (None: the row is another incarnation's).
 HEARTBEAT = """
-UPDATE workers SET last_heartbeat = now(), in_flight = $3, updated_at = now()
+UPDATE workers SET last_heartbeat = now(), in_flight = $3, updated_at = now(),
+    full_at = CASE WHEN $3 >= max_concurrent_tasks THEN now() ELSE full_at END
 WHERE name = $1 AND incarnation = $2
 RETURNING status
 """
