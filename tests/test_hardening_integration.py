@@ -70,18 +70,26 @@ async def test_a_worker_busy_past_scheduled_timeout_fails_nothing(baton, pipelin
         assert done["status"] == "completed", done["error"]
 
 
+async def _active_worker_row(pool, name: str, *, heartbeat_interval_s: float, heartbeat_age_s: float) -> uuid.UUID:
+    """A worker of one slot, recorded `active` with its last heartbeat this long ago, and no process
+    behind it: returns its incarnation."""
+    incarnation = uuid.uuid4()
+    await pool.execute(
+        "INSERT INTO workers (name, status, runtimes, actions, max_concurrent_tasks, heartbeat_interval_s,"
+        " last_heartbeat, incarnation)"
+        " VALUES ($1, 'active', '{python}', '{}', 1, $2, now() - make_interval(secs => $3), $4)",
+        name, heartbeat_interval_s, heartbeat_age_s, incarnation,
+    )
+    return incarnation
+
+
 async def test_a_worker_between_runs_is_still_busy(baton):
     """A heartbeat can fall between a run's end and the claim of the dispatch waiting in the
     worker's inbox, and say `in_flight` 0. A worker seen full within its staleness window is still
     busy: what waits on it is put back in line at no cost (by the scheduled-timeout monitor and the
     dead-letter handler alike). One that has had room for a whole window is charged."""
     pool = await baton.pool()
-    incarnation = uuid.uuid4()
-    await pool.execute(
-        "INSERT INTO workers (name, status, runtimes, actions, max_concurrent_tasks, heartbeat_interval_s,"
-        " last_heartbeat, incarnation) VALUES ('one', 'active', '{python}', '{core.echo}', 1, 0.2, now(), $1)",
-        incarnation,
-    )
+    incarnation = await _active_worker_row(pool, "one", heartbeat_interval_s=0.2, heartbeat_age_s=0)
     waiting = uuid.uuid4()
     await pool.execute(
         "INSERT INTO executions (id, action_ref, status, attempt, worker, updated_at)"
@@ -163,12 +171,7 @@ async def test_finish_and_interrupt_are_fenced_by_incarnation_and_finish_is_idem
 
 async def test_a_heartbeat_between_find_and_mark_keeps_the_worker_alive(baton):
     pool = await baton.pool()
-    incarnation = uuid.uuid4()
-    await pool.execute(
-        "INSERT INTO workers (name, status, runtimes, actions, max_concurrent_tasks, heartbeat_interval_s,"
-        " last_heartbeat, incarnation) VALUES ('late', 'active', '{python}', '{}', 1, 0.1, now() - interval '1 hour', $1)",
-        incarnation,
-    )
+    incarnation = await _active_worker_row(pool, "late", heartbeat_interval_s=0.1, heartbeat_age_s=3600)
     async with pool.acquire() as conn, conn.transaction():
         found = [r["name"] for r in await conn.fetch(wq.FIND_LOST, 3.0)]
         assert found == ["late"]
