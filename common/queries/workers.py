@@ -3,12 +3,16 @@
 from common.queries import WAKE_CHANNEL
 
 
+def staleness_window(multiplier: str, w: str = "w") -> str:
+    """The one definition of a worker's staleness window: ``multiplier`` x its own heartbeat
+    interval. ``multiplier`` is the query's parameter, ``w`` the alias."""
+    return f"make_interval(secs => {w}.heartbeat_interval_s * {multiplier})"
+
+
 def alive(multiplier: str, w: str = "w") -> str:
-    """The one definition of "this worker is alive": active, with a heartbeat fresher than
-    ``multiplier`` x its own interval. ``multiplier`` is the query's parameter, ``w`` the alias."""
-    return (
-        f"({w}.status = 'active' AND {w}.last_heartbeat > now() - make_interval(secs => {w}.heartbeat_interval_s * {multiplier}))"
-    )
+    """The one definition of "this worker is alive": active, with a heartbeat fresher than its
+    staleness window."""
+    return f"({w}.status = 'active' AND {w}.last_heartbeat > now() - {staleness_window(multiplier, w)})"
 
 
 def heartbeat_age_s() -> str:
@@ -24,7 +28,7 @@ def busy(multiplier: str, w: str = "w") -> str:
     and the TTL count nothing against the execution. (A heartbeat can fall between a run's end and
     the claim of the dispatch waiting for that slot; only room left unused for a whole window is
     the worker's fault.)"""
-    window = f"make_interval(secs => {w}.heartbeat_interval_s * {multiplier})"
+    window = staleness_window(multiplier, w)
     return (
         f"({alive(multiplier, w)} AND ({w}.in_flight >= {w}.max_concurrent_tasks OR {w}.full_at > now() - {window}))"
     )
@@ -71,11 +75,11 @@ SELECT name, pg_notify('{WAKE_CHANNEL}', 'worker') FROM up
 # commit. One definition, used to find candidates and again in the compare-and-set that marks them.
 _STALE = (
     "(w.last_heartbeat IS NULL OR GREATEST(w.last_heartbeat, pg_postmaster_start_time())"
-    " < now() - make_interval(secs => w.heartbeat_interval_s * $1))"
+    f" < now() - {staleness_window('$1')})"
 )
 _LOST = f"""({_STALE}
     OR (w.lock_key IS NOT NULL
-        AND pg_postmaster_start_time() < now() - make_interval(secs => w.heartbeat_interval_s * $1)
+        AND pg_postmaster_start_time() < now() - {staleness_window('$1')}
         AND w.last_heartbeat < now() - make_interval(secs => w.heartbeat_interval_s / 2)
         AND pg_try_advisory_xact_lock(w.lock_key)))"""
 
@@ -87,9 +91,9 @@ WHERE w.status IN ('active', 'draining') AND {_LOST}
 
 # Seconds until the first live worker turns stale (None: no live worker); the sweeper wakes then
 # rather than up to a whole sweep interval later. $1 staleness multiplier
-NEXT_STALE_IN = """
+NEXT_STALE_IN = f"""
 SELECT extract(epoch FROM min(GREATEST(last_heartbeat, pg_postmaster_start_time())
-                              + make_interval(secs => heartbeat_interval_s * $1)) - now())::float8
+                              + {staleness_window("$1", "workers")}) - now())::float8
 FROM workers
 WHERE status IN ('active', 'draining') AND last_heartbeat IS NOT NULL
 """
