@@ -2,8 +2,9 @@
 """History growth: Baton's throughput, latency and periodic queries beside 1,000, 100,000 and
 1,000,000 finished executions already in the tables.
 
-For each history size (`--sizes`), on one database (`--database-url`, default
-`.../baton_bench_history`, created and migrated with the executor's own migrations):
+Each history size (`--sizes`) gets a database of its own (`--database-url`, default
+`.../baton_bench_history`, with `_<size>` appended; created and migrated with the executor's own
+migrations). For each, the script
 
 1. seeds that many finished executions (every 50th failed, the rest completed; finished over the
    last 29 days, inside the default 30-day retention) and their events, 4 each like real ones
@@ -15,16 +16,19 @@ For each history size (`--sizes`), on one database (`--database-url`, default
    and interrupted rows, live workers and a lost one, all inside a transaction that is rolled back):
    per query the plan's top nodes and every scan in it, the execution time and the shared buffers
    touched. Those must not grow with history: index scans on partial indexes, never a sequential
-   scan of `executions` or `execution_events`;
-3. runs `bench/throughput.py --reuse-database` on it: a burst (`--n`, default 10,000) and a
-   steady stream (`--rate`, default 500/s, `--steady-n` 5,000), `--repeat` times each (default 3,
-   alternating), deleting each run's executions afterwards so that the next run sees the same
-   history. The table shows each figure's median over the repeats and, beside it, the spread
-   between the repeats: on a busy machine one run's p99 moves by more than history moves it, and
-   the spread at one size says how much of a difference between sizes is noise.
+   scan of `executions` or `execution_events`.
 
-Prints a table, writes everything as JSON (`--out`, default `bench/history.json`), and drops the
-database unless `--keep`.
+Then it runs `bench/throughput.py --reuse-database` in rounds (`--repeat`, default 5): in each
+round, on every size's database in turn (the first place rotating from round to round), a burst
+(`--n`, default 10,000) and a steady stream (`--rate`, default 500/s, `--steady-n` 5,000),
+deleting each run's executions afterwards so that the next run sees the same history. Sizes are
+interleaved because this machine's speed drifts over minutes by more than history could move it:
+run one size after another and the drift reads as a difference between sizes. The table shows
+each figure's median over the rounds with the spread between them, and the largest history
+against the smallest round by round: the median and the range of the rounds' ratios.
+
+Prints the tables, writes everything as JSON (`--out`, default `bench/history.json`), and drops the
+databases unless `--keep`.
 
     .venv/bin/python bench/history.py                      # or: make bench-history
     .venv/bin/python bench/history.py --sizes 1000,100000 --n 2000 --steady-n 2000 --rate 200
@@ -41,6 +45,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
@@ -263,9 +268,9 @@ async def explain(conn: asyncpg.Connection) -> dict[str, dict[str, Any]]:
 # -- throughput ------------------------------------------------------------------------------------
 
 
-def throughput(args: argparse.Namespace, *extra: str) -> dict[str, Any]:
-    """bench/throughput.py on the seeded database; its output is shown as it comes, its summary returned."""
-    return last_json(run_script("bench/throughput.py", "--reuse-database", "--database-url", args.database_url,
+def throughput(args: argparse.Namespace, url: str, *extra: str) -> dict[str, Any]:
+    """bench/throughput.py on a seeded database; its output is shown as it comes, its summary returned."""
+    return last_json(run_script("bench/throughput.py", "--reuse-database", "--database-url", url,
                                 "--amqp-url", args.amqp_url, *extra))
 
 
@@ -303,11 +308,14 @@ def combined(runs: list[dict[str, Any]]) -> dict[str, Any]:
 # -- the run ---------------------------------------------------------------------------------------
 
 
-async def prepare(url: str) -> asyncpg.Connection:
+async def migrated(url: str) -> None:
+    """(Re)create the database, with the executor's own migrations."""
     await recreate_database(url)
     conn = await asyncpg.connect(url, server_settings=db.SERVER_SETTINGS)
-    await db.migrate(conn)
-    return conn
+    try:
+        await db.migrate(conn)
+    finally:
+        await conn.close()
 
 
 async def seed_and_explain(url: str, size: int) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -327,35 +335,73 @@ async def forget(url: str, history_ends: Any) -> None:
         await conn.close()
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    async def migrated() -> None:
-        conn = await prepare(args.database_url)
-        await conn.close()
+def size_url(url: str, size: int) -> str:
+    """Each history size's own database: ``<database>_<size>``."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"{parts.path}_{size}"))
 
-    asyncio.run(migrated())
+
+def rounds(sizes: list[int], repeat: int) -> Iterator[list[int]]:
+    """The order of the sizes in each round: every round runs each size once, and the first place
+    rotates, so that a drift in the machine's speed over the run falls on every size alike."""
+    for r in range(repeat):
+        k = r % len(sizes)
+        yield sizes[k:] + sizes[:k]
+
+
+def paired(runs: dict[int, dict[str, list[dict[str, Any]]]], first: int, last: int) -> dict[str, Any]:
+    """The largest history against the smallest, round by round (the two ran minutes apart in
+    the same round): per figure, the median of the rounds' ratios and their range."""
+    out: dict[str, Any] = {"first": first, "last": last}
+    for kind in ("burst", "steady"):
+        out[kind] = {}
+        for key in COMPARED:
+            ratios = [
+                b[key] / a[key] for a, b in zip(runs[first][kind], runs[last][kind], strict=True)
+                if a.get(key) and b.get(key) is not None
+            ]
+            if ratios:
+                out[kind][key] = {"median": round(statistics.median(ratios), 3),
+                                  "low": round(min(ratios), 3), "high": round(max(ratios), 3)}
+    return out
+
+
+def run(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Seed every size's database, then run the rounds; returns the figures by size and the
+    largest size against the smallest, round by round."""
     results: dict[str, Any] = {}
+    runs: dict[int, dict[str, list[dict[str, Any]]]] = {size: {"burst": [], "steady": []} for size in args.sizes}
     try:
         for size in args.sizes:
-            print(f"\n== history of {size:,} finished executions", flush=True)
-            seeded, plans = asyncio.run(seed_and_explain(args.database_url, size))
+            url = size_url(args.database_url, size)
+            print(f"\n== history of {size:,} finished executions ({urlsplit(url).path.lstrip('/')})", flush=True)
+            asyncio.run(migrated(url))
+            seeded, plans = asyncio.run(seed_and_explain(url, size))
             print(f"  seeded {seeded['executions']:,} executions ({seeded['executions_mb']} MB with indexes) and "
                   f"{seeded['events']:,} events ({seeded['events_mb']} MB) in {seeded['seed_s']} s", flush=True)
-            bursts, steadies = [], []
-            for _ in range(args.repeat):
-                bursts.append(run_figures(throughput(args, "--n", str(args.n))))
-                asyncio.run(forget(args.database_url, seeded["history_ends"]))
-                steadies.append(run_figures(throughput(args, "--n", str(args.steady_n), "--rate", str(args.rate))))
-                asyncio.run(forget(args.database_url, seeded["history_ends"]))
+            results[str(size)] = {"seeded": seeded, "queries": plans}
+        for number, order in enumerate(rounds(args.sizes, args.repeat), 1):
+            print(f"\n== round {number} of {args.repeat}: {', '.join(f'{s:,}' for s in order)}", flush=True)
+            for size in order:
+                url, ends = size_url(args.database_url, size), results[str(size)]["seeded"]["history_ends"]
+                runs[size]["burst"].append(run_figures(throughput(args, url, "--n", str(args.n))))
+                asyncio.run(forget(url, ends))
+                runs[size]["steady"].append(
+                    run_figures(throughput(args, url, "--n", str(args.steady_n), "--rate", str(args.rate)))
+                )
+                asyncio.run(forget(url, ends))
+        for size in args.sizes:
+            seeded = results[str(size)]["seeded"]
             seeded["history_ends"] = seeded["history_ends"].isoformat()
-            results[str(size)] = {"seeded": seeded, "queries": plans, "burst": combined(bursts),
-                                  "steady": combined(steadies)}
+            results[str(size)].update(burst=combined(runs[size]["burst"]), steady=combined(runs[size]["steady"]))
     finally:
         if not args.keep:
-            asyncio.run(drop_database(args.database_url))
-    return results
+            for size in args.sizes:
+                asyncio.run(drop_database(size_url(args.database_url, size)))
+    return results, paired(runs, args.sizes[0], args.sizes[-1])
 
 
-def report(results: dict[str, Any], args: argparse.Namespace) -> None:
+def report(results: dict[str, Any], pairs: dict[str, Any], args: argparse.Namespace) -> None:
     sizes = list(results)
     print(f"\nhistory growth: burst of {args.n:,}, steady {args.rate:g}/s x {args.steady_n:,}; "
           f"post -> start latency in ms; medians of {args.repeat} runs, (spread between runs, % of the median)")
@@ -368,14 +414,13 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
         rss = max(b["rss_max_mb"].get("executor", 0), s["rss_max_mb"].get("executor", 0))
         print(f"{int(size):>10,} {mb:>9.0f} {_cell(b, 'executions_per_s', 0):>13} {_cell(s, 'executions_per_s', 0):>13} "
               f"{_cell(s, 'started_p50_ms', 1):>15} {_cell(s, 'started_p99_ms', 1):>15} {rss:>14.1f} MB")
-    first, last = results[sizes[0]], results[sizes[-1]]
-    print(f"\n{int(sizes[-1]):,} against {int(sizes[0]):,}, medians:")
+    print(f"\n{int(sizes[-1]):,} against {int(sizes[0]):,}, round by round (the ratio's median and range "
+          f"over {args.repeat} rounds; below 1 is lower with the larger history):")
     for kind in ("burst", "steady"):
         for key in COMPARED:
-            if key in first[kind] and key in last[kind] and first[kind][key]:
-                change = (last[kind][key] - first[kind][key]) / first[kind][key]
-                print(f"  {kind:6} {key:18} {first[kind][key]:9.1f} -> {last[kind][key]:9.1f}  ({change:+.0%}; "
-                      f"runs at one size spread up to {max(first[kind]['spread'][key], last[kind]['spread'][key]):.0%})")
+            if key in pairs[kind]:
+                r = pairs[kind][key]
+                print(f"  {kind:6} {key:18} x{r['median']:.3f}   ({r['low']:.3f} to {r['high']:.3f})")
     print(f"\nperiodic queries on executions (in flight: {FIXTURE_IN_FLIGHT}): execution ms / shared buffers")
     print(f"{'query':42}" + "".join(f"{int(size):>18,}" for size in sizes))
     for label in results[sizes[0]]["queries"]:
@@ -403,21 +448,23 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=10_000, help="executions in the burst (default 10000)")
     parser.add_argument("--rate", type=float, default=500.0, help="steady stream's rate per second (default 500)")
     parser.add_argument("--steady-n", type=int, default=5000, help="executions in the steady stream (default 5000)")
-    parser.add_argument("--repeat", type=int, default=3, help="runs of each kind per size; medians are compared (default 3)")
-    parser.add_argument("--database-url", default="postgresql://postgres@127.0.0.1:5432/baton_bench_history")
+    parser.add_argument("--repeat", type=int, default=5, help="rounds: runs of each kind per size (default 5)")
+    parser.add_argument("--database-url", default="postgresql://postgres@127.0.0.1:5432/baton_bench_history",
+                        help="each size gets its own database, this name with _<size> appended")
     parser.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672/")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "history.json")
-    parser.add_argument("--keep", action="store_true", help="keep the database (with the largest history)")
+    parser.add_argument("--keep", action="store_true", help="keep the databases (each with its history)")
     args = parser.parse_args()
     args.sizes = [int(s) for s in args.sizes.split(",")]
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
-    results = run(args)
+    results, pairs = run(args)
     # Written first: a long run's figures survive a report that cannot print them.
     args.out.write_text(json.dumps({"n": args.n, "rate": args.rate, "steady_n": args.steady_n, "repeat": args.repeat,
-                                    "in_flight": FIXTURE_IN_FLIGHT, "sizes": results}, indent=2, default=str))
+                                    "in_flight": FIXTURE_IN_FLIGHT, "sizes": results, "paired": pairs},
+                                   indent=2, default=str))
     print(f"written to {args.out}")
-    report(results, args)
+    report(results, pairs, args)
 
 
 if __name__ == "__main__":
