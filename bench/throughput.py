@@ -286,10 +286,12 @@ def stop(procs: list[subprocess.Popen], timeout_s: float = 60.0) -> dict[int, in
 
 
 async def post_all(
-    amqp_url: str, names: amqp.Names, n: int, chunk: int, rate: float | None, batch: int = 0
+    amqp_url: str, names: amqp.Names, n: int, chunk: int, rate: float | None, batch: int = 0, reply: bool = False
 ) -> dict[str, float]:
     """Publish n noop requests with confirms, as fast as possible (``chunk`` in flight at once) or
-    at ``rate`` per second; returns {execution id: wall-clock post time}."""
+    at ``rate`` per second; returns {execution id: wall-clock post time}. With ``reply``, each
+    request asks for the executor's reply, as `BatonClient.submit` does (the replies are read and
+    dropped)."""
     connection = await aio_pika.connect(amqp_url)
     posted: dict[str, float] = {}
     try:
@@ -298,6 +300,11 @@ async def post_all(
         await amqp.declare_requests_queue(channel, names)
         exchange = await channel.get_exchange(names.executions_exchange)
         body = json.dumps({"action_ref": "core.noop", "parameters": {}}).encode()
+        reply_to = None
+        if reply:
+            inbox = await channel.declare_queue(exclusive=True)  # server-named: amq.gen-*
+            await inbox.consume(_drop, no_ack=True)
+            reply_to = inbox.name
 
         async def one(execution_id: str) -> None:
             posted[execution_id] = time.time()
@@ -307,6 +314,8 @@ async def post_all(
                     content_type="application/json",
                     delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                     message_id=execution_id,
+                    correlation_id=execution_id if reply_to else None,
+                    reply_to=reply_to,
                 ),
                 routing_key=amqp.REQUESTED_KEY,
             )
@@ -347,6 +356,10 @@ async def post_all(
     return posted
 
 
+async def _drop(_message: aio_pika.abc.AbstractIncomingMessage) -> None:
+    """A reply, read and dropped: the run reads what it needs from PostgreSQL."""
+
+
 # -- reporting -------------------------------------------------------------------------------------
 
 
@@ -381,6 +394,7 @@ async def run(args: argparse.Namespace) -> dict:
         "concurrency": args.concurrency,
         "rate": args.rate,
         "batch": args.batch,
+        "reply": args.reply,
         "prefix": prefix,
     }
     pool: asyncpg.Pool | None = None
@@ -432,7 +446,7 @@ async def run(args: argparse.Namespace) -> dict:
         rss = RssSampler({"executor": executor.pid} | {f"w{i + 1}": p.pid for i, p in enumerate(procs[1:])}, t_post)
         rss.sample()
         rss_task = asyncio.create_task(rss.run(args.rss_interval))
-        posted = await post_all(args.amqp_url, names, args.n, args.chunk, args.rate, args.batch)
+        posted = await post_all(args.amqp_url, names, args.n, args.chunk, args.rate, args.batch, args.reply)
         t_posted = time.time()
         post_s = t_posted - t_post
         log(f"posted {args.n} requests in {post_s:.2f} s ({args.n / post_s:.0f}/s)")
@@ -619,6 +633,10 @@ def main() -> None:
     parser.add_argument(
         "--batch", type=int, default=0,
         help="post a burst as batch messages of this many requests each (default 0: one message per request)",
+    )
+    parser.add_argument(
+        "--reply", action="store_true",
+        help="each request asks for the executor's reply (reply_to), as BatonClient.submit's do",
     )
     parser.add_argument("--settle", type=float, default=1.0, help="seconds to wait after registration")
     parser.add_argument("--log-level", default="warning", help="services' logging.level (default warning)")
