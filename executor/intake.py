@@ -197,6 +197,10 @@ async def _process(ctx: ExecutorContext, batch: list[AbstractIncomingMessage], s
             (m, Rejection(unstorable[r.id]) if isinstance(r, NewExecution) and r.id in unstorable else r)
             for m, r in parsed
         ]
+    # Recorded and committed: a pass may place them now, while the replies are on their way (each
+    # waits for the broker's confirm, which would otherwise delay every reply-to request's start).
+    if any(row["status"] == "requested" for row in [*inserted.values(), *same.values()]):
+        ctx.wake.set()
     await _reply_and_notify(ctx, parsed, inserted, same, duplicates)
     # A message is parked once, with every reason its requests were refused for (a batch's other
     # requests are recorded; parked, the message can be inspected, or replayed: those map to the
@@ -214,8 +218,6 @@ async def _process(ctx: ExecutorContext, batch: list[AbstractIncomingMessage], s
     metrics.REQUESTS.labels("redelivered").inc(len(same))
     metrics.REQUESTS.labels("duplicate").inc(len(duplicates))
     metrics.REQUESTS.labels("parked").inc(sum(1 for _, r in parsed if isinstance(r, Rejection)))
-    if any(row["status"] == "requested" for row in [*inserted.values(), *same.values()]):
-        ctx.wake.set()
 
 
 async def _record(pool: asyncpg.Pool, executions: list[NewExecution]) -> tuple[Rows, Unstorable]:
