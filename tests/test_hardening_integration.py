@@ -113,6 +113,46 @@ async def test_a_worker_between_runs_is_still_busy(baton):
     assert await busy() == (False, False)
 
 
+def _scans_of_executions(plan: object) -> list[str]:
+    """Every scan of `executions` in an `EXPLAIN (FORMAT JSON)` plan, as `node type/index`."""
+    found = []
+    nodes = [json.loads(plan)[0]["Plan"] if isinstance(plan, str) else plan[0]["Plan"]]  # type: ignore[index]
+    while nodes:
+        node = nodes.pop()
+        if node.get("Relation Name") == "executions":
+            found.append(f"{node['Node Type']}/{node.get('Index Name', '')}")
+        nodes.extend(node.get("Plans", []))
+    return found
+
+
+async def test_fenced_updates_find_their_rows_by_id_when_statistics_are_stale(baton):
+    """Statistics taken while nothing was in flight say that no row is requested or running, and a
+    burst grows the table faster than they follow. The scheduler's mark and the finish must still
+    reach their rows through the primary key, not read the whole table for them (which took
+    20-430 ms a statement in a burst of 10,000 beside 1,000 finished executions)."""
+    pool = await baton.pool()
+    async with pool.acquire() as conn:
+        await conn.execute(
+            "INSERT INTO executions (id, action_ref, status, attempt, finished_at)"
+            " SELECT gen_random_uuid(), 'core.noop', 'completed', 1, now() FROM generate_series(1, 1000)"
+        )
+        await conn.execute("ANALYZE executions")
+        await conn.execute(
+            "INSERT INTO executions (id, action_ref, status)"
+            " SELECT gen_random_uuid(), 'core.noop', 'requested' FROM generate_series(1, 10000)"
+        )
+        ids = [r["id"] for r in await conn.fetch("SELECT id FROM executions WHERE status = 'requested' LIMIT 50")]
+        incarnation = uuid.uuid4()
+        statements = {
+            "mark": (q.MARK_SCHEDULED, ids, ["w"] * 50, [0] * 50),
+            "finish": (q.FINISH, ids, [1] * 50, ["completed"] * 50, ["null"] * 50, [None] * 50, "w", incarnation,
+                       [None] * 50),
+        }
+        for name, (sql, *args) in statements.items():
+            scans = _scans_of_executions(await conn.fetchval(f"EXPLAIN (FORMAT JSON) {sql}", *args))
+            assert scans and not [s for s in scans if s.startswith("Seq Scan")], (name, scans)
+
+
 # -- one live process per name, fencing by incarnation ----------------------------------------
 
 
