@@ -9,6 +9,7 @@ import json
 import signal
 import subprocess
 import uuid
+from typing import Any
 
 import aio_pika
 import pytest
@@ -113,10 +114,11 @@ async def test_a_worker_between_runs_is_still_busy(baton):
     assert await busy() == (False, False)
 
 
-def _scans_of_executions(plan: object) -> list[str]:
-    """Every scan of `executions` in an `EXPLAIN (FORMAT JSON)` plan, as `node type/index`."""
+def _scans_of_executions(plan: list[dict[str, Any]]) -> list[str]:
+    """Every scan of `executions` in an `EXPLAIN (FORMAT JSON)` plan (decoded by the pool's json
+    codec), as `node type/index`."""
     found = []
-    nodes = [json.loads(plan)[0]["Plan"] if isinstance(plan, str) else plan[0]["Plan"]]  # type: ignore[index]
+    nodes = [plan[0]["Plan"]]
     while nodes:
         node = nodes.pop()
         if node.get("Relation Name") == "executions":
