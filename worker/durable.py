@@ -49,11 +49,10 @@ class JournalUnavailable(Exception):
     decides by its policy), never as the workflow's own failure."""
 
 
-async def _journal(operation: Callable[[], Awaitable[_T]], *, what: str) -> _T:
-    """A journal read or write, waiting out a database that is briefly away (as long as
-    `db.until_available` waits)."""
+async def _journal(operation: Callable[[], Awaitable[_T]], *, what: str, max_wait_s: float = 300.0) -> _T:
+    """A journal read or write, waiting out a database that is briefly away."""
     try:
-        return await db.until_available(operation, what=what)
+        return await db.until_available(operation, what=what, max_wait_s=max_wait_s)
     except TRANSIENT_ERRORS as exc:
         raise JournalUnavailable(f"{what}: PostgreSQL stayed unreachable: {exc}") from exc
 
