@@ -53,7 +53,7 @@ async def _count(service, event: str, n: int) -> bool:
 
 async def test_the_claim_is_fenced_and_idempotent(baton):
     """A retried claim (its first commit unacknowledged) gets the row back; nobody else can."""
-    from common.queries import executions as q
+    from worker.claiming import claim_rows
 
     pool = await baton.pool()
     execution_id = uuid.uuid4()
@@ -68,9 +68,9 @@ async def test_the_claim_is_fenced_and_idempotent(baton):
         "INSERT INTO executions (id, action_ref, status, attempt, worker) VALUES ($1, 'core.noop', 'scheduled', 2, 'w1')",
         execution_id,
     )
-    assert await pool.fetch(q.CLAIM, [execution_id], [1], "w1", incarnation) == []  # an older attempt
-    assert await pool.fetch(q.CLAIM, [execution_id], [2], "w2", incarnation) == []  # another worker
-    assert [r["id"] for r in await pool.fetch(q.CLAIM, [execution_id], [2], "w1", incarnation)] == [execution_id]
-    assert [r["id"] for r in await pool.fetch(q.CLAIM, [execution_id], [2], "w1", incarnation)] == [execution_id]
+    assert await claim_rows(pool, [execution_id], [1], "w1", incarnation) == []  # an older attempt
+    assert await claim_rows(pool, [execution_id], [2], "w2", incarnation) == []  # another worker
+    assert [r["id"] for r in await claim_rows(pool, [execution_id], [2], "w1", incarnation)] == [execution_id]
+    assert [r["id"] for r in await claim_rows(pool, [execution_id], [2], "w1", incarnation)] == [execution_id]
     row = await baton.execution(execution_id)
     assert row["status"] == "running" and row["last_event_seq"] == 1  # started once, one event

@@ -17,6 +17,7 @@ import pytest
 from common.queries import executions as q
 from common.queries import workers as wq
 from tests.harness import AMQP_URL, CuttableProxy, wait_until
+from worker.recording import finish_rows
 
 pytestmark = pytest.mark.integration
 
@@ -149,6 +150,8 @@ async def test_fenced_updates_find_their_rows_by_id_when_statistics_are_stale(ba
             "mark": (q.MARK_SCHEDULED, ids, ["w"] * 50, [0] * 50),
             "finish": (q.FINISH, ids, [1] * 50, ["completed"] * 50, ["null"] * 50, [None] * 50, "w", incarnation,
                        [None] * 50),
+            "finished": (q.FINISHED, ids, [1] * 50, ["completed"] * 50, "w", incarnation),
+            "claimed": (q.CLAIMED, ids, [1] * 50, "w", incarnation),
         }
         for name, (sql, *args) in statements.items():
             scans = _scans_of_executions(await conn.fetchval(f"EXPLAIN (FORMAT JSON) {sql}", *args))
@@ -196,13 +199,13 @@ async def test_finish_and_interrupt_are_fenced_by_incarnation_and_finish_is_idem
     assert row["incarnation"] == incarnation
     args = ([row["id"]], [row["attempt"]], ["completed"], [json.dumps({"x": 1})], [None], "fenced")
     # Same name, another incarnation (a second process under the name): nothing happens.
-    assert await pool.fetch(q.FINISH, *args, uuid.uuid4(), [None]) == []
+    assert await finish_rows(pool, *args, uuid.uuid4(), [None]) == []
     assert await pool.fetch(q.INTERRUPT, row["id"], row["attempt"], "fenced", {}, uuid.uuid4()) == []
     assert (await baton.execution(row["id"]))["status"] == "running"
     # The right incarnation; then the same finish again, as after a lost commit reply: the row
     # comes back (so its one notification is published), with one terminal event only.
-    first = await pool.fetch(q.FINISH, *args, incarnation, [None])
-    again = await pool.fetch(q.FINISH, *args, incarnation, [None])
+    first = await finish_rows(pool, *args, incarnation, [None])
+    again = await finish_rows(pool, *args, incarnation, [None])
     assert [r["status"] for r in first] == [r["status"] for r in again] == ["completed"]
     events = await pool.fetch("SELECT type FROM execution_events WHERE execution_id = $1", row["id"])
     assert [e["type"] for e in events].count("execution.completed") == 1

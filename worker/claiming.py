@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import uuid
 
+import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
 
@@ -72,8 +73,8 @@ async def _claim(state: WorkerState, batch: list[tuple[Dispatch, Delivery]]) -> 
         dispatches[dispatch.execution_id] = dispatch
     ordered = sorted(dispatches.values(), key=lambda d: d.execution_id)  # one lock order: no deadlocks
     rows = await db.until_available(
-        lambda: state.pool.fetch(
-            q.CLAIM, [d.execution_id for d in ordered], [d.attempt for d in ordered], state.name, state.incarnation
+        lambda: claim_rows(
+            state.pool, [d.execution_id for d in ordered], [d.attempt for d in ordered], state.name, state.incarnation
         ),
         what="claim",
     )
@@ -105,6 +106,19 @@ async def _claim(state: WorkerState, batch: list[tuple[Dispatch, Delivery]]) -> 
             state.log.info("dispatch_stale", **fields)
     for _ in range(len(batch) - len(claimed)):
         state.slots.release()
+
+
+async def claim_rows(
+    pool: asyncpg.Pool, ids: list[uuid.UUID], attempts: list[int], worker: str, incarnation: uuid.UUID
+) -> list[asyncpg.Record]:
+    """The fenced claim of these dispatches: the rows this process may run, with what to run.
+    Idempotent: what an earlier try claimed (its commit unacknowledged) comes back too."""
+    rows = await pool.fetch(q.CLAIM, ids, attempts, worker, incarnation)
+    if len(rows) == len(ids):
+        return rows
+    claimed = {r["id"] for r in rows}
+    rest = [(i, a) for i, a in zip(ids, attempts, strict=True) if i not in claimed]
+    return rows + await pool.fetch(q.CLAIMED, [i for i, _ in rest], [a for _, a in rest], worker, incarnation)
 
 
 async def hand_back(state: WorkerState) -> int:

@@ -140,8 +140,8 @@ async def finish_loop(state: WorkerState) -> None:
 async def _finish(state: WorkerState, batch: list[tuple[Assignment, Outcome]]) -> list[asyncpg.Record]:
     batch = sorted(batch, key=lambda item: item[0].execution_id)  # rows locked in one order: no deadlocks
     return await db.until_available(
-        lambda: state.pool.fetch(
-            q.FINISH,
+        lambda: finish_rows(
+            state.pool,
             [d.execution_id for d, _ in batch],
             [d.attempt for d, _ in batch],
             ["retry" if o.retry_in_s is not None else o.status for _, o in batch],
@@ -152,6 +152,30 @@ async def _finish(state: WorkerState, batch: list[tuple[Assignment, Outcome]]) -
             [o.retry_in_s for _, o in batch],
         ),
         what="record_outcomes",
+    )
+
+
+async def finish_rows(
+    pool: asyncpg.Pool,
+    ids: list[uuid.UUID],
+    attempts: list[int],
+    statuses: list[str],
+    results: list[str | None],
+    errors: list[str | None],
+    worker: str,
+    incarnation: uuid.UUID,
+    retry_in_s: list[float | None],
+) -> list[asyncpg.Record]:
+    """The fenced finish of these outcomes (status `retry`: back to `requested` after its delay);
+    returns the rows recorded. Idempotent: what an earlier try recorded (its commit
+    unacknowledged) comes back too, so that its one notification is still published."""
+    rows = await pool.fetch(q.FINISH, ids, attempts, statuses, results, errors, worker, incarnation, retry_in_s)
+    if len(rows) == len(ids):
+        return rows
+    recorded = {r["id"] for r in rows}
+    rest = [(i, a, s) for i, a, s in zip(ids, attempts, statuses, strict=True) if i not in recorded]
+    return rows + await pool.fetch(
+        q.FINISHED, [i for i, _, _ in rest], [a for _, a, _ in rest], [s for _, _, s in rest], worker, incarnation
     )
 
 
