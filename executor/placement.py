@@ -43,6 +43,19 @@ def served_actions(candidates: Iterable[Candidate]) -> set[str]:
     return {action for c in candidates for action in c.actions}
 
 
+def concurrency_limits(
+    actions: Iterable[str], configured: Mapping[str, int], own: Mapping[str, int | None]
+) -> dict[str, int]:
+    """The concurrency limit of each of these actions that has one: YAML's
+    `executor.max_concurrency`, else the action's own (``own``, by action; absent: unknown)."""
+    limits: dict[str, int] = {}
+    for action in actions:
+        limit = configured.get(action, own.get(action))
+        if limit is not None:
+            limits[action] = limit
+    return limits
+
+
 def concurrency_room(limits: Mapping[str, int], active: Mapping[str, int]) -> dict[str, int]:
     """For each action with a concurrency limit: how many more may be dispatched now."""
     return {action: max(limit - active.get(action, 0), 0) for action, limit in limits.items()}

@@ -7,7 +7,7 @@ import functools
 import json
 import math
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,8 +54,12 @@ class NewExecution:
         self.error = {"error": message, "failed_by": "executor_intake", **details}
 
 
-def insert_arguments(executions: list[NewExecution]) -> tuple[list[Any], ...]:
-    """The arrays `INSERT_REQUESTS` takes, one element per execution."""
+def insert_arguments(
+    executions: list[NewExecution], workers: Mapping[uuid.UUID, str] | None = None
+) -> tuple[list[Any], ...]:
+    """The arrays `INSERT_REQUESTS` takes, one element per execution; ``workers``: where intake
+    placed some of them."""
+    placed = workers or {}
     return (
         [e.id for e in executions],
         [e.action_ref for e in executions],
@@ -71,6 +75,7 @@ def insert_arguments(executions: list[NewExecution]) -> tuple[list[Any], ...]:
         [e.schedule_name for e in executions],
         [e.scheduled_for for e in executions],
         [json.dumps(e.warnings) if e.warnings else None for e in executions],
+        [placed.get(e.id) for e in executions],
     )
 
 

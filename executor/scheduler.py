@@ -1,12 +1,13 @@
-"""Scheduler: places `requested` executions on live workers and dispatches them.
+"""Scheduler: places the backlog of `requested` executions on live workers and dispatches them.
 
-Woken by intake (in process) and by PostgreSQL notifications (a worker registered, capacity was
-freed), with a slow fallback timer as a safety net. Each pass locks a batch of requested rows
-(`FOR UPDATE SKIP LOCKED`, so replicas never place the same row), records `scheduled` with the
-worker and attempt+1, commits, and only then publishes the dispatches: a worker can never see a
-dispatch its claim would not match. A returned (unroutable) dispatch is rescheduled. A pass does
-not wait for the broker's confirms of its dispatches: they are published in the background while
-the next pass runs.
+Intake places what it records itself while nothing older waits (`executor.dispatching`); the
+scheduler takes the rest: requests no worker had room for, delayed and retried ones that came due,
+rescheduled dispatches, actions with a concurrency limit. Woken by intake (in process) and by
+PostgreSQL notifications (a worker registered, capacity was freed), with a slow fallback timer as
+a safety net. Each pass locks a batch of requested rows (`FOR UPDATE SKIP LOCKED`, so replicas
+never place the same row), records `scheduled` with the worker and attempt+1, commits, and only
+then hands the dispatches over (in the background, while the next pass runs). A returned
+(unroutable) dispatch is rescheduled.
 """
 
 from __future__ import annotations
@@ -17,48 +18,42 @@ from collections import Counter
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
-import aiormq.exceptions
-import asyncpg
-
-from common.amqp import Names, persistent_json
 from common.db import Executor, connect_one
 from common.logging import get_logger
-from common.notifications import publish_terminal
 from common.queries import WAKE_CHANNEL
 from common.queries import executions as q
-from common.queries import workers as wq
-from common.retry import TRANSIENT_ERRORS
-from common.schemas import MAX_DISPATCHES_PER_MESSAGE, Dispatch, DispatchBatch
-from executor.placement import Candidate, concurrency_room, limited_room, place, room_by_action, served_actions
+from executor import dispatching
+from executor.placement import (
+    concurrency_limits,
+    concurrency_room,
+    limited_room,
+    place,
+    room_by_action,
+    served_actions,
+)
 from executor.rescheduling import reschedule_or_fail
-from executor.resilience import describe, riding_out_outages
+from executor.resilience import riding_out_outages
 
 if TYPE_CHECKING:
     from executor.service import ExecutorContext
 
 log = get_logger("baton.executor.scheduler")
 
-#: What rescheduling an undeliverable dispatch may run into: the database away, or refusing.
-_DB_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, asyncpg.PostgresError)
-#: How long a stopping scheduler waits for the dispatches it is still publishing.
-HANDOVER_TIMEOUT_S = 10.0
-
 
 async def run(ctx: ExecutorContext, stop_event: asyncio.Event) -> None:
-    state = {"blocked": True}
-
     def on_notify(_conn: object, _pid: int, _channel: str, payload: object) -> None:
         if payload == "worker":
             ctx.catalogue.invalidate()
-        # Freed capacity only matters when the last pass left work behind.
-        if payload != "capacity" or state["blocked"]:
+        # Freed capacity only matters when work was left behind.
+        if payload != "capacity" or ctx.backlog:
             ctx.wake.set()
 
-    # Dispatches being published while the next pass runs.
-    handovers: set[asyncio.Task[None]] = set()
     listener = await connect_one(ctx.settings.database.url)
     await listener.add_listener(WAKE_CHANNEL, on_notify)
     log.info("scheduler_started")
+    # A first pass at once: what an earlier run left `requested` is placed (or known to wait)
+    # before intake places anything ahead of it.
+    ctx.wake.set()
     fallback_s = ctx.settings.executor.scheduler_fallback_interval_s
     try:
         while not stop_event.is_set():
@@ -69,7 +64,7 @@ async def run(ctx: ExecutorContext, stop_event: asyncio.Event) -> None:
             ctx.wake.clear()
             async with riding_out_outages("schedule", stop_event):
                 while not stop_event.is_set():
-                    more, state["blocked"] = await _pass(ctx, stop_event, handovers)
+                    more = await _pass(ctx, stop_event)
                     if not more:
                         break
             if listener.is_closed():
@@ -78,9 +73,7 @@ async def run(ctx: ExecutorContext, stop_event: asyncio.Event) -> None:
                 await listener.add_listener(WAKE_CHANNEL, on_notify)
                 ctx.wake.set()
     finally:
-        # Let the dispatches under way be sent: a stopping executor hands over what it placed.
-        if handovers:
-            await asyncio.wait(handovers, timeout=HANDOVER_TIMEOUT_S)
+        await dispatching.finish_handovers(ctx)
         with contextlib.suppress(Exception):
             await listener.close()
         log.info("scheduler_stopped")
@@ -104,16 +97,20 @@ async def _connected_or_stopping(ctx: ExecutorContext, stop_event: asyncio.Event
     return ctx.amqp.connected.is_set()
 
 
-async def _pass(
-    ctx: ExecutorContext, stop_event: asyncio.Event, handovers: set[asyncio.Task[None]]
-) -> tuple[bool, bool]:
-    """One placement pass; returns (another pass may find more, work was left unplaced)."""
+async def _pass(ctx: ExecutorContext, stop_event: asyncio.Event) -> bool:
+    """One placement pass; returns whether another pass may find more. Intake places too: one
+    placement at a time, so that neither counts stale room, and what the pass leaves behind is
+    known (`ExecutorContext.backlog`) before intake places again."""
+    async with ctx.placing:
+        more, ctx.backlog = await _place(ctx, stop_event)
+    return more
+
+
+async def _place(ctx: ExecutorContext, stop_event: asyncio.Event) -> tuple[bool, bool]:
+    """Returns (another pass may find more, work was left unplaced)."""
     cfg = ctx.settings.executor
     async with ctx.pool.acquire() as conn, conn.transaction():
-        candidates = [
-            Candidate(r["name"], frozenset(r["actions"]), r["max_concurrent_tasks"], r["outstanding"])
-            for r in await conn.fetch(wq.ELIGIBLE, cfg.heartbeat_staleness_multiplier)
-        ]
+        candidates = await dispatching.live_candidates(ctx, conn)
         room = room_by_action(candidates, cfg.dispatch_pipeline)
         if not room:
             return False, True
@@ -133,10 +130,7 @@ async def _pass(
         waits_for_room = bool(without_room) and bool(await conn.fetch(q.ACTIONS_WAITING, without_room))
         if not plan:
             return False, bool(rows) or waits_for_room
-        by_id = {r["id"]: r for r in rows}
-        scheduled = await conn.fetch(
-            q.MARK_SCHEDULED, list(plan), list(plan.values()), [by_id[i]["attempt"] for i in plan]
-        )
+        scheduled = await dispatching.mark_scheduled(conn, plan, {r["id"]: r["attempt"] for r in rows})
     # While the broker is away, hold on rather than spend dispatches that cannot arrive; a stopping
     # executor puts them back in line, at no cost to them, for a replica or its successor.
     if not await _connected_or_stopping(ctx, stop_event):
@@ -146,12 +140,7 @@ async def _pass(
                 reason="the executor stopped before dispatching it", kind="executor_stopped", error={}, counts=False,
             )
         return False, False
-    if scheduled:
-        # The broker's confirm of a persistent dispatch can take as long as its disk: the next pass
-        # does not wait for it. What a handover could not send, it puts back in line itself.
-        task = asyncio.create_task(_hand_over(ctx, scheduled))
-        handovers.add(task)
-        task.add_done_callback(lambda done: _handed_over(done, handovers))
+    dispatching.hand_over(ctx, scheduled)
     # Work is left behind when some could not be placed, or when the room there was is all taken
     # (more may be waiting as `requested`): then freed capacity must wake the next pass.
     fetched = Counter(r["action_ref"] for r in rows)
@@ -160,93 +149,17 @@ async def _pass(
     return len(rows) == cfg.schedule_batch_size, len(plan) < len(rows) or room_taken or waits_for_room
 
 
-def _handed_over(task: asyncio.Task[None], handovers: set[asyncio.Task[None]]) -> None:
-    """Forget a finished handover; log what it did not expect (its executions stay `scheduled`,
-    and the scheduled-timeout monitor moves them on)."""
-    handovers.discard(task)
-    if not task.cancelled() and (exc := task.exception()) is not None:
-        log.error("dispatch_handover_failed", error=describe(exc))
-
-
-async def _hand_over(ctx: ExecutorContext, scheduled: list[asyncpg.Record]) -> None:
-    """Publish one pass's dispatches, a message per worker, and announce what could not be
-    dispatched and failed for it."""
-    by_worker: dict[str, list[asyncpg.Record]] = {}
-    for s in scheduled:
-        by_worker.setdefault(s["worker"], []).append(s)
-    try:
-        outcomes = await asyncio.gather(
-            *(
-                _dispatch(ctx, worker, rows[i : i + MAX_DISPATCHES_PER_MESSAGE])
-                for worker, rows in by_worker.items()
-                for i in range(0, len(rows), MAX_DISPATCHES_PER_MESSAGE)
-            )
-        )
-    except _DB_ERRORS as exc:
-        # The database went away while rescheduling what could not be sent: those executions stay
-        # `scheduled`, and the scheduled-timeout monitor moves them on.
-        log.warning("dispatch_handover_failed", error=describe(exc), executions=len(scheduled))
-        return
-    await publish_terminal(ctx.exchanges.notifications, [row for rows in outcomes for row in rows])
-
-
 async def _concurrency_caps(ctx: ExecutorContext, conn: Executor, room: dict[str, int]) -> dict[str, int]:
     """How many more of each limited action this pass may place: its limit (YAML
     `executor.max_concurrency`, else the action's `max_concurrency`) less what is dispatched or
     running. The count is taken under a lock per limited action, held until this pass commits, so
     that two executors never both fill the same room."""
     specs = await ctx.catalogue.resolve(room)
-    limits = {
-        a: limit for a in room
-        if (limit := ctx.settings.executor.max_concurrency.get(a, specs[a].max_concurrency if a in specs else None))
-        is not None
-    }
+    limits = concurrency_limits(
+        room, ctx.settings.executor.max_concurrency, {a: spec.max_concurrency for a, spec in specs.items()}
+    )
     if not limits:
         return {}
     await conn.execute(q.LOCK_CONCURRENCY, sorted(limits))
     active = {r["action_ref"]: r["n"] for r in await conn.fetch(q.ACTIVE_BY_ACTION, list(limits))}
     return concurrency_room(limits, active)
-
-
-async def _dispatch(ctx: ExecutorContext, worker: str, scheduled: list[asyncpg.Record]) -> list[asyncpg.Record]:
-    """Publish one worker's dispatches from this pass as one message; if it cannot be handed over,
-    reschedule each of them (returns the rows that this failed instead)."""
-    batch = DispatchBatch(dispatches=[Dispatch(execution_id=s["id"], attempt=s["attempt"]) for s in scheduled])
-    first = scheduled[0]
-    try:
-        await ctx.exchanges.dispatch.publish(
-            persistent_json(batch.model_dump_json().encode(), message_id=f"{first['id']}:{first['attempt']}"),
-            routing_key=Names.worker_routing_key(worker),
-            mandatory=True,
-        )
-    except aiormq.exceptions.PublishError:
-        reason, kind, counts = "dispatch returned: the worker's queue does not exist", "dispatch_returned", True
-    except Exception as exc:  # noqa: BLE001 - any failure to hand over means: not dispatched
-        # The broker went away mid-publish; not the executions' fault, so it costs no dispatch.
-        reason, kind, counts = f"dispatch failed: {exc}", "broker_unavailable", False
-    else:
-        for s in scheduled:
-            log.info("execution_scheduled", execution_id=str(s["id"]), worker=worker, attempt=s["attempt"])
-        return []
-    # Safe even if the dispatch did arrive: the worker's claim is fenced by the attempt we move past.
-    schedule_attempts = ctx.settings.executor.max_schedule_attempts
-    failed = []
-    for s in scheduled:
-        log.warning("dispatch_failed", reason=reason, execution_id=str(s["id"]), worker=worker, attempt=s["attempt"])
-        _, row = await reschedule_or_fail(
-            ctx.pool,
-            {"id": s["id"], "attempt": s["attempt"], "schedule_attempts": s["schedule_attempts"]},
-            max_schedule_attempts=schedule_attempts,
-            reason=reason,
-            kind=kind,
-            counts=counts,
-            error={
-                "error": f"no worker could be reached after {schedule_attempts} dispatches: {reason}",
-                "failed_by": "scheduler",
-                "attempts": schedule_attempts,
-            },
-        )
-        if row is not None:
-            failed.append(row)
-    ctx.wake.set()
-    return failed

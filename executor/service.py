@@ -51,6 +51,15 @@ class ExecutorContext:
     exchanges: Exchanges
     catalogue: Catalogue
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Work was left `requested` (no room, or not yet looked at): intake does not place what it
+    #: records ahead of it, and freed capacity wakes the scheduler. Until the scheduler's first
+    #: pass, whatever an earlier run left is assumed to wait.
+    backlog: bool = True
+    #: Held by each placement (a scheduler pass, intake placing what it recorded) while it counts
+    #: the workers' room and marks what it placed: the next one counts those too.
+    placing: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: Dispatches being published in the background (`executor.dispatching.hand_over`).
+    handovers: set[asyncio.Task[None]] = field(default_factory=set)
 
 
 class LoopDied(RuntimeError):

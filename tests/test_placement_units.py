@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from executor.placement import Candidate, place, room_by_action, served_actions
+from executor.placement import Candidate, concurrency_limits, place, room_by_action, served_actions
 
 
 def _c(name: str, actions: set[str], conc: int = 2, outstanding: int = 0) -> Candidate:
@@ -87,3 +87,12 @@ def test_served_actions_counts_busy_workers_too():
     assert served_actions([full, idle]) == {"a", "b", "c"}
     assert room_by_action([full, idle], 0) == {"c": 2}  # what a pass fetches; "a" and "b" wait for room
     assert served_actions([]) == set()
+
+
+def test_concurrency_limits_take_the_operators_setting_over_the_actions_own():
+    limits = concurrency_limits(
+        ["own", "overridden", "configured", "free", "unknown"],
+        configured={"overridden": 5, "configured": 2, "elsewhere": 9},
+        own={"own": 3, "overridden": 1, "configured": None, "free": None},
+    )
+    assert limits == {"own": 3, "overridden": 5, "configured": 2}

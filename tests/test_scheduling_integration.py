@@ -44,6 +44,62 @@ async def test_work_waiting_for_a_full_worker_starts_when_it_frees_while_another
     assert done["status"] == "completed" and done["worker"] == "py"
 
 
+async def _placed_by_intake(baton: Baton, client) -> dict:
+    """A no-op placed by intake, run to its end. While nothing waits and no scheduler pass is
+    under way, intake places a request in the statement that records it (one `now()` for both),
+    and its reply says so; afterwards nothing wakes the scheduler."""
+
+    async def one() -> dict | None:
+        submission = await client.submit("core.noop")
+        await client.wait(submission.execution_id, 20)
+        return await baton.execution(submission.execution_id) if submission.status == "scheduled" else None
+
+    return await wait_until(one, what="a request placed by intake")
+
+
+async def test_intake_places_what_it_records_while_nothing_waits_and_queues_behind_a_backlog(baton):
+    # No fallback pass: what the scheduler places, a wake-up made it place.
+    await baton.started(
+        baton.spawn_executor(BATON__EXECUTOR__SCHEDULER_FALLBACK_INTERVAL="3600"),
+        baton.spawn_worker("solo", concurrency=1, runtimes="python"),
+    )
+    client = await baton.client()
+    row = await _placed_by_intake(baton, client)
+    assert row["worker"] == "solo" and row["scheduled_at"] == row["created_at"] and row["last_event_seq"] == 4
+    # The only slot taken, the next request waits as `requested`, and the one after it waits
+    # behind it rather than being placed ahead of it when the slot frees.
+    first = await client.submit("core.sleep", {"seconds": 1.0})
+    await baton.wait_status(first.execution_id, "running")
+    second = await client.submit("core.echo", {"message": "second"})
+    third = await client.submit("core.echo", {"message": "third"})
+    assert second.status == third.status == "requested"
+    done = [await client.wait(s.execution_id, 20) for s in (first, second, third)]
+    assert [d["status"] for d in done] == ["completed"] * 3
+    assert done[0]["finished_at"] <= done[1]["started_at"] and done[1]["finished_at"] <= done[2]["started_at"]
+    for later in done[1:]:
+        assert later["scheduled_at"] > later["created_at"]  # placed by a scheduler pass
+
+
+async def test_intake_does_not_place_ahead_of_work_another_executor_left_waiting(baton):
+    await baton.started(
+        baton.spawn_executor(BATON__EXECUTOR__SCHEDULER_FALLBACK_INTERVAL="3600"),
+        baton.spawn_worker("solo", concurrency=1, runtimes="python"),
+    )
+    client = await baton.client()
+    await _placed_by_intake(baton, client)
+    # Recorded by another executor a moment ago, not yet placed: no wake-up reaches this one.
+    older = uuid.uuid4()
+    await (await baton.pool()).execute(
+        "INSERT INTO executions (id, action_ref, parameters, status) VALUES ($1, 'core.echo', '{\"message\": \"older\"}', 'requested')",
+        older,
+    )
+    newer = await client.submit("core.echo", {"message": "newer"})
+    assert newer.status == "requested"  # behind the older one, although the worker is idle
+    done = [await client.wait(i, 20) for i in (older, newer.execution_id)]
+    assert [d["status"] for d in done] == ["completed"] * 2
+    assert done[0]["finished_at"] <= done[1]["started_at"]
+
+
 # -- retries ---------------------------------------------------------------------------------------
 
 

@@ -6,36 +6,43 @@ Each transition appends its event in the same statement, numbered from `last_eve
 """
 
 from common.queries import TIMER_CHANNEL, WAKE_CHANNEL
-from common.queries.workers import busy
+from common.queries.workers import ELIGIBLE, busy
 
 # $1 id, $2 action_ref, $3 parameters, $4 status, $5 idempotency_key, $6 message_id,
 # $7 correlation_id, $8 timeout_s, $9 error, $10 max_retries, $11 not_before, $12 schedule_name,
-# $13 scheduled_for, $14 warnings (all arrays, one element per request; `executor.requests.insert_arguments`).
-# A delayed request whose time has already come is not delayed.
+# $13 scheduled_for, $14 warnings, $15 worker (all arrays, one element per request;
+# `executor.requests.insert_arguments`). A delayed request whose time has already come is not
+# delayed. A request given a worker (intake placed it: `executor.dispatching.place_new`) is
+# recorded `scheduled` there at attempt 1, as the scheduler's mark would, with both events.
 INSERT_REQUESTS = f"""
 WITH ins AS (
     INSERT INTO executions (id, action_ref, parameters, status, idempotency_key, message_id,
                             correlation_id, timeout_s, error, finished_at, last_event_seq, max_retries, not_before,
-                            schedule_name, scheduled_for, warnings)
-    SELECT r.id, r.action_ref, r.parameters::jsonb, r.status, r.idempotency_key, r.message_id,
-           r.correlation_id, r.timeout_s, r.error::jsonb,
-           CASE WHEN r.status = 'failed' THEN now() END, 1, r.max_retries,
+                            schedule_name, scheduled_for, warnings, worker, attempt, schedule_attempts, scheduled_at)
+    SELECT r.id, r.action_ref, r.parameters::jsonb, CASE WHEN r.worker IS NULL THEN r.status ELSE 'scheduled' END,
+           r.idempotency_key, r.message_id, r.correlation_id, r.timeout_s, r.error::jsonb,
+           CASE WHEN r.status = 'failed' THEN now() END, CASE WHEN r.worker IS NULL THEN 1 ELSE 2 END, r.max_retries,
            CASE WHEN r.status = 'requested' AND r.not_before > now() THEN r.not_before END,
-           r.schedule_name, r.scheduled_for, r.warnings::jsonb
+           r.schedule_name, r.scheduled_for, r.warnings::jsonb, r.worker,
+           CASE WHEN r.worker IS NULL THEN 0 ELSE 1 END, CASE WHEN r.worker IS NULL THEN 0 ELSE 1 END,
+           CASE WHEN r.worker IS NOT NULL THEN now() END
     FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
                 $8::float8[], $9::text[], $10::int[], $11::timestamptz[], $12::text[], $13::timestamptz[],
-                $14::text[])
+                $14::text[], $15::text[])
          AS r(id, action_ref, parameters, status, idempotency_key, message_id, correlation_id, timeout_s, error,
-              max_retries, not_before, schedule_name, scheduled_for, warnings)
+              max_retries, not_before, schedule_name, scheduled_for, warnings, worker)
     ON CONFLICT DO NOTHING
-    RETURNING id, action_ref, status, attempt, worker, finished_at, error, warnings, not_before
+    RETURNING id, action_ref, status, attempt, worker, finished_at, error, warnings, not_before, schedule_attempts
 ), ev AS (
     INSERT INTO execution_events (execution_id, seq, type, data)
-    SELECT id, 1, 'execution.' || status,
+    SELECT id, 1, 'execution.' || CASE WHEN status = 'scheduled' THEN 'requested' ELSE status END,
            COALESCE(error, '{{}}'::jsonb)
            || CASE WHEN not_before IS NULL THEN '{{}}'::jsonb ELSE jsonb_build_object('not_before', not_before) END
            || CASE WHEN warnings IS NULL THEN '{{}}'::jsonb ELSE jsonb_build_object('warnings', warnings) END
     FROM ins
+    UNION ALL
+    SELECT id, 2, 'execution.scheduled', jsonb_build_object('worker', worker, 'attempt', attempt)
+    FROM ins WHERE status = 'scheduled'
 )
 SELECT ins.*, CASE WHEN EXISTS (SELECT 1 FROM ins WHERE not_before IS NOT NULL)
                    THEN pg_notify('{TIMER_CHANNEL}', 'delayed') END AS pg_notify
@@ -74,11 +81,26 @@ ORDER BY r.updated_at
 LIMIT $1
 """
 
-# Which of these actions ($1) have executions waiting to be placed, each looked up in its own
-# index range (delayed rows are not in it).
-ACTIONS_WAITING = """
+
+def waiting(action: str) -> str:
+    """The one definition of "executions of this action wait to be placed": looked up in the
+    action's own range of `executions_requested_by_action` (delayed rows are not in it)."""
+    return f"EXISTS (SELECT 1 FROM executions WHERE status = 'requested' AND not_before IS NULL AND action_ref = {action})"
+
+
+# Which of these actions ($1) have executions waiting to be placed.
+ACTIONS_WAITING = f"""
 SELECT a.ref FROM unnest($1::text[]) AS a(ref)
-WHERE EXISTS (SELECT 1 FROM executions WHERE status = 'requested' AND not_before IS NULL AND action_ref = a.ref)
+WHERE {waiting("a.ref")}
+"""
+
+# The live workers to place new requests of these actions ($2) on, as `workers.ELIGIBLE` ($1
+# staleness multiplier); none while executions of any of them wait to be placed, so that intake
+# records new requests behind those rather than placing them ahead (whichever executor recorded
+# the ones waiting).
+ELIGIBLE_UNLESS_WAITING = f"""
+{ELIGIBLE.strip()}
+  AND NOT EXISTS (SELECT 1 FROM unnest($2::text[]) AS a(ref) WHERE {waiting("a.ref")})
 """
 
 # Serialises the passes that place actions with a concurrency limit, across executors: each pass
