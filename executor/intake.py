@@ -7,7 +7,7 @@ request is recorded as `failed` when it can be tied to an execution, otherwise p
 
 Anyone who can reach the broker writes these messages, so no message, whatever its body,
 properties or headers, may stop intake: a request PostgreSQL refuses is parked alone (the batch is
-recorded again one by one), replies go only to client inboxes, a parked request's headers are
+recorded again one by one), replies go only to client inboxes (`executor.replies`), a parked request's headers are
 carried only as far as they can be written back to AMQP, and properties that the AMQP library
 would fail to decode (invalid UTF-8, out-of-range timestamps, tables nested without end) are
 decoded leniently rather than closing the connection. Only an outage (a transient error, or
@@ -27,14 +27,14 @@ import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
 
 from common import amqp, metrics
-from common.amqp import Names, persistent_json, property_text, short_string
+from common.amqp import property_text
 from common.db import until_available
 from common.logging import get_logger
-from common.notifications import publish_terminal
 from common.queries import executions as q
-from common.schemas import Acceptance, ExistingRequest, RecordedRequest
+from common.schemas import ExistingRequest, RecordedRequest
 from executor import dispatching
 from executor.parking import park
+from executor.replies import Existing, Rows, reply_and_notify
 from executor.requests import (
     NewExecution,
     ParameterValidator,
@@ -43,7 +43,7 @@ from executor.requests import (
     insert_arguments,
     parse_message,
 )
-from executor.resilience import Backoff, being_cancelled, describe, unavailable
+from executor.resilience import Backoff, describe, unavailable
 
 if TYPE_CHECKING:
     from common.actions import ActionSpec
@@ -52,20 +52,16 @@ if TYPE_CHECKING:
 
 log = get_logger("baton.executor.intake")
 
-#: Executions by id: the rows recorded, or found already there.
-Rows = dict[uuid.UUID, RecordedRequest]
-Existing = dict[uuid.UUID, ExistingRequest]
 #: Why each request that PostgreSQL refused cannot be stored, by execution id.
 Unstorable = dict[uuid.UUID, str]
 
-#: How long one reply may take before it is given up (the request is recorded either way).
-REPLY_TIMEOUT_S = 5.0
 #: Intake places what it records itself only from batches of at most this many messages. Under
 #: load its batches grow, it is the slowest step, and the scheduler's passes, placing in parallel
 #: with it, serve better: pair by pair at a steady 1,000/s, placing every batch at intake made the
 #: start latency's p50 worse in 4 of 5 pairs (x0.97-1.56), while at 100/s, where batches hold
 #: one or two, placing them made it 15-45% better.
 PLACE_MAX_BATCH = 4
+
 
 def intake_prefetch(settings: Settings) -> int:
     """Deliveries intake holds at once: at most two batches, and at most
@@ -215,7 +211,7 @@ async def _process(ctx: ExecutorContext, batch: list[AbstractIncomingMessage], s
     # waits for the broker's confirm, which would otherwise delay every reply-to request's start).
     if any(row["status"] == "requested" for row in [*inserted.values(), *same.values()]):
         ctx.wake.set()
-    await _reply_and_notify(ctx, parsed, inserted, same, duplicates)
+    await reply_and_notify(ctx, parsed, inserted, same, duplicates)
     # A message is parked once, with every reason its requests were refused for (a batch's other
     # requests are recorded; parked, the message can be inspected, or replayed: those map to the
     # executions already recorded).
@@ -343,72 +339,3 @@ def key_conflict(execution: NewExecution, existing: ExistingRequest) -> str | No
         f"by execution {existing['id']} with other parameters: use another key, or the same parameters "
         f"to get that execution"
     )
-
-
-def _failed_at_intake(row: RecordedRequest) -> bool:
-    return row["status"] == "failed" and (row.get("error") or {}).get("failed_by") == "executor_intake"
-
-
-async def _reply_and_notify(
-    ctx: ExecutorContext,
-    parsed: list[tuple[AbstractIncomingMessage, NewExecution | Rejection]],
-    inserted: Rows,
-    same: Existing,
-    duplicates: Existing,
-) -> None:
-    replies = []
-    for message, result in parsed:
-        reply_to = property_text(message.reply_to)
-        if not reply_to:
-            continue
-        if isinstance(result, Rejection):
-            reply = Acceptance(error=result.reason)
-        elif result.id in inserted or result.id in same:
-            row = inserted.get(result.id) or same[result.id]
-            reply = Acceptance(
-                execution_id=row["id"], status=row["status"], error=(row["error"] or {}).get("error"),
-                warnings=row.get("warnings") or [],
-            )
-        elif result.id in duplicates:
-            row = duplicates[result.id]
-            reply = Acceptance(execution_id=row["id"], status=row["status"], duplicate=True)
-        else:
-            continue
-        replies.append(_reply(ctx, message, reply_to, reply))
-    await asyncio.gather(*replies)
-    # A request seen again that had failed at intake may have lost its notification with its ack.
-    failed = [r for r in inserted.values() if r["status"] == "failed"]
-    failed += [r for r in same.values() if _failed_at_intake(r)]
-    await publish_terminal(ctx.exchanges.notifications, failed)
-
-
-def reply_allowed(reply_to: str, names: Names) -> bool:
-    """Replies go only to a client's inbox: a queue named `<prefix>.reply.*` or a server-named
-    `amq.gen-*` one. Never to Baton's own queues (a worker would take a reply as a dispatch, the
-    request queue as a request), nor to RabbitMQ's direct reply-to names, a malformed one of which
-    makes the broker close the publishing connection: the executor's own."""
-    return reply_to.startswith((names.reply_queue(""), "amq.gen-")) and short_string(reply_to) is not None
-
-
-async def _reply(ctx: ExecutorContext, message: AbstractIncomingMessage, reply_to: str, reply: Acceptance) -> None:
-    """Send one reply; never raises (the request is recorded either way, and the client can read
-    it from PostgreSQL)."""
-    if not reply_allowed(reply_to, ctx.names):
-        log.warning("reply_refused", reply_to=reply_to[:300], message_id=property_text(message.message_id))
-        return
-    outgoing = persistent_json(reply.model_dump_json().encode(), correlation_id=short_string(message.correlation_id))
-    try:
-        await asyncio.wait_for(
-            ctx.publish_channel.default_exchange.publish(
-                outgoing,
-                routing_key=reply_to,
-                mandatory=False,  # the client may be gone; that is its business
-            ),
-            REPLY_TIMEOUT_S,
-        )
-    except asyncio.CancelledError:
-        if being_cancelled():
-            raise
-        log.warning("reply_publish_failed", reply_to=reply_to[:300], error="cancelled by the AMQP library")
-    except Exception as exc:  # noqa: BLE001 - see docstring
-        log.warning("reply_publish_failed", reply_to=reply_to[:300], error=describe(exc))
