@@ -7,11 +7,12 @@ request is recorded as `failed` when it can be tied to an execution, otherwise p
 
 Anyone who can reach the broker writes these messages, so no message, whatever its body,
 properties or headers, may stop intake: a request PostgreSQL refuses is parked alone (the batch is
-recorded again one by one), replies go only to client inboxes (`executor.replies`), a parked request's headers are
-carried only as far as they can be written back to AMQP, and properties that the AMQP library
-would fail to decode (invalid UTF-8, out-of-range timestamps, tables nested without end) are
-decoded leniently rather than closing the connection. Only an outage (a transient error, or
-PostgreSQL refusing everything) puts a batch back, and intake pauses with a jittered backoff.
+recorded again one by one), replies go only to client inboxes (`executor.replies`), a parked
+request's headers are carried only as far as they can be written back to AMQP, and properties
+that the AMQP library would fail to decode (invalid UTF-8, out-of-range timestamps, tables nested
+without end) are decoded leniently rather than closing the connection. Only an outage (a
+transient error, or PostgreSQL refusing everything) puts a batch back, and intake pauses with a
+jittered backoff.
 """
 
 from __future__ import annotations
@@ -76,9 +77,6 @@ class _State:
 
     validator: ParameterValidator = field(default_factory=ParameterValidator)
     backoff: Backoff = field(default_factory=Backoff)
-    #: Intake is lightly loaded: its batch is small (`PLACE_MAX_BATCH`). Only then does it place
-    #: what it records itself (`_insert`).
-    light: bool = False
 
 
 async def run(ctx: ExecutorContext, stop_event: asyncio.Event) -> None:
@@ -107,8 +105,8 @@ async def run(ctx: ExecutorContext, stop_event: asyncio.Event) -> None:
                 batch.append(inbox.get_nowait())
                 size += len(batch[-1].body)
             try:
-                state.light = len(batch) <= PLACE_MAX_BATCH
-                await _process_guarded(ctx, batch, state)
+                # A small batch: intake is lightly loaded, and places what it records itself.
+                await _process_guarded(ctx, batch, state, place=len(batch) <= PLACE_MAX_BATCH)
             except Exception as exc:  # noqa: BLE001 - only outages get here (see _process_guarded)
                 # Back to the queue; a request recorded before the failure maps to the same id again.
                 pause = state.backoff.next_delay_s()
@@ -134,12 +132,14 @@ async def run(ctx: ExecutorContext, stop_event: asyncio.Event) -> None:
         log.info("intake_stopped")
 
 
-async def _process_guarded(ctx: ExecutorContext, batch: list[AbstractIncomingMessage], state: _State) -> None:
-    """Process ``batch``; raise only for an outage. Anything else that goes wrong is a request's
+async def _process_guarded(
+    ctx: ExecutorContext, batch: list[AbstractIncomingMessage], state: _State, *, place: bool
+) -> None:
+    """Process ``batch`` (``place``: see `_process`); raise only for an outage. Anything else that goes wrong is a request's
     fault until shown otherwise: the batch is taken again one request at a time, and a request
     that still fails is parked with the error (or, if even that fails, counted as an outage)."""
     try:
-        await _process(ctx, batch, state)
+        await _process(ctx, batch, state, place=place)
         return
     except Exception as exc:
         if unavailable(exc):
@@ -149,7 +149,7 @@ async def _process_guarded(ctx: ExecutorContext, batch: list[AbstractIncomingMes
         if message.processed:
             continue
         try:
-            await _process(ctx, [message], state)
+            await _process(ctx, [message], state, place=place)
         except Exception as exc:
             if unavailable(exc):
                 raise
@@ -157,7 +157,11 @@ async def _process_guarded(ctx: ExecutorContext, batch: list[AbstractIncomingMes
             await amqp.ack_all([message])
 
 
-async def _process(ctx: ExecutorContext, batch: list[AbstractIncomingMessage], state: _State) -> None:
+async def _process(
+    ctx: ExecutorContext, batch: list[AbstractIncomingMessage], state: _State, *, place: bool
+) -> None:
+    """Record, reply to, park and ack one batch; ``place``: intake may place what it records
+    itself (`_insert`)."""
     max_bytes = ctx.settings.message_queue.max_request_bytes
     # One entry per request: a batch message brings several, each its own execution.
     parsed: list[tuple[AbstractIncomingMessage, NewExecution | Rejection]] = []
@@ -184,7 +188,7 @@ async def _process(ctx: ExecutorContext, batch: list[AbstractIncomingMessage], s
         except Exception as exc:  # noqa: BLE001 - a schema a worker registered that cannot be used
             execution.fail(f"parameters cannot be checked against the action's schema: {describe(exc)}")
 
-    inserted, unstorable = await _record(ctx, executions, specs if state.light else None)
+    inserted, unstorable = await _record(ctx, executions, specs if place else None)
     same, duplicates = await _existing(
         ctx.pool, [e for e in executions if e.id not in inserted and e.id not in unstorable]
     )
