@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -18,6 +17,7 @@ from aio_pika.abc import (
 )
 
 from common import amqp_decoding
+from common.best_effort import best_effort
 from common.retry import connect_retrying
 from common.settings import where
 
@@ -286,11 +286,9 @@ async def delete_topology(url: str, names: Names, workers: list[str] | tuple[str
         queues = [names.requests_queue, names.rejected_requests_queue, names.dead_letters_queue]
         queues += [names.worker_queue(w) for w in workers]
         for queue in queues:
-            with contextlib.suppress(Exception):
-                await channel.queue_delete(queue)
+            await best_effort("delete_queue", channel.queue_delete(queue), queue=queue)
         for exchange in (names.executions_exchange, names.dispatch_exchange, names.dlx, names.notifications_exchange):
-            with contextlib.suppress(Exception):
-                await channel.exchange_delete(exchange)
+            await best_effort("delete_exchange", channel.exchange_delete(exchange), exchange=exchange)
     finally:
         await connection.close()
 
@@ -301,13 +299,14 @@ async def ack_all(messages: list[AbstractIncomingMessage]) -> None:
     died is fine: the message is redelivered, and every consumer of Baton's is idempotent to that."""
     last: dict[int, AbstractIncomingMessage] = {}
     for message in messages:
-        # `channel` raises once the channel has closed; such a message is redelivered anyway.
-        with contextlib.suppress(Exception):
-            if not message.processed:
-                last[id(message.channel)] = message
+        if message.processed:
+            continue
+        try:
+            last[id(message.channel)] = message
+        except aiormq.exceptions.ChannelInvalidStateError:
+            continue  # `channel` raises once the channel has closed; the message is redelivered anyway
     for message in last.values():
-        with contextlib.suppress(Exception):
-            await message.ack(multiple=True)
+        await best_effort("ack_deliveries", message.ack(multiple=True))
 
 
 def persistent_json(body: bytes, **properties: object) -> aio_pika.Message:

@@ -29,6 +29,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from common import amqp, metrics
 from common.amqp import property_text
+from common.best_effort import best_effort
 from common.db import until_available
 from common.logging import get_logger
 from common.queries import executions as q
@@ -115,8 +116,7 @@ async def run(ctx: ExecutorContext, stop_event: asyncio.Event) -> None:
                 )
                 for message in batch:
                     if not message.processed:
-                        with contextlib.suppress(Exception):
-                            await message.nack(requeue=True)
+                        await best_effort("requeue_request", message.nack(requeue=True))
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(stop_event.wait(), pause)
             else:
@@ -124,10 +124,8 @@ async def run(ctx: ExecutorContext, stop_event: asyncio.Event) -> None:
     finally:
         stop_waiter.cancel()
         # Unacked deliveries go back to the queue when the channel closes; another replica takes them.
-        with contextlib.suppress(Exception):
-            await queue.cancel(tag)
-        with contextlib.suppress(Exception):
-            await channel.close()
+        await best_effort("cancel_intake_consumer", queue.cancel(tag))
+        await best_effort("close_intake_channel", channel.close())
         await dispatching.finish_handovers(ctx)
         log.info("intake_stopped")
 
@@ -135,9 +133,10 @@ async def run(ctx: ExecutorContext, stop_event: asyncio.Event) -> None:
 async def _process_guarded(
     ctx: ExecutorContext, batch: list[AbstractIncomingMessage], state: _State, *, place: bool
 ) -> None:
-    """Process ``batch`` (``place``: see `_process`); raise only for an outage. Anything else that goes wrong is a request's
-    fault until shown otherwise: the batch is taken again one request at a time, and a request
-    that still fails is parked with the error (or, if even that fails, counted as an outage)."""
+    """Process ``batch`` (``place``: see `_process`); raise only for an outage. Anything else that
+    goes wrong is a request's fault until shown otherwise: the batch is taken again one request at
+    a time, and a request that still fails is parked with the error (or, if even that fails,
+    counted as an outage)."""
     try:
         await _process(ctx, batch, state, place=place)
         return

@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
+from common.best_effort import best_effort
 from common.db import Executor, connect_one
 from common.logging import get_logger
 from common.queries import WAKE_CHANNEL
@@ -74,8 +75,7 @@ async def run(ctx: ExecutorContext, stop_event: asyncio.Event) -> None:
                 ctx.wake.set()
     finally:
         await dispatching.finish_handovers(ctx)
-        with contextlib.suppress(Exception):
-            await listener.close()
+        await best_effort("close_wake_listener", listener.close())
         log.info("scheduler_stopped")
 
 

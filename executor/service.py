@@ -7,7 +7,6 @@ stopping, the service stops loudly (non-zero exit) rather than limp on with a pa
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from common import amqp, db, metrics
 from common.amqp import Exchanges, Names
+from common.best_effort import best_effort
 from common.logging import get_logger
 from common.settings import Settings
 from executor import (
@@ -113,8 +113,7 @@ async def serve(settings: Settings, stop_event: asyncio.Event) -> None:
         await supervise(ctx, LOOPS, stop_event)
     finally:
         if connection is not None:
-            with contextlib.suppress(Exception):
-                await connection.close()
+            await best_effort("close_broker_connection", connection.close())
         await pool.close()
         log.info("executor_stopped")
 

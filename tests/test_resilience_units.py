@@ -135,3 +135,52 @@ async def test_a_journal_out_of_reach_for_too_long_is_the_workers_failure_not_th
 
     with pytest.raises(ValueError):  # anything else is what it is
         await _journal(refused_by_the_data, what="checkpoint", max_wait_s=0.3)
+
+
+async def test_a_best_effort_step_logs_what_it_did_not_expect_and_raises_nothing():
+    import aiormq.exceptions
+
+    from common.best_effort import best_effort
+
+    async def closed() -> None:
+        raise aiormq.exceptions.ChannelInvalidStateError("channel closed")
+
+    async def broken() -> None:
+        raise KeyError("a bug")
+
+    async def fine() -> None:
+        return None
+
+    with capture_logs() as logs:
+        assert await best_effort("close_channel", closed(), worker="w1") is False
+        assert await best_effort("close_channel", broken(), worker="w1") is False
+        assert await best_effort("close_channel", fine()) is True
+    assert [(e["event"], e["log_level"], e["step"], e["worker"]) for e in logs] == [
+        ("best_effort_step_failed", "debug", "close_channel", "w1"),
+        ("best_effort_step_failed_unexpectedly", "warning", "close_channel", "w1"),
+    ]
+    assert logs[1]["error"] == "KeyError: 'a bug'"
+
+    async def cancelled() -> None:
+        raise asyncio.CancelledError
+
+    with pytest.raises(asyncio.CancelledError):
+        await best_effort("close_channel", cancelled())
+
+
+def test_no_service_code_swallows_every_error():
+    """Catch-alls hide bugs: service code names what it expects (`common.best_effort` for steps
+    whose failure changes nothing) and logs the rest."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    catch_all = re.compile(r"suppress\((?:[^)]*\b)?(?:Base)?Exception\b")
+    found = [
+        f"{path.relative_to(root)}:{number}"
+        for package in ("common", "executor", "worker", "cli", "dashboard")
+        for path in sorted((root / package).rglob("*.py"))
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if catch_all.search(line)
+    ]
+    assert found == []

@@ -8,7 +8,6 @@ handler takes one dispatch at a time (those already claimed are stale there)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 
 import asyncpg
@@ -16,6 +15,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
 
 from common import amqp, db
+from common.best_effort import best_effort
 from common.queries import executions as q
 from common.schemas import Assignment, Dispatch, DispatchBatch
 from worker import recording
@@ -24,15 +24,14 @@ from worker.state import Delivery, WorkerState
 
 async def on_message(state: WorkerState, message: AbstractIncomingMessage) -> None:
     if state.draining or state.stood_down:
-        with contextlib.suppress(Exception):
-            await message.reject(requeue=False)
+        await best_effort("hand_back_dispatch", message.reject(requeue=False), worker=state.name)
         return
     try:
         batch = DispatchBatch.model_validate_json(message.body)
     except ValidationError as exc:
         state.log.error("dispatch_invalid", error=str(exc)[:500], message_id=message.message_id)
-        with contextlib.suppress(Exception):  # a dead channel redelivers it; it is rejected again
-            await message.reject(requeue=False)
+        # A dead channel redelivers it; it is rejected again.
+        await best_effort("reject_dispatch", message.reject(requeue=False), worker=state.name)
         return
     delivery = Delivery(message, len(batch.dispatches))
     state.inbox.extend((dispatch, delivery) for dispatch in batch.dispatches)
@@ -132,8 +131,7 @@ async def hand_back(state: WorkerState) -> int:
         messages[id(delivery.message)] = delivery.message
         handed_back += 1
     for message in messages.values():
-        with contextlib.suppress(Exception):
-            await message.reject(requeue=False)
+        await best_effort("hand_back_dispatch", message.reject(requeue=False), worker=state.name)
     if handed_back:
         state.log.info("dispatches_handed_back", count=handed_back, messages=len(messages))
     return handed_back

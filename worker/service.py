@@ -25,6 +25,7 @@ import aiormq.exceptions
 
 from common import amqp, db, health, metrics
 from common.actions import CORE_PREFIX, ActionSpec, registration_conflict
+from common.best_effort import best_effort
 from common.queries import actions as aq
 from common.queries import workers as wq
 from common.settings import Settings
@@ -98,11 +99,9 @@ class WorkerService:
             for task in done - {stopper}:
                 raise RuntimeError(f"worker loop {task.get_name()!r} stopped unexpectedly") from task.exception()
         finally:
-            with contextlib.suppress(Exception):
-                await state.connection.close()
+            await best_effort("close_broker_connection", state.connection.close(), worker=state.name)
             if state.lock_conn is not None:
-                with contextlib.suppress(Exception):
-                    await state.lock_conn.close()
+                await best_effort("close_name_lock_connection", state.lock_conn.close(), worker=state.name)
             await state.pool.close()
             health.remove(state.cfg.health_file)
             state.log.info("worker_stopped")
@@ -191,10 +190,9 @@ class WorkerService:
         state.draining = True
         state.mail.set()
         state.log.info("worker_draining", in_flight=len(state.running), unstarted=len(state.inbox))
-        with contextlib.suppress(Exception):
-            await state.pool.fetch(wq.SET_STATUS, state.name, state.incarnation, "draining")
-        with contextlib.suppress(Exception):
-            await state.queue.cancel(state.consumer_tag)
+        mark = state.pool.fetch(wq.SET_STATUS, state.name, state.incarnation, "draining")
+        await best_effort("mark_worker_draining", mark, worker=state.name)
+        await best_effort("cancel_dispatch_consumer", state.queue.cancel(state.consumer_tag), worker=state.name)
         state.resumed.set()
         claimer = next((t for t in loops if t.get_name() == "claimer"), None)
         if claimer is not None:
@@ -202,8 +200,8 @@ class WorkerService:
             # way is let finish, so that what it claimed is started and tracked.
             if not state.claiming:
                 claimer.cancel()
-            with contextlib.suppress(BaseException):
-                await claimer
+            # Waited for, not awaited: how it ended is collected with the other loops' below.
+            await asyncio.wait({claimer})
         await claiming.hand_back(state)
         try:
             await asyncio.wait_for(state.idle.wait(), state.cfg.shutdown_timeout_s)
@@ -218,6 +216,6 @@ class WorkerService:
         for task in loops:
             task.cancel()
         await asyncio.gather(*loops, return_exceptions=True)
-        with contextlib.suppress(Exception):
-            await state.pool.fetch(wq.SET_STATUS, state.name, state.incarnation, "inactive")
+        mark = state.pool.fetch(wq.SET_STATUS, state.name, state.incarnation, "inactive")
+        await best_effort("mark_worker_inactive", mark, worker=state.name)
         state.log.info("worker_inactive")

@@ -15,6 +15,7 @@ from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnectio
 from pydantic import ValidationError
 
 from common import amqp, db
+from common.best_effort import best_effort
 from common.queries import executions as q
 from common.queries import workflows as wfq
 from common.retry import TRANSIENT_ERRORS
@@ -55,8 +56,7 @@ class ClientBase:
         """Close both connections, each within `CLOSE_TIMEOUT_S`, so that a command never hangs on
         its way out (interrupted by Ctrl-C in the middle of a read, say)."""
         if self._connection is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._connection.close(), CLOSE_TIMEOUT_S)
+            await best_effort("close_broker_connection", asyncio.wait_for(self._connection.close(), CLOSE_TIMEOUT_S))
         if self._pool is not None:
             try:
                 await asyncio.wait_for(self._pool.close(), CLOSE_TIMEOUT_S)

@@ -1,0 +1,51 @@
+"""Steps whose failure changes nothing: closing what may already be gone, settling a delivery on a
+channel that may have died, marking a worker's status on the way out.
+
+Each caller would otherwise wrap such a step in a catch-all. Here what the step is expected to meet
+(the connection, the channel or the database is gone or going) is named once and logged at debug,
+and anything else is logged as a warning with its traceback, so that a bug is seen rather than
+swallowed. Neither is raised: the caller is on its way out, or the state it would have changed is
+recovered another way (a delivery not acked is redelivered; PostgreSQL's row is the truth)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from typing import Any
+
+import aiormq.exceptions
+import asyncpg
+
+from common.logging import get_logger
+from common.retry import TRANSIENT_ERRORS
+
+log = get_logger("baton.best_effort")
+
+#: What a step on a connection that may be gone is expected to meet: the service is away
+#: (`TRANSIENT_ERRORS`), the broker closed the channel or refused the operation (any AMQP error,
+#: including settling a delivery that is already settled), or PostgreSQL refused the statement.
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
+    *TRANSIENT_ERRORS,
+    aiormq.exceptions.AMQPError,
+    asyncpg.PostgresError,
+)
+
+
+async def best_effort(what: str, operation: Awaitable[Any], **context: Any) -> bool:
+    """Await ``operation`` (``what`` names it in the log, with ``context``); True if it succeeded.
+    An expected failure is logged at debug, any other as a warning; neither is raised.
+    Cancellation is not caught."""
+    try:
+        await operation
+    except EXPECTED_ERRORS as exc:
+        log.debug("best_effort_step_failed", step=what, error=f"{type(exc).__name__}: {str(exc)[:300]}", **context)
+        return False
+    except Exception as exc:
+        log.warning(
+            "best_effort_step_failed_unexpectedly",
+            step=what,
+            error=f"{type(exc).__name__}: {str(exc)[:300]}",
+            exc_info=True,
+            **context,
+        )
+        return False
+    return True
