@@ -12,6 +12,7 @@ import asyncpg
 from tenacity import retry_if_exception_type
 
 from common.logging import get_logger
+from common.queries import migrations as mq
 from common.retry import TRANSIENT_ERRORS, connect_retrying
 from common.settings import masked_url, where
 
@@ -111,7 +112,7 @@ async def ensure_database(url: str, *, max_wait_s: float = 60.0) -> bool:
                 raise ValueError(f"database.url names no database that can be created: {masked_url(url)!r}")
             admin = await asyncpg.connect(url, database="postgres")
             try:
-                await admin.execute(f'CREATE DATABASE "{name}"')
+                await admin.execute(mq.create_database(name))
             except asyncpg.PostgresError as exc:
                 if not _lost_create_race(exc):
                     raise
@@ -143,17 +144,14 @@ async def migrate(conn: Executor) -> list[str]:
             return await migrate(c)
     applied: list[str] = []
     async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK_KEY)
-        await conn.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations ("
-            " version integer PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
-        )
-        done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+        await conn.execute(mq.LOCK, _MIGRATION_LOCK_KEY)
+        await conn.execute(mq.CREATE_TABLE)
+        done = {r["version"] for r in await conn.fetch(mq.APPLIED)}
         for version, name, sql in _migrations():
             if version in done:
                 continue
             await conn.execute(sql)
-            await conn.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name)
+            await conn.execute(mq.RECORD, version, name)
             applied.append(name)
     for name in applied:
         log.info("migration_applied", migration=name)
