@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 
 import aiormq.exceptions
@@ -18,7 +17,9 @@ from tenacity import (
     wait_random,
 )
 
-_log = logging.getLogger("baton.retry")
+from common.logging import get_logger
+
+_log = get_logger("baton.retry")
 
 #: Errors that mean "the service is not there (yet)": worth waiting for, never a bug.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
@@ -64,10 +65,10 @@ def connect_retrying(
         _log.warning(
             "waiting_for_service",
             # `dependency`, not `service`: that names the process logging (executor, worker).
-            extra={"dependency": what, "at": at, "operation": operation,
-                   "error": (str(exc) or type(exc).__name__) if exc else None,
-                   "retry_in_s": round(state.next_action.sleep, 2) if state.next_action else None,
-                   "giving_up_in_s": round(max(max_wait_s - (time.monotonic() - started), 0), 1)},
+            dependency=what, at=at, operation=operation,
+            error=(str(exc) or type(exc).__name__) if exc else None,
+            retry_in_s=round(state.next_action.sleep, 2) if state.next_action else None,
+            giving_up_in_s=round(max(max_wait_s - (time.monotonic() - started), 0), 1),
         )
 
     return AsyncRetrying(

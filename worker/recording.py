@@ -211,7 +211,6 @@ async def _record(state: WorkerState, batch: list[tuple[Assignment, Outcome]]) -
             state.log.info("execution_completed", **fields)
         else:
             metrics.FINISHED.labels(outcome.status).inc()
-            state.log.warning(
-                f"execution_{outcome.status}", error=(outcome.error or {}).get("error"), **fields
-            )
+            event = "execution_timeout" if outcome.status == "timeout" else "execution_failed"
+            state.log.warning(event, error=(outcome.error or {}).get("error"), **fields)
     await publish_terminal(state.exchanges.notifications, [r for r in rows if r["status"] in TERMINAL_STATUSES])
