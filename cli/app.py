@@ -80,15 +80,20 @@ def run_on_uvloop(main: Coroutine[Any, Any, _T]) -> _T:
 DEBUG = {"on": False}
 
 
+def first_error(exc: ValidationError) -> str:
+    """A validation error as one line: where the first problem is, what it is, and how many more."""
+    first = exc.errors(include_url=False, include_input=False)[0]
+    where = ".".join(str(p) for p in first["loc"])
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{where}: {first['msg']}{more}"
+
+
 def _settings(**overrides: Any) -> Settings:
     path = os.environ.get("BATON_CONFIG", "config/config.yaml")
     try:
         return load_settings(**overrides)
     except ValidationError as exc:
-        first = exc.errors(include_url=False, include_input=False)[0]
-        where = ".".join(str(p) for p in first["loc"])
-        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        typer.echo(f"configuration error in {path}: {where}: {first['msg']}{more}", err=True)
+        typer.echo(f"configuration error in {path}: {first_error(exc)}", err=True)
     except FileNotFoundError as exc:
         typer.echo(f"configuration error: {exc}: give an existing file with --config or BATON_CONFIG", err=True)
     except yaml.YAMLError as exc:

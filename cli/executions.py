@@ -50,14 +50,14 @@ def submit(
     params: list[str] = typer.Argument(None, help="Parameters as key=value."),
     params_json: str | None = typer.Option(None, "--params-json", help="Parameters as a JSON object."),
     idempotency_key: str | None = typer.Option(None, "--idempotency-key"),
-    timeout: float | None = typer.Option(None, "--timeout", help="Action timeout in seconds."),
+    timeout_s: float | None = typer.Option(None, "--timeout", help="Action timeout in seconds."),
     delay: str | None = typer.Option(None, "--delay", help="Run no sooner than this from now (e.g. 10m, 90s)."),
     at: str | None = typer.Option(None, "--at", help="Run no sooner than this time (RFC 3339, e.g. 2026-12-01T09:00Z)."),
     max_retries: int | None = typer.Option(None, "--max-retries", min=0, help="Retries of a failure (overrides the action's)."),
     wait: bool = typer.Option(False, "--wait", help="Wait for the outcome; exit 0 only if completed."),
-    wait_timeout: float | None = typer.Option(None, "--wait-timeout", help="Give up waiting after this many seconds."),
+    wait_timeout_s: float | None = typer.Option(None, "--wait-timeout", help="Give up waiting after this many seconds."),
     progress: bool | None = typer.Option(None, "--progress/--no-progress", help="With --wait, show status changes as they happen (default: on a terminal)."),
-    accept_wait: float = typer.Option(5.0, "--accept-wait", min=0.1, help="Say so if no executor has recorded the request by then."),
+    accept_wait_s: float = typer.Option(5.0, "--accept-wait", min=0.1, help="Say so if no executor has recorded the request by then."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Post an invocation to the queue."""
@@ -90,8 +90,8 @@ def submit(
                 return 2
             try:
                 submission = await client.submit(
-                    action_ref, parameters, idempotency_key=idempotency_key, timeout_s=timeout, watch=wait,
-                    max_retries=max_retries, delay_s=delay_s, not_before=not_before, accept_timeout_s=accept_wait,
+                    action_ref, parameters, idempotency_key=idempotency_key, timeout_s=timeout_s, watch=wait,
+                    max_retries=max_retries, delay_s=delay_s, not_before=not_before, accept_timeout_s=accept_wait_s,
                 )
             except RequestRejected as exc:
                 typer.echo(f"request rejected: {exc}", err=True)
@@ -118,7 +118,7 @@ def submit(
                 typer.echo(f"warning: {warning}", err=True)
             if not submission.accepted:
                 typer.echo(
-                    f"no executor has answered within {accept_wait:g} s: execution {submission.execution_id} is posted "
+                    f"no executor has answered within {accept_wait_s:g} s: execution {submission.execution_id} is posted "
                     f"and waits in {client.names.requests_queue}; is an executor running? (still waiting)", err=True,
                 )
             elif submission.duplicate:
@@ -130,7 +130,7 @@ def submit(
                 asyncio.create_task(_progress(client, submission.execution_id, seen)) if _show_progress(progress) else None
             )
             try:
-                execution = await client.wait(submission.execution_id, wait_timeout)
+                execution = await client.wait(submission.execution_id, wait_timeout_s)
             except TimeoutError as exc:
                 typer.echo(str(exc), err=True)
                 return 1
@@ -296,7 +296,7 @@ def _moment(value: str | None, option: str) -> dt.datetime | None:
 @executions_app.command("tail")
 def executions_tail(
     execution_id: str = typer.Argument(..., help="An id, or a unique prefix of one."),
-    poll: float = typer.Option(0.5, "--poll", min=0.05, help="Seconds between looks."),
+    poll_s: float = typer.Option(0.5, "--poll", min=0.05, help="Seconds between looks."),
 ) -> None:
     """Print an execution's events as they happen, until it finishes; exit 0 only if it completed."""
 
@@ -314,7 +314,7 @@ def executions_tail(
             shown = len(events)
             if execution["status"] in TERMINAL_STATUSES:
                 return 0 if execution["status"] == "completed" else 1
-            await asyncio.sleep(poll)
+            await asyncio.sleep(poll_s)
 
     raise typer.Exit(_run_client(go))
 
@@ -325,13 +325,13 @@ def executions_watch(
     action: str | None = typer.Option(None, "--action"),
     worker: str | None = typer.Option(None, "--worker"),
     limit: int = typer.Option(20, "--limit", min=1, max=200),
-    interval: float = typer.Option(1.0, "--interval", min=0.1, help="Seconds between refreshes."),
+    interval_s: float = typer.Option(1.0, "--interval", min=0.1, help="Seconds between refreshes."),
 ) -> None:
     """A live table of the newest executions (Ctrl-C to stop)."""
     from rich.live import Live
 
     def render(rows: list[dict[str, Any]]) -> Table:
-        table = _table(title=f"newest executions, every {interval:g} s (Ctrl-C to stop)")
+        table = _table(title=f"newest executions, every {interval_s:g} s (Ctrl-C to stop)")
         for column in ("id", "action", "status", "attempt", "worker", "created", "error"):
             table.add_column(column)
         for r in rows:
@@ -353,7 +353,7 @@ def executions_watch(
                     rows = await c.list_page(status=status, action_ref=action, worker=worker, limit=limit)
                     live.update(render(rows))
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(interrupted.wait(), interval)
+                        await asyncio.wait_for(interrupted.wait(), interval_s)
         finally:
             loop.remove_signal_handler(signal.SIGINT)
         return 0
@@ -369,7 +369,7 @@ def executions_show(execution_id: str, as_json: bool = typer.Option(False, "--js
     """One execution with its events."""
     execution = _run_client(lambda c: c.get(execution_id))
     if execution is None:
-        typer.echo(f"no execution {execution_id}", err=True)
+        typer.echo(f"no execution {execution_id}: see `baton executions list` for the ids there are", err=True)
         raise typer.Exit(1)
     if as_json:
         _print_json(execution)

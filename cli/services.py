@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from typing import Any
 
 import asyncpg
 import typer
@@ -17,14 +16,13 @@ from cli.app import (
     _settings,
     app,
     db_app,
+    first_error,
     run_on_uvloop,
+    startup_failure,
 )
 from common.logging import configure_logging
-from common.retry import TRANSIENT_ERRORS
-from common.settings import Settings
-
-if TYPE_CHECKING:
-    pass
+from common.retry import AUTH_ERRORS, TRANSIENT_ERRORS
+from common.settings import Settings, where
 
 # -- services -----------------------------------------------------------------------------------
 
@@ -84,7 +82,7 @@ def worker(
             {**base.model_dump(by_alias=True), "worker": {**base.worker.model_dump(by_alias=True), **overrides}}
         )
     except ValidationError as exc:
-        typer.echo(f"invalid worker options: {exc}", err=True)
+        typer.echo(f"invalid worker option {first_error(exc)}: fix --name, --concurrency or --runtimes", err=True)
         raise typer.Exit(2) from None
     from worker.service import WorkerService, default_name
 
@@ -164,7 +162,8 @@ def _dashboard_answers(settings: Settings) -> tuple[bool, str]:
         with urllib.request.urlopen(url, timeout=5) as response:
             return response.status == 200, f"answers at {host}:{settings.dashboard.port}"
     except (urllib.error.URLError, OSError) as exc:
-        return False, f"does not answer at {host}:{settings.dashboard.port}: {getattr(exc, 'reason', exc)}"
+        return False, (f"does not answer at {host}:{settings.dashboard.port} ({getattr(exc, 'reason', exc)}): "
+                       "start `baton dashboard`, or fix dashboard.host and dashboard.port")
 
 
 async def _probe(settings: Settings) -> list[tuple[str, bool, str]]:
@@ -177,23 +176,30 @@ async def _probe(settings: Settings) -> list[tuple[str, bool, str]]:
     try:
         conn = await asyncpg.connect(settings.database.url, timeout=5)
         await conn.close()
-        results.append(("postgresql", True, f"reachable at {_where(settings.database.url)}"))
+        results.append(("postgresql", True, f"reachable at {where(settings.database.url)}"))
     except postgresql_errors as exc:
-        results.append(("postgresql", False, f"cannot connect to {_where(settings.database.url)}: {type(exc).__name__}: {exc}"))
+        line = _unreachable(settings, "PostgreSQL", settings.database.url, "database.url", exc)
+        results.append(("postgresql", False, line))
     try:
         connection = await asyncio.wait_for(aio_pika.connect(settings.message_queue.url), 5)
         await connection.close()
-        results.append(("rabbitmq", True, f"reachable at {_where(settings.message_queue.url)}"))
+        results.append(("rabbitmq", True, f"reachable at {where(settings.message_queue.url)}"))
     except rabbitmq_errors as exc:
-        results.append(("rabbitmq", False, f"cannot connect to {_where(settings.message_queue.url)}: {type(exc).__name__}: {exc}"))
+        line = _unreachable(settings, "RabbitMQ", settings.message_queue.url, "message_queue.url", exc)
+        results.append(("rabbitmq", False, line))
     return results
 
 
-def _where(url: str) -> str:
-    """host:port of a URL, never its credentials."""
-
-    parts = urlsplit(url)
-    return f"{parts.hostname}:{parts.port}" if parts.port else str(parts.hostname)
+def _unreachable(settings: Settings, service: str, url: str, setting: str, exc: BaseException) -> str:
+    """One line for a dependency the health check could not connect to, and what to do: the
+    startup's own line where it names the fix (a login refused, no such database)."""
+    if (isinstance(exc, AUTH_ERRORS) or not isinstance(exc, TRANSIENT_ERRORS)) and (
+        line := startup_failure(exc, settings)
+    ) is not None:
+        return line
+    reason = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return (f"cannot connect to {service} at {where(url)} ({type(exc).__name__}: {reason}): "
+            f"start {service} there, or fix {setting} (user, password, host, port)")
 
 
 @db_app.command("migrate")

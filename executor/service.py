@@ -141,7 +141,11 @@ async def supervise(ctx: ExecutorContext, loops: dict[str, Loop], stop_event: as
         log.error("loop_died", loop=tasks[task], error=repr(exc) if exc else "returned")
     if died:
         first = died[0].exception()
-        raise LoopDied(f"executor loop {tasks[died[0]]!r} stopped unexpectedly") from first
+        why = f"{type(first).__name__}: {str(first)[:200]}" if first else "it returned"
+        raise LoopDied(
+            f"executor loop {tasks[died[0]]!r} stopped unexpectedly ({why}); the executor stopped with it: "
+            "start it again (a supervisor does), and see the log's loop_died event for the cause"
+        ) from first
 
 
 def install_signal_handlers(stop_event: asyncio.Event) -> None:

@@ -452,3 +452,26 @@ async def test_health_reports_a_live_connected_executor_and_a_dead_one(baton, tm
     executor.wait()
     result = await health()
     assert result.returncode == 1 and "is gone" in result.stdout
+
+
+async def test_health_and_worker_options_fail_in_one_line_that_names_the_fix(baton):
+    # Nothing listens on port 1; the broker refuses a wrong password.
+    result = await baton.cli(
+        "health",
+        BATON__DATABASE__URL="postgresql://postgres@127.0.0.1:1/nothing",
+        BATON__MESSAGE_QUEUE__URL="amqp://guest:wrong@127.0.0.1:5672/",
+    )
+    assert result.returncode == 1
+    lines = dict(line.split(": ", 1) for line in result.stdout.splitlines())
+    assert lines["postgresql"].startswith("cannot connect to PostgreSQL at 127.0.0.1:1 (")
+    assert lines["postgresql"].endswith("start PostgreSQL there, or fix database.url (user, password, host, port)")
+    assert lines["rabbitmq"] == (
+        "RabbitMQ at 127.0.0.1:5672 refused the login of user 'guest': fix the user or password in message_queue.url"
+    )
+
+    result = await baton.cli("worker", "--name", "not a name")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "invalid worker option worker.name: String should match pattern '^[A-Za-z0-9_.\\-]+$': "
+        "fix --name, --concurrency or --runtimes"
+    ]

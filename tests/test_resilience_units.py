@@ -184,3 +184,26 @@ def test_no_service_code_swallows_every_error():
         if catch_all.search(line)
     ]
     assert found == []
+
+
+async def test_a_loop_that_dies_stops_the_executor_with_one_line_naming_the_cause_and_the_remedy():
+    from types import SimpleNamespace
+
+    from executor.service import LoopDied, supervise
+
+    async def broken(ctx, stop_event):
+        raise KeyError("a bug")
+
+    async def steady(ctx, stop_event):
+        await stop_event.wait()
+
+    ctx = SimpleNamespace(settings=SimpleNamespace(executor=SimpleNamespace(shutdown_timeout_s=1.0)))
+    stop_event = asyncio.Event()
+    with capture_logs() as logs, pytest.raises(LoopDied) as died:
+        await supervise(ctx, {"intake": broken, "scheduler": steady}, stop_event)  # type: ignore[arg-type]
+    assert stop_event.is_set()  # the other loops were told to stop
+    message = str(died.value)
+    assert "\n" not in message
+    assert message.startswith("executor loop 'intake' stopped unexpectedly (KeyError: 'a bug'); ")
+    assert "start it again" in message and "loop_died" in message
+    assert [e["loop"] for e in logs if e["event"] == "loop_died"] == ["intake"]

@@ -264,7 +264,8 @@ async def heartbeat_loop(state: WorkerState) -> None:
         )
         if status is None:
             raise RuntimeError(
-                f"worker row {state.name!r} now belongs to another process: two workers share this name"
+                f"worker row {state.name!r} now belongs to another process: two workers share this name; "
+                "give each worker its own --name"
             )
         if status == "lost":
             await _stand_down(state, "the executor declared it lost")

@@ -97,7 +97,12 @@ class WorkerService:
             await self._drain(loops)
             await self._delete_queue_if_empty()
             for task in done - {stopper}:
-                raise RuntimeError(f"worker loop {task.get_name()!r} stopped unexpectedly") from task.exception()
+                first = task.exception()
+                why = f"{type(first).__name__}: {str(first)[:200]}" if first else "it returned"
+                raise RuntimeError(
+                    f"worker loop {task.get_name()!r} stopped ({why}); the worker drained and stopped with it: "
+                    "start it again (a supervisor does), and see the log's loop_died event for the cause"
+                ) from first
         finally:
             await best_effort("close_broker_connection", state.connection.close(), worker=state.name)
             if state.lock_conn is not None:

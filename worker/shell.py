@@ -66,14 +66,14 @@ def command_env(params: LocalParams, inv: Invocation, limits: ShellLimits) -> tu
     return env, [s for s in secrets if s]
 
 
-async def _read_capped(stream: asyncio.StreamReader, cap: int) -> tuple[bytes, int]:
-    """Everything is read (so the child never blocks on a full pipe); only the first ``cap`` bytes kept."""
+async def _read_capped(stream: asyncio.StreamReader, cap_bytes: int) -> tuple[bytes, int]:
+    """Everything is read (so the child never blocks on a full pipe); only the first ``cap_bytes`` kept."""
     kept = bytearray()
     total = 0
     while chunk := await stream.read(65536):
         total += len(chunk)
-        if len(kept) < cap:
-            kept += chunk[: cap - len(kept)]
+        if len(kept) < cap_bytes:
+            kept += chunk[: cap_bytes - len(kept)]
     return bytes(kept), total
 
 
@@ -117,9 +117,9 @@ async def run_local(params: LocalParams, inv: Invocation, limits: ShellLimits) -
                 await proc.stdin.drain()
             proc.stdin.close()
 
-    cap = limits.max_output_bytes
+    cap_bytes = limits.max_output_bytes
     assert proc.stdout is not None and proc.stderr is not None
-    readers = asyncio.gather(_read_capped(proc.stdout, cap), _read_capped(proc.stderr, cap))
+    readers = asyncio.gather(_read_capped(proc.stdout, cap_bytes), _read_capped(proc.stderr, cap_bytes))
     exited = asyncio.gather(feed(), proc.wait())
     timed_out = False
     try:

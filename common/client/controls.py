@@ -20,7 +20,7 @@ class Controls(ClientBase):
     async def _explain(self, execution_id: uuid.UUID, verb: str, allowed: str) -> ValueError:
         row = await (await self.pool()).fetchrow(q.GET, execution_id)
         if row is None:
-            return ValueError(f"no execution {execution_id}")
+            return ValueError(f"no execution {execution_id}: see `baton executions list` for the ids there are")
         durable = await (await self.pool()).fetchval(wfq.IS_DURABLE, row["action_ref"])
         if "durable" in allowed and not durable:
             return ValueError(

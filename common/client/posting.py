@@ -121,7 +121,9 @@ class Posting(ClientBase):
             self._replies.pop(str(execution_id), None)
             return Submission(execution_id, accepted=False)
         if acceptance.execution_id is None:
-            raise RequestRejected(acceptance.error or "request rejected")
+            raise RequestRejected(
+                acceptance.error or "the executor gave no reason: see its log (request_rejected) for this request"
+            )
         return Submission(
             acceptance.execution_id,
             accepted=True,
@@ -180,7 +182,10 @@ class Posting(ClientBase):
                     return current
                 remaining = recheck_s if deadline is None else min(recheck_s, deadline - time.monotonic())
                 if remaining <= 0:
-                    raise TimeoutError(f"execution {execution_id} did not finish within {timeout_s} s")
+                    raise TimeoutError(
+                        f"execution {execution_id} did not finish within {timeout_s} s; it goes on: "
+                        f"follow it with `baton executions show {execution_id}`"
+                    )
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(notified.wait(), remaining)
                 notified.clear()
