@@ -32,7 +32,7 @@ from cli.app import (
     parse_age,
 )
 from common.retry import TRANSIENT_ERRORS
-from common.schemas import TERMINAL_STATUSES, jsonable_row
+from common.schemas import TERMINAL_STATUSES, ExecutionSummary, jsonable_row
 from common.settings import parse_duration, parse_moment
 from common.timeline import timeline
 
@@ -247,7 +247,7 @@ def executions_list(
 ) -> None:
     """Executions, newest first; page back with --after LAST_ID (as printed at the end)."""
 
-    async def go(c: BatonClient) -> list[dict[str, Any]]:
+    async def go(c: BatonClient) -> list[ExecutionSummary]:
         last = None
         if after:
             row = await c.get(after)
@@ -330,7 +330,7 @@ def executions_watch(
     """A live table of the newest executions (Ctrl-C to stop)."""
     from rich.live import Live
 
-    def render(rows: list[dict[str, Any]]) -> Table:
+    def render(rows: list[ExecutionSummary]) -> Table:
         table = _table(title=f"newest executions, every {interval_s:g} s (Ctrl-C to stop)")
         for column in ("id", "action", "status", "attempt", "worker", "created", "error"):
             table.add_column(column)

@@ -159,6 +159,46 @@ class ExistingRequest(RecordedRequest):
     idempotency_key: str | None
 
 
+class ExecutionSummary(TypedDict):
+    """An execution as a list shows it (`executions.LIST_PAGE`)."""
+
+    id: uuid.UUID
+    action_ref: str | None
+    status: str
+    attempt: int
+    worker: str | None
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    error: dict[str, Any] | None
+
+
+class FinishedMinute(TypedDict):
+    """Executions finished in one minute (`executions.FINISHED_PER_MINUTE`)."""
+
+    minute: dt.datetime
+    completed: int
+    failed: int
+
+
+class WorkerSummary(TypedDict):
+    """A worker as `baton workers list --json` prints it (`workers.LIST`, JSON-ready: times as
+    ISO 8601 strings)."""
+
+    name: str
+    status: str
+    runtimes: list[str]
+    max_concurrent_tasks: int
+    in_flight: int
+    last_heartbeat: str | None
+    heartbeat_age_s: float | None
+    heartbeat_interval_s: float
+    hostname: str | None
+    pid: int | None
+    started_at: str | None
+    actions: list[str] | None
+
+
 class ExecutionRow(TypedDict):
     """A whole `executions` row (``SELECT *``) as a dict, JSON columns decoded."""
 

@@ -28,7 +28,7 @@ from starlette.routing import Route
 
 from common.client import BatonClient
 from common.logging import get_logger
-from common.schemas import TERMINAL_STATUSES, Status
+from common.schemas import TERMINAL_STATUSES, FinishedMinute, Status
 from common.settings import Settings, parse_moment
 from common.timeline import timeline
 
@@ -68,7 +68,7 @@ class Dashboard:
         now = dt.datetime.now(dt.UTC).replace(second=0, microsecond=0)
         by_minute = {m["minute"]: m for m in minutes}
         slots = [
-            {"minute": t, "completed": by_minute.get(t, {}).get("completed", 0), "failed": by_minute.get(t, {}).get("failed", 0)}
+            by_minute.get(t) or FinishedMinute(minute=t, completed=0, failed=0)
             for t in (now - dt.timedelta(minutes=59 - i) for i in range(60))
         ]
         peak = max((m["completed"] + m["failed"] for m in slots), default=0)

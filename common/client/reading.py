@@ -4,30 +4,22 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from typing import Any
+from typing import Any, cast
 
 from common.actions import CORE_ACTIONS, ActionSpec
 from common.client.base import ClientBase
 from common.queries import actions as aq
 from common.queries import executions as q
 from common.queries import workers as wq
-from common.schemas import Status, jsonable_row
+from common.schemas import ExecutionSummary, FinishedMinute, Status, WorkerSummary, jsonable_row
 
 
 class Reading(ClientBase):
-    async def list_executions(
-        self, *, status: str | None = None, action_ref: str | None = None, limit: int = 50
-    ) -> list[dict[str, Any]]:
-        if status is not None:
-            Status(status)  # a clear ValueError for a status that does not exist
-        pool = await self.pool()
-        return [jsonable_row(r) for r in await pool.fetch(q.LIST, status, action_ref, limit)]
-
     async def list_page(
         self, *, status: str | None = None, action_ref: str | None = None, worker: str | None = None,
         since: dt.datetime | None = None, until: dt.datetime | None = None, after: tuple[dt.datetime, uuid.UUID] | None = None,
         id_prefix: str | None = None, limit: int = 50,
-    ) -> list[dict[str, Any]]:
+    ) -> list[ExecutionSummary]:
         """A page of executions, newest first; ``after`` is the last row of the previous page
         (its `created_at` and `id`): keyset paging, as cheap on page 100 as on page 1."""
         if status is not None and status not in {s.value for s in Status}:
@@ -42,17 +34,17 @@ class Reading(ClientBase):
             q.LIST_PAGE, status, action_ref, worker, since, until, after[0] if after else None,
             after[1] if after else None, low, high, limit,
         )
-        return [dict(r) for r in rows]
+        return [cast(ExecutionSummary, dict(r)) for r in rows]
 
-    async def finished_per_minute(self) -> list[dict[str, Any]]:
-        return [dict(r) for r in await (await self.pool()).fetch(q.FINISHED_PER_MINUTE)]
+    async def finished_per_minute(self) -> list[FinishedMinute]:
+        return [cast(FinishedMinute, dict(r)) for r in await (await self.pool()).fetch(q.FINISHED_PER_MINUTE)]
 
     async def count_active(self) -> dict[str, int]:
         return {r["status"]: r["n"] for r in await (await self.pool()).fetch(q.COUNT_ACTIVE_BY_STATUS)}
 
-    async def list_workers(self) -> list[dict[str, Any]]:
+    async def list_workers(self) -> list[WorkerSummary]:
         pool = await self.pool()
-        return [jsonable_row(r) for r in await pool.fetch(wq.LIST)]
+        return [cast(WorkerSummary, jsonable_row(r)) for r in await pool.fetch(wq.LIST)]
 
     async def list_actions(self) -> list[ActionSpec]:
         """Baton's built-ins and every action a worker registered."""

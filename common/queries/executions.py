@@ -295,14 +295,6 @@ CROSS JOIN LATERAL (
 ) AS v
 """
 
-LIST = """
-SELECT id, action_ref, status, attempt, worker, created_at, started_at, finished_at, error
-FROM executions
-WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR action_ref = $2)
-ORDER BY created_at DESC
-LIMIT $3
-"""
-
 # A page of executions, newest first, by keyset (created_at, id) through `executions_created`:
 # $1 status, $2 action, $3 worker, $4 created since, $5 created before, $6/$7 the last row of the
 # previous page (created_at, id), $8/$9 an id range (an id prefix), $10 limit; NULL: no filter.
