@@ -22,7 +22,7 @@ from common.schemas import Dispatch, DispatchBatch
 from executor.rescheduling import reschedule_or_fail
 
 if TYPE_CHECKING:
-    from executor.service import ExecutorContext
+    from executor.context import ExecutorContext
 
 log = get_logger("baton.executor.dead_letters")
 

@@ -34,7 +34,7 @@ from executor.rescheduling import reschedule_or_fail
 from executor.resilience import describe
 
 if TYPE_CHECKING:
-    from executor.service import ExecutorContext
+    from executor.context import ExecutorContext
 
 log = get_logger("baton.executor.dispatching")
 

@@ -13,7 +13,7 @@ from common.retry import TRANSIENT_ERRORS
 from executor.resilience import every
 
 if TYPE_CHECKING:
-    from executor.service import ExecutorContext
+    from executor.context import ExecutorContext
 
 log = get_logger("baton.executor.health")
 

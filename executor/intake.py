@@ -50,7 +50,7 @@ from executor.resilience import Backoff, describe, unavailable
 if TYPE_CHECKING:
     from common.actions import ActionSpec
     from common.settings import Settings
-    from executor.service import ExecutorContext
+    from executor.context import ExecutorContext
 
 log = get_logger("baton.executor.intake")
 

@@ -21,7 +21,7 @@ from common.queries import maintenance as q
 from executor.resilience import periodic
 
 if TYPE_CHECKING:
-    from executor.service import ExecutorContext
+    from executor.context import ExecutorContext
 
 log = get_logger("baton.executor.maintenance")
 

@@ -22,7 +22,7 @@ from common.logging import get_logger
 from executor.resilience import Unavailable, being_cancelled, describe, unavailable
 
 if TYPE_CHECKING:
-    from executor.service import ExecutorContext
+    from executor.context import ExecutorContext
 
 log = get_logger("baton.executor.parking")
 

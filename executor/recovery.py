@@ -15,7 +15,7 @@ from common.queries import executions as q
 from common.recovery import decide, resolve_policy
 
 if TYPE_CHECKING:
-    from executor.service import ExecutorContext
+    from executor.context import ExecutorContext
 
 log = get_logger("baton.executor.recovery")
 

@@ -20,7 +20,7 @@ from executor.requests import NewExecution, Rejection
 from executor.resilience import being_cancelled, describe
 
 if TYPE_CHECKING:
-    from executor.service import ExecutorContext
+    from executor.context import ExecutorContext
 
 log = get_logger("baton.executor.intake")
 

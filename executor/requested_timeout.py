@@ -20,7 +20,7 @@ from common.queries import workers as wq
 from executor.resilience import every
 
 if TYPE_CHECKING:
-    from executor.service import ExecutorContext
+    from executor.context import ExecutorContext
 
 log = get_logger("baton.executor.requested_timeout")
 

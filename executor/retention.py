@@ -16,7 +16,7 @@ from common.retention import prune_executions, prune_workers
 from executor.resilience import periodic
 
 if TYPE_CHECKING:
-    from executor.service import ExecutorContext
+    from executor.context import ExecutorContext
 
 log = get_logger("baton.executor.retention")
 

@@ -27,7 +27,7 @@ from executor.resilience import riding_out_outages, until_due
 
 if TYPE_CHECKING:
     from common.settings import Settings
-    from executor.service import ExecutorContext
+    from executor.context import ExecutorContext
 
 log = get_logger("baton.executor.schedules")
 

@@ -8,15 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
-from typing import Any
 
-import asyncpg
-from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from aio_pika.abc import AbstractRobustConnection
 
 from common import amqp, db, metrics
-from common.amqp import Exchanges, Names
 from common.best_effort import best_effort
 from common.logging import get_logger
 from common.settings import Settings
@@ -34,33 +29,9 @@ from executor import (
     timers,
 )
 from executor.catalogue import Catalogue
+from executor.context import ExecutorContext, Loop
 
 log = get_logger("baton.executor")
-
-Loop = Callable[["ExecutorContext", asyncio.Event], Coroutine[Any, Any, None]]
-
-
-@dataclass
-class ExecutorContext:
-    # Names and Exchanges are imported by name: in this class body `amqp` is the field below.
-    settings: Settings
-    names: Names
-    pool: asyncpg.Pool
-    amqp: AbstractRobustConnection
-    publish_channel: AbstractChannel
-    exchanges: Exchanges
-    catalogue: Catalogue
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-    #: Work was left `requested` (no room, or not yet looked at): intake does not place what it
-    #: records ahead of it, and freed capacity wakes the scheduler. Until the scheduler's first
-    #: pass, whatever an earlier run left is assumed to wait.
-    backlog: bool = True
-    #: Held by each placement (a scheduler pass, intake placing what it recorded) while it counts
-    #: the workers' room and marks what it placed: the next one counts those too.
-    placing: asyncio.Lock = field(default_factory=asyncio.Lock)
-    #: Dispatches being published in the background (`executor.dispatching.hand_over`).
-    handovers: set[asyncio.Task[None]] = field(default_factory=set)
-
 
 class LoopDied(RuntimeError):
     pass

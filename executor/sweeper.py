@@ -28,7 +28,7 @@ from executor.rescheduling import reschedule_or_fail
 from executor.resilience import next_pause_s, riding_out_outages
 
 if TYPE_CHECKING:
-    from executor.service import ExecutorContext
+    from executor.context import ExecutorContext
 
 log = get_logger("baton.executor.sweeper")
 

@@ -17,7 +17,7 @@ from executor.rescheduling import reschedule_or_fail
 from executor.resilience import periodic
 
 if TYPE_CHECKING:
-    from executor.service import ExecutorContext
+    from executor.context import ExecutorContext
 
 log = get_logger("baton.executor.timeout_monitor")
 

@@ -21,7 +21,7 @@ from common.queries import workflows as wq
 from executor.resilience import until_due
 
 if TYPE_CHECKING:
-    from executor.service import ExecutorContext
+    from executor.context import ExecutorContext
 
 log = get_logger("baton.executor.timers")
 
