@@ -14,7 +14,7 @@ from cli.app import app
 
 #: Modules that register commands; the first is all a service command needs.
 _SERVICE_COMMANDS_MODULE = "cli.services"
-_OTHER_COMMAND_MODULES = ("cli.catalogue", "cli.executions")
+_OTHER_COMMAND_MODULES = ("cli.catalogue", "cli.executions", "cli.controls")
 #: The commands that `cli.services` registers.
 SERVICE_COMMANDS = frozenset({"executor", "worker", "dashboard", "health", "db"})
 

@@ -370,7 +370,7 @@ def test_a_service_command_loads_only_the_services_commands():
     assert registered | {"db"} == SERVICE_COMMANDS
     probe = (
         "import sys, cli; cli.load_commands(sys.argv[1:]); "
-        "print(sorted(m for m in ('cli.services', 'cli.catalogue', 'cli.executions') if m in sys.modules))"
+        "print(sorted(m for m in ('cli.services', 'cli.catalogue', 'cli.executions', 'cli.controls') if m in sys.modules))"
     )
     loaded = {
         args[0] if args else "": subprocess.run(
@@ -379,7 +379,7 @@ def test_a_service_command_loads_only_the_services_commands():
         for args in (["--debug", "worker"], ["executions", "list"])
     }
     assert loaded["--debug"] == "['cli.services']"
-    assert loaded["executions"] == "['cli.catalogue', 'cli.executions', 'cli.services']"
+    assert loaded["executions"] == "['cli.catalogue', 'cli.controls', 'cli.executions', 'cli.services']"
 
 
 def test_a_workflow_failed_by_its_lost_transient_child_counts_as_failed_by_policy_in_the_soak():
