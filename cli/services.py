@@ -20,6 +20,7 @@ from cli.app import (
     run_on_uvloop,
     startup_failure,
 )
+from common.errors import describe
 from common.logging import configure_logging
 from common.retry import AUTH_ERRORS, TRANSIENT_ERRORS
 from common.settings import Settings, where
@@ -197,8 +198,7 @@ def _unreachable(settings: Settings, service: str, url: str, setting: str, exc: 
         line := startup_failure(exc, settings)
     ) is not None:
         return line
-    reason = str(exc).splitlines()[0][:200] if str(exc) else ""
-    return (f"cannot connect to {service} at {where(url)} ({type(exc).__name__}: {reason}): "
+    return (f"cannot connect to {service} at {where(url)} ({describe(exc, max_chars=200)}): "
             f"start {service} there, or fix {setting} (user, password, host, port)")
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import aiormq.exceptions
 import asyncpg
 
+from common.errors import describe
 from common.logging import get_logger
 from common.retry import TRANSIENT_ERRORS
 
@@ -37,13 +38,13 @@ async def best_effort(what: str, operation: Awaitable[Any], **context: Any) -> b
     try:
         await operation
     except EXPECTED_ERRORS as exc:
-        log.debug("best_effort_step_failed", step=what, error=f"{type(exc).__name__}: {str(exc)[:300]}", **context)
+        log.debug("best_effort_step_failed", step=what, error=describe(exc), **context)
         return False
     except Exception as exc:
         log.warning(
             "best_effort_step_failed_unexpectedly",
             step=what,
-            error=f"{type(exc).__name__}: {str(exc)[:300]}",
+            error=describe(exc),
             exc_info=True,
             **context,
         )

@@ -22,6 +22,7 @@ import asyncpg
 from common.actions import ActionSpec
 from common.amqp import Names, persistent_json
 from common.db import Executor
+from common.errors import describe
 from common.logging import get_logger
 from common.notifications import publish_terminal
 from common.queries import executions as q
@@ -31,7 +32,6 @@ from common.schemas import MAX_DISPATCHES_PER_MESSAGE, Dispatch, DispatchBatch
 from executor.placement import Candidate, concurrency_limits, place
 from executor.requests import NewExecution
 from executor.rescheduling import reschedule_or_fail
-from executor.resilience import describe
 
 if TYPE_CHECKING:
     from executor.context import ExecutorContext
@@ -147,7 +147,7 @@ async def _dispatch(ctx: ExecutorContext, worker: str, scheduled: list[asyncpg.R
         reason, kind, counts = "dispatch returned: the worker's queue does not exist", "dispatch_returned", True
     except Exception as exc:  # noqa: BLE001 - any failure to hand over means: not dispatched
         # The broker went away mid-publish; not the executions' fault, so it costs no dispatch.
-        reason, kind, counts = f"dispatch failed: {exc}", "broker_unavailable", False
+        reason, kind, counts = f"dispatch failed: {describe(exc)}", "broker_unavailable", False
     else:
         for s in scheduled:
             log.info("execution_scheduled", execution_id=str(s["id"]), worker=worker, attempt=s["attempt"])

@@ -31,6 +31,7 @@ from common import amqp, metrics
 from common.amqp import property_text
 from common.best_effort import best_effort
 from common.db import until_available
+from common.errors import describe
 from common.logging import get_logger
 from common.queries import executions as q
 from common.schemas import ExistingRequest, RecordedRequest
@@ -45,7 +46,7 @@ from executor.requests import (
     insert_arguments,
     parse_message,
 )
-from executor.resilience import Backoff, describe, unavailable
+from executor.resilience import Backoff, unavailable
 
 if TYPE_CHECKING:
     from common.actions import ActionSpec

@@ -18,8 +18,9 @@ from aio_pika.abc import AbstractIncomingMessage
 from pamqp import encode as amqp_encode
 
 from common.amqp import persistent_json, property_text, short_string
+from common.errors import describe
 from common.logging import get_logger
-from executor.resilience import Unavailable, being_cancelled, describe, unavailable
+from executor.resilience import Unavailable, being_cancelled, unavailable
 
 if TYPE_CHECKING:
     from executor.context import ExecutorContext

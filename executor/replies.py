@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING
 from aio_pika.abc import AbstractIncomingMessage
 
 from common.amqp import Names, persistent_json, property_text, short_string
+from common.errors import describe
 from common.logging import get_logger
 from common.notifications import publish_terminal
 from common.schemas import Acceptance, ExistingRequest, RecordedRequest
 from executor.requests import NewExecution, Rejection
-from executor.resilience import being_cancelled, describe
+from executor.resilience import being_cancelled
 
 if TYPE_CHECKING:
     from executor.context import ExecutorContext

@@ -43,11 +43,6 @@ def unavailable(exc: BaseException) -> bool:
     return isinstance(exc, asyncpg.PostgresError) and (exc.sqlstate or "")[:2] in UNWELL_SQLSTATE_CLASSES
 
 
-def describe(exc: BaseException) -> str:
-    """An error as one short line for a log or a reason."""
-    return f"{type(exc).__name__}: {str(exc)[:300]}"
-
-
 def being_cancelled() -> bool:
     """Whether the current task was asked to stop (rather than hit by a library's own cancel)."""
     task = asyncio.current_task()

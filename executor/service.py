@@ -13,6 +13,7 @@ from aio_pika.abc import AbstractRobustConnection
 
 from common import amqp, db, metrics
 from common.best_effort import best_effort
+from common.errors import describe
 from common.logging import get_logger
 from common.settings import Settings
 from executor import (
@@ -112,7 +113,7 @@ async def supervise(ctx: ExecutorContext, loops: dict[str, Loop], stop_event: as
         log.error("loop_died", loop=tasks[task], error=repr(exc) if exc else "returned")
     if died:
         first = died[0].exception()
-        why = f"{type(first).__name__}: {str(first)[:200]}" if first else "it returned"
+        why = describe(first, max_chars=200) if first else "it returned"
         raise LoopDied(
             f"executor loop {tasks[died[0]]!r} stopped unexpectedly ({why}); the executor stopped with it: "
             "start it again (a supervisor does), and see the log's loop_died event for the cause"

@@ -207,3 +207,16 @@ async def test_a_loop_that_dies_stops_the_executor_with_one_line_naming_the_caus
     assert message.startswith("executor loop 'intake' stopped unexpectedly (KeyError: 'a bug'); ")
     assert "start it again" in message and "loop_died" in message
     assert [e["loop"] for e in logs if e["event"] == "loop_died"] == ["intake"]
+
+
+def test_an_error_is_described_in_one_line():
+    from common.errors import describe
+
+    class Detailed(Exception):
+        pass
+
+    assert describe(Detailed("unsupported Unicode escape sequence\nDETAIL:  \\u0000 cannot be converted to text.")) == (
+        "Detailed: unsupported Unicode escape sequence; DETAIL:  \\u0000 cannot be converted to text."
+    )
+    assert describe(TimeoutError()) == "TimeoutError"
+    assert describe(ValueError("x" * 500), max_chars=10) == "ValueError: xxxxxxxxxx"

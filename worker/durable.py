@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from common import db
 from common.actions import CORE_ACTIONS
+from common.errors import describe
 from common.queries import workflows as wq
 from common.retry import TRANSIENT_ERRORS
 from common.schemas import Assignment
@@ -54,7 +55,7 @@ async def _journal(operation: Callable[[], Awaitable[_T]], *, what: str, max_wai
     try:
         return await db.until_available(operation, what=what, max_wait_s=max_wait_s)
     except TRANSIENT_ERRORS as exc:
-        raise JournalUnavailable(f"{what}: PostgreSQL stayed unreachable: {exc}") from exc
+        raise JournalUnavailable(f"{what}: PostgreSQL stayed unreachable: {describe(exc)}") from exc
 
 
 class PgJournal:

@@ -12,6 +12,7 @@ import uuid
 import asyncpg
 
 from common import db, metrics
+from common.errors import describe
 from common.interruption import interrupt
 from common.notifications import publish_terminal
 from common.queries import executions as q
@@ -191,7 +192,7 @@ async def _record(state: WorkerState, batch: list[tuple[Assignment, Outcome]]) -
                 rows += await _finish(state, [(dispatch, outcome)])
             except asyncpg.exceptions.DataError as exc:
                 unstorable = Outcome(
-                    "failed", error={"error": f"the outcome cannot be stored: {exc}", "failed_by": "worker"}
+                    "failed", error={"error": f"the outcome cannot be stored: {describe(exc)}", "failed_by": "worker"}
                 )
                 rows += await _finish(state, [(dispatch, unstorable)])
     recorded = {r["id"] for r in rows}
