@@ -1,4 +1,5 @@
--- Baton's PostgreSQL roles (psql variables: db, service_password, operator_password).
+-- Baton's PostgreSQL roles (psql variables: db, service_password, operator_password; optional
+-- service_role and operator_role, the roles' names, default baton and baton_operator).
 --   psql -v db=baton -v service_password=... -v operator_password=... -f scripts/roles.sql
 -- Run as a superuser once, before Baton first starts. Idempotent.
 --
@@ -8,24 +9,33 @@
 --                   SELECT only
 -- Submitters need no database role at all: they post to RabbitMQ.
 
-SELECT format('CREATE ROLE baton LOGIN PASSWORD %L', :'service_password')
-WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'baton') \gexec
-SELECT format('ALTER ROLE baton LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD %L', :'service_password') \gexec
-SELECT format('CREATE ROLE baton_operator LOGIN PASSWORD %L', :'operator_password')
-WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'baton_operator') \gexec
-SELECT format('ALTER ROLE baton_operator LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD %L', :'operator_password') \gexec
+\if :{?service_role}
+\else
+\set service_role baton
+\endif
+\if :{?operator_role}
+\else
+\set operator_role baton_operator
+\endif
 
-SELECT format('CREATE DATABASE %I OWNER baton', :'db')
+SELECT format('CREATE ROLE %I LOGIN PASSWORD %L', :'service_role', :'service_password')
+WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = :'service_role') \gexec
+SELECT format('ALTER ROLE %I LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD %L', :'service_role', :'service_password') \gexec
+SELECT format('CREATE ROLE %I LOGIN PASSWORD %L', :'operator_role', :'operator_password')
+WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = :'operator_role') \gexec
+SELECT format('ALTER ROLE %I LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD %L', :'operator_role', :'operator_password') \gexec
+
+SELECT format('CREATE DATABASE %I OWNER %I', :'db', :'service_role')
 WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = :'db') \gexec
-SELECT format('ALTER DATABASE %I OWNER TO baton', :'db') \gexec
+SELECT format('ALTER DATABASE %I OWNER TO %I', :'db', :'service_role') \gexec
 SELECT format('REVOKE ALL ON DATABASE %I FROM PUBLIC', :'db') \gexec
-SELECT format('GRANT CONNECT ON DATABASE %I TO baton_operator', :'db') \gexec
+SELECT format('GRANT CONNECT ON DATABASE %I TO %I', :'db', :'operator_role') \gexec
 
 \connect :db
 -- PostgreSQL 15+ gives the public schema to the database owner; say so for older versions too.
-ALTER SCHEMA public OWNER TO baton;
+ALTER SCHEMA public OWNER TO :"service_role";
 REVOKE CREATE ON SCHEMA public FROM PUBLIC;
-GRANT USAGE ON SCHEMA public TO baton_operator;
-GRANT SELECT ON ALL TABLES IN SCHEMA public TO baton_operator;
--- Tables the migrations create later (as baton) are readable by the operator too.
-ALTER DEFAULT PRIVILEGES FOR ROLE baton IN SCHEMA public GRANT SELECT ON TABLES TO baton_operator;
+GRANT USAGE ON SCHEMA public TO :"operator_role";
+GRANT SELECT ON ALL TABLES IN SCHEMA public TO :"operator_role";
+-- Tables the migrations create later (as the service role) are readable by the operator too.
+ALTER DEFAULT PRIVILEGES FOR ROLE :"service_role" IN SCHEMA public GRANT SELECT ON TABLES TO :"operator_role";

@@ -283,7 +283,17 @@ async def test_parked_requests_and_the_live_table_from_the_command_line(baton):
     assert unknown.returncode == 2 and "no parked request 'nosuchkey'" in unknown.stderr
 
     watching = baton.start_cli("executions", "watch", "--interval", "0.2")
-    await asyncio.sleep(2)
+    pool = await baton.pool()
+
+    async def table_read() -> bool:
+        # Its first read of the table is made once Ctrl-C is the table's to handle (a terminal
+        # would show the table by then; a file gets it when the command ends).
+        return bool(await pool.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            " AND query LIKE '%ORDER BY created_at DESC, id DESC%'"
+        ))
+
+    await wait_until(table_read, what="the live table's first read")
     watching.process.send_signal(signal.SIGINT)  # Ctrl-C
     watched = await watching.finished(20)
     assert watched.returncode == 0 and "newest executions" in watched.stdout

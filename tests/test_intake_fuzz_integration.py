@@ -406,6 +406,13 @@ async def test_headers_a_broker_acts_on_are_not_acted_on_when_parked(baton, publ
     headers = {"CC": [baton.names.requests_queue], "BCC": [baton.names.requests_queue]}
     await publisher.publish(b"not json", message_id="cc-1", headers=headers)
     await _still_works_without_worker(baton, executor)
+    # A copy routed back by `CC` would enter the queue when the request was parked, which may be
+    # after the first probe was recorded; a probe posted after that one is behind any such copy,
+    # and the queue is then waited empty, so that a copy would have been parked (again) by now.
+    await _still_works_without_worker(baton, executor)
+    await wait_until(
+        lambda: _queue_empty(baton, baton.names.requests_queue), what="the request queue to be empty"
+    )
     parked = await baton.take_parked(1)
     assert [m.message_id for m in parked] == ["cc-1"]
     assert parked[0].headers["x-baton-original-headers"]["CC"] == [baton.names.requests_queue]
@@ -426,6 +433,10 @@ async def test_headers_that_cannot_be_written_back_do_not_stop_parking(baton, pu
     assert "more than 16384" in parked["huge-1"].headers["x-baton-headers-dropped"]
     assert parked["odd-1"].headers["x-baton-original-headers"]["d"] == 2**62
     assert all("not JSON" in m.headers["x-baton-reason"] for m in parked.values())
+
+
+async def _queue_empty(baton, queue: str) -> bool:
+    return await baton.queue_depth(queue) == 0
 
 
 async def _still_works_without_worker(baton, executor) -> None:

@@ -59,13 +59,22 @@ async def test_delays_grow_with_consecutive_failures_per_loop_and_reset_after_su
 
 async def test_pause_ends_early_when_the_service_stops():
     stop_event = asyncio.Event()
-    for _ in range(10):  # the next pause would be seconds long
-        backoff_for("timeout_check", stop_event).next_delay_s()
-    pausing = asyncio.create_task(_fail("timeout_check", stop_event, OSError("down")))
-    await asyncio.sleep(0)  # let it reach its pause
+
+    async def down_for_an_hour() -> None:
+        async with riding_out_outages("timeout_check", stop_event, pause_s=3600):
+            raise OSError("down")
+
+    with capture_logs() as logs:
+        pausing = asyncio.create_task(down_for_an_hour())
+
+        async def paused() -> None:
+            while not any(e["event"] == "infrastructure_unavailable" for e in logs):
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(paused(), timeout=10)
     assert not pausing.done()
     stop_event.set()
-    await asyncio.wait_for(pausing, timeout=30)  # ends on the stop event, not on the pause
+    await asyncio.wait_for(pausing, timeout=10)  # ends on the stop event, not after the hour
 
 
 async def test_anything_else_propagates_and_keeps_the_count():

@@ -8,6 +8,7 @@ import json
 import subprocess
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aio_pika
 import aiormq.exceptions
@@ -229,6 +230,23 @@ def test_credentials_are_masked():
 # -- roles -----------------------------------------------------------------------------------
 
 
+async def _drop_roles(baton, service_role: str, operator_role: str) -> None:
+    """What the roles were granted and own, in the test's database and server-wide, then the
+    roles. The operator's grants go first: the service role's default privileges name it."""
+    import asyncpg
+
+    for database in (baton.db_name, "postgres"):
+        admin = await asyncpg.connect(f"{baton.pg_url}/{database}")
+        try:
+            await admin.execute(f'DROP OWNED BY "{operator_role}"')
+            await admin.execute(f'REASSIGN OWNED BY "{service_role}" TO CURRENT_USER')
+            await admin.execute(f'DROP OWNED BY "{service_role}"')
+            if database == "postgres":
+                await admin.execute(f'DROP ROLE "{service_role}", "{operator_role}"')
+        finally:
+            await admin.close()
+
+
 def _create_roles(which: str, **env: str) -> None:
     import os
 
@@ -242,15 +260,15 @@ def _create_roles(which: str, **env: str) -> None:
 async def test_a_submitter_can_post_and_hear_back_but_cannot_touch_a_workers_queue(baton):
     await baton.started(baton.spawn_executor(), baton.spawn_worker("w"))
     password = uuid.uuid4().hex
-    vhost_user = "baton-submitter"
-    # The script creates fixed user names; this test's prefix keeps its permissions to itself, and
-    # the users are removed afterwards.
+    # Users of this test's own, named after its prefix, on the shared broker; removed afterwards.
+    service_user, submitter_user = f"{baton.prefix}-baton", f"{baton.prefix}-submitter"
     _create_roles("rabbitmq", BATON_PREFIX=baton.prefix, BATON_MQ_PASSWORD=uuid.uuid4().hex,
-                  BATON_SUBMITTER_PASSWORD=password)
+                  BATON_SUBMITTER_PASSWORD=password, BATON_MQ_USER=service_user, BATON_SUBMITTER_USER=submitter_user)
     try:
         from common.client import BatonClient
 
-        url = f"amqp://{vhost_user}:{password}@127.0.0.1:5672/"
+        broker = urlsplit(baton.amqp_url)
+        url = f"amqp://{submitter_user}:{password}@{broker.hostname}:{broker.port or 5672}{broker.path or '/'}"
         settings = baton.settings().model_copy(
             update={"message_queue": baton.settings().message_queue.model_copy(update={"url": url})}
         )
@@ -275,7 +293,7 @@ async def test_a_submitter_can_post_and_hear_back_but_cannot_touch_a_workers_que
         done = await (await baton.client()).wait(submission.execution_id, 20)
         assert done["status"] == "completed"
     finally:
-        for user in ("baton", "baton-submitter"):
+        for user in (service_user, submitter_user):
             subprocess.run(["rabbitmqctl", "-q", "delete_user", user], capture_output=True, timeout=60)
 
 
@@ -285,17 +303,26 @@ async def test_the_operator_role_reads_but_cannot_write(baton):
     await baton.started(baton.spawn_executor(), baton.spawn_worker("w"))
     done = await (await baton.client()).run("core.noop", {}, wait_timeout_s=20)
     password = uuid.uuid4().hex
+    # Roles of this test's own, named after its prefix, on the shared server; dropped afterwards.
+    service_role, operator_role = f"{baton.prefix}_baton", f"{baton.prefix}_operator"
+    server = urlsplit(baton.pg_url)
     _create_roles("postgres", BATON_DB=baton.db_name, BATON_DB_PASSWORD=uuid.uuid4().hex,
-                  BATON_OPERATOR_PASSWORD=password, PSQL="psql -h 127.0.0.1 -U postgres")
-    conn = await asyncpg.connect(f"postgresql://baton_operator:{password}@127.0.0.1:5432/{baton.db_name}")
+                  BATON_OPERATOR_PASSWORD=password, BATON_DB_USER=service_role, BATON_OPERATOR_USER=operator_role,
+                  PSQL=f"psql -h {server.hostname} -p {server.port or 5432} -U {server.username or 'postgres'}")
     try:
-        assert await conn.fetchval("SELECT status FROM executions WHERE id = $1", uuid.UUID(done["id"])) == "completed"
-        with pytest.raises(asyncpg.exceptions.InsufficientPrivilegeError):
-            await conn.execute("UPDATE executions SET status = 'failed'")
-        with pytest.raises(asyncpg.exceptions.InsufficientPrivilegeError):
-            await conn.execute("COPY executions TO PROGRAM 'true'")
+        conn = await asyncpg.connect(
+            f"postgresql://{operator_role}:{password}@{server.hostname}:{server.port or 5432}/{baton.db_name}"
+        )
+        try:
+            assert await conn.fetchval("SELECT status FROM executions WHERE id = $1", uuid.UUID(done["id"])) == "completed"
+            with pytest.raises(asyncpg.exceptions.InsufficientPrivilegeError):
+                await conn.execute("UPDATE executions SET status = 'failed'")
+            with pytest.raises(asyncpg.exceptions.InsufficientPrivilegeError):
+                await conn.execute("COPY executions TO PROGRAM 'true'")
+        finally:
+            await conn.close()
     finally:
-        await conn.close()
+        await _drop_roles(baton, service_role, operator_role)
 
 
 async def test_validation_errors_never_echo_parameter_values(baton):
