@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from cli.app import _control, _settings, age_option_s, executions_app
+from cli.app import _client_settings, _control, _one_line, age_option_s, executions_app
 
 if TYPE_CHECKING:
     from common.client import BatonClient
@@ -86,7 +86,6 @@ def executions_retry(execution_id: str = typer.Argument(..., help="An id, or a u
     _control(go)
 
 
-
 @executions_app.command("prune")
 def executions_prune(
     older_than: str = typer.Option(..., "--older-than", help="Age of finished executions to delete: 30d, 12h, 90m."),
@@ -96,7 +95,7 @@ def executions_prune(
     from common.retention import prune_executions
 
     older_than_s = age_option_s("--older-than", older_than)
-    settings = _settings()
+    settings = _client_settings()  # its waits for PostgreSQL go to stderr, not among its output
 
     async def main() -> int:
         pool = await db.connect(settings.database.url, max_size=1, max_wait_s=settings.database.startup_wait_s)
@@ -105,4 +104,6 @@ def executions_prune(
         finally:
             await pool.close()
 
-    typer.echo(f"deleted {asyncio.run(main())} finished execution(s) older than {older_than}")
+    with _one_line(settings, "baton executions prune"):
+        deleted = asyncio.run(main())
+    typer.echo(f"deleted {deleted} finished execution(s) older than {older_than}")

@@ -13,7 +13,6 @@ from collections.abc import Awaitable
 from typing import Any
 
 import aiormq.exceptions
-import asyncpg
 
 from common.errors import describe
 from common.logging import get_logger
@@ -21,14 +20,11 @@ from common.retry import TRANSIENT_ERRORS
 
 log = get_logger("baton.best_effort")
 
-#: What a step on a connection that may be gone is expected to meet: the service is away
-#: (`TRANSIENT_ERRORS`), the broker closed the channel or refused the operation (any AMQP error,
-#: including settling a delivery that is already settled), or PostgreSQL refused the statement.
-EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
-    *TRANSIENT_ERRORS,
-    aiormq.exceptions.AMQPError,
-    asyncpg.PostgresError,
-)
+#: What a step on a connection that may be gone is expected to meet: the service is away or the
+#: connection closed (`TRANSIENT_ERRORS`), or the broker closed the channel or refused the
+#: operation (any AMQP error, including settling a delivery that is already settled). A statement
+#: PostgreSQL refuses for any other reason (an undefined column, say) is a bug, and is shown.
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, aiormq.exceptions.AMQPError)
 
 
 async def best_effort(what: str, operation: Awaitable[Any], **context: Any) -> bool:

@@ -24,7 +24,7 @@ from common.settings import LoggingSettings
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
-#: Baton's own loggers (structlog's and stdlib's, e.g. ``baton.retry``) live under this name.
+#: Baton's own loggers live under this name.
 BATON_LOGGER = "baton"
 #: Libraries that are chatty below WARNING; they keep WARNING whatever the configured level, while
 #: everything else (Baton's own loggers, users' action modules) follows it.

@@ -110,7 +110,7 @@ async def supervise(ctx: ExecutorContext, loops: dict[str, Loop], stop_event: as
     stopper.cancel()
     for task in died:
         exc = task.exception()
-        log.error("loop_died", loop=tasks[task], error=repr(exc) if exc else "returned")
+        log.error("loop_died", loop=tasks[task], error=describe(exc) if exc else "returned", exc_info=exc)
     if died:
         first = died[0].exception()
         why = describe(first, max_chars=200) if first else "it returned"

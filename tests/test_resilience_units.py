@@ -160,13 +160,20 @@ async def test_a_best_effort_step_logs_what_it_did_not_expect_and_raises_nothing
     async def fine() -> None:
         return None
 
+    async def wrong_statement() -> None:
+        import asyncpg
+
+        raise asyncpg.exceptions.UndefinedColumnError('column "stauts" does not exist')
+
     with capture_logs() as logs:
         assert await best_effort("close_channel", closed(), worker="w1") is False
         assert await best_effort("close_channel", broken(), worker="w1") is False
+        assert await best_effort("mark_worker_inactive", wrong_statement(), worker="w1") is False
         assert await best_effort("close_channel", fine()) is True
     assert [(e["event"], e["log_level"], e["step"], e["worker"]) for e in logs] == [
         ("best_effort_step_failed", "debug", "close_channel", "w1"),
         ("best_effort_step_failed_unexpectedly", "warning", "close_channel", "w1"),
+        ("best_effort_step_failed_unexpectedly", "warning", "mark_worker_inactive", "w1"),
     ]
     assert logs[1]["error"] == "KeyError: 'a bug'"
 
@@ -215,7 +222,8 @@ async def test_a_loop_that_dies_stops_the_executor_with_one_line_naming_the_caus
     assert "\n" not in message
     assert message.startswith("executor loop 'intake' stopped unexpectedly (KeyError: 'a bug'); ")
     assert "start it again" in message and "loop_died" in message
-    assert [e["loop"] for e in logs if e["event"] == "loop_died"] == ["intake"]
+    [died_event] = [e for e in logs if e["event"] == "loop_died"]
+    assert died_event["loop"] == "intake" and isinstance(died_event["exc_info"], KeyError)  # its traceback is logged
 
 
 def test_an_error_is_described_in_one_line():

@@ -55,10 +55,10 @@ async def run_one(state: WorkerState, dispatch: Assignment) -> None:
         # An outage that outlasted the retries, say. The run must not stay `running` here with
         # nothing running it: it is interrupted, and recovery decides by its policy.
         state.log.exception(
-            "execution_crashed", error=f"{type(exc).__name__}: {exc}", execution_id=str(dispatch.execution_id),
+            "execution_crashed", error=describe(exc), execution_id=str(dispatch.execution_id),
             attempt=dispatch.attempt,
         )
-        await _interrupt(state, dispatch, reason="worker_lost", error=f"the worker failed while running it: {exc}")
+        await _interrupt(state, dispatch, reason="worker_lost", error=f"the worker failed while running it: {describe(exc)}")
         _release(state, dispatch.execution_id)
         return
     if outcome is None:  # suspended, or no longer this worker's: nothing more to record here

@@ -94,7 +94,10 @@ class WorkerService:
             stopper = asyncio.create_task(stop_event.wait())
             done, _ = await asyncio.wait({stopper, *loops}, return_when=asyncio.FIRST_COMPLETED)
             for task in done - {stopper}:
-                state.log.error("loop_died", loop=task.get_name(), error=repr(task.exception()))
+                exc = task.exception()
+                state.log.error(
+                    "loop_died", loop=task.get_name(), error=describe(exc) if exc else "returned", exc_info=exc
+                )
             await self._drain(loops)
             await self._delete_queue_if_empty()
             for task in done - {stopper}:
@@ -207,7 +210,12 @@ class WorkerService:
             if not state.claiming:
                 claimer.cancel()
             # Waited for, not awaited: how it ended is collected with the other loops' below.
-            await asyncio.wait({claimer})
+            try:
+                await asyncio.wait({claimer})
+            except asyncio.CancelledError:
+                for task in loops:  # this drain itself was cancelled: its loops go with it
+                    task.cancel()
+                raise
         await claiming.hand_back(state)
         try:
             await asyncio.wait_for(state.idle.wait(), state.cfg.shutdown_timeout_s)

@@ -184,7 +184,7 @@ class Posting(ClientBase):
                 if remaining <= 0:
                     raise TimeoutError(
                         f"execution {execution_id} did not finish within {timeout_s} s; it goes on: "
-                        f"follow it with `baton executions show {execution_id}`"
+                        f"follow it with `baton executions tail {execution_id}`"
                     )
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(notified.wait(), remaining)
