@@ -22,7 +22,8 @@ from rich.markup import escape
 
 from common.logging import configure_logging
 from common.retry import TRANSIENT_ERRORS
-from common.settings import Settings, load_settings, parse_duration, where
+from common.settings import Settings, load_settings
+from common.values import parse_duration, where
 
 if TYPE_CHECKING:
     from rich.table import Table

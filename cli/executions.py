@@ -31,8 +31,8 @@ from cli.app import (
 )
 from common.retry import TRANSIENT_ERRORS
 from common.schemas import TERMINAL_STATUSES, ExecutionSummary, jsonable_row
-from common.settings import parse_duration, parse_moment
 from common.timeline import timeline
+from common.values import parse_duration, parse_moment
 
 if TYPE_CHECKING:
     from rich.table import Table

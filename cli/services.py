@@ -23,7 +23,8 @@ from cli.app import (
 from common.errors import describe
 from common.logging import configure_logging
 from common.retry import AUTH_ERRORS, TRANSIENT_ERRORS
-from common.settings import Settings, where
+from common.settings import Settings
+from common.values import where
 
 # -- services -----------------------------------------------------------------------------------
 

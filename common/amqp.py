@@ -19,7 +19,7 @@ from aio_pika.abc import (
 from common import amqp_decoding
 from common.best_effort import best_effort
 from common.retry import connect_retrying
-from common.settings import where
+from common.values import where
 
 REQUESTED_KEY = "execution.requested"
 

@@ -14,7 +14,7 @@ from tenacity import retry_if_exception_type
 from common.logging import get_logger
 from common.queries import migrations as mq
 from common.retry import TRANSIENT_ERRORS, connect_retrying
-from common.settings import masked_url, where
+from common.values import masked_url, where
 
 log = get_logger("baton.db")
 

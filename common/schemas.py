@@ -11,6 +11,8 @@ from typing import Any, TypedDict
 import asyncpg
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from common.values import parse_duration, parse_moment
+
 
 class Status(enum.StrEnum):
     REQUESTED = "requested"
@@ -76,8 +78,6 @@ class ExecutionRequest(BaseModel):
     def _aware_time(cls, value: Any) -> Any:
         # Strict mode takes no string for a datetime: parse RFC 3339 here, and insist on a zone.
         if isinstance(value, str):
-            from common.settings import parse_moment
-
             try:
                 return parse_moment(value, naive_is_utc=False)
             except ValueError as exc:
@@ -89,8 +89,6 @@ class ExecutionRequest(BaseModel):
     def _duration(cls, value: Any) -> Any:
         # The same durations as the configuration: 30, "30s", "5m", "250ms".
         if isinstance(value, str):
-            from common.settings import parse_duration
-
             return parse_duration(value)
         return value
 

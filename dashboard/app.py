@@ -29,8 +29,9 @@ from starlette.routing import Route
 from common.client import BatonClient
 from common.logging import get_logger
 from common.schemas import TERMINAL_STATUSES, FinishedMinute, Status
-from common.settings import Settings, parse_moment
+from common.settings import Settings
 from common.timeline import timeline
+from common.values import parse_moment
 
 log = get_logger("baton.dashboard")
 

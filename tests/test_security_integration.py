@@ -220,7 +220,7 @@ async def test_markup_in_stored_values_is_printed_as_text(baton):
 
 
 def test_credentials_are_masked():
-    from common.settings import masked_url
+    from common.values import masked_url
 
     assert masked_url("postgresql://baton:hunter2@db:5432/baton") == "postgresql://baton:***@db:5432/baton"
     assert masked_url("amqp://guest:guest@mq:5672/") == "amqp://guest:***@mq:5672/"

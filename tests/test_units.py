@@ -11,7 +11,8 @@ from pydantic import ValidationError
 from common.actions import CORE_ACTIONS
 from common.client import coerce_key_values, request_batches
 from common.ids import MAX_BATCH_REQUESTS, batch_execution_id
-from common.settings import load_settings, parse_duration
+from common.settings import load_settings
+from common.values import parse_duration
 from executor.requests import (
     NewExecution,
     ParameterValidator,
