@@ -184,7 +184,7 @@ class WorkerSettings(_Section):
 
     shell_env_passthrough: list[str] = Field(default_factory=list)
     """Names of the worker's own environment variables that shell actions also get, beyond the
-    minimal set (PATH, LANG, LC_ALL, HOME, TZ, TMPDIR, USER). Nothing else of the worker's
+    minimal set (PATH, LANG, LC_ALL, LC_CTYPE, HOME, TZ, TMPDIR, USER, LOGNAME). Nothing else of the worker's
     environment (its database URL, say) reaches a command."""
 
     secrets_dir: str | None = None
