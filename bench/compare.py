@@ -38,7 +38,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.throughput import cpu_snapshot, cpu_split, pct  # noqa: E402
+from bench.measure import cpu_snapshot, cpu_split, pct  # noqa: E402
 
 PG = "postgresql://postgres@127.0.0.1:5432"
 AMQP = "amqp://guest:guest@127.0.0.1:5672/"
@@ -46,7 +46,7 @@ CELERY_RESULTS_DB = "celery_bench_results"
 CELERY_PG_BACKEND = f"db+{PG.replace('postgresql://', 'postgresql+psycopg2://')}/{CELERY_RESULTS_DB}"
 #: Requests per message in the batched Baton row (`BatonClient.submit_many` takes up to 1,000).
 BATCH = 500
-#: CPU that counts as the system's own, per system (roles of throughput.cpu_split).
+#: CPU that counts as the system's own, per system (roles of measure.cpu_split).
 OWN_CPU = {"baton": ("executor", "workers", "postgres", "rabbitmq"), "celery": ("celery", "postgres", "rabbitmq")}
 
 

@@ -28,7 +28,7 @@ import asyncpg
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.throughput import recreate_database  # noqa: E402
+from bench.measure import recreate_database  # noqa: E402
 from common import db  # noqa: E402
 from common.queries import executions as q  # noqa: E402
 from common.queries import workflows as wq  # noqa: E402

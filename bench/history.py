@@ -53,7 +53,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.compare import last_json, run_script  # noqa: E402
-from bench.throughput import drop_database, recreate_database  # noqa: E402
+from bench.measure import drop_database, recreate_database  # noqa: E402
 from common import db  # noqa: E402
 from common.queries import executions as q  # noqa: E402
 from common.queries import workers as wq  # noqa: E402

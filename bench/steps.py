@@ -42,7 +42,7 @@ import asyncpg
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.throughput import pct, recreate_database  # noqa: E402
+from bench.measure import pct, recreate_database  # noqa: E402
 from common import amqp  # noqa: E402
 from common.client import BatonClient  # noqa: E402
 from common.settings import load_settings  # noqa: E402

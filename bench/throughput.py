@@ -29,7 +29,6 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import aio_pika
 import asyncpg
@@ -37,156 +36,28 @@ import asyncpg
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.measure import (  # noqa: E402
+    RssSampler,
+    cpu_snapshot,
+    cpu_split,
+    drop_database,
+    ms,
+    pct,
+    recreate_database,
+    total_cpu_seconds,
+)
 from cli.app import run_on_uvloop  # noqa: E402
 from common import amqp  # noqa: E402
 from common.ids import batch_execution_id  # noqa: E402
 
 TERMINAL = ("completed", "failed", "timeout", "cancelled")
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-# -- CPU accounting from /proc ---------------------------------------------------------------------
-
-
-def _proc_stat(pid: int) -> tuple[str, int, float] | None:
-    """(comm, ppid, cpu seconds user+system) of one process, or None if it is gone."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    comm = raw[raw.index("(") + 1 : raw.rindex(")")]
-    fields = raw[raw.rindex(")") + 2 :].split()
-    # fields[0] is state (field 3); utime is field 14, stime field 15 -> indexes 11, 12
-    return comm, int(fields[1]), (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def cpu_snapshot() -> dict[int, tuple[str, int, float]]:
-    snap = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            st = _proc_stat(int(entry))
-            if st is not None:
-                snap[int(entry)] = st
-    return snap
-
-
-def _total_cpu_seconds() -> tuple[float, float]:
-    with open("/proc/stat") as f:
-        parts = f.readline().split()[1:]
-    values = [int(v) for v in parts[:8]]
-    return sum(values) / CLK_TCK, (values[3] + values[4]) / CLK_TCK  # (all, idle+iowait)
-
-
-def cpu_split(
-    before: dict[int, tuple[str, int, float]],
-    after: dict[int, tuple[str, int, float]],
-    roles: dict[int, str],
-    pg_backends: set[int] = frozenset(),
-    pg_background: set[int] = frozenset(),
-) -> tuple[dict[str, float], dict[str, float]]:
-    """CPU seconds used between two snapshots, grouped: executor, workers, postgres, rabbitmq, bench, other."""
-    def role(pid: int, comm: str, ppid: int, snap) -> str:
-        seen = set()
-        p = pid
-        while p and p not in seen:  # a child of one of our services counts as that service
-            if p in roles:
-                return roles[p]
-            seen.add(p)
-            p = snap.get(p, ("", 0, 0.0))[1]
-        if comm == "postgres" or comm.startswith("postgres"):
-            if pid in pg_backends:
-                return "postgres"
-            return "postgres (background)" if pid in pg_background else "postgres (other)"
-        if comm in ("beam.smp", "epmd", "erl_child_setup", "inet_gethost") or comm.startswith("rabbit"):
-            return "rabbitmq"
-        if comm.startswith(("kworker", "jbd2", "kdamond", "ksoftirqd", "kswapd")):
-            return "kernel"
-        return "other"
-
-    split: dict[str, float] = {}
-    others: dict[str, float] = {}
-    for pid, (comm, ppid, cpu) in after.items():
-        prev = before.get(pid)
-        delta = cpu - prev[2] if prev and prev[0] == comm else cpu
-        if delta <= 0:
-            continue
-        key = role(pid, comm, ppid, after)
-        split[key] = split.get(key, 0.0) + delta
-        if key == "other":
-            others[comm] = others.get(comm, 0.0) + delta
-    return split, others
-
-
-# -- resident memory from /proc ------------------------------------------------------------------
-
-
-def rss_mb(pid: int) -> float | None:
-    """Resident set size of one process in MB (VmRSS of /proc/<pid>/status), or None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024  # kB
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return None
-
-
-class RssSampler:
-    """Samples the resident memory of some processes, by role, as [seconds since t0, MB] pairs."""
-
-    def __init__(self, pids: dict[str, int], t0: float) -> None:
-        self.pids = pids
-        self.t0 = t0
-        self.samples: dict[str, list[list[float]]] = {role: [] for role in pids}
-
-    def sample(self) -> None:
-        t_s = round(time.time() - self.t0, 1)
-        for role, pid in self.pids.items():
-            mb = rss_mb(pid)
-            if mb is not None:
-                self.samples[role].append([t_s, round(mb, 1)])
-
-    async def run(self, interval_s: float) -> None:
-        while True:
-            await asyncio.sleep(interval_s)
-            self.sample()
-
-    def summary(self) -> dict[str, dict]:
-        out = {}
-        for role, samples in self.samples.items():
-            if samples:
-                values = [mb for _, mb in samples]
-                out[role] = {"first": values[0], "last": values[-1], "max": max(values), "samples": samples}
-        return out
-
-
 # -- database ------------------------------------------------------------------------------------
-
-
-async def recreate_database(url: str) -> None:
-    name = urlsplit(url).path.lstrip("/")
-    if not name or '"' in name:
-        raise SystemExit(f"--database-url names no usable database: {url!r}")
-    admin = await asyncpg.connect(url, database="postgres")
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-
-
-async def drop_database(url: str) -> None:
-    name = urlsplit(url).path.lstrip("/")
-    admin = await asyncpg.connect(url, database="postgres")
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
 
 
 async def wait_for(predicate, *, timeout_s: float, what: str, procs: list[subprocess.Popen]) -> None:
@@ -360,21 +231,6 @@ async def _drop(_message: aio_pika.abc.AbstractIncomingMessage) -> None:
     """A reply, read and dropped: the run reads what it needs from PostgreSQL."""
 
 
-# -- reporting -------------------------------------------------------------------------------------
-
-
-def pct(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    k = min(len(s) - 1, max(0, round(p / 100.0 * (len(s) - 1))))
-    return s[k]
-
-
-def ms(x: float) -> str:
-    return f"{x * 1000:8.1f} ms"
-
-
 # -- the run ---------------------------------------------------------------------------------------
 
 
@@ -441,7 +297,7 @@ async def run(args: argparse.Namespace) -> dict:
         xact_before = await pool.fetchval(XACTS)
         scans_before = {r["relname"]: r for r in await pool.fetch(SCANS)}
         cpu_before = cpu_snapshot()
-        total_before = _total_cpu_seconds()
+        total_before = total_cpu_seconds()
         t_post = time.time()
         rss = RssSampler({"executor": executor.pid} | {f"w{i + 1}": p.pid for i, p in enumerate(procs[1:])}, t_post)
         rss.sample()
@@ -477,7 +333,7 @@ async def run(args: argparse.Namespace) -> dict:
             if now > deadline:
                 break
         cpu_after = cpu_snapshot()
-        total_after = _total_cpu_seconds()
+        total_after = total_cpu_seconds()
         rss_task.cancel()
         rss.sample()
         xacts = await pool.fetchval(XACTS) - xact_before
