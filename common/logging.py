@@ -196,3 +196,20 @@ def get_logger(name: str | None = None) -> structlog.typing.FilteringBoundLogger
     """A structlog logger (by default named ``baton``)."""
     logger: structlog.typing.FilteringBoundLogger = structlog.get_logger(name or BATON_LOGGER)
     return logger
+
+
+def _library_default() -> None:
+    """Until a process configures logging (every service and CLI command that talks to a server does
+    it at start), Baton's events in a program that uses `common` as a library (the client) go where
+    the stdlib's would: warnings and up, to stderr. structlog's own default prints every level, the
+    debug lines of best-effort steps included, to stdout, among the program's output. A program
+    that configures structlog itself, before or after, keeps its own configuration."""
+    if not structlog.is_configured():
+        structlog.configure(
+            wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+            logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+            cache_logger_on_first_use=False,
+        )
+
+
+_library_default()

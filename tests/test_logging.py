@@ -198,3 +198,23 @@ def test_lines_stay_json_whatever_stderr_takes_and_a_failed_write_raises_nothing
         assert result.stdout.strip() == b"still running"
         [line] = _lines(result.stderr.decode("utf-8"))
         assert line["event"] == "non_ascii" and line["text"] == "café ✓"
+
+
+def test_a_program_using_the_client_without_configuring_logging_sees_only_warnings_on_stderr():
+    script = textwrap.dedent(
+        """
+        from common.logging import get_logger
+
+        log = get_logger("baton.best_effort")
+        log.debug("best_effort_step_failed", step="close_broker_connection")
+        log.info("migration_applied")
+        log.warning("waiting_for_service", dependency="PostgreSQL")
+        print("the program's own output")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BATON")}
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "the program's own output\n"
+    assert "waiting_for_service" in done.stderr
+    assert "best_effort_step_failed" not in done.stderr and "migration_applied" not in done.stderr

@@ -146,7 +146,20 @@ async def test_a_journal_out_of_reach_for_too_long_is_the_workers_failure_not_th
         await _journal(refused_by_the_data, what="checkpoint", max_wait_s=0.3)
 
 
-async def test_a_best_effort_step_logs_what_it_did_not_expect_and_raises_nothing():
+@pytest.fixture
+def debug_logging():
+    """Baton's events at every level (a process that has not configured logging shows warnings and up)."""
+    import logging
+
+    import structlog
+
+    saved = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
+    yield
+    structlog.configure(**saved)
+
+
+async def test_a_best_effort_step_logs_what_it_did_not_expect_and_raises_nothing(debug_logging):
     import aiormq.exceptions
 
     from common.best_effort import best_effort
