@@ -337,6 +337,10 @@ async def _exists(path: Path) -> bool:
     return path.exists()
 
 
+async def _line_written(path: Path) -> bool:
+    return path.exists() and path.read_text().endswith("\n")
+
+
 async def test_signal_wakes_a_waiting_run_and_its_timeout_returns_none(baton):
     await baton.started(baton.spawn_executor(), baton.spawn_worker("solo", concurrency=1))
     path = await _path(baton)
@@ -402,7 +406,8 @@ async def test_cancel_stops_running_shell_and_python_actions(baton):
     python = await client.submit("tests.sleep_then_echo", {"seconds": 60, "message": "never"}, watch=True)
     await baton.wait_status(shell.execution_id, "running")
     await baton.wait_status(python.execution_id, "running")
-    await wait_until(lambda: _exists(pidfile), what="the command to start")
+    # The shell creates the file before `echo` writes to it: wait for the whole line.
+    await wait_until(lambda: _line_written(pidfile), what="the command to start")
     pid = int(pidfile.read_text())
     for submission in (shell, python):
         cancelled = await client.cancel(submission.execution_id)
