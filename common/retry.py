@@ -44,6 +44,14 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+#: What a statement may run into when the database, not the code, is at fault or away: anything
+#: above, asyncpg's InternalClientError among them (a connection left mid-operation by a query
+#: that timed out, as while PostgreSQL restarts), or a statement PostgreSQL refuses. Loops that
+#: must outlast an outage (a heartbeat, recording an interruption, rescheduling a dispatch)
+#: catch these and carry on.
+DATABASE_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, asyncpg.PostgresError)
+
+
 #: Refusals that no wait will change (wrong user or password): never retried.
 AUTH_ERRORS: tuple[type[BaseException], ...] = (
     aiormq.exceptions.ProbableAuthenticationError,

@@ -27,7 +27,7 @@ from common.logging import get_logger
 from common.notifications import publish_terminal
 from common.queries import executions as q
 from common.queries import workers as wq
-from common.retry import TRANSIENT_ERRORS
+from common.retry import DATABASE_ERRORS
 from common.schemas import MAX_DISPATCHES_PER_MESSAGE, Dispatch, DispatchBatch
 from executor.placement import Candidate, concurrency_limits, place
 from executor.requests import NewExecution
@@ -38,8 +38,6 @@ if TYPE_CHECKING:
 
 log = get_logger("baton.executor.dispatching")
 
-#: What rescheduling an undeliverable dispatch may run into: the database away, or refusing.
-_DB_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, asyncpg.PostgresError)
 #: How long a stopping executor waits for the dispatches it is still publishing.
 HANDOVER_TIMEOUT_S = 10.0
 
@@ -124,7 +122,7 @@ async def _hand_over(ctx: ExecutorContext, scheduled: list[asyncpg.Record]) -> N
                 for i in range(0, len(rows), MAX_DISPATCHES_PER_MESSAGE)
             )
         )
-    except _DB_ERRORS as exc:
+    except DATABASE_ERRORS as exc:
         # The database went away while rescheduling what could not be sent: those executions stay
         # `scheduled`, and the scheduled-timeout monitor moves them on.
         log.warning("dispatch_handover_failed", error=describe(exc), executions=len(scheduled))

@@ -250,3 +250,40 @@ def test_an_error_is_described_in_one_line():
     )
     assert describe(TimeoutError()) == "TimeoutError"
     assert describe(ValueError("x" * 500), max_chars=10) == "ValueError: xxxxxxxxxx"
+
+
+async def test_a_heartbeat_left_mid_operation_by_a_timeout_is_tried_again_not_fatal():
+    """During a PostgreSQL restart a heartbeat that timed out can leave its connection mid-operation,
+    and the next query on it fails with asyncpg's InternalClientError. The heartbeat loop must ride
+    that out like any other database trouble; it once killed the loop, and the worker with it."""
+    import uuid
+    from types import SimpleNamespace
+
+    import asyncpg
+
+    from worker.liveness import heartbeat_loop
+
+    class LockConnection:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def is_closed(self) -> bool:
+            return False
+
+        async def fetchval(self, *_args: object, **_kwargs: object) -> str | None:
+            self.calls += 1
+            if self.calls == 1:
+                raise asyncpg.exceptions.InternalClientError("cannot switch to state 12; another operation (2) is in progress")
+            return None  # the next heartbeat is answered: "this row is another process's" ends the loop
+
+    conn = LockConnection()
+    state = SimpleNamespace(
+        cfg=SimpleNamespace(heartbeat_interval_s=0.05, health_file=None),
+        settings=SimpleNamespace(executor=SimpleNamespace(heartbeat_staleness_multiplier=100.0)),
+        lock_lost=asyncio.Event(), lock_conn=conn, running={}, name="w", incarnation=uuid.uuid4(),
+        connection=SimpleNamespace(connected=asyncio.Event()), stood_down=False,
+        log=SimpleNamespace(warning=lambda *a, **k: None, info=lambda *a, **k: None),
+    )
+    with pytest.raises(RuntimeError, match="belongs to another process"):
+        await asyncio.wait_for(heartbeat_loop(state), timeout=10)  # type: ignore[arg-type]
+    assert conn.calls == 2  # the failed heartbeat was followed by another

@@ -20,6 +20,7 @@ from common.queries import CONTROL_CHANNEL
 from common.queries import executions as q
 from common.queries import workers as wq
 from common.recovery import resolve_policy
+from common.retry import DATABASE_ERRORS
 from worker import claiming, recording
 from worker.state import DRAIN_DEADLINE, WorkerState
 
@@ -147,7 +148,7 @@ async def _audit(state: WorkerState, *, grace_s: float) -> None:
     name claimed it and died, say): nothing stays `running` with nobody running it."""
     if state.claiming:  # a claim committed but not yet a task here would look orphaned
         return
-    with contextlib.suppress(OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+    with contextlib.suppress(*DATABASE_ERRORS):
         rows = await state.pool.fetch(q.SELECT_RUNNING_SINCE, state.name, grace_s, timeout=grace_s)
         for row in rows:
             if row["id"] not in state.running and not state.claiming:
@@ -240,7 +241,7 @@ async def heartbeat_loop(state: WorkerState) -> None:
             status = await state.lock_conn.fetchval(
                 wq.HEARTBEAT, state.name, state.incarnation, len(state.running), timeout=max(interval_s, 1.0)
             )
-        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except DATABASE_ERRORS as exc:
             if state.lock_conn is not None and state.lock_conn.is_closed():
                 state.lock_conn = None
             # A lost lock is retaken at once; after a failed retake, the next comes after a pause
@@ -275,5 +276,5 @@ async def heartbeat_loop(state: WorkerState) -> None:
         if state.stood_down and not state.draining:
             try:
                 await _resume(state)
-            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except DATABASE_ERRORS as exc:
                 state.log.warning("reregister_failed", error=str(exc))

@@ -18,14 +18,11 @@ from common.notifications import publish_terminal
 from common.queries import executions as q
 from common.queries import workflows as wfq
 from common.recovery import InterruptReason, resolve_policy
-from common.retry import TRANSIENT_ERRORS
+from common.retry import DATABASE_ERRORS
 from common.schemas import TERMINAL_STATUSES, Assignment
 from worker import durable
 from worker.runner import Outcome, execute, with_retry
 from worker.state import WorkerState
-
-#: What recording an interruption may run into: the database away, or refusing the statement.
-_DB_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, asyncpg.PostgresError)
 
 
 async def run_one(state: WorkerState, dispatch: Assignment) -> None:
@@ -77,7 +74,7 @@ async def stop_if_moved_on(state: WorkerState, execution_ids: list[uuid.UUID]) -
         return
     try:
         rows = await state.pool.fetch(wfq.NO_LONGER_MINE, ids, state.name, state.incarnation, timeout=5)
-    except _DB_ERRORS as exc:
+    except DATABASE_ERRORS as exc:
         state.log.warning("control_check_failed", error=str(exc) or type(exc).__name__)
         return
     for row in rows:
@@ -108,7 +105,7 @@ async def _interrupt(state: WorkerState, dispatch: Assignment, *, reason: Interr
             recovery_attempts=recovery_attempts or 0,
             timeout_s=2,
         )
-    except _DB_ERRORS as exc:
+    except DATABASE_ERRORS as exc:
         # The executor interrupts it instead, once it declares this worker lost.
         state.log.warning("interrupt_not_recorded", error=str(exc) or type(exc).__name__, **fields)
         return
