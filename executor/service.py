@@ -13,7 +13,7 @@ from aio_pika.abc import AbstractRobustConnection
 
 from common import amqp, db, metrics
 from common.best_effort import best_effort
-from common.errors import describe
+from common.errors import describe, loop_stopped
 from common.logging import get_logger
 from common.settings import Settings
 from executor import (
@@ -113,11 +113,8 @@ async def supervise(ctx: ExecutorContext, loops: dict[str, Loop], stop_event: as
         log.error("loop_died", loop=tasks[task], error=describe(exc) if exc else "returned", exc_info=exc)
     if died:
         first = died[0].exception()
-        why = describe(first, max_chars=200) if first else "it returned"
-        raise LoopDied(
-            f"executor loop {tasks[died[0]]!r} stopped unexpectedly ({why}); the executor stopped with it: "
-            "start it again (a supervisor does), and see the log's loop_died event for the cause"
-        ) from first
+        stopped = loop_stopped("executor", tasks[died[0]], first, aftermath="the executor stopped with it")
+        raise LoopDied(stopped) from first
 
 
 def install_signal_handlers(stop_event: asyncio.Event) -> None:

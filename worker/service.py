@@ -26,7 +26,7 @@ import aiormq.exceptions
 from common import amqp, db, health, metrics
 from common.actions import CORE_PREFIX, ActionSpec, registration_conflict
 from common.best_effort import best_effort
-from common.errors import describe
+from common.errors import describe, loop_stopped
 from common.queries import actions as aq
 from common.queries import workers as wq
 from common.settings import Settings
@@ -102,11 +102,10 @@ class WorkerService:
             await self._delete_queue_if_empty()
             for task in done - {stopper}:
                 first = task.exception()
-                why = describe(first, max_chars=200) if first else "it returned"
-                raise RuntimeError(
-                    f"worker loop {task.get_name()!r} stopped ({why}); the worker drained and stopped with it: "
-                    "start it again (a supervisor does), and see the log's loop_died event for the cause"
-                ) from first
+                stopped = loop_stopped(
+                    "worker", task.get_name(), first, aftermath="the worker drained and stopped with it"
+                )
+                raise RuntimeError(stopped) from first
         finally:
             await best_effort("close_broker_connection", state.connection.close(), worker=state.name)
             if state.lock_conn is not None:
