@@ -58,14 +58,6 @@ log = get_logger("baton.executor.intake")
 #: Why each request that PostgreSQL refused cannot be stored, by execution id.
 Unstorable = dict[uuid.UUID, str]
 
-#: Intake places what it records itself only from batches of at most this many messages. Under
-#: load its batches grow, it is the slowest step, and the scheduler's passes, placing in parallel
-#: with it, serve better: pair by pair at a steady 1,000/s, placing every batch at intake made the
-#: start latency's p50 worse in 4 of 5 pairs (x0.97-1.56), while at 100/s, where batches hold
-#: one or two, placing them made it 15-45% better.
-PLACE_MAX_BATCH = 4
-
-
 def intake_prefetch(settings: Settings) -> int:
     """Deliveries intake holds at once: at most two batches, and at most
     `executor.intake_buffer_bytes` worth of requests of the largest accepted size."""
@@ -107,8 +99,7 @@ async def run(ctx: ExecutorContext, stop_event: asyncio.Event) -> None:
                 batch.append(inbox.get_nowait())
                 size += len(batch[-1].body)
             try:
-                # A small batch: intake is lightly loaded, and places what it records itself.
-                await _process_guarded(ctx, batch, state, place=len(batch) <= PLACE_MAX_BATCH)
+                await _process_guarded(ctx, batch, state)
             except Exception as exc:  # noqa: BLE001 - only outages get here (see _process_guarded)
                 # Back to the queue; a request recorded before the failure maps to the same id again.
                 pause = state.backoff.next_delay_s()
@@ -131,15 +122,12 @@ async def run(ctx: ExecutorContext, stop_event: asyncio.Event) -> None:
         log.info("intake_stopped")
 
 
-async def _process_guarded(
-    ctx: ExecutorContext, batch: list[AbstractIncomingMessage], state: _State, *, place: bool
-) -> None:
-    """Process ``batch`` (``place``: see `_process`); raise only for an outage. Anything else that
-    goes wrong is a request's fault until shown otherwise: the batch is taken again one request at
-    a time, and a request that still fails is parked with the error (or, if even that fails,
-    counted as an outage)."""
+async def _process_guarded(ctx: ExecutorContext, batch: list[AbstractIncomingMessage], state: _State) -> None:
+    """Process ``batch``; raise only for an outage. Anything else that goes wrong is a request's
+    fault until shown otherwise: the batch is taken again one request at a time, and a request that
+    still fails is parked with the error (or, if even that fails, counted as an outage)."""
     try:
-        await _process(ctx, batch, state, place=place)
+        await _process(ctx, batch, state)
         return
     except Exception as exc:
         if unavailable(exc):
@@ -149,7 +137,7 @@ async def _process_guarded(
         if message.processed:
             continue
         try:
-            await _process(ctx, [message], state, place=place)
+            await _process(ctx, [message], state)
         except Exception as exc:
             if unavailable(exc):
                 raise
@@ -157,11 +145,8 @@ async def _process_guarded(
             await amqp.ack_all([message])
 
 
-async def _process(
-    ctx: ExecutorContext, batch: list[AbstractIncomingMessage], state: _State, *, place: bool
-) -> None:
-    """Record, reply to, park and ack one batch; ``place``: intake may place what it records
-    itself (`_insert`)."""
+async def _process(ctx: ExecutorContext, batch: list[AbstractIncomingMessage], state: _State) -> None:
+    """Record, reply to, park and ack one batch, placing what it records where it can (`_insert`)."""
     max_bytes = ctx.settings.message_queue.max_request_bytes
     # One entry per request: a batch message brings several, each its own execution.
     parsed: list[tuple[AbstractIncomingMessage, NewExecution | Rejection]] = []
@@ -188,7 +173,7 @@ async def _process(
         except Exception as exc:  # noqa: BLE001 - a schema a worker registered that cannot be used
             execution.fail(f"parameters cannot be checked against the action's schema: {describe(exc)}")
 
-    inserted, unstorable = await _record(ctx, executions, specs if place else None)
+    inserted, unstorable = await _record(ctx, executions, specs)
     same, duplicates = await _existing(
         ctx.pool, [e for e in executions if e.id not in inserted and e.id not in unstorable]
     )
