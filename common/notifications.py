@@ -20,6 +20,7 @@ from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 
 from common.amqp import Names
+from common.errors import describe
 from common.logging import get_logger
 from common.schemas import jsonable_row
 
@@ -52,7 +53,7 @@ async def publish_terminal(exchange: AbstractExchange, rows: Sequence[Mapping[st
         else:
             await _publish_together(channel, exchange.name, [dict(row) for row in rows])
     except Exception as exc:  # noqa: BLE001 - see docstring
-        log.warning("notification_publish_failed", executions=len(rows), error=str(exc) or type(exc).__name__)
+        log.warning("notification_publish_failed", executions=len(rows), error=describe(exc))
 
 
 def _frames(exchange: str, row: dict[str, Any]) -> tuple[spec.Basic.Publish, ContentHeader, ContentBody]:

@@ -17,6 +17,7 @@ from tenacity import (
     wait_random,
 )
 
+from common.errors import describe
 from common.logging import get_logger
 
 _log = get_logger("baton.retry")
@@ -74,7 +75,7 @@ def connect_retrying(
             "waiting_for_service",
             # `dependency`, not `service`: that names the process logging (executor, worker).
             dependency=what, at=at, operation=operation,
-            error=(str(exc) or type(exc).__name__) if exc else None,
+            error=describe(exc) if exc else None,
             retry_in_s=round(state.next_action.sleep, 2) if state.next_action else None,
             giving_up_in_s=round(max(max_wait_s - (time.monotonic() - started), 0), 1),
         )

@@ -12,6 +12,7 @@ import asyncpg
 from tenacity import RetryCallState, wait_exponential, wait_random_exponential
 
 from common.db import connect_one
+from common.errors import describe
 from common.logging import get_logger
 from common.retry import TRANSIENT_ERRORS
 
@@ -94,7 +95,7 @@ async def riding_out_outages(
         log.warning(
             "infrastructure_unavailable",
             during=what,
-            error=str(exc) or type(exc).__name__,
+            error=describe(exc),
             failures=backoff.failures,
             retry_in_s=round(delay_s, 3),
         )

@@ -117,7 +117,7 @@ def test_every_line_is_one_json_object_with_level_logger_and_context():
     assert reopen["level"] == "error" and by_event["a real aio_pika error"]["level"] == "error"
 
     [retry] = [line for line in lines if line["logger"] == "baton.retry" and line["level"] == "warning"]
-    assert retry["event"] == "waiting_for_service" and retry["error"] == "not yet"
+    assert retry["event"] == "waiting_for_service" and retry["error"] == "ConnectionRefusedError: not yet"
     assert (retry["dependency"], retry["operation"]) == ("PostgreSQL", "record_outcomes")
 
     [warning] = [line for line in lines if line["logger"] == "py.warnings"]

@@ -15,6 +15,7 @@ import uuid
 import asyncpg
 
 from common import db, health, metrics
+from common.errors import describe
 from common.interruption import interrupt
 from common.queries import CONTROL_CHANNEL
 from common.queries import executions as q
@@ -253,7 +254,7 @@ async def heartbeat_loop(state: WorkerState) -> None:
                 lock_held=state.lock_conn is not None, retake_s=retake_s,
             )
             metrics.OWN_HEARTBEAT_AGE.set(silent_s)
-            state.log.warning("heartbeat_failed", error=str(exc) or type(exc).__name__, silent_s=round(silent_s, 2))
+            state.log.warning("heartbeat_failed", error=describe(exc), silent_s=round(silent_s, 2))
             if silent_s > stale_after_s:
                 await _stand_down(state, "its heartbeat could not be recorded for longer than the staleness threshold")
             continue

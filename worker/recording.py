@@ -75,7 +75,7 @@ async def stop_if_moved_on(state: WorkerState, execution_ids: list[uuid.UUID]) -
     try:
         rows = await state.pool.fetch(wfq.NO_LONGER_MINE, ids, state.name, state.incarnation, timeout=5)
     except DATABASE_ERRORS as exc:
-        state.log.warning("control_check_failed", error=str(exc) or type(exc).__name__)
+        state.log.warning("control_check_failed", error=describe(exc))
         return
     for row in rows:
         task = state.running.get(row["id"])
@@ -107,7 +107,7 @@ async def _interrupt(state: WorkerState, dispatch: Assignment, *, reason: Interr
         )
     except DATABASE_ERRORS as exc:
         # The executor interrupts it instead, once it declares this worker lost.
-        state.log.warning("interrupt_not_recorded", error=str(exc) or type(exc).__name__, **fields)
+        state.log.warning("interrupt_not_recorded", error=describe(exc), **fields)
         return
     if event is not None:
         state.log.warning("execution_interrupted", **fields)

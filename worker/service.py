@@ -182,7 +182,7 @@ class WorkerService:
                 bindings=[(state.names.dispatch_exchange, state.names.worker_routing_key(state.name))],
             )
         except aiormq.exceptions.AMQPError as exc:
-            reason = str(exc) or type(exc).__name__
+            reason = describe(exc)
         finally:
             if not channel.is_closed:
                 await channel.close()
