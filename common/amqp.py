@@ -318,6 +318,17 @@ def persistent_json(body: bytes, **properties: object) -> aio_pika.Message:
     )
 
 
+def transient_json(body: bytes, **properties: object) -> aio_pika.Message:
+    """A message the broker keeps in memory only: for what PostgreSQL already records (a dispatch
+    names a `scheduled` row), which a broker restart may drop without losing anything."""
+    return aio_pika.Message(
+        body,
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
+        **properties,  # type: ignore[arg-type]
+    )
+
+
 def property_text(value: Any) -> str | None:
     """A message property as text (the AMQP library may hand over anything it decoded)."""
     if value is None or value == "":

@@ -20,7 +20,7 @@ import aiormq.exceptions
 import asyncpg
 
 from common.actions import ActionSpec
-from common.amqp import Names, persistent_json
+from common.amqp import Names, transient_json
 from common.db import Executor
 from common.errors import describe
 from common.logging import get_logger
@@ -137,7 +137,10 @@ async def _dispatch(ctx: ExecutorContext, worker: str, scheduled: list[asyncpg.R
     first = scheduled[0]
     try:
         await ctx.exchanges.dispatch.publish(
-            persistent_json(batch.model_dump_json().encode(), message_id=f"{first['id']}:{first['attempt']}"),
+            # Transient: the row is the record and the message only its wake-up call. A broker
+            # restart that drops it is made good by the worker, which hands back what is still
+            # `scheduled` on it once its connection is back (`worker.claiming.hand_back_unclaimed`).
+            transient_json(batch.model_dump_json().encode(), message_id=f"{first['id']}:{first['attempt']}"),
             routing_key=Names.worker_routing_key(worker),
             mandatory=True,
         )

@@ -9,9 +9,10 @@ import signal
 import time
 import uuid
 
+import aio_pika
 import pytest
 
-from tests.harness import FAST_ENV, wait_until
+from tests.harness import FAST_ENV, CuttableProxy, wait_until
 
 HEARTBEAT_INTERVAL_S = float(FAST_ENV["BATON__WORKER__HEARTBEAT_INTERVAL"])
 
@@ -130,6 +131,60 @@ async def test_rabbitmq_restart_loses_nothing(private_baton):
     assert all(w.process.poll() is None for w in [*workers, baton.services[0]])
     done = await (await baton.client()).run("core.echo", {"message": "after"}, wait_timeout_s=30)
     assert done["status"] == "completed"
+
+
+@pytest.mark.restarts
+async def test_a_dispatch_a_broker_restart_dropped_is_placed_again(private_baton):
+    """Dispatch messages are transient (the row is the record): a broker restart drops one waiting
+    in a worker's queue, and the worker, once its connection is back, hands back what is still
+    `scheduled` on it, for the executor to place again; long before the scheduled-timeout monitor
+    (300 s) would, and the worker was never lost (it kept its heartbeats)."""
+    baton = private_baton
+    rabbit = baton.private_rabbit
+    proxy = CuttableProxy(target_port=rabbit.port)
+    await proxy.start()
+    try:
+        await baton.start_executor()
+        worker = await baton.start_worker(
+            "w1", concurrency=2, BATON__MESSAGE_QUEUE__URL=f"amqp://guest:guest@127.0.0.1:{proxy.port}/"
+        )
+        await proxy.cut()  # the worker's consumer is gone; its queue stays, and it still heartbeats
+
+        queue = baton.names.worker_queue("w1")
+
+        async def depth() -> int | None:
+            try:
+                return await baton.queue_depth(queue)
+            except (aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError):
+                return None  # the test's own connection is still coming back
+
+        async def waiting() -> bool:
+            return await depth() == 1
+
+        execution_id = str(uuid.uuid4())
+        await baton.publish_raw(json.dumps({"action_ref": "core.noop"}).encode(), message_id=execution_id)
+        assert (await baton.wait_status(execution_id, "scheduled"))["worker"] == "w1"
+        await wait_until(waiting, what="the dispatch to wait in the worker's queue")
+        await asyncio.to_thread(rabbit.ctl, "stop_app")
+        await asyncio.to_thread(rabbit.ctl, "start_app")
+
+        async def dropped() -> bool:
+            return await depth() == 0
+
+        await wait_until(dropped, what="the broker to come back without the dispatch")
+        assert (await baton.execution(execution_id))["status"] == "scheduled"
+        await proxy.heal()
+        row = await baton.wait_status(execution_id, "completed", timeout_s=60)
+    finally:
+        await proxy.cut()
+    events = await (await baton.pool()).fetch(
+        "SELECT type FROM execution_events WHERE execution_id = $1 ORDER BY seq", uuid.UUID(execution_id)
+    )
+    kinds = [e["type"] for e in events]
+    assert kinds.count("execution.rescheduled") == 1 and kinds.count("execution.completed") == 1, kinds
+    # A broker outage costs the execution none of its dispatches.
+    assert row["schedule_attempts"] == 0 and row["attempt"] == 2
+    assert worker.events("unclaimed_handed_back")
 
 
 @pytest.mark.restarts

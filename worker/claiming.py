@@ -16,7 +16,9 @@ from pydantic import ValidationError
 
 from common import amqp, db
 from common.best_effort import best_effort
+from common.errors import describe
 from common.queries import executions as q
+from common.retry import DATABASE_ERRORS
 from common.schemas import Assignment, Dispatch, DispatchBatch
 from worker import recording
 from worker.state import Delivery, WorkerState
@@ -118,6 +120,38 @@ async def claim_rows(
     claimed = {r["id"] for r in rows}
     rest = [(i, a) for i, a in zip(ids, attempts, strict=True) if i not in claimed]
     return rows + await pool.fetch(q.CLAIMED, [i for i, _ in rest], [a for _, a in rest], worker, incarnation)
+
+
+def on_reconnected(state: WorkerState, _connection: object) -> None:
+    """The broker connection is back, its consumer restored: hand back, in the background, what
+    is still `scheduled` here (`hand_back_unclaimed`)."""
+    task = asyncio.create_task(hand_back_unclaimed(state))
+    state.hand_backs.add(task)
+    task.add_done_callback(state.hand_backs.discard)
+
+
+#: How long a hand-back after a reconnection waits out the database before leaving the rest to
+#: the scheduled-timeout monitor.
+HAND_BACK_MAX_WAIT_S = 60.0
+
+
+async def hand_back_unclaimed(state: WorkerState) -> None:
+    """Put back in line what was dispatched here and not yet claimed. Dispatch messages are
+    transient, so a broker restart may have dropped some; the executor places these again. A
+    dispatch that survived (the connection dropped, not the broker) then arrives stale, and one
+    being claimed meanwhile is either claimed or handed back, never both: each is a
+    compare-and-set from `scheduled`."""
+    data = {"reason": "the worker's broker connection came back: dispatches not yet claimed may have been lost"}
+    try:
+        rows = await db.until_available(
+            lambda: state.pool.fetch(q.HAND_BACK_UNCLAIMED, state.name, data),
+            what="hand_back_unclaimed",
+            max_wait_s=HAND_BACK_MAX_WAIT_S,
+        )
+    except DATABASE_ERRORS as exc:
+        state.log.warning("unclaimed_hand_back_failed", error=describe(exc))
+        return
+    state.log.info("unclaimed_handed_back", executions=len(rows))
 
 
 async def hand_back(state: WorkerState) -> int:

@@ -162,6 +162,7 @@ class WorkerService:
         await liveness.register(state)
         metrics.serve(cfg.metrics_port, cfg.metrics_host)
         state.consumer_tag = await state.queue.consume(functools.partial(claiming.on_message, state))
+        state.connection.reconnect_callbacks.add(functools.partial(claiming.on_reconnected, state))
         state.log.info(
             "worker_registered",
             queue=state.queue.name,

@@ -73,6 +73,8 @@ class WorkerState:
         # cancelled them): their state is already recorded, so stopping them records nothing.
         self.stopped: set[uuid.UUID] = set()
         self.control_checks: set[asyncio.Task[None]] = set()
+        # Hand-backs of unclaimed dispatches after the broker connection came back (`claiming`).
+        self.hand_backs: set[asyncio.Task[None]] = set()
         self.idle = asyncio.Event()
         self.idle.set()
         self.outcomes: asyncio.Queue[tuple[Assignment, Outcome]] = asyncio.Queue()

@@ -175,6 +175,24 @@ WITH upd AS (
 SELECT id FROM upd
 """
 
+# What is `scheduled` on a worker and not yet claimed goes back to `requested`, not counted against
+# `max_schedule_attempts` (as `RESCHEDULE` with $4 false), and wakes the scheduler: run by the
+# worker when its broker connection comes back, since a broker restart may have dropped the
+# (transient) dispatch messages. $1 worker, $2 event data
+HAND_BACK_UNCLAIMED = f"""
+WITH upd AS (
+    UPDATE executions e
+    SET status = 'requested', previous_worker = e.worker, worker = NULL, updated_at = now(),
+        schedule_attempts = e.schedule_attempts - 1, last_event_seq = e.last_event_seq + 1
+    WHERE e.worker = $1 AND e.status = 'scheduled'
+    RETURNING e.id, e.attempt, e.last_event_seq
+), ev AS (
+    INSERT INTO execution_events (execution_id, seq, type, data)
+    SELECT id, last_event_seq, 'execution.rescheduled', $2::jsonb || jsonb_build_object('attempt', attempt) FROM upd
+)
+SELECT id, attempt, pg_notify('{WAKE_CHANNEL}', 'requested') AS pg_notify FROM upd
+"""
+
 # The fenced claim: scheduled -> running, only for this worker at this attempt, and only while
 # this process is the name's live incarnation (it is recorded on the run, and fences what follows).
 # It returns what to run from the row: a dispatch message carries identity and fencing only.
