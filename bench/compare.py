@@ -182,6 +182,8 @@ def celery_run(n: int, backend: str, rate: float | None = None, timeout_s: float
             worker.wait()
         with app.connection_for_write() as connection:
             connection.default_channel.queue_delete(queue)
+            # Celery declared an exchange of the queue's name too: leave nothing on the broker.
+            connection.default_channel.exchange_delete(queue)
         app.close()
     latencies = [s - p for (p, _), s in zip(posted, started, strict=True)]
     wall_s = max(started) - posted[0][0]  # first post -> last start (a no-op ends as it starts)
