@@ -46,11 +46,13 @@ async def test_a_bad_request_in_a_batch_fails_alone_and_a_redelivered_batch_is_r
         {"action_ref": "core.echo", "parameters": {"message": "also fine"}, "colour": "blue"},
     ]).encode()
     await baton.publish_raw(body, message_id="batch-1")
-    await baton.publish_raw(body, message_id="batch-1")  # the same batch again, as after a lost ack
     ids = [batch_execution_id("batch-1", i) for i in range(5)]
     rows = {}
     for i, execution_id in enumerate(ids):
         rows[i] = await baton.wait_status(execution_id, "completed", "failed")
+    # The same batch again, as after a lost ack: once the first is recorded (two copies taken in
+    # one intake batch are one request, recorded once, and not logged as a redelivery).
+    await baton.publish_raw(body, message_id="batch-1")
     assert rows[0]["status"] == rows[4]["status"] == "completed"
     assert rows[4]["warnings"] == ["unknown field 'colour' ignored"]
     assert "request 1 of the batch is JSON str, not an object" in rows[1]["error"]["error"]

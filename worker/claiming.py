@@ -14,7 +14,7 @@ import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
 
-from common import amqp, db
+from common import amqp, db, metrics
 from common.best_effort import best_effort
 from common.errors import describe
 from common.queries import executions as q
@@ -125,23 +125,32 @@ async def claim_rows(
 def on_reconnected(state: WorkerState, _connection: object) -> None:
     """The broker connection is back, its consumer restored: hand back, in the background, what
     is still `scheduled` here (`hand_back_unclaimed`)."""
-    task = asyncio.create_task(hand_back_unclaimed(state))
+    task = asyncio.create_task(
+        best_effort("hand_back_unclaimed", hand_back_unclaimed(state, "the worker's broker connection came back"),
+                    worker=state.name)
+    )
     state.hand_backs.add(task)
     task.add_done_callback(state.hand_backs.discard)
 
 
-#: How long a hand-back after a reconnection waits out the database before leaving the rest to
-#: the scheduled-timeout monitor.
+def dispatches_may_be_lost(state: WorkerState) -> bool:
+    """Whether a broker restart may drop this worker's dispatches: classic queues keep transient
+    messages in memory only, quorum queues keep every message (`executor.dispatching._dispatch`)."""
+    return state.settings.message_queue.queue_type == "classic"
+
+
+#: How long a hand-back waits out the database before leaving the rest to the scheduled-timeout
+#: monitor.
 HAND_BACK_MAX_WAIT_S = 60.0
 
 
-async def hand_back_unclaimed(state: WorkerState) -> None:
-    """Put back in line what was dispatched here and not yet claimed. Dispatch messages are
-    transient, so a broker restart may have dropped some; the executor places these again. A
-    dispatch that survived (the connection dropped, not the broker) then arrives stale, and one
-    being claimed meanwhile is either claimed or handed back, never both: each is a
-    compare-and-set from `scheduled`."""
-    data = {"reason": "the worker's broker connection came back: dispatches not yet claimed may have been lost"}
+async def hand_back_unclaimed(state: WorkerState, why: str) -> None:
+    """Put back in line, at no cost, what was dispatched to this worker's name and not yet
+    claimed: dispatch messages are transient, so a broker restart (``why``: one that may have
+    happened since) may have dropped some; the executor places these again. A dispatch that
+    survived then arrives stale, and one being claimed meanwhile is either claimed or handed
+    back, never both: each is a compare-and-set from `scheduled`."""
+    data = {"reason": f"{why}: dispatches not yet claimed may have been lost"}
     try:
         rows = await db.until_available(
             lambda: state.pool.fetch(q.HAND_BACK_UNCLAIMED, state.name, data),
@@ -151,7 +160,12 @@ async def hand_back_unclaimed(state: WorkerState) -> None:
     except DATABASE_ERRORS as exc:
         state.log.warning("unclaimed_hand_back_failed", error=describe(exc))
         return
-    state.log.info("unclaimed_handed_back", executions=len(rows))
+    for row in rows:
+        state.log.info(
+            "execution_rescheduled", kind="unclaimed_hand_back", execution_id=str(row["id"]), attempt=row["attempt"]
+        )
+    metrics.RESCHEDULES.labels("unclaimed_hand_back").inc(len(rows))
+    state.log.info("unclaimed_handed_back", executions=len(rows), reason=why)
 
 
 async def hand_back(state: WorkerState) -> int:

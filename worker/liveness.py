@@ -278,4 +278,4 @@ async def heartbeat_loop(state: WorkerState) -> None:
             try:
                 await _resume(state)
             except DATABASE_ERRORS as exc:
-                state.log.warning("reregister_failed", error=str(exc))
+                state.log.warning("reregister_failed", error=describe(exc))

@@ -107,6 +107,8 @@ class WorkerService:
                 )
                 raise RuntimeError(stopped) from first
         finally:
+            for hand_back in state.hand_backs:
+                hand_back.cancel()
             await best_effort("close_broker_connection", state.connection.close(), worker=state.name)
             if state.lock_conn is not None:
                 await best_effort("close_name_lock_connection", state.lock_conn.close(), worker=state.name)
@@ -161,8 +163,12 @@ class WorkerService:
         await liveness.lock(state)
         await liveness.register(state)
         metrics.serve(cfg.metrics_port, cfg.metrics_host)
+        if claiming.dispatches_may_be_lost(state):
+            # What a process before this one under the name was dispatched, a broker restart since
+            # may have dropped; and so may one while this process runs.
+            await claiming.hand_back_unclaimed(state, "a worker started under this name")
+            state.connection.reconnect_callbacks.add(functools.partial(claiming.on_reconnected, state))
         state.consumer_tag = await state.queue.consume(functools.partial(claiming.on_message, state))
-        state.connection.reconnect_callbacks.add(functools.partial(claiming.on_reconnected, state))
         state.log.info(
             "worker_registered",
             queue=state.queue.name,

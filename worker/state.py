@@ -74,7 +74,7 @@ class WorkerState:
         self.stopped: set[uuid.UUID] = set()
         self.control_checks: set[asyncio.Task[None]] = set()
         # Hand-backs of unclaimed dispatches after the broker connection came back (`claiming`).
-        self.hand_backs: set[asyncio.Task[None]] = set()
+        self.hand_backs: set[asyncio.Task[bool]] = set()
         self.idle = asyncio.Event()
         self.idle.set()
         self.outcomes: asyncio.Queue[tuple[Assignment, Outcome]] = asyncio.Queue()
