@@ -42,7 +42,7 @@ import asyncpg
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.measure import pct, recreate_database  # noqa: E402
+from bench.measure import drop_database, pct, recreate_database  # noqa: E402
 from common import amqp  # noqa: E402
 from common.client import BatonClient  # noqa: E402
 from common.settings import load_settings  # noqa: E402
@@ -122,6 +122,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 p.kill()
         await pool.close()
         await amqp.delete_topology(args.amqp_url, amqp.Names(prefix), ["bench-steps"])
+        await drop_database(args.database_url)
     base = statistics.median(transient_s)
     overhead_ms = [(d - base) / args.steps * 1000 for d in durable_s]
     return {
