@@ -63,9 +63,9 @@ async def place_new(
 ) -> tuple[dict[uuid.UUID, str], bool]:
     """Where to place requests intake is about to record (they are recorded `scheduled` there, in
     the same statement: `INSERT_REQUESTS`): those due now (not delayed) whose action has no
-    concurrency limit (the scheduler counts those under its locks), on live workers with room,
-    unless executions of their actions already wait to be placed. Returns the placement, and
-    whether any of those it could place were not (those are recorded `requested`, for the
+    concurrency limit (the scheduler counts those under its locks) and no executions waiting to be
+    placed (they go behind those), on live workers with room. Returns the placement, and whether
+    any of the others it could place were not (those are recorded `requested`, for the
     scheduler). The caller holds `ExecutorContext.placing`."""
     limited = concurrency_limits(
         {e.action_ref for e in executions if e.action_ref}, ctx.settings.executor.max_concurrency,
@@ -78,10 +78,10 @@ async def place_new(
     if not placeable:
         return {}, False
     actions = sorted({e.action_ref for e in placeable if e.action_ref})
-    candidates = _candidates(
-        await ctx.pool.fetch(q.ELIGIBLE_UNLESS_WAITING, ctx.settings.executor.heartbeat_staleness_multiplier, actions)
-    )
-    plan = place([(e.id, e.action_ref or "", None) for e in placeable], candidates, ctx.settings.executor.dispatch_pipeline)
+    rows = await ctx.pool.fetch(q.ELIGIBLE_WITH_WAITING, ctx.settings.executor.heartbeat_staleness_multiplier, actions)
+    waiting = set(rows[0]["waiting"]) if rows else set()
+    placeable = [e for e in placeable if e.action_ref not in waiting]
+    plan = place([(e.id, e.action_ref or "", None) for e in placeable], _candidates(rows), ctx.settings.executor.dispatch_pipeline)
     return cast(dict[uuid.UUID, str], plan), len(plan) < len(placeable)
 
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import signal
 import uuid
 
 import pytest
 
+from common.ids import batch_execution_id
 from tests.harness import Baton, wait_until
 
 pytestmark = pytest.mark.integration
@@ -98,6 +100,29 @@ async def test_intake_does_not_place_ahead_of_work_another_executor_left_waiting
     done = [await client.wait(i, 20) for i in (older, newer.execution_id)]
     assert [d["status"] for d in done] == ["completed"] * 2
     assert done[0]["finished_at"] <= done[1]["started_at"]
+
+
+async def test_intake_places_a_batch_around_the_action_that_has_work_waiting(baton):
+    """Work waiting for one action holds back new requests of that action only: in the same
+    batch, a request of another action is placed as intake records it."""
+    await baton.started(
+        baton.spawn_executor(BATON__EXECUTOR__SCHEDULER_FALLBACK_INTERVAL="3600"),
+        baton.spawn_worker("solo", concurrency=2, runtimes="python"),
+    )
+    client = await baton.client()
+    await _placed_by_intake(baton, client)
+    older = uuid.uuid4()  # recorded by another executor a moment ago, not yet placed
+    await (await baton.pool()).execute(
+        "INSERT INTO executions (id, action_ref, parameters, status) VALUES ($1, 'core.echo', '{\"message\": \"older\"}', 'requested')",
+        older,
+    )
+    body = json.dumps([{"action_ref": "core.echo", "parameters": {"message": "newer"}}, {"action_ref": "core.noop"}])
+    await baton.publish_raw(body.encode(), message_id="mixed-1")
+    echo, noop = (str(batch_execution_id("mixed-1", i)) for i in range(2))
+    done = {i: await client.wait(i, 20) for i in (older, echo, noop)}
+    assert [d["status"] for d in done.values()] == ["completed"] * 3
+    assert done[noop]["scheduled_at"] == done[noop]["created_at"]  # placed by intake
+    assert done[echo]["scheduled_at"] > done[echo]["created_at"]  # behind the older one, by a pass
 
 
 # -- retries ---------------------------------------------------------------------------------------

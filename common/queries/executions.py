@@ -95,12 +95,13 @@ WHERE {waiting("a.ref")}
 """
 
 # The live workers to place new requests of these actions ($2) on, as `workers.ELIGIBLE` ($1
-# staleness multiplier); none while executions of any of them wait to be placed, so that intake
-# records new requests behind those rather than placing them ahead (whichever executor recorded
-# the ones waiting).
-ELIGIBLE_UNLESS_WAITING = f"""
-{ELIGIBLE.strip()}
-  AND NOT EXISTS (SELECT 1 FROM unnest($2::text[]) AS a(ref) WHERE {waiting("a.ref")})
+# staleness multiplier), each row with those of the actions that have executions waiting to be
+# placed (`waiting`, the same on every row): intake records new requests of those behind them
+# rather than placing them ahead (whichever executor recorded the ones waiting), and places the
+# others.
+ELIGIBLE_WITH_WAITING = f"""
+SELECT e.*, ARRAY(SELECT a.ref FROM unnest($2::text[]) AS a(ref) WHERE {waiting("a.ref")}) AS waiting
+FROM ({ELIGIBLE.strip()}) AS e
 """
 
 # Serialises the passes that place actions with a concurrency limit, across executors: each pass
