@@ -256,12 +256,13 @@ def _existing_row(record: asyncpg.Record) -> ExistingRequest:
 
 
 async def _insert(ctx: ExecutorContext, executions: list[NewExecution], place: Mapping[str, ActionSpec] | None) -> Rows:
-    """Record these requests in one statement. Given their actions' specs (``place``), while
-    nothing older waits to be placed and no scheduler pass is under way, they are placed first and
-    recorded `scheduled` on their workers (no scheduler pass, and no second transaction, between a
-    request and its dispatch). What no worker has room for is recorded `requested` and starts a
-    backlog: intake then places nothing more until a scheduler pass has found the backlog gone,
-    so that nothing later starts ahead."""
+    """Record these requests in one statement. Given their actions' specs (``place``), while no
+    backlog is known and no scheduler pass is under way, those whose actions have nothing older
+    waiting to be placed (`dispatching.place_new`) are placed first and recorded `scheduled` on
+    their workers (no scheduler pass, and no second transaction, between a request and its
+    dispatch). What no worker has room for is recorded `requested` and starts a backlog: intake
+    then places nothing more until a scheduler pass has found the backlog gone, so that nothing
+    later starts ahead."""
 
     async def record() -> tuple[list[asyncpg.Record], bool]:
         # A scheduler pass under way is placing a backlog (a burst, most likely): these wait for

@@ -158,39 +158,44 @@ WITH upd AS (
 SELECT id, attempt, worker, schedule_attempts FROM upd
 """
 
-# A dispatch that did not start goes back to `requested`; the next pass places it again, preferring
-# another worker. $1 id, $2 attempt, $3 event data, $4 whether this dispatch counts against
-# `max_schedule_attempts` (a broker outage is not the execution's fault).
-RESCHEDULE = """
+def _back_in_line(where: str, *, schedule_attempts: str, data: str) -> str:
+    """The one definition of "a dispatch that did not start goes back to `requested`": the rows
+    ``where`` picks (`e`) leave their worker, which the next pass avoids on equal terms, with their
+    `schedule_attempts` set to ``schedule_attempts`` and an `execution.rescheduled` event holding
+    ``data``. The statement's CTE `upd` returns id, attempt and last_event_seq."""
+    return f"""
 WITH upd AS (
     UPDATE executions e
     SET status = 'requested', previous_worker = e.worker, worker = NULL, updated_at = now(),
-        schedule_attempts = CASE WHEN $4::bool THEN e.schedule_attempts ELSE e.schedule_attempts - 1 END,
-        last_event_seq = e.last_event_seq + 1
-    WHERE e.id = $1 AND e.status = 'scheduled' AND e.attempt = $2
-    RETURNING e.id, e.last_event_seq
+        schedule_attempts = {schedule_attempts}, last_event_seq = e.last_event_seq + 1
+    WHERE {where}
+    RETURNING e.id, e.attempt, e.last_event_seq
 ), ev AS (
     INSERT INTO execution_events (execution_id, seq, type, data)
-    SELECT id, last_event_seq, 'execution.rescheduled', $3::jsonb FROM upd
-)
+    SELECT id, last_event_seq, 'execution.rescheduled', {data} FROM upd
+)"""
+
+
+# A dispatch that did not start goes back to `requested`; the next pass places it again, preferring
+# another worker. $1 id, $2 attempt, $3 event data, $4 whether this dispatch counts against
+# `max_schedule_attempts` (a broker outage is not the execution's fault).
+RESCHEDULE = _back_in_line(
+    "e.id = $1 AND e.status = 'scheduled' AND e.attempt = $2",
+    schedule_attempts="CASE WHEN $4::bool THEN e.schedule_attempts ELSE e.schedule_attempts - 1 END",
+    data="$3::jsonb",
+) + """
 SELECT id FROM upd
 """
 
 # What is `scheduled` on a worker and not yet claimed goes back to `requested`, not counted against
 # `max_schedule_attempts` (as `RESCHEDULE` with $4 false), and wakes the scheduler: run by the
-# worker when its broker connection comes back, since a broker restart may have dropped the
-# (transient) dispatch messages. $1 worker, $2 event data
-HAND_BACK_UNCLAIMED = f"""
-WITH upd AS (
-    UPDATE executions e
-    SET status = 'requested', previous_worker = e.worker, worker = NULL, updated_at = now(),
-        schedule_attempts = e.schedule_attempts - 1, last_event_seq = e.last_event_seq + 1
-    WHERE e.worker = $1 AND e.status = 'scheduled'
-    RETURNING e.id, e.attempt, e.last_event_seq
-), ev AS (
-    INSERT INTO execution_events (execution_id, seq, type, data)
-    SELECT id, last_event_seq, 'execution.rescheduled', $2::jsonb || jsonb_build_object('attempt', attempt) FROM upd
-)
+# worker when it starts and when its broker connection comes back, since a broker restart may have
+# dropped the (transient) dispatch messages. $1 worker, $2 event data
+HAND_BACK_UNCLAIMED = _back_in_line(
+    "e.worker = $1 AND e.status = 'scheduled'",
+    schedule_attempts="e.schedule_attempts - 1",
+    data="$2::jsonb || jsonb_build_object('attempt', attempt)",
+) + f"""
 SELECT id, attempt, pg_notify('{WAKE_CHANNEL}', 'requested') AS pg_notify FROM upd
 """
 
