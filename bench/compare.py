@@ -38,7 +38,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.measure import cpu_snapshot, cpu_split, pct  # noqa: E402
+from bench.measure import cpu_snapshot, cpu_split, pct, python_speed_ms  # noqa: E402
 
 PG = "postgresql://postgres@127.0.0.1:5432"
 AMQP = "amqp://guest:guest@127.0.0.1:5672/"
@@ -51,13 +51,14 @@ OWN_CPU = {"baton": ("executor", "workers", "postgres", "rabbitmq"), "celery": (
 
 
 def machine() -> str:
+    """Cores, CPU model, and how fast it runs Python (`bench.measure.python_speed_ms`)."""
     model = ""
     with open("/proc/cpuinfo") as f:
         for line in f:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    return f"{os.cpu_count()} cores{', ' + model if model else ''}"
+    return f"{os.cpu_count()} cores{', ' + model if model else ''}; a fixed Python loop in {python_speed_ms():.0f} ms"
 
 
 def run_script(*args: str) -> list[str]:
@@ -209,6 +210,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results.json")
     args = parser.parse_args()
 
+    where = machine()  # before anything runs: its Python speed is measured on an idle machine
+    print(f"== on {where}", flush=True)
     print(f"== burst of {args.n} no-ops: Baton", flush=True)
     rows = [{"system": "Baton (durable, PostgreSQL)", **baton_run(args.n)}]
     print(f"== burst of {args.n} no-ops: Baton, posted in batches of {BATCH}", flush=True)
@@ -227,7 +230,7 @@ def main() -> None:
     steps = last_json(run_script("bench/steps.py", "--runs", str(args.steps_runs)))
     print("== recovery of a run after its worker is SIGKILLed or SIGSTOPped", flush=True)
     recovery = last_json(run_script("bench/recovery.py", "--trials", str(args.recovery_trials)))
-    results: dict[str, Any] = {"n": args.n, "celery_pg_n": args.celery_pg_n, "machine": machine(), "burst": rows,
+    results: dict[str, Any] = {"n": args.n, "celery_pg_n": args.celery_pg_n, "machine": where, "burst": rows,
                                "steps": steps, "recovery": recovery}
     for wanted, script in ((args.with_sweep, "sweep"), (args.with_history, "history")):
         if wanted:

@@ -43,6 +43,7 @@ from bench.measure import (  # noqa: E402
     drop_database,
     ms,
     pct,
+    python_speed_ms,
     recreate_database,
     total_cpu_seconds,
 )
@@ -252,6 +253,8 @@ async def run(args: argparse.Namespace) -> dict:
         "batch": args.batch,
         "reply": args.reply,
         "prefix": prefix,
+        # Before the services start: how fast this machine runs Python now (it drifts over minutes).
+        "python_speed_ms": python_speed_ms(),
     }
     pool: asyncpg.Pool | None = None
     rss_task: asyncio.Task | None = None
