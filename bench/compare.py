@@ -116,17 +116,25 @@ def _pg_backends(database: str) -> set[int]:
         conn.close()
 
 
-def recreate_celery_results_db() -> None:
+def _on_server(*statements: str) -> None:
     import psycopg2
 
     conn = psycopg2.connect(f"{PG}/postgres")
     conn.autocommit = True
     try:
         with conn.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS {CELERY_RESULTS_DB} WITH (FORCE)")
-            cur.execute(f"CREATE DATABASE {CELERY_RESULTS_DB}")
+            for statement in statements:
+                cur.execute(statement)
     finally:
         conn.close()
+
+
+def recreate_celery_results_db() -> None:
+    _on_server(f"DROP DATABASE IF EXISTS {CELERY_RESULTS_DB} WITH (FORCE)", f"CREATE DATABASE {CELERY_RESULTS_DB}")
+
+
+def drop_celery_results_db() -> None:
+    _on_server(f"DROP DATABASE IF EXISTS {CELERY_RESULTS_DB} WITH (FORCE)")
 
 
 def celery_run(n: int, backend: str, rate: float | None = None, timeout_s: float = 600) -> dict[str, Any]:
@@ -224,8 +232,11 @@ def main() -> None:
                      "note": "sqlalchemy and psycopg2 are not installed: pip install -e '.[bench]'"})
     else:
         recreate_celery_results_db()
-        rows.append({"system": "Celery (RabbitMQ, PostgreSQL results)",
-                     **celery_run(args.celery_pg_n, CELERY_PG_BACKEND)})
+        try:
+            rows.append({"system": "Celery (RabbitMQ, PostgreSQL results)",
+                         **celery_run(args.celery_pg_n, CELERY_PG_BACKEND)})
+        finally:
+            drop_celery_results_db()  # each `make bench` had left it on the server
     print("== durable workflow step checkpoints", flush=True)
     steps = last_json(run_script("bench/steps.py", "--runs", str(args.steps_runs)))
     print("== recovery of a run after its worker is SIGKILLed or SIGSTOPped", flush=True)

@@ -130,7 +130,8 @@ FIXTURE_IN_FLIGHT = "100 requested, 10 delayed, 50 scheduled, 52 running (2 on a
 
 def periodic_queries() -> list[tuple[str, str, tuple[Any, ...]]]:
     """(label, query, arguments) of what the executor's periodic loops run against `executions`,
-    with the parameters the default configuration gives them."""
+    and intake's read of the workers' room on every batch, with the parameters the default
+    configuration gives them."""
     settings = load_settings()
     cfg = settings.executor
     multiplier = cfg.heartbeat_staleness_multiplier
@@ -140,6 +141,8 @@ def periodic_queries() -> list[tuple[str, str, tuple[Any, ...]]]:
          (cfg.schedule_batch_size, ["core.noop"], [100])),
         ("scheduler: dispatched per limited action", q.ACTIVE_BY_ACTION, (["core.noop"],)),
         ("scheduler: actions waiting for room", q.ACTIONS_WAITING, (["core.noop", "core.echo"],)),
+        ("intake: live workers, and actions with work waiting", q.ELIGIBLE_WITH_WAITING,
+         (multiplier, ["core.noop", "core.echo"])),
         ("sweeper: scheduled on unavailable workers", q.SELECT_SCHEDULED_ON_UNAVAILABLE, ()),
         ("sweeper: running on stopped workers", q.SELECT_RUNNING_ON_STOPPED, ()),
         ("sweeper: held by a lost worker", q.SELECT_HELD_BY_WORKER, ("explain_w3",)),
