@@ -85,6 +85,19 @@ def _text(raw: bytes, secrets: list[str]) -> str:
     return text
 
 
+def _abandon(readers: asyncio.Future[Any]) -> None:
+    """Stop reading the command's output. A gather that is cancelled ends with the cancellation as
+    its exception, which asyncio reports at error level ("exception was never retrieved") unless
+    someone takes it: the callback does, whenever the readers end."""
+    readers.cancel()
+    readers.add_done_callback(_take_outcome)
+
+
+def _take_outcome(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 def _signal_group(proc: asyncio.subprocess.Process, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, sig)
@@ -137,12 +150,12 @@ async def run_local(params: LocalParams, inv: Invocation, limits: ShellLimits) -
         await exited
         (out, out_total), (err, err_total) = await asyncio.wait_for(readers, limits.kill_grace_s)
     except TimeoutError:
-        readers.cancel()
+        _abandon(readers)
         raise ActionFailed("the command's output pipes stayed open after it ended (a descendant left its process group)") from None
     except BaseException:
         # Cancelled (the worker is stopping past its drain deadline): leave no process behind.
         _signal_group(proc, signal.SIGKILL)
-        readers.cancel()
+        _abandon(readers)
         raise
     result = {
         "exit_code": proc.returncode,
