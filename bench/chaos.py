@@ -19,7 +19,8 @@ staleness threshold, then SIGCONT; SIGKILL an executor and start it again; resta
 Checks (printed as a table, written as JSON to `--report`): every invocation posted has exactly
 one execution and every execution is terminal; no execution completed twice or has more than one
 terminal event (fencing held); every durable workflow not failed by policy completed, with every
-step in the ledger, and no step ran more often than its run was interrupted plus one; and counts
+step in the ledger, and no step ran more often than its run was interrupted plus one; no service
+logged an event at error level (an outage is a warning: an error is a bug); and counts
 of interrupted, recovered, rescheduled, timed-out and cancelled runs, with the worst time from a fault
 to an interrupted run running again.
 
@@ -244,6 +245,20 @@ def failed_by_policy(row: dict[str, Any], rows: dict[uuid.UUID, dict[str, Any]])
     return child is not None and child["status"] != "completed" and failed_by_policy(child, rows)
 
 
+def errors_logged(log_dir: Path) -> list[str]:
+    """The events at error level (or above) in the services' logs: "file: event" each."""
+    found = []
+    for path in sorted(log_dir.glob("*.log")):
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # only the services' own events are read; their lines are all JSON
+            if isinstance(event, dict) and event.get("level") in ("error", "critical"):
+                found.append(f"{path.name}: {str(event.get('event'))[:200]}")
+    return found
+
+
 async def check(soak: Soak, quiet: bool) -> dict[str, Any]:
     pool = await soak.world.pool()
     rows = {r["id"]: dict(r) for r in await pool.fetch(
@@ -299,6 +314,7 @@ async def check(soak: Soak, quiet: bool) -> dict[str, Any]:
     failures = Counter(f"{r['action_ref']}: {((r['error'] or {}).get('error') or '')[:100]}"
                        for r in rows.values() if r["status"] == "failed")
     statuses = Counter(r["status"] for r in rows.values())
+    errors = errors_logged(soak.world.tmp)
     checks = {
         "every posted invocation has one execution": not missing,
         "every execution is terminal": quiet and not unfinished,
@@ -307,6 +323,7 @@ async def check(soak: Soak, quiet: bool) -> dict[str, Any]:
         "every durable workflow not failed by policy completed": not flows_not_completed,
         "every step of a completed workflow is in the ledger": not steps_missing,
         "no step ran more than its run's interruptions + 1": not steps_over,
+        "no service logged an error": not errors,
     }
     return {
         "seed": soak.args.seed, "duration_s": round(soak.load_s, 1), "rate": soak.args.rate,
@@ -321,7 +338,8 @@ async def check(soak: Soak, quiet: bool) -> dict[str, Any]:
         "checks": checks, "ok": all(checks.values()),
         "problems": {"missing": missing[:20], "unfinished": unfinished[:20], "two_terminal_events": twice[:20],
                      "completed_twice": completed_twice[:20], "flows_not_completed": flows_not_completed[:20],
-                     "steps_missing": steps_missing[:20], "steps_over": steps_over[:20]},
+                     "steps_missing": steps_missing[:20], "steps_over": steps_over[:20],
+                     "errors_logged": errors[:20]},
     }
 
 
