@@ -47,7 +47,15 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.harness import Baton, CuttableProxy, PrivatePostgres, PrivateRabbit, Service, make_template  # noqa: E402
+from tests.harness import (  # noqa: E402
+    Baton,
+    CuttableProxy,
+    PrivatePostgres,
+    PrivateRabbit,
+    Service,
+    log_events,
+    make_template,
+)
 
 TERMINAL = ("completed", "failed", "timeout", "cancelled")
 #: Who may fail a run by policy (attempts spent), rather than by a fault of the run itself.
@@ -247,16 +255,12 @@ def failed_by_policy(row: dict[str, Any], rows: dict[uuid.UUID, dict[str, Any]])
 
 def errors_logged(log_dir: Path) -> list[str]:
     """The events at error level (or above) in the services' logs: "file: event" each."""
-    found = []
-    for path in sorted(log_dir.glob("*.log")):
-        for line in path.read_text(errors="replace").splitlines():
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # only the services' own events are read; their lines are all JSON
-            if isinstance(event, dict) and event.get("level") in ("error", "critical"):
-                found.append(f"{path.name}: {str(event.get('event'))[:200]}")
-    return found
+    return [
+        f"{path.name}: {str(event.get('event'))[:200]}"
+        for path in sorted(log_dir.glob("*.log"))
+        for event in log_events(path)
+        if isinstance(event, dict) and event.get("level") in ("error", "critical")
+    ]
 
 
 async def check(soak: Soak, quiet: bool) -> dict[str, Any]:

@@ -25,6 +25,7 @@ those rows say so. Prints a table and writes it all as JSON (`--out`, default `b
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib.util
 import json
 import os
@@ -38,7 +39,14 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.measure import cpu_snapshot, cpu_split, pct, python_speed_ms  # noqa: E402
+from bench.measure import (  # noqa: E402
+    cpu_snapshot,
+    cpu_split,
+    drop_database,
+    pct,
+    python_speed_ms,
+    recreate_database,
+)
 
 PG = "postgresql://postgres@127.0.0.1:5432"
 AMQP = "amqp://guest:guest@127.0.0.1:5672/"
@@ -114,27 +122,6 @@ def _pg_backends(database: str) -> set[int]:
             return {pid for (pid,) in cur.fetchall()}
     finally:
         conn.close()
-
-
-def _on_server(*statements: str) -> None:
-    import psycopg2
-
-    conn = psycopg2.connect(f"{PG}/postgres")
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            for statement in statements:
-                cur.execute(statement)
-    finally:
-        conn.close()
-
-
-def recreate_celery_results_db() -> None:
-    _on_server(f"DROP DATABASE IF EXISTS {CELERY_RESULTS_DB} WITH (FORCE)", f"CREATE DATABASE {CELERY_RESULTS_DB}")
-
-
-def drop_celery_results_db() -> None:
-    _on_server(f"DROP DATABASE IF EXISTS {CELERY_RESULTS_DB} WITH (FORCE)")
 
 
 def celery_run(n: int, backend: str, rate: float | None = None, timeout_s: float = 600) -> dict[str, Any]:
@@ -231,12 +218,12 @@ def main() -> None:
         rows.append({"system": "Celery (RabbitMQ, PostgreSQL results)", "n": args.celery_pg_n,
                      "note": "sqlalchemy and psycopg2 are not installed: pip install -e '.[bench]'"})
     else:
-        recreate_celery_results_db()
+        asyncio.run(recreate_database(f"{PG}/{CELERY_RESULTS_DB}"))
         try:
             rows.append({"system": "Celery (RabbitMQ, PostgreSQL results)",
                          **celery_run(args.celery_pg_n, CELERY_PG_BACKEND)})
         finally:
-            drop_celery_results_db()  # each `make bench` had left it on the server
+            asyncio.run(drop_database(f"{PG}/{CELERY_RESULTS_DB}"))  # each `make bench` had left it on the server
     print("== durable workflow step checkpoints", flush=True)
     steps = last_json(run_script("bench/steps.py", "--runs", str(args.steps_runs)))
     print("== recovery of a run after its worker is SIGKILLed or SIGSTOPped", flush=True)

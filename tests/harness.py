@@ -155,6 +155,15 @@ class ForkedProcess:
         self.send_signal(signal.SIGKILL)
 
 
+def log_events(path: Path) -> list[dict[str, Any]]:
+    """A service's log events: its lines that are JSON (every line a service itself writes is)."""
+    events = []
+    for line in path.read_text(errors="replace").splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            events.append(json.loads(line))
+    return events
+
+
 @dataclass
 class Service:
     name: str
@@ -164,11 +173,7 @@ class Service:
     ready_events: tuple[str, ...] = ()
 
     def log_lines(self) -> list[dict[str, Any]]:
-        lines = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
-                lines.append(json.loads(line))
-        return lines
+        return log_events(self.log_path)
 
     def events(self, name: str) -> list[dict[str, Any]]:
         return [line for line in self.log_lines() if line.get("event") == name]
