@@ -309,24 +309,23 @@ async def ack_all(messages: list[AbstractIncomingMessage]) -> None:
         await best_effort("ack_deliveries", message.ack(multiple=True))
 
 
-def persistent_json(body: bytes, **properties: object) -> aio_pika.Message:
+def _json_message(body: bytes, delivery_mode: aio_pika.DeliveryMode, properties: dict[str, object]) -> aio_pika.Message:
     return aio_pika.Message(
         body,
         content_type="application/json",
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        delivery_mode=delivery_mode,
         **properties,  # type: ignore[arg-type]
     )
+
+
+def persistent_json(body: bytes, **properties: object) -> aio_pika.Message:
+    return _json_message(body, aio_pika.DeliveryMode.PERSISTENT, properties)
 
 
 def transient_json(body: bytes, **properties: object) -> aio_pika.Message:
     """A message the broker keeps in memory only: for what PostgreSQL already records (a dispatch
     names a `scheduled` row), which a broker restart may drop without losing anything."""
-    return aio_pika.Message(
-        body,
-        content_type="application/json",
-        delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
-        **properties,  # type: ignore[arg-type]
-    )
+    return _json_message(body, aio_pika.DeliveryMode.NOT_PERSISTENT, properties)
 
 
 def property_text(value: Any) -> str | None:
