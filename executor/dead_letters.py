@@ -14,7 +14,9 @@ from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
 
 from common import metrics
+from common.amqp import property_text
 from common.db import until_available
+from common.errors import describe_invalid
 from common.logging import get_logger
 from common.notifications import publish_terminal
 from common.queries import executions as q
@@ -57,7 +59,10 @@ async def handle(ctx: ExecutorContext, message: AbstractIncomingMessage) -> None
         batch = DispatchBatch.model_validate_json(message.body)
     except ValidationError as exc:
         metrics.DEAD_LETTERS.labels("invalid").inc()
-        log.error("dead_letter_invalid", death_reason=reason, error=str(exc)[:500], message_id=message.message_id)
+        log.error(
+            "dead_letter_invalid", death_reason=reason, error=describe_invalid(exc, root="message"),
+            message_id=property_text(message.message_id),
+        )
         await message.ack()
         return
     failed = []

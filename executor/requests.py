@@ -17,6 +17,7 @@ import referencing
 from pydantic import ValidationError
 
 from common.actions import ActionSpec
+from common.errors import MAX_LOC_CHARS, MAX_PROBLEMS, validation_problems
 from common.ids import MAX_BATCH_REQUESTS, batch_execution_id, execution_id_for
 from common.schemas import ExecutionRequest
 
@@ -90,27 +91,9 @@ def _finite_float(text: str) -> float:
     return value
 
 
-#: At most this many problems, each naming its field in at most this many characters, go into the
-#: error of a failed request: a body may have many or huge unknown keys.
-_MAX_PROBLEMS = 20
-_MAX_LOC_CHARS = 100
-
-
 def _bounded(problem: str, limit: int = 300) -> str:
     """A problem quotes the value at fault, which may be huge."""
     return problem if len(problem) <= limit else problem[:limit] + "..."
-
-
-def _problems(exc: ValidationError) -> list[str]:
-    problems = []
-    for err in exc.errors(include_url=False, include_input=False)[:_MAX_PROBLEMS]:
-        loc = ".".join(str(p) for p in err["loc"]) or "body"
-        if len(loc) > _MAX_LOC_CHARS:
-            loc = loc[:_MAX_LOC_CHARS] + "..."
-        problems.append(f"{loc}: {err['msg']}")
-    if exc.error_count() > _MAX_PROBLEMS:
-        problems.append(f"... and {exc.error_count() - _MAX_PROBLEMS} more")
-    return problems
 
 
 def _decode(body: bytes, max_bytes: int) -> Any:
@@ -174,9 +157,9 @@ def request_from(
     )
     unknown = [k for k in data if k not in ExecutionRequest.model_fields]
     if unknown:
-        execution.warnings = [f"unknown field {k[:_MAX_LOC_CHARS]!r} ignored" for k in unknown[:_MAX_PROBLEMS]]
-        if len(unknown) > _MAX_PROBLEMS:
-            execution.warnings.append(f"... and {len(unknown) - _MAX_PROBLEMS} more unknown fields ignored")
+        execution.warnings = [f"unknown field {k[:MAX_LOC_CHARS]!r} ignored" for k in unknown[:MAX_PROBLEMS]]
+        if len(unknown) > MAX_PROBLEMS:
+            execution.warnings.append(f"... and {len(unknown) - MAX_PROBLEMS} more unknown fields ignored")
     try:
         request = ExecutionRequest.model_validate(data)
     except ValidationError as exc:
@@ -189,7 +172,7 @@ def request_from(
             timeout = valid.get("timeout_seconds")
             execution.timeout_s = float(timeout) if timeout is not None else None
             execution.max_retries = valid.get("max_retries")
-        problems = _problems(exc)
+        problems = validation_problems(exc, root="body")
         execution.fail("invalid request: " + "; ".join(problems), problems=problems)
         return execution
     execution.action_ref = request.action_ref
@@ -301,10 +284,10 @@ class ParameterValidator:
         errors = sorted(validator.iter_errors(parameters), key=lambda e: [str(p) for p in e.absolute_path])
         problems = [
             _bounded(f"{'.'.join(str(p) for p in err.absolute_path) or 'parameters'}: {value_free_message(err)}")
-            for err in errors[:_MAX_PROBLEMS]
+            for err in errors[:MAX_PROBLEMS]
         ]
-        if len(errors) > _MAX_PROBLEMS:
-            problems.append(f"... and {len(errors) - _MAX_PROBLEMS} more")
+        if len(errors) > MAX_PROBLEMS:
+            problems.append(f"... and {len(errors) - MAX_PROBLEMS} more")
         return problems
 
 

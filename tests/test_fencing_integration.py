@@ -33,17 +33,24 @@ async def test_stale_dispatch_is_dropped(baton):
                 aio_pika.Message(json.dumps({"dispatches": dispatches}, default=str).encode()),
                 routing_key=amqp.Names.worker_routing_key("w1"),
             )
-        for invalid in (b"not a dispatch", b'{"dispatches": []}'):
+        # A forged value is never quoted back (it may be a request's secret, sent to the wrong queue).
+        forged = b'{"dispatches": [{"execution_id": "hunter2", "attempt": 1}]}'
+        for invalid in (b"not a dispatch", b'{"dispatches": []}', forged):
             await exchange.publish(aio_pika.Message(invalid), routing_key=amqp.Names.worker_routing_key("w1"))
     finally:
         await connection.close()
     await wait_until(lambda: _count(worker, "dispatch_stale", 3), what="three stale dispatches dropped")
-    await wait_until(lambda: _count(worker, "dispatch_invalid", 2), what="the invalid dispatches dropped")
+    await wait_until(lambda: _count(worker, "dispatch_invalid", 3), what="the invalid dispatches dropped")
     assert await baton.queue_depth(baton.names.worker_queue("w1")) == 0
     row = await baton.execution(done["id"])
     assert row["status"] == "completed" and row["result"] == {"message": "real"} and row["last_event_seq"] == 4
     # The malformed ones were dead-lettered and logged by the executor, not lost silently.
-    await wait_until(lambda: _count(executor, "dead_letter_invalid", 2), what="the dead letters to be logged")
+    await wait_until(lambda: _count(executor, "dead_letter_invalid", 3), what="the dead letters to be logged")
+    for event in worker.events("dispatch_invalid") + executor.events("dead_letter_invalid"):
+        assert "\n" not in event["error"] and "hunter2" not in event["error"], event
+    assert any(
+        e["error"].startswith("dispatches.0.execution_id: Input should be a valid UUID") for e in worker.events("dispatch_invalid")
+    ), worker.events("dispatch_invalid")
     assert await baton.queue_depth(baton.names.dead_letters_queue) == 0
 
 

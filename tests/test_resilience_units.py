@@ -252,6 +252,33 @@ def test_an_error_is_described_in_one_line():
     assert describe(ValueError("x" * 500), max_chars=10) == "ValueError: xxxxxxxxxx"
 
 
+def test_what_pydantic_found_wrong_is_one_line_without_the_values():
+    """A message that fails its schema is logged or stored by where and why, never by what it held
+    (anyone may have written it, and it may carry a request's secrets); pydantic's own text spans
+    several lines and quotes the input."""
+    from pydantic import ValidationError
+
+    from common.errors import MAX_PROBLEMS, describe_invalid, validation_problems
+    from common.schemas import DispatchBatch
+
+    forged = b'{"dispatches": [{"execution_id": "hunter2", "attempt": "x"}], "n": 1}'
+    with pytest.raises(ValidationError) as caught:
+        DispatchBatch.model_validate_json(forged)
+    assert "\n" in str(caught.value) and "hunter2" in str(caught.value)  # what the logs once carried
+    line = describe_invalid(caught.value, root="message")
+    assert "\n" not in line and "hunter2" not in line
+    assert line.startswith("dispatches.0.execution_id: Input should be a valid UUID")
+    assert "dispatches.0.attempt: Input should be a valid integer" in line
+    with pytest.raises(ValidationError) as caught:
+        DispatchBatch.model_validate_json(b"not JSON")
+    assert describe_invalid(caught.value, root="message").startswith("message: Invalid JSON")
+    many = b'{"dispatches": [' + b",".join([b"{}"] * 30) + b"]}"
+    with pytest.raises(ValidationError) as caught:
+        DispatchBatch.model_validate_json(many)
+    problems = validation_problems(caught.value, root="message")
+    assert len(problems) == MAX_PROBLEMS + 1 and problems[-1] == f"... and {60 - MAX_PROBLEMS} more"
+
+
 async def test_a_heartbeat_left_mid_operation_by_a_timeout_is_tried_again_not_fatal():
     """During a PostgreSQL restart a heartbeat that timed out can leave its connection mid-operation,
     and the next query on it fails with asyncpg's InternalClientError. The heartbeat loop must ride

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from common import amqp, db, metrics
 from common.best_effort import best_effort
-from common.errors import describe
+from common.errors import describe, describe_invalid
 from common.queries import executions as q
 from common.retry import DATABASE_ERRORS
 from common.schemas import Assignment, Dispatch, DispatchBatch
@@ -31,7 +31,9 @@ async def on_message(state: WorkerState, message: AbstractIncomingMessage) -> No
     try:
         batch = DispatchBatch.model_validate_json(message.body)
     except ValidationError as exc:
-        state.log.error("dispatch_invalid", error=str(exc)[:500], message_id=message.message_id)
+        state.log.error(
+            "dispatch_invalid", error=describe_invalid(exc, root="message"), message_id=amqp.property_text(message.message_id)
+        )
         # A dead channel redelivers it; it is rejected again.
         await best_effort("reject_dispatch", message.reject(requeue=False), worker=state.name)
         return

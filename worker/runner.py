@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from common.errors import describe_invalid
 from common.schemas import MAX_PARAMETERS_DEPTH, Assignment, json_depth
 from worker.errors import ActionFailed, ActionTimedOut
 from worker.registry import Invocation, RegisteredAction
@@ -88,12 +89,8 @@ def parse_parameters(action: RegisteredAction, parameters: dict[str, Any]) -> Ba
     try:
         params: BaseModel = validate_parameters(action, parameters)
     except ValidationError as exc:
-        # Locations and reasons only: parameters may hold secrets, and the error is stored.
-        problems = [
-            f"{'.'.join(str(p) for p in e['loc']) or 'parameters'}: {e['msg']}"
-            for e in exc.errors(include_url=False, include_input=False, include_context=False)[:20]
-        ]
-        return Outcome("failed", error=error_object("invalid parameters: " + "; ".join(problems)))
+        invalid = describe_invalid(exc, root="parameters")
+        return Outcome("failed", error=error_object(f"invalid parameters: {invalid}"))
     except ValueError as exc:
         return Outcome("failed", error=error_object(f"invalid parameters: {exc}"))
     return params
