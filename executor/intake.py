@@ -168,10 +168,7 @@ async def _process(ctx: ExecutorContext, batch: list[AbstractIncomingMessage], s
     executions = [r for _, r in parsed if isinstance(r, NewExecution)]
     specs = await ctx.catalogue.resolve({e.action_ref for e in executions if e.action_ref and not e.error})
     for execution in executions:
-        try:
-            check_action(execution, specs.get(execution.action_ref or ""), state.validator)
-        except Exception as exc:  # noqa: BLE001 - a schema a worker registered that cannot be used
-            execution.fail(f"parameters cannot be checked against the action's schema: {describe(exc)}")
+        check_action(execution, specs.get(execution.action_ref or ""), state.validator)
 
     inserted, unstorable = await _record(ctx, executions, specs)
     same, duplicates = await _existing(

@@ -17,7 +17,7 @@ import referencing
 from pydantic import ValidationError
 
 from common.actions import ActionSpec
-from common.errors import MAX_LOC_CHARS, MAX_PROBLEMS, validation_problems
+from common.errors import MAX_LOC_CHARS, MAX_PROBLEMS, describe, validation_problems
 from common.ids import MAX_BATCH_REQUESTS, batch_execution_id, execution_id_for
 from common.schemas import ExecutionRequest
 
@@ -317,13 +317,20 @@ def value_free_message(err: jsonschema.ValidationError) -> str:
 
 
 def check_action(execution: NewExecution, spec: ActionSpec | None, validator: ParameterValidator) -> None:
-    """Fail ``execution`` (in place) when its action is unknown or its parameters do not fit."""
+    """Fail ``execution`` (in place) when its action is unknown, its parameters do not fit, or the
+    schema they are checked against cannot be used."""
     if execution.error:
         return
     if spec is None:
         execution.fail(f"unknown action {execution.action_ref!r}: no worker has registered it")
         return
-    problems = validator.errors(spec, execution.parameters)
+    try:
+        problems = validator.errors(spec, execution.parameters)
+    except Exception as exc:  # noqa: BLE001 - a schema a worker registered that cannot be used
+        # (a look-around pattern, an unknown type, a `$ref` to nowhere): this request fails, and
+        # whoever checks it (intake, a schedule firing) goes on.
+        execution.fail(f"parameters cannot be checked against the action's schema: {describe(exc)}")
+        return
     if problems:
         execution.fail(
             f"invalid parameters for {spec.ref}: " + "; ".join(problems), problems=problems

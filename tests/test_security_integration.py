@@ -382,6 +382,20 @@ async def test_a_registered_schema_cannot_stall_the_executor(baton):
         done = await client.run("evil.backtracking", {"x": "a" * 50 + "b"}, wait_timeout_s=20)
         assert done["status"] == "failed" and 'x: fails pattern "^(a+)+$"' in done["error"]["error"]
         assert (await client.run("core.echo", {"message": "still here"}, wait_timeout_s=20))["status"] == "completed"
+        # A schedule of such an action: each firing is recorded failed, and the executor goes on
+        # firing (the check once escaped the schedules loop, and every executor that took the due
+        # schedule stopped).
+        await client.add_schedule("evil-every-second", "* * * * * *", "evil.file_ref", {"x": 1}, catch_up="none")
+
+        async def fired_twice() -> list:
+            rows = await pool.fetch("SELECT status, error FROM executions WHERE schedule_name = 'evil-every-second'")
+            return rows if len(rows) >= 2 else []
+
+        for row in await wait_until(fired_twice, what="two firings of the schedule"):
+            assert row["status"] == "failed"
+            assert "parameters cannot be checked against the action's schema" in row["error"]["error"]
+        await client.remove_schedule("evil-every-second")
+        assert (await client.run("core.echo", {"message": "still here"}, wait_timeout_s=20))["status"] == "completed"
     finally:
         silent.close()
 
