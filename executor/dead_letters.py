@@ -15,18 +15,28 @@ from pydantic import ValidationError
 
 from common import metrics
 from common.amqp import property_text
+from common.best_effort import best_effort
 from common.db import until_available
-from common.errors import describe_invalid
+from common.errors import describe, describe_invalid
 from common.logging import get_logger
 from common.notifications import publish_terminal
 from common.queries import executions as q
 from common.schemas import Dispatch, DispatchBatch
 from executor.rescheduling import reschedule_or_fail
+from executor.resilience import unavailable
 
 if TYPE_CHECKING:
     from executor.context import ExecutorContext
 
 log = get_logger("baton.executor.dead_letters")
+
+#: Dead letters the handler holds at once.
+PREFETCH = 50
+
+
+#: The reasons RabbitMQ gives; anything else in the headers (anyone may publish to the fanout) is
+#: `unknown`.
+DEATH_REASONS = frozenset({"expired", "rejected", "maxlen", "delivery_limit"})
 
 
 def death_reason(headers: Mapping[str, Any] | None) -> str:
@@ -34,14 +44,16 @@ def death_reason(headers: Mapping[str, Any] | None) -> str:
     headers = headers or {}
     reason = headers.get("x-first-death-reason")
     if not reason:
-        deaths = headers.get("x-death") or []
-        reason = deaths[0].get("reason") if deaths else None
-    return reason.decode() if isinstance(reason, bytes) else str(reason or "unknown")
+        deaths = headers.get("x-death")
+        first = deaths[0] if isinstance(deaths, list) and deaths else None
+        reason = first.get("reason") if isinstance(first, Mapping) else None
+    text = reason.decode("utf-8", "replace") if isinstance(reason, bytes) else reason
+    return text if isinstance(text, str) and text in DEATH_REASONS else "unknown"
 
 
 async def run(ctx: ExecutorContext, stop_event: asyncio.Event) -> None:
     channel = await ctx.amqp.channel()
-    await channel.set_qos(prefetch_count=50)
+    await channel.set_qos(prefetch_count=PREFETCH)
     queue = await channel.get_queue(ctx.names.dead_letters_queue)
     tag = await queue.consume(lambda message: handle(ctx, message))
     log.info("dead_letter_handler_started", queue=queue.name)
@@ -54,6 +66,22 @@ async def run(ctx: ExecutorContext, stop_event: asyncio.Event) -> None:
 
 
 async def handle(ctx: ExecutorContext, message: AbstractIncomingMessage) -> None:
+    """Settle one dead letter, and always settle the delivery: one left unacked would hold one of
+    the consumer's prefetch slots for good, and enough of them would stop the handler."""
+    try:
+        await _handle(ctx, message)
+    except Exception as exc:
+        fields = {"error": describe(exc), "message_id": property_text(message.message_id)}
+        if unavailable(exc):  # PostgreSQL away past until_available's wait: back to the queue for later
+            log.warning("infrastructure_unavailable", during="dead_letter", **fields)
+            await best_effort("requeue_dead_letter", message.nack(requeue=True))
+            return
+        # What it carried stays `scheduled`, and the scheduled-timeout monitor puts it back in line.
+        log.exception("dead_letter_failed", **fields)
+        await best_effort("ack_dead_letter", message.ack())
+
+
+async def _handle(ctx: ExecutorContext, message: AbstractIncomingMessage) -> None:
     reason = death_reason(message.headers)
     try:
         batch = DispatchBatch.model_validate_json(message.body)

@@ -54,6 +54,31 @@ async def test_stale_dispatch_is_dropped(baton):
     assert await baton.queue_depth(baton.names.dead_letters_queue) == 0
 
 
+async def test_a_forged_dead_letter_never_stalls_the_handler(baton):
+    """Dead letters with headers RabbitMQ would never write, more of them than the handler's
+    prefetch: each is settled (the handler once raised on them and left them unacked, and after
+    50 it received nothing more), and a real one is still handled after them."""
+    from executor.dead_letters import PREFETCH
+
+    executor, _ = await baton.started(baton.spawn_executor(), baton.spawn_worker("w1"))
+    body = json.dumps({"dispatches": [{"execution_id": str(uuid.uuid4()), "attempt": 1}]}).encode()
+    forged_headers = [{"x-death": "boom"}, {"x-death": [1]}, {"x-first-death-reason": 123}]
+    connection = await aio_pika.connect(AMQP_URL)
+    try:
+        channel = await connection.channel()
+        exchange = await channel.get_exchange(baton.names.dlx)
+        for k in range(PREFETCH + 10):
+            await exchange.publish(aio_pika.Message(body, headers=forged_headers[k % 3]), routing_key="")
+        await exchange.publish(aio_pika.Message(body, headers={"x-first-death-reason": "expired"}), routing_key="")
+    finally:
+        await connection.close()
+    dropped = lambda: _count(executor, "dead_letter_dropped", PREFETCH + 11)  # noqa: E731
+    await wait_until(dropped, what="every dead letter settled")
+    reasons = [e["death_reason"] for e in executor.events("dead_letter_dropped")]
+    assert reasons.count("unknown") == PREFETCH + 10 and reasons.count("expired") == 1
+    assert not executor.events("dead_letter_failed")
+
+
 async def _count(service, event: str, n: int) -> bool:
     return len(service.events(event)) >= n
 

@@ -305,6 +305,11 @@ def test_death_reason():
     assert death_reason({"x-first-death-reason": "expired"}) == "expired"
     assert death_reason({"x-death": [{"reason": b"rejected", "queue": "q"}]}) == "rejected"
     assert death_reason(None) == "unknown"
+    # Anyone may publish to the fanout, with any headers: none of them may raise.
+    for forged in ({"x-death": "boom"}, {"x-death": [1]}, {"x-death": 7}, {"x-first-death-reason": 123},
+                   {"x-first-death-reason": ["expired"]}, {"x-first-death-reason": "x" * 10_000},
+                   {"x-death": [{"reason": {"nested": 1}}]}, {"x-first-death-reason": b"\xff"}):
+        assert death_reason(forged) == "unknown", forged
 
 
 # -- parameters and timeouts -------------------------------------------------------------------
