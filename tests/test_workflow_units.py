@@ -434,3 +434,47 @@ async def test_a_failure_in_a_gather_stops_its_sibling_steps():
         assert not ctx._in_flight and calls == []
     finally:
         unbind(token)
+
+
+async def test_a_step_waiting_to_retry_in_a_gather_stops_when_the_run_ends_here():
+    """A sibling between two attempts (in its retry delay) when the run fails or suspends: the
+    driver stops it there, and no attempt starts once the run has left this worker."""
+
+    @step(retries=3, retry_delay_s=0.2, backoff=1.0)
+    async def flaky() -> None:
+        calls.append("flaky")
+        raise RuntimeError("again")
+
+    @step
+    async def ends_the_run() -> None:
+        await asyncio.sleep(0.05)  # flaky is in its retry delay by now
+        raise RuntimeError("kaput")
+
+    async def wf(ctx):
+        await asyncio.gather(flaky(), ends_the_run())
+
+    ctx = WorkflowContext(execution_id=str(uuid.uuid4()), attempt=1, recovery_attempts=0, journal=MemoryJournal(),
+                          replay=Replay(), max_inline_sleep_s=30)
+    token = bind(ctx)
+    try:
+        with pytest.raises(StepFailed, match="kaput"):
+            await wf(ctx)
+        ctx.closed = True  # as the driver does (worker.durable)
+        assert ctx._in_flight  # flaky, waiting to try again ...
+        await asyncio.wait_for(ctx.stop_in_flight(), 5)  # ... is stopped at once
+        assert not ctx._in_flight
+        await asyncio.sleep(0.4)  # past its retry delay
+        assert calls == ["flaky"]
+    finally:
+        unbind(token)
+
+
+async def test_ctx_run_takes_an_object_of_parameters_only():
+    async def wf(ctx, parameters):
+        return await ctx.run("pack.action", parameters)
+
+    for parameters in (["a"], "text", 3):
+        journal = MemoryJournal()
+        with pytest.raises(TypeError, match=r"must be an object \(a dict\)"):
+            await run(wf, journal, parameters=parameters)
+        assert journal.children == {}  # nothing was started

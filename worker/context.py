@@ -159,32 +159,43 @@ class WorkflowContext:
         last = first + remaining_attempts(policy.retries, first) - 1
         started_at_s = time.time()
         attempt = first
-        while True:
-            try:
-                result = await self._call(fn, args, kwargs)
-                _check_json(result, f"the result of step {name!r}")
-                break
-            except Exception as exc:
-                error = {**_error(exc), "step": step_id, "name": name, "attempts": attempt}
-                if attempt >= last:
+        # This task is in flight from its first attempt to its last, retries' waits included: a run
+        # that ends here meanwhile (a sibling in a gather failed, or suspended) stops it there.
+        task = asyncio.current_task()
+        if task is not None:
+            self._in_flight.add(task)
+        try:
+            while True:
+                if self.closed:  # no attempt after the run has left this worker
+                    raise Fenced("the run has ended on this worker")
+                try:
+                    result = await self._call(fn, args, kwargs)
+                    _check_json(result, f"the result of step {name!r}")
+                    break
+                except Exception as exc:
+                    error = {**_error(exc), "step": step_id, "name": name, "attempts": attempt}
+                    if attempt >= last:
+                        await self._record(StepWrite(
+                            step_id, name, "failed", "step.failed",
+                            {"step": step_id, "name": name, "attempts": attempt, "error": error["error"]},
+                            error=error, attempts=attempt, started_at_s=started_at_s,
+                            store_delta=self.store._take_changes(),
+                        ))
+                        raise StepFailed(step_id, name, {**error, "error": (
+                            f"step {name!r} failed after {attempt} attempt{'s' if attempt > 1 else ''}: {error['error']}"
+                        )}) from exc
+                    delay_s = backoff_delay_s(policy.retry_delay_s, policy.backoff, attempt, random.random())
+                    attempt += 1
                     await self._record(StepWrite(
-                        step_id, name, "failed", "step.failed",
-                        {"step": step_id, "name": name, "attempts": attempt, "error": error["error"]},
-                        error=error, attempts=attempt, started_at_s=started_at_s,
-                        store_delta=self.store._take_changes(),
+                        step_id, name, "pending", "step.retrying",
+                        {"step": step_id, "name": name, "attempt": attempt, "delay_s": round(delay_s, 3),
+                         "error": error["error"]},
+                        attempts=attempt, started_at_s=started_at_s,
                     ))
-                    raise StepFailed(step_id, name, {**error, "error": (
-                        f"step {name!r} failed after {attempt} attempt{'s' if attempt > 1 else ''}: {error['error']}"
-                    )}) from exc
-                delay_s = backoff_delay_s(policy.retry_delay_s, policy.backoff, attempt, random.random())
-                attempt += 1
-                await self._record(StepWrite(
-                    step_id, name, "pending", "step.retrying",
-                    {"step": step_id, "name": name, "attempt": attempt, "delay_s": round(delay_s, 3),
-                     "error": error["error"]},
-                    attempts=attempt, started_at_s=started_at_s,
-                ))
-                await _sleep(delay_s)
+                    await _sleep(delay_s)
+        finally:
+            if task is not None:
+                self._in_flight.discard(task)
         await self._record(StepWrite(
             step_id, name, "completed", "step.completed",
             {"step": step_id, "name": name, "attempts": attempt,
@@ -194,9 +205,6 @@ class WorkflowContext:
         return result
 
     async def _call(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        task = asyncio.current_task()
-        if task is not None:
-            self._in_flight.add(task)
         token = _current.set(None)  # inside a step, other step functions are plain calls
         try:
             value = fn(*args, **kwargs)
@@ -205,8 +213,6 @@ class WorkflowContext:
             return value
         finally:
             _current.reset(token)
-            if task is not None:
-                self._in_flight.discard(task)
 
     async def stop_in_flight(self) -> None:
         """Cancel the steps still running in other tasks (siblings in a gather) and wait for them:
@@ -270,7 +276,11 @@ class WorkflowContext:
         if record is not None:
             child_id = uuid.UUID(str(record.child_id))
         else:
-            parameters = parameters or {}
+            parameters = {} if parameters is None else parameters
+            if not isinstance(parameters, dict):
+                raise TypeError(
+                    f"the parameters of ctx.run({action_ref!r}) must be an object (a dict), not {type(parameters).__name__}"
+                )
             _check_json(parameters, f"the parameters of ctx.run({action_ref!r})")
             # One child per step and dispatch: a recovered run reads the child from its pending
             # step (recorded with it), and a retried run, whose failed step starts over, gets a new one.
