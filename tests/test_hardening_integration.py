@@ -323,6 +323,27 @@ async def test_a_request_waiting_its_turn_survives_a_restart_of_the_only_worker_
 # -- retention -------------------------------------------------------------------------------
 
 
+async def test_rows_hold_object_parameters_and_a_pruned_run_finds_its_signals_by_index(baton):
+    """A worker reads a run's parameters as an object when it claims it: no row holds anything else.
+    Retention's delete cascades to the run's signals: found through an index, not by reading the
+    whole table once per pruned execution."""
+    import asyncpg
+
+    pool = await baton.pool()
+    with pytest.raises(asyncpg.CheckViolationError, match="executions_parameters_object"):
+        await pool.execute(
+            "INSERT INTO executions (id, action_ref, parameters, status) VALUES ($1, 'core.echo', '[\"a\"]', 'requested')",
+            uuid.uuid4(),
+        )
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SET LOCAL enable_seqscan = off")  # only a usable index avoids a scan now
+        # The statement PostgreSQL runs for the cascade of each deleted execution.
+        plan = json.dumps(await conn.fetchval(
+            "EXPLAIN (FORMAT JSON) DELETE FROM ONLY workflow_signals WHERE $1 = execution_id", uuid.uuid4()
+        ))
+    assert "workflow_signals_execution" in plan and "Seq Scan" not in plan, plan
+
+
 async def test_retention_prunes_old_history_and_gone_workers(baton):
     pool = await baton.pool()
     old, recent = uuid.uuid4(), uuid.uuid4()
