@@ -584,3 +584,37 @@ async def test_a_retried_run_starts_a_new_child_where_the_old_one_failed(baton):
     )
     assert [c["status"] for c in children] == ["failed", "completed"]
     assert _count(path, "before") == 1 and _count(path, "after") == 1
+
+
+async def test_a_signal_take_tried_again_after_its_commit_finds_what_it_took(baton):
+    """The take of a signal commits with its step's checkpoint; if the commit's reply is lost, the
+    journal tries the take again. That try finds the signal this step already took: it neither
+    reports none (the run would wait for a signal it had consumed) nor takes the next one."""
+    from types import SimpleNamespace
+
+    from common.schemas import Assignment
+    from worker.durable import PgJournal
+    from worker.journal import StepWrite
+
+    pool = await baton.pool()
+    execution_id, incarnation = uuid.uuid4(), uuid.uuid4()
+    await pool.execute(
+        "INSERT INTO executions (id, action_ref, status, attempt, worker, incarnation) "
+        "VALUES ($1, 'tests.waits_for_signal', 'running', 1, 'w1', $2)",
+        execution_id, incarnation,
+    )
+    for data in ({"n": 1}, {"n": 2}):
+        await pool.execute(
+            "INSERT INTO workflow_signals (execution_id, name, data) VALUES ($1, 'go', $2)", execution_id, data
+        )
+    journal = PgJournal(
+        SimpleNamespace(pool=pool, name="w1", incarnation=incarnation),  # type: ignore[arg-type]
+        Assignment(execution_id=execution_id, attempt=1, action_ref="tests.waits_for_signal", parameters={}),
+    )
+    write = StepWrite(1, "signal:go", "completed", "signal.received", {"step": 1, "signal": "go"})
+    assert await journal.take_signal(write) == (True, {"n": 1})
+    assert await journal.take_signal(write) == (True, {"n": 1})  # the same take, tried again
+    rows = await pool.fetch("SELECT data, consumed_by FROM workflow_signals WHERE execution_id = $1 ORDER BY id", execution_id)
+    assert [(r["data"], r["consumed_by"]) for r in rows] == [({"n": 1}, 1), ({"n": 2}, None)]
+    step = await pool.fetchrow("SELECT status, result FROM workflow_steps WHERE execution_id = $1 AND step_id = 1", execution_id)
+    assert step["status"] == "completed" and step["result"] == {"n": 1}

@@ -106,6 +106,9 @@ class PgJournal:
     async def take_signal(self, write: StepWrite) -> tuple[bool, Any]:
         async def attempt() -> tuple[bool, Any]:
             async with self.pool.acquire() as conn, conn.transaction():
+                taken = await conn.fetchrow(wq.TAKEN_SIGNAL, self.execution_id, write.data["signal"], write.step_id)
+                if taken is not None:  # an earlier try committed the take with its checkpoint
+                    return True, taken["data"]
                 signal = await conn.fetchrow(wq.TAKE_SIGNAL, self.execution_id, write.data["signal"], write.step_id)
                 if signal is None:
                     return False, None

@@ -112,6 +112,13 @@ WHERE id = (
 RETURNING id, data
 """
 
+# The signal this step has already taken, if any: a take whose commit went through but whose reply
+# was lost is tried again, and must find what it took. $1 id, $2 name, $3 the step
+TAKEN_SIGNAL = """
+SELECT id, data FROM workflow_signals WHERE execution_id = $1 AND name = $2 AND consumed_by = $3
+ORDER BY id LIMIT 1
+"""
+
 # The run leaves its worker: `sleeping` until its timer, `waiting` for a child or a signal, or
 # `paused`. It goes straight back in line instead if what it waits for has already happened (a
 # child that finished, a signal that arrived, while it was deciding to wait), and to `paused` if an
