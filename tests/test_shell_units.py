@@ -99,3 +99,25 @@ def test_output_held_open_by_an_escaped_descendant_fails_the_run_and_asyncio_rep
     finally:
         if marker.exists() and not _gone(pid := int(marker.read_text())):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_secret_cut_off_by_the_output_cap_is_masked_as_far_as_it_goes() -> None:
+    """Output is cut at the cap before it is masked: a secret the cut falls inside is not whole in
+    what is kept, and its start must not be stored either."""
+    secret = "hunter2-sëcret"
+    env = {**os.environ, "BATON_SECRET_TOKEN": secret}
+    params = LocalParams(cmd='echo "token=$T"', env={"T": {"secret": "token"}})
+    kept: dict[int, tuple[str, bool]] = {}
+
+    async def run(cap_bytes: int) -> None:
+        result = await run_local(params, INVOCATION, ShellLimits(max_output_bytes=cap_bytes, environ=env))
+        kept[cap_bytes] = (result["stdout"], result["stdout_truncated"])
+
+    whole = len(f"token={secret}\n".encode())
+    for cap_bytes in range(len("token="), whole + 1):
+        uvloop.run(run(cap_bytes))
+    assert kept[len("token=")] == ("token=", True)  # cut just before it
+    for cap_bytes in range(len("token=") + 1, whole - 1):  # cut inside it (ë is two bytes)
+        assert kept[cap_bytes] == ("token=***", True), cap_bytes
+    assert kept[whole - 1] == ("token=***", True)  # the newline cut off
+    assert kept[whole] == ("token=***\n", False)

@@ -77,11 +77,17 @@ async def _read_capped(stream: asyncio.StreamReader, cap_bytes: int) -> tuple[by
     return bytes(kept), total
 
 
-def _text(raw: bytes, secrets: list[str]) -> str:
-    """Output as text PostgreSQL can store (undecodable bytes and NULs become U+FFFD), secrets masked."""
+def _text(raw: bytes, secrets: list[str], *, cut: bool = False) -> str:
+    """Output as text PostgreSQL can store (undecodable bytes and NULs become U+FFFD), secrets masked;
+    ``cut``: the output was cut off at the cap, maybe inside a secret, whose start is masked too."""
     text = raw.decode(errors="replace").replace("\x00", "\ufffd")
     for secret in sorted(secrets, key=len, reverse=True):
         text = text.replace(secret, MASK)
+    if cut:
+        body = text.rstrip("\ufffd")  # the cut may also split a character in two
+        kept = max((n for secret in secrets for n in range(1, len(secret)) if body.endswith(secret[:n])), default=0)
+        if kept:
+            text = body[:-kept] + MASK
     return text
 
 
@@ -159,8 +165,8 @@ async def run_local(params: LocalParams, inv: Invocation, limits: ShellLimits) -
         raise
     result = {
         "exit_code": proc.returncode,
-        "stdout": _text(out, secrets),
-        "stderr": _text(err, secrets),
+        "stdout": _text(out, secrets, cut=out_total > len(out)),
+        "stderr": _text(err, secrets, cut=err_total > len(err)),
         "stdout_truncated": out_total > len(out),
         "stderr_truncated": err_total > len(err),
     }
