@@ -314,3 +314,57 @@ async def test_a_heartbeat_left_mid_operation_by_a_timeout_is_tried_again_not_fa
     with pytest.raises(RuntimeError, match="belongs to another process"):
         await asyncio.wait_for(heartbeat_loop(state), timeout=10)  # type: ignore[arg-type]
     assert conn.calls == 2  # the failed heartbeat was followed by another
+
+
+@pytest.mark.parametrize("claiming", [False, True])
+async def test_registering_again_leaves_alone_a_run_a_claim_under_way_has_taken(claiming: bool) -> None:
+    """Back from a stand-down, a worker registers again while a claim it began may just have
+    committed: the run it took is `running` here but not yet started. Registration interrupts what
+    runs here unstarted (a predecessor's runs) only when no claim is under way; the audit finds
+    real orphans later."""
+    import uuid
+    from types import SimpleNamespace
+
+    from common.queries import executions as q
+    from common.settings import RecoverySettings
+    from worker.liveness import _register_once
+
+    row = {"id": uuid.uuid4(), "attempt": 1, "action_ref": "core.noop", "recovery_attempts": 0}
+    asked: list[str] = []
+
+    class Conn:
+        async def fetchrow(self, query: str, *_args: object, **_kwargs: object) -> None:
+            asked.append(query)
+            return None  # no previous holder of the name; no interrupt matched
+
+        async def fetch(self, query: str, *_args: object, **_kwargs: object) -> list[dict[str, object]]:
+            asked.append(query)
+            return [row] if query == q.SELECT_RUNNING_ON else []
+
+        def transaction(self) -> Entered:
+            return Entered(None)
+
+    class Entered:
+        """An async context manager that enters as ``value``."""
+
+        def __init__(self, value: object) -> None:
+            self.value = value
+
+        async def __aenter__(self) -> object:
+            return self.value
+
+        async def __aexit__(self, *_exc: object) -> None:
+            return None
+
+    class Pool:
+        def acquire(self) -> Entered:
+            return Entered(Conn())
+
+    state = SimpleNamespace(
+        pool=Pool(), name="w", incarnation=uuid.uuid4(), lock_key=1, running={}, claiming=claiming, actions={},
+        cfg=SimpleNamespace(runtimes=["python"], max_concurrent_tasks=1, heartbeat_interval_s=1.0),
+        settings=SimpleNamespace(recovery=RecoverySettings()),
+        log=SimpleNamespace(warning=lambda *a, **k: None, info=lambda *a, **k: None),
+    )
+    await _register_once(state)  # type: ignore[arg-type]
+    assert (q.INTERRUPT in asked) is not claiming
