@@ -154,6 +154,7 @@ def periodic_queries() -> list[tuple[str, str, tuple[Any, ...]]]:
          (cfg.requested_timeout_s, ["bench.unserved"], requested_timeout.BATCH)),
         ("timers: next due time", fq.NEXT_WAKE_IN, ()),
         ("timers: wake due suspended runs", fq.WAKE_DUE, (timers.BATCH,)),
+        ("timers: wake waiting runs whose child or signal is there", fq.WAKE_READY, (timers.BATCH,)),
         ("timers: release due delayed rows", fq.RELEASE_DELAYED, (timers.BATCH,)),
         ("retention: prune finished", q.PRUNE_FINISHED,
          (settings.retention.executions_days * 86400.0, settings.retention.batch_size)),

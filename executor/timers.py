@@ -6,13 +6,16 @@ signal) records when it is due: its timer, or its deadline, whichever is first. 
 until the earliest of those (read from the first entry of a partial index, so its cost is the
 number of suspended runs, never history), or until a new suspension is announced on
 TIMER_CHANNEL, and puts what is due back in line for the scheduler. A child finishing or a signal
-arriving wakes its run at once (a trigger, and the signal query); each pass here also catches a
-wake-up that raced the run's own suspension. Safe with several executors (`SKIP LOCKED`).
+arriving wakes its run at once (a trigger, and the signal query); once a fallback interval, a pass
+here also catches a wake-up that raced the run's own suspension (that check reads every waiting
+run, so it does not run on every notification). Safe with several executors (`SKIP LOCKED`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 from typing import TYPE_CHECKING
 
 from common.logging import get_logger
@@ -32,9 +35,16 @@ async def run(ctx: ExecutorContext, stop_event: asyncio.Event) -> None:
     fallback_s = ctx.settings.executor.sweep_interval_s
     log.info("timers_started", fallback_s=fallback_s)
 
+    backstop_at_s = -math.inf
+
     async def step() -> None:
-        while await wake_due(ctx) >= BATCH:
+        nonlocal backstop_at_s
+        while await wake_due(ctx, wq.WAKE_DUE) >= BATCH:
             pass
+        if time.monotonic() - backstop_at_s >= fallback_s:
+            while await wake_due(ctx, wq.WAKE_READY) >= BATCH:
+                pass
+            backstop_at_s = time.monotonic()
 
     await until_due(
         url=ctx.settings.database.url, channel=TIMER_CHANNEL, what="wake_timers", stop_event=stop_event,
@@ -43,10 +53,11 @@ async def run(ctx: ExecutorContext, stop_event: asyncio.Event) -> None:
     log.info("timers_stopped")
 
 
-async def wake_due(ctx: ExecutorContext) -> int:
-    """One batch of due suspended runs back to `requested`, and of due delayed executions into the
-    scheduler's line; returns the larger count (BATCH: there may be more)."""
-    rows = await ctx.pool.fetch(wq.WAKE_DUE, BATCH)
+async def wake_due(ctx: ExecutorContext, query: str) -> int:
+    """One batch of suspended runs back to `requested` (``query``: those whose timer is due, or
+    those whose child or signal is there), and of due delayed executions into the scheduler's line;
+    returns the larger count (BATCH: there may be more)."""
+    rows = await ctx.pool.fetch(query, BATCH)
     for row in rows:
         log.info("execution_woken", execution_id=str(row["id"]), reason=row["reason"])
     released = await ctx.pool.fetch(wq.RELEASE_DELAYED, BATCH)

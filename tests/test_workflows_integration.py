@@ -618,3 +618,31 @@ async def test_a_signal_take_tried_again_after_its_commit_finds_what_it_took(bat
     assert [(r["data"], r["consumed_by"]) for r in rows] == [({"n": 1}, 1), ({"n": 2}, None)]
     step = await pool.fetchrow("SELECT status, result FROM workflow_steps WHERE execution_id = $1 AND step_id = 1", execution_id)
     assert step["status"] == "completed" and step["result"] == {"n": 1}
+
+
+async def test_a_wake_up_that_raced_the_suspension_is_caught_by_the_backstop(baton):
+    """A run that suspended to wait while its child finished, or its signal arrived, at the same
+    moment (neither the trigger nor the signal query saw it waiting): the timers loop's backstop
+    puts it back in line within a few fallback intervals."""
+    pool = await baton.pool()
+    child, on_child, on_signal = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    await pool.execute("INSERT INTO executions (id, action_ref, status) VALUES ($1, 'core.noop', 'completed')", child)
+    await pool.execute(
+        "INSERT INTO executions (id, action_ref, status, waiting_on) VALUES ($1, 'nobody.serves', 'waiting', $2)",
+        on_child, child,
+    )
+    await pool.execute(
+        "INSERT INTO executions (id, action_ref, status, waiting_for) VALUES ($1, 'nobody.serves', 'waiting', 'go')",
+        on_signal,
+    )
+    await pool.execute("INSERT INTO workflow_signals (execution_id, name, data) VALUES ($1, 'go', '{}')", on_signal)
+    await baton.start_executor(BATON__EXECUTOR__SWEEP_INTERVAL="0.2")
+
+    async def woken() -> bool:
+        rows = await pool.fetch(
+            "SELECT execution_id, data FROM execution_events WHERE type = 'execution.woken' AND execution_id = ANY($1)",
+            [on_child, on_signal],
+        )
+        return {(r["execution_id"], r["data"]["reason"]) for r in rows} == {(on_child, "ready"), (on_signal, "ready")}
+
+    await wait_until(woken, what="both waiting runs woken by the backstop")

@@ -182,24 +182,9 @@ WITH due AS (
 SELECT id FROM upd
 """
 
-# Back in line: suspended runs whose timer or deadline is due, and (a backstop for a wake-up that
-# raced the suspension) waiting runs whose child has finished or whose signal has arrived.
-# $1 limit
-WAKE_DUE = f"""
-WITH timers AS (
-    SELECT id, 'timer' AS reason FROM executions
-    WHERE status IN ('sleeping', 'waiting') AND wake_at <= now()
-    ORDER BY wake_at LIMIT $1 FOR UPDATE SKIP LOCKED
-), ready AS (
-    SELECT p.id, 'ready' AS reason FROM executions p
-    WHERE p.status = 'waiting' AND (p.wake_at IS NULL OR p.wake_at > now())
-      AND (EXISTS (SELECT 1 FROM executions c WHERE c.id = p.waiting_on AND c.status IN {_TERMINAL})
-           OR EXISTS (SELECT 1 FROM workflow_signals s
-                      WHERE s.execution_id = p.id AND s.name = p.waiting_for AND s.consumed_by IS NULL))
-    LIMIT $1 FOR UPDATE SKIP LOCKED
-), due AS (
-    SELECT * FROM timers UNION ALL SELECT * FROM ready
-), upd AS (
+# What puts the runs in `due` back in line, each with an `execution.woken` event giving its reason.
+_WAKE = """
+upd AS (
     UPDATE executions e
     SET status = 'requested', wake_at = NULL, waiting_on = NULL, waiting_for = NULL, updated_at = now(),
         last_event_seq = e.last_event_seq + 1
@@ -211,6 +196,28 @@ WITH timers AS (
 )
 SELECT id, reason FROM upd
 """
+
+# Back in line: suspended runs whose timer or deadline is due. $1 limit
+WAKE_DUE = f"""
+WITH due AS (
+    SELECT id, 'timer' AS reason FROM executions
+    WHERE status IN ('sleeping', 'waiting') AND wake_at <= now()
+    ORDER BY wake_at LIMIT $1 FOR UPDATE SKIP LOCKED
+), {_WAKE}"""
+
+# Back in line: waiting runs whose child has finished or whose signal has arrived. A backstop for
+# a wake-up that raced the run's own suspension (the trigger and the signal query wake the rest at
+# once); it reads every waiting run, so the timers loop runs it once a fallback interval, not on
+# every notification. $1 limit
+WAKE_READY = f"""
+WITH due AS (
+    SELECT p.id, 'ready' AS reason FROM executions p
+    WHERE p.status = 'waiting' AND (p.wake_at IS NULL OR p.wake_at > now())
+      AND (EXISTS (SELECT 1 FROM executions c WHERE c.id = p.waiting_on AND c.status IN {_TERMINAL})
+           OR EXISTS (SELECT 1 FROM workflow_signals s
+                      WHERE s.execution_id = p.id AND s.name = p.waiting_for AND s.consumed_by IS NULL))
+    LIMIT $1 FOR UPDATE SKIP LOCKED
+), {_WAKE}"""
 
 # -- operator controls ----------------------------------------------------------------------------
 
