@@ -4,8 +4,10 @@ workflow runs against a journal kept in memory, and is replayed from what that j
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,6 +76,18 @@ class MemoryJournal:
 
     def replay(self) -> Replay:
         return Replay.of(list(self.rows.values()))
+
+
+@contextlib.contextmanager
+def bound() -> Iterator[WorkflowContext]:
+    """A fresh run's context, bound as a workflow's steps see it, for a test that drives it itself."""
+    ctx = WorkflowContext(execution_id=str(uuid.uuid4()), attempt=1, recovery_attempts=0, journal=MemoryJournal(),
+                          replay=Replay(), max_inline_sleep_s=30)
+    token = bind(ctx)
+    try:
+        yield ctx
+    finally:
+        unbind(token)
 
 
 async def run(fn: Any, journal: MemoryJournal, *, max_inline_sleep_s: float = 30.0, **kwargs: Any) -> Any:
@@ -423,17 +437,12 @@ async def test_a_failure_in_a_gather_stops_its_sibling_steps():
     async def wf(ctx):
         await asyncio.gather(slow(), boom())
 
-    ctx = WorkflowContext(execution_id=str(uuid.uuid4()), attempt=1, recovery_attempts=0, journal=MemoryJournal(),
-                          replay=Replay(), max_inline_sleep_s=30)
-    token = bind(ctx)
-    try:
+    with bound() as ctx:
         with pytest.raises(StepFailed, match="kaput"):
             await wf(ctx)
         assert ctx._in_flight  # the sibling still runs ...
         await asyncio.wait_for(ctx.stop_in_flight(), 5)  # ... until the driver stops it, at once
         assert not ctx._in_flight and calls == []
-    finally:
-        unbind(token)
 
 
 async def test_a_step_waiting_to_retry_in_a_gather_stops_when_the_run_ends_here():
@@ -453,10 +462,7 @@ async def test_a_step_waiting_to_retry_in_a_gather_stops_when_the_run_ends_here(
     async def wf(ctx):
         await asyncio.gather(flaky(), ends_the_run())
 
-    ctx = WorkflowContext(execution_id=str(uuid.uuid4()), attempt=1, recovery_attempts=0, journal=MemoryJournal(),
-                          replay=Replay(), max_inline_sleep_s=30)
-    token = bind(ctx)
-    try:
+    with bound() as ctx:
         with pytest.raises(StepFailed, match="kaput"):
             await wf(ctx)
         ctx.closed = True  # as the driver does (worker.durable)
@@ -465,8 +471,6 @@ async def test_a_step_waiting_to_retry_in_a_gather_stops_when_the_run_ends_here(
         assert not ctx._in_flight
         await asyncio.sleep(0.4)  # past its retry delay
         assert calls == ["flaky"]
-    finally:
-        unbind(token)
 
 
 async def test_ctx_run_takes_an_object_of_parameters_only():

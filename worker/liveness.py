@@ -129,7 +129,7 @@ async def _register_once(state: WorkerState) -> None:
             )
         # Not while a claim is under way (re-registering after a stand-down, say): a run it has
         # committed but not yet started here would look orphaned. The audit finds real ones later.
-        for row in [] if state.claiming else await conn.fetch(q.SELECT_RUNNING_ON, state.name):
+        for row in await conn.fetch(q.SELECT_RUNNING_ON, state.name):
             if row["id"] not in state.running and not state.claiming:
                 await _interrupt_orphan(state, conn, row, "the worker restarted or lost contact while running it")
         await conn.fetch(
