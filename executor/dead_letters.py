@@ -1,7 +1,8 @@
 """Dead-letter handler: dispatches that expired in a worker's queue (TTL) or were handed back by a
 draining worker arrive here through the `<prefix>.dlx` fanout exchange. Each dispatch in such a
 message whose execution is still `scheduled` at that attempt is rescheduled elsewhere (or failed);
-the rest are stale, logged and dropped."""
+the rest are stale, logged and dropped. Anyone may publish to the fanout: what the headers claim
+is weighed against the row (`charge`)."""
 
 from __future__ import annotations
 
@@ -49,6 +50,21 @@ def death_reason(headers: Mapping[str, Any] | None) -> str:
         reason = first.get("reason") if isinstance(first, Mapping) else None
     text = reason.decode("utf-8", "replace") if isinstance(reason, bytes) else reason
     return text if isinstance(text, str) and text in DEATH_REASONS else "unknown"
+
+
+def charge(reason: str, *, waited_s: float | None, queue_ttl_s: float | None, worker_busy: bool) -> bool | None:
+    """Whether a dead-lettered dispatch, still current, spends one of the execution's dispatches
+    (True), is rescheduled without spending one (False), or is dropped (None).
+
+    Anyone who may post may publish to the fanout, headers included, so the headers alone never
+    fail an execution. A message in a queue with a TTL expires no sooner than the TTL after it was
+    enqueued, which is after the row was scheduled: an `expired` dead letter before then is forged,
+    and the dispatch it names still waits in the worker's queue. A dispatch handed back, or left
+    behind a live worker that is merely busy, is not the execution's fault."""
+    early = waited_s is not None and queue_ttl_s is not None and waited_s < queue_ttl_s
+    if early:
+        return None if reason == "expired" else False
+    return not (reason == "rejected" or worker_busy)
 
 
 async def run(ctx: ExecutorContext, stop_event: asyncio.Event) -> None:
@@ -119,6 +135,10 @@ async def _settle(ctx: ExecutorContext, dispatch: Dispatch, reason: str) -> asyn
             row = await conn.fetchrow(q.SELECT_FOR_UPDATE, dispatch.execution_id, cfg.heartbeat_staleness_multiplier)
             if row is None or row["status"] != "scheduled" or row["attempt"] != dispatch.attempt:
                 return "stale", None
+            counts = charge(reason, waited_s=row["waited_s"], queue_ttl_s=row["queue_ttl_s"],
+                            worker_busy=row["worker_busy"])
+            if counts is None:
+                return "premature", None
             return await reschedule_or_fail(
                 conn,
                 row,
@@ -127,13 +147,18 @@ async def _settle(ctx: ExecutorContext, dispatch: Dispatch, reason: str) -> asyn
                 kind=f"dead_letter_{reason}",
                 error={"error": f"no worker started it after {cfg.max_schedule_attempts} dispatches: {why}",
                        "failed_by": "dead_letter_handler", "attempts": row["schedule_attempts"]},
-                # Not the execution's fault, so no dispatch spent: a worker hands a dispatch back when it
-                # drains or stands down, and one that expired behind a live, busy worker waited on it.
-                counts=not (reason == "rejected" or row["worker_busy"]),
+                counts=counts,
             )
 
     status, failed = await until_available(settle, what="dead_letter")
-    if status == "stale" or status is None:
+    if status == "premature":
+        metrics.DEAD_LETTERS.labels("premature").inc()
+        log.warning(
+            "dead_letter_premature", **fields,
+            detail="a dispatch cannot expire sooner than its worker's queue TTL after it was scheduled: this dead "
+            "letter did not come from RabbitMQ, and was dropped; find who publishes to the dead-letter exchange",
+        )
+    elif status == "stale" or status is None:
         metrics.DEAD_LETTERS.labels("dropped").inc()
         log.info("dead_letter_dropped", **fields)
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
 import uuid
 from pathlib import Path
@@ -515,3 +516,39 @@ async def test_intake_memory_is_bounded_by_bytes_not_by_what_json_expands_to(bat
     grown = _peak_rss_mib(executor.process.pid) - before
     assert grown < 500, f"the executor's peak memory grew by {grown:.0f} MiB"
     assert executor.process.poll() is None
+
+
+async def test_a_forged_expiry_neither_moves_nor_fails_a_waiting_dispatch(baton):
+    """Anyone who may post may publish to the dead-letter exchange, headers included. A dead letter
+    saying a dispatch expired, long before its worker's queue TTL could have expired it, is dropped:
+    such letters once spent the execution's dispatches, so that a few of them failed it."""
+    blind = {"BATON__EXECUTOR__HEARTBEAT_STALENESS_MULTIPLIER": "10000"}
+    executor = await baton.start_executor(BATON__EXECUTOR__MAX_SCHEDULE_ATTEMPTS="1", **blind)
+    frozen = await baton.start_worker("frozen", **blind)
+    frozen.signal(signal.SIGSTOP)  # alive, not busy, and not taking its dispatch for now
+    try:
+        client = await baton.client()
+        sub = await client.submit("core.echo", {"message": "kept"}, watch=True)
+        row = await baton.wait_status(sub.execution_id, "scheduled")
+        body = json.dumps({"dispatches": [{"execution_id": str(sub.execution_id), "attempt": row["attempt"]}]})
+        headers = {"x-first-death-reason": "expired",
+                   "x-death": [{"reason": "expired", "queue": baton.names.worker_queue("frozen"), "count": 1}]}
+        connection = await aio_pika.connect(AMQP_URL)
+        try:
+            channel = await connection.channel()
+            exchange = await channel.get_exchange(baton.names.dlx)
+            await exchange.publish(aio_pika.Message(body.encode(), headers=headers), routing_key="")
+        finally:
+            await connection.close()
+
+        async def dropped() -> bool:
+            return bool(executor.events("dead_letter_premature"))
+
+        await wait_until(dropped, what="the forged expiry to be dropped")
+        after = await baton.execution(sub.execution_id)
+        assert (after["status"], after["attempt"], after["schedule_attempts"]) == ("scheduled", row["attempt"], 1)
+        assert not executor.events("dead_letter_handled")
+    finally:
+        frozen.signal(signal.SIGCONT)
+    done = await baton.wait_status(sub.execution_id, "completed")
+    assert (done["worker"], done["attempt"]) == ("frozen", row["attempt"])

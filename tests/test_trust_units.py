@@ -58,3 +58,24 @@ def test_no_timeout_exceeds_the_ceiling():
     assert resolve_timeout_s(None, 7200, 60, ceiling_s=3600) == 3600
     assert resolve_timeout_s(None, None, 7200, ceiling_s=3600) == 3600
     assert resolve_timeout_s(5, None, 60, ceiling_s=3600) == 5
+
+
+@pytest.mark.parametrize(
+    ("reason", "waited_s", "ttl_s", "busy", "expected"),
+    [
+        ("expired", 0.2, 300.0, False, None),  # sooner than the queue's TTL allows: forged, dropped
+        ("expired", 0.2, 300.0, True, None),
+        ("expired", 300.5, 300.0, False, True),  # a real expiry behind an idle worker spends a dispatch
+        ("expired", 300.5, 300.0, True, False),  # ... not behind a merely busy one
+        ("unknown", 0.2, 300.0, False, False),  # early and not an expiry: moved on, never charged
+        ("unknown", 301.0, 300.0, False, True),
+        ("rejected", 0.2, 300.0, False, False),  # handed back: never the execution's fault
+        ("rejected", 900.0, 300.0, False, False),
+        ("expired", 0.2, None, False, True),  # a worker registered before the TTL was recorded
+        ("expired", None, 300.0, False, True),
+    ],
+)
+def test_a_dead_letter_is_charged_only_when_rabbitmq_could_have_sent_it(reason, waited_s, ttl_s, busy, expected):
+    from executor.dead_letters import charge
+
+    assert charge(reason, waited_s=waited_s, queue_ttl_s=ttl_s, worker_busy=busy) is expected

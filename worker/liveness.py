@@ -143,6 +143,7 @@ async def _register_once(state: WorkerState) -> None:
             os.getpid(),
             state.incarnation,
             state.lock_key,
+            cfg.queue_ttl_s,
         )
 
 

@@ -407,10 +407,11 @@ ORDER BY id
 FOR UPDATE
 """
 
-# The execution a dead-lettered dispatch was for, and whether its worker is merely busy.
-# $1 id, $2 staleness multiplier
+# The execution a dead-lettered dispatch was for, whether its worker is merely busy, how long ago
+# it was scheduled and the message TTL of its worker's queue. $1 id, $2 staleness multiplier
 SELECT_FOR_UPDATE = f"""
-SELECT e.id, e.status, e.attempt, e.schedule_attempts, e.worker, COALESCE({busy("$2")}, false) AS worker_busy
+SELECT e.id, e.status, e.attempt, e.schedule_attempts, e.worker, COALESCE({busy("$2")}, false) AS worker_busy,
+       EXTRACT(EPOCH FROM clock_timestamp() - e.scheduled_at)::float8 AS waited_s, w.queue_ttl_s
 FROM executions e LEFT JOIN workers w ON w.name = e.worker
 WHERE e.id = $1
 FOR UPDATE OF e

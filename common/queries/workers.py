@@ -53,14 +53,15 @@ FROM workers WHERE name = $1 FOR UPDATE
 REGISTER = f"""
 WITH up AS (
     INSERT INTO workers (name, status, runtimes, actions, max_concurrent_tasks, heartbeat_interval_s,
-                         last_heartbeat, in_flight, hostname, pid, incarnation, lock_key, started_at, updated_at)
-    VALUES ($1, 'active', $2, $3, $4, $5, now(), 0, $6, $7, $8, $9, now(), now())
+                         last_heartbeat, in_flight, hostname, pid, incarnation, lock_key, queue_ttl_s, started_at,
+                         updated_at)
+    VALUES ($1, 'active', $2, $3, $4, $5, now(), 0, $6, $7, $8, $9, $10, now(), now())
     ON CONFLICT (name) DO UPDATE SET
         status = 'active', runtimes = EXCLUDED.runtimes, actions = EXCLUDED.actions,
         max_concurrent_tasks = EXCLUDED.max_concurrent_tasks,
         heartbeat_interval_s = EXCLUDED.heartbeat_interval_s, last_heartbeat = now(), in_flight = 0, full_at = NULL,
         hostname = EXCLUDED.hostname, pid = EXCLUDED.pid, incarnation = EXCLUDED.incarnation,
-        lock_key = EXCLUDED.lock_key, started_at = now(), updated_at = now()
+        lock_key = EXCLUDED.lock_key, queue_ttl_s = EXCLUDED.queue_ttl_s, started_at = now(), updated_at = now()
     RETURNING name
 )
 SELECT name, pg_notify('{WAKE_CHANNEL}', 'worker') FROM up
