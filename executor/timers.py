@@ -6,9 +6,10 @@ signal) records when it is due: its timer, or its deadline, whichever is first. 
 until the earliest of those (read from the first entry of a partial index, so its cost is the
 number of suspended runs, never history), or until a new suspension is announced on
 TIMER_CHANNEL, and puts what is due back in line for the scheduler. A child finishing or a signal
-arriving wakes its run at once (a trigger, and the signal query); once a fallback interval, a pass
-here also catches a wake-up that raced the run's own suspension (that check reads every waiting
-run, so it does not run on every notification). Safe with several executors (`SKIP LOCKED`).
+arriving wakes its run at once (a trigger, and the signal query; the suspension's locks keep them
+from racing it); once a fallback interval, a pass here also wakes any waiting run whose child or
+signal is there anyway, and says so (that check reads every waiting run, so it does not run on
+every notification). Safe with several executors (`SKIP LOCKED`).
 """
 
 from __future__ import annotations
@@ -59,7 +60,10 @@ async def wake_due(ctx: ExecutorContext, query: str) -> int:
     returns the larger count (BATCH: there may be more)."""
     rows = await ctx.pool.fetch(query, BATCH)
     for row in rows:
-        log.info("execution_woken", execution_id=str(row["id"]), reason=row["reason"])
+        if row["reason"] == "ready":  # missed by the trigger or the signal query: never expected
+            log.warning("execution_woken_late", execution_id=str(row["id"]), reason=row["reason"])
+        else:
+            log.info("execution_woken", execution_id=str(row["id"]), reason=row["reason"])
     released = await ctx.pool.fetch(wq.RELEASE_DELAYED, BATCH)
     for row in released:
         log.info("execution_due", execution_id=str(row["id"]))

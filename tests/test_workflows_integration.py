@@ -7,6 +7,7 @@ often each step really ran."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import os
 import signal
@@ -620,10 +621,11 @@ async def test_a_signal_take_tried_again_after_its_commit_finds_what_it_took(bat
     assert step["status"] == "completed" and step["result"] == {"n": 1}
 
 
-async def test_a_wake_up_that_raced_the_suspension_is_caught_by_the_backstop(baton):
-    """A run that suspended to wait while its child finished, or its signal arrived, at the same
-    moment (neither the trigger nor the signal query saw it waiting): the timers loop's backstop
-    puts it back in line within a few fallback intervals."""
+async def test_a_waiting_run_whose_wake_up_was_missed_is_caught_by_the_backstop(baton):
+    """Runs left waiting for a child that has finished, or a signal that has arrived, which the
+    trigger or the signal query did not wake (rows written so by hand; the suspension's locks keep
+    Baton's own paths from it): the timers loop's backstop puts them back in line within a few
+    fallback intervals, and says so."""
     pool = await baton.pool()
     child, on_child, on_signal = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
     await pool.execute("INSERT INTO executions (id, action_ref, status) VALUES ($1, 'core.noop', 'completed')", child)
@@ -636,7 +638,7 @@ async def test_a_wake_up_that_raced_the_suspension_is_caught_by_the_backstop(bat
         on_signal,
     )
     await pool.execute("INSERT INTO workflow_signals (execution_id, name, data) VALUES ($1, 'go', '{}')", on_signal)
-    await baton.start_executor(BATON__EXECUTOR__SWEEP_INTERVAL="0.2")
+    executor = await baton.start_executor(BATON__EXECUTOR__SWEEP_INTERVAL="0.2")
 
     async def woken() -> bool:
         rows = await pool.fetch(
@@ -646,3 +648,59 @@ async def test_a_wake_up_that_raced_the_suspension_is_caught_by_the_backstop(bat
         return {(r["execution_id"], r["data"]["reason"]) for r in rows} == {(on_child, "ready"), (on_signal, "ready")}
 
     await wait_until(woken, what="both waiting runs woken by the backstop")
+    assert {e["execution_id"] for e in executor.events("execution_woken_late")} == {str(on_child), str(on_signal)}
+
+
+@pytest.mark.parametrize("via", ["child", "signal"])
+async def test_a_wake_up_under_way_while_the_run_suspends_is_not_missed(baton, via):
+    """A child finishing, or a signal arriving, in a transaction not yet committed while the run
+    records that it waits for it: the finish found the run still running and woke nothing, and the
+    suspension's snapshot did not see the finish, so the run once stayed `waiting` until the
+    timers' backstop. The suspension now waits for that transaction and goes straight back in line."""
+    from common.queries import workflows as wq
+    from worker.durable import suspend_run
+    from worker.journal import Suspend
+
+    pool = await baton.pool()
+    incarnation, parent, child = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    await pool.execute(
+        "INSERT INTO workers (name, status, runtimes, actions, max_concurrent_tasks, heartbeat_interval_s, "
+        "last_heartbeat, incarnation) VALUES ('w1', 'active', '{python}', '{pack.flow}', 2, 0.2, now(), $1)",
+        incarnation,
+    )
+    await pool.execute(
+        "INSERT INTO actions (ref, runtime, parameters_schema, durable) VALUES ('pack.flow', 'python', '{}', true)"
+    )
+    await pool.execute(
+        "INSERT INTO executions (id, action_ref, status, attempt, worker, incarnation) "
+        "VALUES ($1, 'pack.flow', 'running', 1, 'w1', $2)", parent, incarnation,
+    )
+    await pool.execute(
+        "INSERT INTO executions (id, action_ref, status, attempt, worker, incarnation, parent_id) "
+        "VALUES ($1, 'core.noop', 'running', 1, 'w1', $2, $3)", child, incarnation, parent,
+    )
+    other = await pool.acquire()
+    try:
+        under_way = other.transaction()
+        await under_way.start()
+        if via == "child":
+            await other.execute("UPDATE executions SET status = 'completed' WHERE id = $1", child)
+            suspension = Suspend("waiting", child_id=child)
+        else:
+            assert (await other.fetchrow(wq.SIGNAL, parent, "go", None))["wakes"] is False
+            suspension = Suspend("waiting", signal="go")
+        suspending = asyncio.create_task(suspend_run(pool, (parent, 1, "w1", incarnation), suspension))
+
+        async def blocked_or_done() -> bool:
+            # Not on `other`: in a transaction, pg_stat_activity is read once and kept.
+            waiting = await pool.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )
+            return suspending.done() or waiting > 0
+
+        await wait_until(blocked_or_done, what="the suspension to wait for the transaction under way")
+        await under_way.commit()
+    finally:
+        await pool.release(other)
+    assert await asyncio.wait_for(suspending, 10) == "requested"
+    assert (await baton.execution(parent))["status"] == "requested"

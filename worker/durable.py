@@ -15,6 +15,8 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import asyncpg
+
 from common import db
 from common.actions import CORE_ACTIONS
 from common.errors import describe
@@ -208,14 +210,20 @@ async def run(state: WorkerState, dispatch: Assignment, action: RegisteredAction
     return bounded_result(result, state.cfg.max_output_bytes)
 
 
+async def suspend_run(pool: asyncpg.Pool, fence: tuple[Any, ...], suspension: Suspend) -> str | None:
+    """Record that the run (``fence``: id, attempt, worker, incarnation) leaves its worker; returns
+    the status it now has (`requested` if what it waits for is already there), or None if fenced."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute(wq.LOCK_FOR_SUSPEND, fence[0], suspension.child_id)
+        status: str | None = await conn.fetchval(
+            wq.SUSPEND, *fence, suspension.status, suspension.wake_at_s, suspension.child_id, suspension.signal,
+        )
+        return status
+
+
 async def _suspend(state: WorkerState, dispatch: Assignment, suspension: Suspend, fields: dict[str, Any]) -> None:
-    status = await _journal(
-        lambda: state.pool.fetchval(
-            wq.SUSPEND, dispatch.execution_id, dispatch.attempt, state.name, state.incarnation, suspension.status,
-            suspension.wake_at_s, suspension.child_id, suspension.signal,
-        ),
-        what="suspend",
-    )
+    fence = (dispatch.execution_id, dispatch.attempt, state.name, state.incarnation)
+    status = await _journal(lambda: suspend_run(state.pool, fence, suspension), what="suspend")
     if status is None:
         state.log.warning("workflow_fenced", at="suspend", **fields)
         return

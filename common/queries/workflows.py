@@ -119,11 +119,20 @@ SELECT id, data FROM workflow_signals WHERE execution_id = $1 AND name = $2 AND 
 ORDER BY id LIMIT 1
 """
 
+# Taken before SUSPEND, in a statement of its own, in the order a cancel takes them (the run, then
+# the child it waits for). A child finishing or a signal arriving under way (each holds one of
+# these rows) has then committed, and SUSPEND's snapshot, taken after, sees it; one that comes
+# later waits for SUSPEND to commit and finds the run waiting, which it wakes. A finishing child
+# locks its parent only when the parent is waiting, so it never waits for this run. $1 run id,
+# $2 the child's id (or NULL)
+LOCK_FOR_SUSPEND = "SELECT id FROM executions WHERE id = $1 OR id = $2 ORDER BY id <> $1 FOR SHARE"
+
 # The run leaves its worker: `sleeping` until its timer, `waiting` for a child or a signal, or
 # `paused`. It goes straight back in line instead if what it waits for has already happened (a
 # child that finished, a signal that arrived, while it was deciding to wait), and to `paused` if an
-# operator asked for that. It wakes at its timer or at its deadline, whichever is first.
-# $5 status, $6 wake at (epoch s, or NULL), $7 child id, $8 signal name
+# operator asked for that. It wakes at its timer or at its deadline, whichever is first. Run after
+# LOCK_FOR_SUSPEND, in its transaction. $5 status, $6 wake at (epoch s, or NULL), $7 child id,
+# $8 signal name
 SUSPEND = f"""
 WITH ready AS (
     SELECT ($7::uuid IS NOT NULL AND EXISTS (SELECT 1 FROM executions c WHERE c.id = $7 AND c.status IN {_TERMINAL}))
@@ -205,10 +214,11 @@ WITH due AS (
     ORDER BY wake_at LIMIT $1 FOR UPDATE SKIP LOCKED
 ), {_WAKE}"""
 
-# Back in line: waiting runs whose child has finished or whose signal has arrived. A backstop for
-# a wake-up that raced the run's own suspension (the trigger and the signal query wake the rest at
-# once); it reads every waiting run, so the timers loop runs it once a fallback interval, not on
-# every notification. $1 limit
+# Back in line: waiting runs whose child has finished or whose signal has arrived, which the
+# trigger or the signal query should have woken at once (LOCK_FOR_SUSPEND closes the race between
+# them and the run's suspension): a backstop that should find none, for a row put in this state
+# some other way. It reads every waiting run, so the timers loop runs it once a fallback interval,
+# not on every notification. $1 limit
 WAKE_READY = f"""
 WITH due AS (
     SELECT p.id, 'ready' AS reason FROM executions p
