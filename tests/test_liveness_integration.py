@@ -259,6 +259,42 @@ async def test_second_signal_exits_at_once(baton):
     )] == []
 
 
+async def test_a_drain_does_not_wait_past_its_deadline_for_a_held_up_claim(baton):
+    """A claim the database holds up (here a row lock; a long outage does the same for up to
+    `until_available`'s five minutes): the drain once waited for it without bound. It now gives the
+    claim until its deadline, then abandons it and hands its dispatch back, which runs elsewhere."""
+    blind = {"BATON__EXECUTOR__HEARTBEAT_STALENESS_MULTIPLIER": "10000"}
+    await baton.start_executor(**blind)
+    held = await baton.start_worker("held", concurrency=1, BATON__WORKER__SHUTDOWN_TIMEOUT="1", **blind)
+    held.signal(signal.SIGSTOP)  # so that the row can be locked before the worker claims it
+    pool = await baton.pool()
+    locker = await pool.acquire()
+    try:
+        client = await baton.client()
+        sub = await client.submit("core.echo", {"message": "moved on"}, watch=True)
+        assert (await baton.wait_status(sub.execution_id, "scheduled"))["worker"] == "held"
+        lock = locker.transaction()
+        await lock.start()
+        await locker.execute("SELECT id FROM executions WHERE id = $1 FOR UPDATE", sub.execution_id)
+        held.signal(signal.SIGCONT)
+
+        async def claim_blocked() -> bool:
+            return bool(await pool.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            ))
+
+        await wait_until(claim_blocked, what="the worker's claim to wait on the row lock")
+        held.signal(signal.SIGTERM)
+        assert held.wait(20) == 0
+        await lock.rollback()
+    finally:
+        await pool.release(locker)
+    assert held.events("drain_claim_abandoned") and held.events("dispatches_handed_back")
+    await baton.start_worker("next")
+    done = await client.wait(sub.execution_id, 30)
+    assert (done["status"], done["worker"], done["attempt"]) == ("completed", "next", 2)
+
+
 async def test_expired_dispatch_is_dead_lettered_and_rescheduled(baton):
     """Dispatches queued behind a busy worker expire after the queue TTL and go elsewhere. What a
     worker has received holds unacked, and RabbitMQ does not expire it: the sweeper and the

@@ -75,12 +75,20 @@ async def _claim(state: WorkerState, batch: list[tuple[Dispatch, Delivery]]) -> 
                 continue
         dispatches[dispatch.execution_id] = dispatch
     ordered = sorted(dispatches.values(), key=lambda d: d.execution_id)  # one lock order: no deadlocks
-    rows = await db.until_available(
-        lambda: claim_rows(
-            state.pool, [d.execution_id for d in ordered], [d.attempt for d in ordered], state.name, state.incarnation
-        ),
-        what="claim",
-    )
+    try:
+        rows = await db.until_available(
+            lambda: claim_rows(
+                state.pool, [d.execution_id for d in ordered], [d.attempt for d in ordered], state.name,
+                state.incarnation,
+            ),
+            what="claim",
+        )
+    except asyncio.CancelledError:
+        # A drain stopped waiting for a claim held up by the database: its messages go back to the
+        # inbox, which the drain hands back. What the claim committed unseen arrives stale at the
+        # dead-letter handler, and its row is recovered once this process is gone.
+        state.inbox.extendleft(reversed(batch))
+        raise
     # What runs is what PostgreSQL recorded, never what the message says.
     claimed = {
         r["id"]: Assignment(

@@ -202,6 +202,7 @@ class WorkerService:
         """DESIGN section 5: draining, consumer cancelled, unstarted handed back, in-flight finished
         (or interrupted past the deadline), then inactive."""
         state = self.state
+        deadline_s = asyncio.get_running_loop().time() + state.cfg.shutdown_timeout_s
         state.draining = True
         state.mail.set()
         state.log.info("worker_draining", in_flight=len(state.running), unstarted=len(state.inbox))
@@ -212,19 +213,25 @@ class WorkerService:
         claimer = next((t for t in loops if t.get_name() == "claimer"), None)
         if claimer is not None:
             # Waiting for a slot can last as long as the longest run: stop waiting. A claim under
-            # way is let finish, so that what it claimed is started and tracked.
+            # way is let finish, so that what it claimed is started and tracked, but not past the
+            # drain's deadline (the database away, it would wait as long as `until_available`).
             if not state.claiming:
                 claimer.cancel()
             # Waited for, not awaited: how it ended is collected with the other loops' below.
             try:
-                await asyncio.wait({claimer})
+                left_s = deadline_s - asyncio.get_running_loop().time()
+                if not (await asyncio.wait({claimer}, timeout=max(left_s, 0)))[0]:
+                    claimer.cancel()
+                    await asyncio.wait({claimer})
+                    state.log.warning("drain_claim_abandoned", unstarted=len(state.inbox))
             except asyncio.CancelledError:
                 for task in loops:  # this drain itself was cancelled: its loops go with it
                     task.cancel()
                 raise
         await claiming.hand_back(state)
         try:
-            await asyncio.wait_for(state.idle.wait(), state.cfg.shutdown_timeout_s)
+            if not state.idle.is_set():  # (with no time left, wait_for times out even on a set event)
+                await asyncio.wait_for(state.idle.wait(), max(deadline_s - asyncio.get_running_loop().time(), 0))
         except TimeoutError:
             state.log.warning("drain_deadline_passed", interrupting=len(state.running))
             for task in list(state.running.values()):
