@@ -362,7 +362,7 @@ async def test_registering_again_leaves_alone_a_run_a_claim_under_way_has_taken(
 
     state = SimpleNamespace(
         pool=Pool(), name="w", incarnation=uuid.uuid4(), lock_key=1, running={}, claiming=claiming, actions={},
-        cfg=SimpleNamespace(runtimes=["python"], max_concurrent_tasks=1, heartbeat_interval_s=1.0),
+        cfg=SimpleNamespace(runtimes=["python"], max_concurrent_tasks=1, heartbeat_interval_s=1.0, queue_ttl_s=300.0),
         settings=SimpleNamespace(recovery=RecoverySettings()),
         log=SimpleNamespace(warning=lambda *a, **k: None, info=lambda *a, **k: None),
     )
