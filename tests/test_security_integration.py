@@ -518,10 +518,11 @@ async def test_intake_memory_is_bounded_by_bytes_not_by_what_json_expands_to(bat
     assert executor.process.poll() is None
 
 
-async def test_a_forged_expiry_neither_moves_nor_fails_a_waiting_dispatch(baton):
-    """Anyone who may post may publish to the dead-letter exchange, headers included. A dead letter
-    saying a dispatch expired, long before its worker's queue TTL could have expired it, is dropped:
-    such letters once spent the execution's dispatches, so that a few of them failed it."""
+async def test_forged_dead_letters_neither_move_nor_fail_a_waiting_dispatch(baton):
+    """Anyone who may post may publish to the dead-letter exchange, headers included. Dead letters
+    saying a dispatch expired, or was handed back, long before its worker's queue TTL and while
+    that worker is alive, are dropped: such letters once spent the execution's dispatches, so that
+    a few of them failed it, or moved it to another worker at will."""
     blind = {"BATON__EXECUTOR__HEARTBEAT_STALENESS_MULTIPLIER": "10000"}
     executor = await baton.start_executor(BATON__EXECUTOR__MAX_SCHEDULE_ATTEMPTS="1", **blind)
     frozen = await baton.start_worker("frozen", **blind)
@@ -531,18 +532,19 @@ async def test_a_forged_expiry_neither_moves_nor_fails_a_waiting_dispatch(baton)
         sub = await client.submit("core.echo", {"message": "kept"}, watch=True)
         row = await baton.wait_status(sub.execution_id, "scheduled")
         body = json.dumps({"dispatches": [{"execution_id": str(sub.execution_id), "attempt": row["attempt"]}]})
-        headers = {"x-first-death-reason": "expired",
-                   "x-death": [{"reason": "expired", "queue": baton.names.worker_queue("frozen"), "count": 1}]}
         connection = await aio_pika.connect(AMQP_URL)
         try:
             channel = await connection.channel()
             exchange = await channel.get_exchange(baton.names.dlx)
-            await exchange.publish(aio_pika.Message(body.encode(), headers=headers), routing_key="")
+            for reason in ("expired", "rejected"):
+                headers = {"x-first-death-reason": reason,
+                           "x-death": [{"reason": reason, "queue": baton.names.worker_queue("frozen"), "count": 1}]}
+                await exchange.publish(aio_pika.Message(body.encode(), headers=headers), routing_key="")
         finally:
             await connection.close()
 
         async def dropped() -> bool:
-            return bool(executor.events("dead_letter_premature"))
+            return len(executor.events("dead_letter_premature")) == 2
 
         await wait_until(dropped, what="the forged expiry to be dropped")
         after = await baton.execution(sub.execution_id)

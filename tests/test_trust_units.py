@@ -61,21 +61,28 @@ def test_no_timeout_exceeds_the_ceiling():
 
 
 @pytest.mark.parametrize(
-    ("reason", "waited_s", "ttl_s", "busy", "expected"),
+    ("reason", "waited_s", "ttl_s", "alive", "busy", "expected"),
     [
-        ("expired", 0.2, 300.0, False, None),  # sooner than the queue's TTL allows: forged, dropped
-        ("expired", 0.2, 300.0, True, None),
-        ("expired", 300.5, 300.0, False, True),  # a real expiry behind an idle worker spends a dispatch
-        ("expired", 300.5, 300.0, True, False),  # ... not behind a merely busy one
-        ("unknown", 0.2, 300.0, False, False),  # early and not an expiry: moved on, never charged
-        ("unknown", 301.0, 300.0, False, True),
-        ("rejected", 0.2, 300.0, False, False),  # handed back: never the execution's fault
-        ("rejected", 900.0, 300.0, False, False),
-        ("expired", 0.2, None, False, True),  # a worker registered before the TTL was recorded
-        ("expired", None, 300.0, False, True),
+        # Sooner than the queue's TTL allows, naming a worker still alive: forged, dropped.
+        ("expired", 0.2, 300.0, True, False, None),
+        ("expired", 0.2, 300.0, True, True, None),
+        ("rejected", 0.2, 300.0, True, False, None),
+        ("unknown", 0.2, 300.0, True, False, None),
+        # Early from a worker that no longer takes work (draining, standing down): moved, never charged.
+        ("rejected", 0.2, 300.0, False, False, False),
+        ("expired", 0.2, 300.0, False, False, False),
+        # Past the TTL: an expiry behind an idle worker spends a dispatch, not behind a busy one.
+        ("expired", 300.5, 300.0, True, False, True),
+        ("expired", 300.5, 300.0, True, True, False),
+        ("unknown", 301.0, 300.0, False, False, True),
+        ("rejected", 900.0, 300.0, True, False, False),  # handed back: never the execution's fault
+        # Nothing to weigh it against (a worker registered before the TTL was recorded): as the reason says.
+        ("expired", 0.2, None, True, False, True),
+        ("expired", None, 300.0, True, False, True),
+        ("rejected", 0.2, None, True, False, False),
     ],
 )
-def test_a_dead_letter_is_charged_only_when_rabbitmq_could_have_sent_it(reason, waited_s, ttl_s, busy, expected):
+def test_a_dead_letter_is_charged_only_when_rabbitmq_could_have_sent_it(reason, waited_s, ttl_s, alive, busy, expected):
     from executor.dead_letters import charge
 
-    assert charge(reason, waited_s=waited_s, queue_ttl_s=ttl_s, worker_busy=busy) is expected
+    assert charge(reason, waited_s=waited_s, queue_ttl_s=ttl_s, worker_alive=alive, worker_busy=busy) is expected

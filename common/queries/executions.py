@@ -6,7 +6,7 @@ Each transition appends its event in the same statement, numbered from `last_eve
 """
 
 from common.queries import TIMER_CHANNEL, WAKE_CHANNEL
-from common.queries.workers import ELIGIBLE, busy
+from common.queries.workers import ELIGIBLE, alive, busy
 
 # $1 id, $2 action_ref, $3 parameters, $4 status, $5 idempotency_key, $6 message_id,
 # $7 correlation_id, $8 timeout_s, $9 error, $10 max_retries, $11 not_before, $12 schedule_name,
@@ -407,10 +407,12 @@ ORDER BY id
 FOR UPDATE
 """
 
-# The execution a dead-lettered dispatch was for, whether its worker is merely busy, how long ago
-# it was scheduled and the message TTL of its worker's queue. $1 id, $2 staleness multiplier
+# The execution a dead-lettered dispatch was for, whether its worker is alive (and merely busy),
+# how long ago it was scheduled and the message TTL of its worker's queue. $1 id, $2 staleness
+# multiplier
 SELECT_FOR_UPDATE = f"""
-SELECT e.id, e.status, e.attempt, e.schedule_attempts, e.worker, COALESCE({busy("$2")}, false) AS worker_busy,
+SELECT e.id, e.status, e.attempt, e.schedule_attempts, e.worker, COALESCE({alive("$2")}, false) AS worker_alive,
+       COALESCE({busy("$2")}, false) AS worker_busy,
        EXTRACT(EPOCH FROM clock_timestamp() - e.scheduled_at)::float8 AS waited_s, w.queue_ttl_s
 FROM executions e LEFT JOIN workers w ON w.name = e.worker
 WHERE e.id = $1
