@@ -554,3 +554,33 @@ async def test_forged_dead_letters_neither_move_nor_fail_a_waiting_dispatch(bato
         frozen.signal(signal.SIGCONT)
     done = await baton.wait_status(sub.execution_id, "completed")
     assert (done["worker"], done["attempt"]) == ("frozen", row["attempt"])
+
+
+async def test_a_forged_dispatch_naming_a_later_attempt_does_not_displace_the_real_one(baton):
+    """A worker given two dispatches of one execution once kept only the one naming the later
+    attempt, as the newer: a forged dispatch naming attempt 7 made it drop the real one, which
+    then waited for the scheduled-timeout monitor. Which attempt is current is the row's to say."""
+    blind = {"BATON__EXECUTOR__HEARTBEAT_STALENESS_MULTIPLIER": "10000"}
+    await baton.start_executor(**blind)
+    frozen = await baton.start_worker("frozen", **blind)
+    frozen.signal(signal.SIGSTOP)  # both messages wait for it, and reach its inbox together
+    try:
+        client = await baton.client()
+        sub = await client.submit("core.echo", {"message": "real"}, watch=True)
+        row = await baton.wait_status(sub.execution_id, "scheduled")
+        forged = {"dispatches": [{"execution_id": str(sub.execution_id), "attempt": row["attempt"] + 6}]}
+        connection = await aio_pika.connect(AMQP_URL)
+        try:
+            channel = await connection.channel()
+            exchange = await channel.get_exchange(baton.names.dispatch_exchange)
+            await exchange.publish(
+                aio_pika.Message(json.dumps(forged).encode()), routing_key=amqp.Names.worker_routing_key("frozen")
+            )
+        finally:
+            await connection.close()
+    finally:
+        frozen.signal(signal.SIGCONT)
+    done = await baton.wait_status(sub.execution_id, "completed", timeout_s=15)
+    assert (done["worker"], done["attempt"], done["result"]) == ("frozen", row["attempt"], {"message": "real"})
+    stale = frozen.events("dispatch_stale")
+    assert [(e["execution_id"], e["attempt"]) for e in stale] == [(str(sub.execution_id), row["attempt"] + 6)]

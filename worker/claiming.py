@@ -64,17 +64,16 @@ async def claim_loop(state: WorkerState) -> None:
 
 
 async def _claim(state: WorkerState, batch: list[tuple[Dispatch, Delivery]]) -> None:
-    dispatches: dict[uuid.UUID, Dispatch] = {}
+    # Each attempt named is tried: which one is current is the row's to say, never the messages'
+    # (anyone may publish a dispatch naming a later attempt, and the real one must not give way).
+    dispatches: dict[tuple[uuid.UUID, int], Dispatch] = {}
     for dispatch, _ in batch:
-        twin = dispatches.get(dispatch.execution_id)
-        if twin is not None or dispatch.execution_id in state.running:
-            # A redelivery, or an older attempt beside a newer one: only the newest can match.
-            stale = dispatch if twin is None or twin.attempt >= dispatch.attempt else twin
-            state.log.info("dispatch_stale", execution_id=str(stale.execution_id), attempt=stale.attempt, twin=True)
-            if stale is dispatch:
-                continue
-        dispatches[dispatch.execution_id] = dispatch
-    ordered = sorted(dispatches.values(), key=lambda d: d.execution_id)  # one lock order: no deadlocks
+        key = (dispatch.execution_id, dispatch.attempt)
+        if key in dispatches or dispatch.execution_id in state.running:  # a redelivery
+            state.log.info("dispatch_stale", execution_id=str(dispatch.execution_id), attempt=dispatch.attempt, twin=True)
+            continue
+        dispatches[key] = dispatch
+    ordered = [dispatches[key] for key in sorted(dispatches)]  # one lock order: no deadlocks
     try:
         rows = await db.until_available(
             lambda: claim_rows(
@@ -106,10 +105,10 @@ async def _claim(state: WorkerState, batch: list[tuple[Dispatch, Delivery]]) -> 
     # Dispatches are claimed in the order they arrived, so messages settle in delivery order too
     # (what `ack_all`'s one cumulative ack per channel relies on).
     await amqp.ack_all(settled)
-    for execution_id, dispatch in dispatches.items():
-        fields = {"execution_id": str(execution_id), "attempt": dispatch.attempt}
+    for execution_id, attempt in dispatches:
+        fields = {"execution_id": str(execution_id), "attempt": attempt}
         assignment = claimed.get(execution_id)
-        if assignment is not None and execution_id not in state.running:
+        if assignment is not None and assignment.attempt == attempt and execution_id not in state.running:
             state.log.info("execution_started", action_ref=assignment.action_ref, **fields)
             state.idle.clear()
             state.running[execution_id] = asyncio.create_task(recording.run_one(state, assignment))
