@@ -53,7 +53,13 @@ def death_reason(headers: Mapping[str, Any] | None) -> str:
 
 
 def charge(
-    reason: str, *, waited_s: float | None, queue_ttl_s: float | None, worker_alive: bool, worker_busy: bool
+    reason: str,
+    *,
+    waited_s: float | None,
+    queue_ttl_s: float | None,
+    worker_alive: bool,
+    worker_busy: bool,
+    worker_restarted: bool,
 ) -> bool | None:
     """Whether a dead-lettered dispatch, still current, spends one of the execution's dispatches
     (True), is rescheduled without spending one (False), or is dropped (None).
@@ -61,14 +67,15 @@ def charge(
     Anyone who may post may publish to the fanout, headers included, so a dead letter is weighed
     against the row. A message in a queue with a TTL expires no sooner than the TTL after it was
     enqueued, which is after the row was scheduled; before then RabbitMQ dead-letters a dispatch
-    only when its worker hands it back, which a worker does once it no longer takes work (draining,
-    standing down). So an early letter naming a worker still alive is forged, and the dispatch it
+    only when its worker hands it back, which a worker does when it stops taking work (draining,
+    standing down, or stopping, after which it may register again: ``worker_restarted``, since the
+    dispatch). So an early letter naming a worker alive all along is forged, and the dispatch it
     names still waits in that worker's queue: dropped. (A quorum queue's delivery limit could send
     one too; the scheduled-timeout monitor puts that execution back in line.) A dispatch handed
     back, or left behind a live worker that is merely busy, is not the execution's fault."""
     early = waited_s is not None and queue_ttl_s is not None and waited_s < queue_ttl_s
     if early:
-        return None if worker_alive else False
+        return None if worker_alive and not worker_restarted else False
     return not (reason == "rejected" or worker_busy)
 
 
@@ -141,7 +148,8 @@ async def _settle(ctx: ExecutorContext, dispatch: Dispatch, reason: str) -> asyn
             if row is None or row["status"] != "scheduled" or row["attempt"] != dispatch.attempt:
                 return "stale", None
             counts = charge(reason, waited_s=row["waited_s"], queue_ttl_s=row["queue_ttl_s"],
-                            worker_alive=row["worker_alive"], worker_busy=row["worker_busy"])
+                            worker_alive=row["worker_alive"], worker_busy=row["worker_busy"],
+                            worker_restarted=row["worker_restarted"])
             if counts is None:
                 return "premature", None
             return await reschedule_or_fail(
@@ -161,8 +169,8 @@ async def _settle(ctx: ExecutorContext, dispatch: Dispatch, reason: str) -> asyn
         log.warning(
             "dead_letter_premature", **fields,
             detail="before its queue's TTL a dispatch is dead-lettered only when its worker hands it back, and this "
-            "worker is still alive: the letter did not come from RabbitMQ and was dropped; find who publishes to "
-            "the dead-letter exchange",
+            "worker has been alive all along: the letter did not come from RabbitMQ and was dropped; find who "
+            "publishes to the dead-letter exchange (or a RabbitMQ policy setting a shorter message-ttl)",
         )
     elif status == "stale" or status is None:
         metrics.DEAD_LETTERS.labels("dropped").inc()

@@ -106,3 +106,41 @@ async def test_the_claim_is_fenced_and_idempotent(baton):
     assert [r["id"] for r in await claim_rows(pool, [execution_id], [2], "w1", incarnation)] == [execution_id]
     row = await baton.execution(execution_id)
     assert row["status"] == "running" and row["last_event_seq"] == 1  # started once, one event
+
+
+async def test_what_an_abandoned_claim_took_unseen_goes_back_in_line_at_no_cost(baton):
+    """A drain that stops waiting for a claim the database holds up may miss the claim's commit:
+    the rows it took are `running` on this process, with nothing running them. They go back to
+    `requested` without spending a dispatch; the process's other runs, and another process's, stay."""
+    from types import SimpleNamespace
+
+    from worker.claiming import unclaim_abandoned
+
+    pool = await baton.pool()
+    incarnation, other_incarnation = uuid.uuid4(), uuid.uuid4()
+    await pool.execute(
+        "INSERT INTO workers (name, status, runtimes, actions, max_concurrent_tasks, heartbeat_interval_s, "
+        "last_heartbeat, incarnation) VALUES ('w1', 'draining', '{python}', '{core.noop}', 4, 0.2, now(), $1)",
+        incarnation,
+    )
+    taken, running, elsewhere = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    for execution_id, owner in ((taken, incarnation), (running, incarnation), (elsewhere, other_incarnation)):
+        await pool.execute(
+            "INSERT INTO executions (id, action_ref, status, attempt, worker, incarnation, schedule_attempts) "
+            "VALUES ($1, 'core.noop', 'running', 3, 'w1', $2, 0)", execution_id, owner,
+        )
+    events: list[tuple[str, dict]] = []
+    state = SimpleNamespace(
+        pool=pool, name="w1", incarnation=incarnation, abandoned=[(taken, 3), (elsewhere, 3), (running, 2)],
+        log=SimpleNamespace(info=lambda event, **kw: events.append((event, kw)), warning=None),
+    )
+    await unclaim_abandoned(state)  # type: ignore[arg-type]
+    rows = {r["id"]: r for r in await pool.fetch("SELECT id, status, worker, schedule_attempts FROM executions")}
+    assert (rows[taken]["status"], rows[taken]["worker"], rows[taken]["schedule_attempts"]) == ("requested", None, 0)
+    assert rows[running]["status"] == "running" and rows[elsewhere]["status"] == "running"
+    event = await pool.fetchrow(
+        "SELECT type, data FROM execution_events WHERE execution_id = $1 ORDER BY seq DESC LIMIT 1", taken
+    )
+    assert event["type"] == "execution.rescheduled" and event["data"]["attempt"] == 3
+    assert "held up by the database" in event["data"]["reason"]
+    assert [e for e, _ in events] == ["execution_rescheduled"]

@@ -584,3 +584,39 @@ async def test_a_forged_dispatch_naming_a_later_attempt_does_not_displace_the_re
     assert (done["worker"], done["attempt"], done["result"]) == ("frozen", row["attempt"], {"message": "real"})
     stale = frozen.events("dispatch_stale")
     assert [(e["execution_id"], e["attempt"]) for e in stale] == [(str(sub.execution_id), row["attempt"] + 6)]
+
+
+async def test_an_early_hand_back_from_a_worker_registered_since_moves_the_execution(baton):
+    """A worker that stood down (or restarted under its name) hands back what it held, and may be
+    registered and alive again by the time the dead-letter handler reads the letter: that letter is
+    RabbitMQ's, and the execution moves at no cost (it is not dropped as forged)."""
+    blind = {"BATON__EXECUTOR__HEARTBEAT_STALENESS_MULTIPLIER": "10000"}
+    executor = await baton.start_executor(**blind)
+    frozen = await baton.start_worker("frozen", **blind)
+    frozen.signal(signal.SIGSTOP)
+    try:
+        client = await baton.client()
+        sub = await client.submit("core.echo", {"message": "moved"}, watch=True)
+        row = await baton.wait_status(sub.execution_id, "scheduled")
+        # What registering again records (the stood-down worker's hand-back is the letter below).
+        await (await baton.pool()).execute("UPDATE workers SET started_at = now() WHERE name = 'frozen'")
+        body = json.dumps({"dispatches": [{"execution_id": str(sub.execution_id), "attempt": row["attempt"]}]})
+        headers = {"x-first-death-reason": "rejected",
+                   "x-death": [{"reason": "rejected", "queue": baton.names.worker_queue("frozen"), "count": 1}]}
+        connection = await aio_pika.connect(AMQP_URL)
+        try:
+            channel = await connection.channel()
+            exchange = await channel.get_exchange(baton.names.dlx)
+            await exchange.publish(aio_pika.Message(body.encode(), headers=headers), routing_key="")
+        finally:
+            await connection.close()
+
+        async def moved() -> bool:
+            return bool(executor.events("dead_letter_handled"))
+
+        await wait_until(moved, what="the hand-back to move the execution")
+        assert not executor.events("dead_letter_premature")
+    finally:
+        frozen.signal(signal.SIGCONT)
+    done = await baton.wait_status(sub.execution_id, "completed")
+    assert done["attempt"] == row["attempt"] + 1

@@ -61,28 +61,34 @@ def test_no_timeout_exceeds_the_ceiling():
 
 
 @pytest.mark.parametrize(
-    ("reason", "waited_s", "ttl_s", "alive", "busy", "expected"),
+    ("reason", "waited_s", "ttl_s", "alive", "restarted", "busy", "expected"),
     [
-        # Sooner than the queue's TTL allows, naming a worker still alive: forged, dropped.
-        ("expired", 0.2, 300.0, True, False, None),
-        ("expired", 0.2, 300.0, True, True, None),
-        ("rejected", 0.2, 300.0, True, False, None),
-        ("unknown", 0.2, 300.0, True, False, None),
+        # Sooner than the queue's TTL allows, naming a worker alive all along: forged, dropped.
+        ("expired", 0.2, 300.0, True, False, False, None),
+        ("expired", 0.2, 300.0, True, False, True, None),
+        ("rejected", 0.2, 300.0, True, False, False, None),
+        ("unknown", 0.2, 300.0, True, False, False, None),
         # Early from a worker that no longer takes work (draining, standing down): moved, never charged.
-        ("rejected", 0.2, 300.0, False, False, False),
-        ("expired", 0.2, 300.0, False, False, False),
+        ("rejected", 0.2, 300.0, False, False, False, False),
+        ("expired", 0.2, 300.0, False, False, False, False),
+        # ... or from one that has registered again since (a restart, a return from a stand-down).
+        ("rejected", 0.2, 300.0, True, True, False, False),
         # Past the TTL: an expiry behind an idle worker spends a dispatch, not behind a busy one.
-        ("expired", 300.5, 300.0, True, False, True),
-        ("expired", 300.5, 300.0, True, True, False),
-        ("unknown", 301.0, 300.0, False, False, True),
-        ("rejected", 900.0, 300.0, True, False, False),  # handed back: never the execution's fault
+        ("expired", 300.5, 300.0, True, False, False, True),
+        ("expired", 300.5, 300.0, True, False, True, False),
+        ("unknown", 301.0, 300.0, False, False, False, True),
+        ("rejected", 900.0, 300.0, True, False, False, False),  # handed back: never the execution's fault
         # Nothing to weigh it against (a worker registered before the TTL was recorded): as the reason says.
-        ("expired", 0.2, None, True, False, True),
-        ("expired", None, 300.0, True, False, True),
-        ("rejected", 0.2, None, True, False, False),
+        ("expired", 0.2, None, True, False, False, True),
+        ("expired", None, 300.0, True, False, False, True),
+        ("rejected", 0.2, None, True, False, False, False),
     ],
 )
-def test_a_dead_letter_is_charged_only_when_rabbitmq_could_have_sent_it(reason, waited_s, ttl_s, alive, busy, expected):
+def test_a_dead_letter_is_charged_only_when_rabbitmq_could_have_sent_it(
+    reason, waited_s, ttl_s, alive, restarted, busy, expected
+):
     from executor.dead_letters import charge
 
-    assert charge(reason, waited_s=waited_s, queue_ttl_s=ttl_s, worker_alive=alive, worker_busy=busy) is expected
+    got = charge(reason, waited_s=waited_s, queue_ttl_s=ttl_s, worker_alive=alive, worker_busy=busy,
+                 worker_restarted=restarted)
+    assert got is expected

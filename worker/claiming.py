@@ -74,20 +74,25 @@ async def _claim(state: WorkerState, batch: list[tuple[Dispatch, Delivery]]) -> 
             continue
         dispatches[key] = dispatch
     ordered = [dispatches[key] for key in sorted(dispatches)]  # one lock order: no deadlocks
+    ids, attempts = [d.execution_id for d in ordered], [d.attempt for d in ordered]
+    call = asyncio.ensure_future(
+        db.until_available(lambda: claim_rows(state.pool, ids, attempts, state.name, state.incarnation), what="claim")
+    )
+    abandoned = asyncio.ensure_future(state.abandon_claim.wait())
     try:
-        rows = await db.until_available(
-            lambda: claim_rows(
-                state.pool, [d.execution_id for d in ordered], [d.attempt for d in ordered], state.name,
-                state.incarnation,
-            ),
-            what="claim",
-        )
-    except asyncio.CancelledError:
-        # A drain stopped waiting for a claim held up by the database: its messages go back to the
-        # inbox, which the drain hands back. What the claim committed unseen arrives stale at the
-        # dead-letter handler, and its row is recovered once this process is gone.
+        await asyncio.wait({call, abandoned}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        abandoned.cancel()
+        if not call.done():
+            call.cancel()  # unwinds on its own (a query in flight is cancelled on the server) ...
+            call.add_done_callback(lambda task: _collect(state, task))  # ... and how it ended is read
+    if not call.done() or call.cancelled():
+        # A drain stopped waiting: the messages go back to the inbox, which it hands back, and
+        # what the claim may have committed unseen it puts back in line (`unclaim_abandoned`).
         state.inbox.extendleft(reversed(batch))
-        raise
+        state.abandoned.extend(zip(ids, attempts, strict=True))
+        return
+    rows = call.result()
     # What runs is what PostgreSQL recorded, never what the message says.
     claimed = {
         r["id"]: Assignment(
@@ -116,6 +121,12 @@ async def _claim(state: WorkerState, batch: list[tuple[Dispatch, Delivery]]) -> 
             state.log.info("dispatch_stale", **fields)
     for _ in range(len(batch) - len(claimed)):
         state.slots.release()
+
+
+def _collect(state: WorkerState, task: asyncio.Future[list[asyncpg.Record]]) -> None:
+    error = None if task.cancelled() else task.exception()
+    if error is not None:
+        state.log.info("abandoned_claim_ended", error=describe(error))
 
 
 async def claim_rows(
@@ -192,3 +203,27 @@ async def hand_back(state: WorkerState) -> int:
     if handed_back:
         state.log.info("dispatches_handed_back", count=handed_back, messages=len(messages))
     return handed_back
+
+
+#: How long a drain waits for the database to put back what an abandoned claim may have taken.
+UNCLAIM_MAX_WAIT_S = 2.0
+
+
+async def unclaim_abandoned(state: WorkerState) -> None:
+    """Put back in line, at no cost, what an abandoned claim committed unseen (fenced on this
+    process). If the database is still away, the executor interrupts those runs once this process
+    is gone, as it does a lost worker's."""
+    if not state.abandoned:
+        return
+    ids, attempts = [i for i, _ in state.abandoned], [a for _, a in state.abandoned]
+    data = {"reason": "the worker stopped before starting it (its claim was held up by the database)"}
+    try:
+        rows = await state.pool.fetch(
+            q.UNCLAIM, ids, attempts, state.name, state.incarnation, data, timeout=UNCLAIM_MAX_WAIT_S
+        )
+    except DATABASE_ERRORS as exc:  # a timeout among them
+        state.log.warning("unclaim_failed", executions=len(ids), error=describe(exc))
+        return
+    for row in rows:
+        state.log.info("execution_rescheduled", kind="abandoned_claim", execution_id=str(row["id"]), attempt=row["attempt"])
+    metrics.RESCHEDULES.labels("abandoned_claim").inc(len(rows))

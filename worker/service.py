@@ -221,14 +221,15 @@ class WorkerService:
             try:
                 left_s = deadline_s - asyncio.get_running_loop().time()
                 if not (await asyncio.wait({claimer}, timeout=max(left_s, 0)))[0]:
-                    claimer.cancel()
+                    state.abandon_claim.set()  # the claim loop hands its batch back at once
                     await asyncio.wait({claimer})
-                    state.log.warning("drain_claim_abandoned", unstarted=len(state.inbox))
+                    state.log.warning("drain_claim_abandoned", dispatches=len(state.abandoned))
             except asyncio.CancelledError:
                 for task in loops:  # this drain itself was cancelled: its loops go with it
                     task.cancel()
                 raise
         await claiming.hand_back(state)
+        await claiming.unclaim_abandoned(state)
         try:
             if not state.idle.is_set():  # (with no time left, wait_for times out even on a set event)
                 await asyncio.wait_for(state.idle.wait(), max(deadline_s - asyncio.get_running_loop().time(), 0))

@@ -80,6 +80,10 @@ class WorkerState:
         self.outcomes: asyncio.Queue[tuple[Assignment, Outcome]] = asyncio.Queue()
         self.draining = False
         self.claiming = False
+        # Set by a drain that stops waiting for a claim the database holds up; the claim's
+        # (execution, attempt) pairs, which it may have committed unseen, are then `abandoned`.
+        self.abandon_claim = asyncio.Event()
+        self.abandoned: list[tuple[uuid.UUID, int]] = []
         # Standing down: the database cannot be reached, or the executor declared this worker lost;
         # it takes no work until it has registered again.
         self.stood_down = False

@@ -199,6 +199,18 @@ HAND_BACK_UNCLAIMED = _back_in_line(
 SELECT id, attempt, pg_notify('{WAKE_CHANNEL}', 'requested') AS pg_notify FROM upd
 """
 
+# Claimed by this process and never started: a drain abandoned a claim the database held up, and
+# may have missed its commit. Back in line at no cost: nothing ran. $1 ids, $2 attempts, $3 worker,
+# $4 incarnation, $5 event data
+UNCLAIM = _back_in_line(
+    "e.id = ANY($1::uuid[]) AND (e.id, e.attempt) IN (SELECT * FROM unnest($1::uuid[], $2::int[])) "
+    "AND e.worker = $3 AND e.incarnation = $4 AND e.status = 'running'",
+    schedule_attempts="e.schedule_attempts",
+    data="$5::jsonb || jsonb_build_object('attempt', attempt)",
+) + f"""
+SELECT id, attempt, pg_notify('{WAKE_CHANNEL}', 'requested') AS pg_notify FROM upd
+"""
+
 # The fenced claim: scheduled -> running, only for this worker at this attempt, and only while
 # this process is the name's live incarnation (it is recorded on the run, and fences what follows).
 # It returns what to run from the row: a dispatch message carries identity and fencing only.
@@ -408,11 +420,12 @@ FOR UPDATE
 """
 
 # The execution a dead-lettered dispatch was for, whether its worker is alive (and merely busy),
-# how long ago it was scheduled and the message TTL of its worker's queue. $1 id, $2 staleness
-# multiplier
+# and has registered since the dispatch (a restart, or a return from a stand-down, both of which
+# hand back what the worker held), how long ago it was scheduled and the message TTL of its
+# worker's queue. $1 id, $2 staleness multiplier
 SELECT_FOR_UPDATE = f"""
 SELECT e.id, e.status, e.attempt, e.schedule_attempts, e.worker, COALESCE({alive("$2")}, false) AS worker_alive,
-       COALESCE({busy("$2")}, false) AS worker_busy,
+       COALESCE({busy("$2")}, false) AS worker_busy, COALESCE(w.started_at > e.scheduled_at, false) AS worker_restarted,
        EXTRACT(EPOCH FROM clock_timestamp() - e.scheduled_at)::float8 AS waited_s, w.queue_ttl_s
 FROM executions e LEFT JOIN workers w ON w.name = e.worker
 WHERE e.id = $1
