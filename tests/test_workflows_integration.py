@@ -708,3 +708,59 @@ async def test_a_wake_up_under_way_while_the_run_suspends_is_not_missed(baton, v
         await pool.release(other)
     assert await asyncio.wait_for(suspending, 10) == "requested"
     assert (await baton.execution(parent))["status"] == "requested"
+
+
+async def test_a_cancel_aborted_by_a_deadlock_tries_again(baton):
+    """A cancel locks the run, then updates its tree; a run suspending at that moment locks its row
+    and then its child's. Their locks can cross, and PostgreSQL then aborts one of the two. Here the
+    other side holds the child and then asks for the run, after the cancel began waiting for the
+    child, so the cancel is the one aborted: it tries again, and the tree is cancelled."""
+    import asyncpg
+
+    pool = await baton.pool()
+    client = await baton.client()
+
+    async def cross() -> tuple[uuid.UUID, uuid.UUID, asyncio.Task] | None:
+        """One try; None if the machine stalled past the cancel's deadlock check (the other side
+        was then the one aborted, and nothing was shown)."""
+        parent, child = uuid.uuid4(), uuid.uuid4()
+        await pool.execute("INSERT INTO executions (id, action_ref, status) VALUES ($1, 'nobody.serves', 'waiting')", parent)
+        await pool.execute(
+            "INSERT INTO executions (id, action_ref, status, parent_id) VALUES ($1, 'nobody.serves', 'requested', $2)",
+            child, parent,
+        )
+        crossing = await pool.acquire()
+        try:
+            held = crossing.transaction()
+            await held.start()
+            await crossing.execute("SET LOCAL deadlock_timeout = '20s'")  # the cancel (1 s) checks first
+            await crossing.execute("SELECT id FROM executions WHERE id = $1 FOR UPDATE", child)
+            cancelling = asyncio.create_task(client.cancel(parent))
+
+            async def cancel_waits() -> bool:
+                return bool(await pool.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                ))
+
+            await wait_until(cancel_waits, what="the cancel to wait for the child's row")
+            try:  # closes the cycle, within the cancel's deadlock_timeout unless the machine stalls
+                await crossing.execute("SELECT id FROM executions WHERE id = $1 FOR UPDATE", parent)
+            except asyncpg.exceptions.DeadlockDetectedError:
+                await cancelling
+                return None
+            finally:
+                await held.rollback()
+        finally:
+            await pool.release(crossing)
+        return parent, child, cancelling
+
+    for _ in range(3):
+        crossed = await cross()
+        if crossed is not None:
+            break
+    assert crossed is not None, "the cancel's deadlock check never came first in three tries"
+    parent, child, cancelling = crossed
+    cancelled = await asyncio.wait_for(cancelling, 20)
+    assert {c["id"] for c in cancelled} == {str(parent), str(child)}
+    for execution_id in (parent, child):
+        assert (await baton.execution(execution_id))["status"] == "cancelled"

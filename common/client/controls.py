@@ -9,11 +9,15 @@ import asyncpg
 
 from common import retention, schedules
 from common.client.base import ClientBase
+from common.db import until_available
 from common.notifications import publish_terminal
 from common.queries import executions as q
 from common.queries import schedules as sq
 from common.queries import workflows as wfq
 from common.schemas import execution_json, jsonable_row
+
+#: How long a cancel waits out a database that is briefly away, or tries again after a deadlock.
+CANCEL_MAX_WAIT_S = 15.0
 
 
 class Controls(ClientBase):
@@ -42,9 +46,17 @@ class Controls(ClientBase):
         stopped on its worker within a moment. Returns the executions cancelled."""
         execution_id = await self.resolve_id(execution_id)
         error = {"error": "cancelled by an operator", "failed_by": "operator"}
-        async with (await self.pool()).acquire() as conn, conn.transaction():
-            await conn.fetchval(wfq.LOCK_EXECUTION, execution_id)
-            rows = await conn.fetch(wfq.CANCEL, execution_id, error)
+        pool = await self.pool()
+
+        async def cancel_tree() -> list[asyncpg.Record]:
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.fetchval(wfq.LOCK_EXECUTION, execution_id)
+                return await conn.fetch(wfq.CANCEL, execution_id, error)
+
+        # A run of the tree suspending at that moment locks its row and then its child's, and the
+        # cancel's update may take them the other way round: PostgreSQL then aborts one of the two
+        # (DeadlockDetected, a transient error), and this tries again.
+        rows = await until_available(cancel_tree, what="cancel", max_wait_s=CANCEL_MAX_WAIT_S)
         if not rows:
             raise await self._explain(execution_id, "cancel", "an execution that has not finished")
         await self._announce(rows)
