@@ -41,6 +41,12 @@ from worker.state import WorkerState
 __all__ = ["CatalogueConflict", "WorkerNameInUse", "WorkerService", "default_name", "load_action_modules"]
 
 
+#: How long a stopping worker gives each of its bookkeeping steps against the database (marking
+#: itself draining, then inactive; closing its pool): a database that does not answer must not
+#: stretch the drain past its deadline by asyncpg's command timeout each time.
+STOP_STEP_TIMEOUT_S = 5.0
+
+
 class CatalogueConflict(RuntimeError):
     """An action this worker serves conflicts with the catalogue's entry for it."""
 
@@ -112,7 +118,11 @@ class WorkerService:
             await best_effort("close_broker_connection", state.connection.close(), worker=state.name)
             if state.lock_conn is not None:
                 await best_effort("close_name_lock_connection", state.lock_conn.close(), worker=state.name)
-            await state.pool.close()
+            try:  # a connection held by a query the network swallowed would hold this up for minutes
+                await asyncio.wait_for(state.pool.close(), STOP_STEP_TIMEOUT_S)
+            except TimeoutError:
+                state.log.warning("database_pool_terminated", waited_s=STOP_STEP_TIMEOUT_S)
+                state.pool.terminate()
             health.remove(state.cfg.health_file)
             state.log.info("worker_stopped")
 
@@ -206,7 +216,7 @@ class WorkerService:
         state.draining = True
         state.mail.set()
         state.log.info("worker_draining", in_flight=len(state.running), unstarted=len(state.inbox))
-        mark = state.pool.fetch(wq.SET_STATUS, state.name, state.incarnation, "draining")
+        mark = state.pool.fetch(wq.SET_STATUS, state.name, state.incarnation, "draining", timeout=STOP_STEP_TIMEOUT_S)
         await best_effort("mark_worker_draining", mark, worker=state.name)
         await best_effort("cancel_dispatch_consumer", state.queue.cancel(state.consumer_tag), worker=state.name)
         state.resumed.set()
@@ -244,6 +254,6 @@ class WorkerService:
         for task in loops:
             task.cancel()
         await asyncio.gather(*loops, return_exceptions=True)
-        mark = state.pool.fetch(wq.SET_STATUS, state.name, state.incarnation, "inactive")
+        mark = state.pool.fetch(wq.SET_STATUS, state.name, state.incarnation, "inactive", timeout=STOP_STEP_TIMEOUT_S)
         await best_effort("mark_worker_inactive", mark, worker=state.name)
         state.log.info("worker_inactive")
