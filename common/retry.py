@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import aiormq.exceptions
 import asyncpg
@@ -12,6 +14,7 @@ from tenacity import (
     RetryCallState,
     retry_if_exception_type,
     retry_if_not_exception_type,
+    stop_after_attempt,
     stop_after_delay,
     wait_exponential,
     wait_random,
@@ -87,3 +90,25 @@ def connect_retrying(
         before_sleep=say,
         reraise=True,
     )
+
+
+#: Races PostgreSQL settled by aborting one side. The aborted transaction was rolled back whole, so
+#: running it again is always safe, unlike after a lost connection (its commit may have gone through).
+LOST_RACES: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.DeadlockDetectedError,
+    asyncpg.exceptions.SerializationError,
+)
+
+_T = TypeVar("_T")
+
+
+async def retry_lost_races(operation: Callable[[], Awaitable[_T]], *, attempts: int = 5) -> _T:
+    """Run the transaction ``operation()`` again (a moment later) when PostgreSQL aborted it to
+    settle a race, up to ``attempts`` times; any other error is raised at once."""
+    async for attempt in AsyncRetrying(
+        retry=retry_if_exception_type(LOST_RACES), stop=stop_after_attempt(attempts),
+        wait=wait_random(0.05, 0.5), reraise=True,
+    ):
+        with attempt:
+            return await operation()
+    raise AssertionError("unreachable")

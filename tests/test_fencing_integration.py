@@ -132,6 +132,7 @@ async def test_what_an_abandoned_claim_took_unseen_goes_back_in_line_at_no_cost(
     events: list[tuple[str, dict]] = []
     state = SimpleNamespace(
         pool=pool, name="w1", incarnation=incarnation, abandoned=[(taken, 3), (elsewhere, 3), (running, 2)],
+        abandoned_calls=set(),
         log=SimpleNamespace(info=lambda event, **kw: events.append((event, kw)), warning=None),
     )
     await unclaim_abandoned(state)  # type: ignore[arg-type]

@@ -91,6 +91,7 @@ async def _claim(state: WorkerState, batch: list[tuple[Dispatch, Delivery]]) -> 
         # what the claim may have committed unseen it puts back in line (`unclaim_abandoned`).
         state.inbox.extendleft(reversed(batch))
         state.abandoned.extend(zip(ids, attempts, strict=True))
+        state.abandoned_calls.add(call)
         return
     rows = call.result()
     # What runs is what PostgreSQL recorded, never what the message says.
@@ -139,6 +140,8 @@ async def claim_rows(
         return rows
     claimed = {r["id"] for r in rows}
     rest = [(i, a) for i, a in zip(ids, attempts, strict=True) if i not in claimed]
+    if not rest:  # two attempts of one execution: one matched, the other is stale
+        return rows
     return rows + await pool.fetch(q.CLAIMED, [i for i, _ in rest], [a for _, a in rest], worker, incarnation)
 
 
@@ -215,11 +218,16 @@ async def unclaim_abandoned(state: WorkerState) -> None:
     is gone, as it does a lost worker's."""
     if not state.abandoned:
         return
+    # Until its cancel has reached the server the claim may still commit, after UNCLAIM looked.
+    if state.abandoned_calls:
+        await asyncio.wait(state.abandoned_calls, timeout=UNCLAIM_MAX_WAIT_S)
     ids, attempts = [i for i, _ in state.abandoned], [a for _, a in state.abandoned]
     data = {"reason": "the worker stopped before starting it (its claim was held up by the database)"}
     try:
-        rows = await state.pool.fetch(
-            q.UNCLAIM, ids, attempts, state.name, state.incarnation, data, timeout=UNCLAIM_MAX_WAIT_S
+        # Bounded as a whole: asyncpg's own timeout bounds the query, not getting a connection or
+        # giving it back after a cancel.
+        rows = await asyncio.wait_for(
+            state.pool.fetch(q.UNCLAIM, ids, attempts, state.name, state.incarnation, data), UNCLAIM_MAX_WAIT_S
         )
     except DATABASE_ERRORS as exc:  # a timeout among them
         state.log.warning("unclaim_failed", executions=len(ids), error=describe(exc))

@@ -42,8 +42,9 @@ __all__ = ["CatalogueConflict", "WorkerNameInUse", "WorkerService", "default_nam
 
 
 #: How long a stopping worker gives each of its bookkeeping steps against the database (marking
-#: itself draining, then inactive; closing its pool): a database that does not answer must not
-#: stretch the drain past its deadline by asyncpg's command timeout each time.
+#: itself draining, then inactive; closing its pool), as a whole: a database that does not answer
+#: must not stretch the drain by asyncpg's command timeout each time (a query's own timeout does not
+#: bound getting a connection, or giving it back once the query is cancelled).
 STOP_STEP_TIMEOUT_S = 5.0
 
 
@@ -216,7 +217,8 @@ class WorkerService:
         state.draining = True
         state.mail.set()
         state.log.info("worker_draining", in_flight=len(state.running), unstarted=len(state.inbox))
-        mark = state.pool.fetch(wq.SET_STATUS, state.name, state.incarnation, "draining", timeout=STOP_STEP_TIMEOUT_S)
+        mark = asyncio.wait_for(state.pool.fetch(wq.SET_STATUS, state.name, state.incarnation, "draining"),
+                                STOP_STEP_TIMEOUT_S)
         await best_effort("mark_worker_draining", mark, worker=state.name)
         await best_effort("cancel_dispatch_consumer", state.queue.cancel(state.consumer_tag), worker=state.name)
         state.resumed.set()
@@ -254,6 +256,7 @@ class WorkerService:
         for task in loops:
             task.cancel()
         await asyncio.gather(*loops, return_exceptions=True)
-        mark = state.pool.fetch(wq.SET_STATUS, state.name, state.incarnation, "inactive", timeout=STOP_STEP_TIMEOUT_S)
+        mark = asyncio.wait_for(state.pool.fetch(wq.SET_STATUS, state.name, state.incarnation, "inactive"),
+                                STOP_STEP_TIMEOUT_S)
         await best_effort("mark_worker_inactive", mark, worker=state.name)
         state.log.info("worker_inactive")

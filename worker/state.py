@@ -84,6 +84,7 @@ class WorkerState:
         # (execution, attempt) pairs, which it may have committed unseen, are then `abandoned`.
         self.abandon_claim = asyncio.Event()
         self.abandoned: list[tuple[uuid.UUID, int]] = []
+        self.abandoned_calls: set[asyncio.Future[list[asyncpg.Record]]] = set()
         # Standing down: the database cannot be reached, or the executor declared this worker lost;
         # it takes no work until it has registered again.
         self.stood_down = False

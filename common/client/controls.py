@@ -9,15 +9,12 @@ import asyncpg
 
 from common import retention, schedules
 from common.client.base import ClientBase
-from common.db import until_available
 from common.notifications import publish_terminal
 from common.queries import executions as q
 from common.queries import schedules as sq
 from common.queries import workflows as wfq
+from common.retry import retry_lost_races
 from common.schemas import execution_json, jsonable_row
-
-#: How long a cancel waits out a database that is briefly away, or tries again after a deadlock.
-CANCEL_MAX_WAIT_S = 15.0
 
 
 class Controls(ClientBase):
@@ -54,9 +51,9 @@ class Controls(ClientBase):
                 return await conn.fetch(wfq.CANCEL, execution_id, error)
 
         # A run of the tree suspending at that moment locks its row and then its child's, and the
-        # cancel's update may take them the other way round: PostgreSQL then aborts one of the two
-        # (DeadlockDetected, a transient error), and this tries again.
-        rows = await until_available(cancel_tree, what="cancel", max_wait_s=CANCEL_MAX_WAIT_S)
+        # cancel's update may take them the other way round: PostgreSQL then aborts one of the two,
+        # and this tries again. (Not after a lost connection: the cancel may have committed.)
+        rows = await retry_lost_races(cancel_tree)
         if not rows:
             raise await self._explain(execution_id, "cancel", "an execution that has not finished")
         await self._announce(rows)

@@ -200,8 +200,9 @@ SELECT id, attempt, pg_notify('{WAKE_CHANNEL}', 'requested') AS pg_notify FROM u
 """
 
 # Claimed by this process and never started: a drain abandoned a claim the database held up, and
-# may have missed its commit. Back in line at no cost: nothing ran. $1 ids, $2 attempts, $3 worker,
-# $4 incarnation, $5 event data
+# may have missed its commit. Back in line: nothing ran, and its dispatch budget starts afresh (the
+# claim had already reset it, as a start does). $1 ids, $2 attempts, $3 worker, $4 incarnation,
+# $5 event data
 UNCLAIM = _back_in_line(
     "e.id = ANY($1::uuid[]) AND (e.id, e.attempt) IN (SELECT * FROM unnest($1::uuid[], $2::int[])) "
     "AND e.worker = $3 AND e.incarnation = $4 AND e.status = 'running'",
