@@ -263,6 +263,22 @@ def errors_logged(log_dir: Path) -> list[str]:
     ]
 
 
+#: Service events worth counting in the report: each is the last line of defence doing its work
+#: (a waiting run the timers' backstop had to wake; a dead letter taken for forged, which a drain
+#: whose `draining` mark PostgreSQL missed can cause; a claim a drain abandoned), and none is
+#: expected often.
+WATCHED_EVENTS = ("execution_woken_late", "dead_letter_premature", "drain_claim_abandoned")
+
+
+def events_counted(log_dir: Path, names: tuple[str, ...]) -> dict[str, int]:
+    """How many times each of ``names`` appears in the services' logs."""
+    counts = Counter(
+        str(event.get("event")) for path in sorted(log_dir.glob("*.log")) for event in log_events(path)
+        if isinstance(event, dict) and event.get("event") in names
+    )
+    return {name: counts[name] for name in names}
+
+
 async def check(soak: Soak, quiet: bool) -> dict[str, Any]:
     pool = await soak.world.pool()
     rows = {r["id"]: dict(r) for r in await pool.fetch(
@@ -339,6 +355,7 @@ async def check(soak: Soak, quiet: bool) -> dict[str, Any]:
         "cancelled": statuses.get("cancelled", 0), "worst_fault_to_recovery_s": round(worst_s, 2),
         "worst_recovery": worst,
         "failures": dict(failures.most_common(8)),
+        "watched_events": events_counted(soak.world.tmp, WATCHED_EVENTS),
         "checks": checks, "ok": all(checks.values()),
         "problems": {"missing": missing[:20], "unfinished": unfinished[:20], "two_terminal_events": twice[:20],
                      "completed_twice": completed_twice[:20], "flows_not_completed": flows_not_completed[:20],
@@ -398,6 +415,7 @@ def print_report(report: dict[str, Any]) -> None:
         print(f"  the worst: {worst['execution_id']} after {worst['fault']['fault']} ({worst['fault']['detail']}): "
               + ", ".join(f"+{t:.2f} s {kind}" for t, kind in worst["events"]))
     print(f"  failures, most common first: {json.dumps(report['failures'])}")
+    print(f"  backstops at work: {json.dumps(report['watched_events'])}")
     if not report["ok"]:
         print("  problems: " + json.dumps({k: v for k, v in report["problems"].items() if v}))
         print(f"  replay with: --seed {report['seed']}")
