@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 
@@ -145,3 +146,57 @@ async def test_what_an_abandoned_claim_took_unseen_goes_back_in_line_at_no_cost(
     assert event["type"] == "execution.rescheduled" and event["data"]["attempt"] == 3
     assert "held up by the database" in event["data"]["reason"]
     assert [e for e, _ in events] == ["execution_rescheduled"]
+
+
+async def test_a_next_attempt_placed_before_the_last_one_was_let_go_waits_for_it(baton):
+    """An attempt's outcome commits (a retry with no delay, a wake-up) and the executor places the
+    next attempt on the same worker before that worker has let go of the first (its task is
+    released just after the commit's reply). That dispatch was once taken for a redelivery and
+    acked, and the execution waited, `scheduled`, for the scheduled-timeout monitor. It now waits
+    for the release, then is claimed."""
+    from common.schemas import Dispatch
+    from worker import claiming, recording
+    from worker.state import Delivery, WorkerState
+
+    class Message:
+        processed = False
+        channel = object()
+
+        async def ack(self, multiple: bool = False) -> None:
+            self.processed = True
+
+    pool = await baton.pool()
+    state = WorkerState(baton.settings(), "w1", actions={})
+    state.pool = pool
+    await pool.execute(
+        "INSERT INTO workers (name, status, runtimes, actions, max_concurrent_tasks, heartbeat_interval_s, "
+        "last_heartbeat, incarnation) VALUES ('w1', 'active', '{python}', '{core.noop}', 4, 0.2, now(), $1)",
+        state.incarnation,
+    )
+    execution_id = uuid.uuid4()
+    await pool.execute(
+        "INSERT INTO executions (id, action_ref, status, attempt, worker) VALUES ($1, 'core.noop', 'scheduled', 2, 'w1')",
+        execution_id,
+    )
+    first = asyncio.create_task(asyncio.sleep(3600))  # attempt 1, recorded but not yet let go
+    state.running[execution_id], state.running_attempts[execution_id] = first, 1
+    await state.slots.acquire()
+    message = Message()
+    entry = (Dispatch(execution_id=execution_id, attempt=2), Delivery(message, 1))  # type: ignore[arg-type]
+    try:
+        await state.slots.acquire()  # as the claim loop does for each dispatch it takes
+        await claiming._claim(state, [entry])
+        assert not message.processed and state.deferred == {execution_id: [entry]}
+        assert (await baton.execution(execution_id))["status"] == "scheduled"
+        recording._release(state, execution_id)  # attempt 1 let go: the next one is back in the inbox
+        assert list(state.inbox) == [entry] and not state.deferred
+        await state.slots.acquire()
+        await claiming._claim(state, [state.inbox.popleft()])
+        row = await baton.execution(execution_id)
+        assert (row["status"], row["attempt"], row["incarnation"]) == ("running", 2, state.incarnation)
+        assert message.processed and state.running_attempts[execution_id] == 2
+    finally:
+        first.cancel()
+        for task in state.running.values():
+            task.cancel()
+        await asyncio.gather(first, *state.running.values(), return_exceptions=True)

@@ -67,9 +67,18 @@ async def _claim(state: WorkerState, batch: list[tuple[Dispatch, Delivery]]) -> 
     # Each attempt named is tried: which one is current is the row's to say, never the messages'
     # (anyone may publish a dispatch naming a later attempt, and the real one must not give way).
     dispatches: dict[tuple[uuid.UUID, int], Dispatch] = {}
-    for dispatch, _ in batch:
+    taken = []  # the batch but what waits for an earlier attempt's release
+    for entry in batch:
+        dispatch = entry[0]
         key = (dispatch.execution_id, dispatch.attempt)
-        if key in dispatches or dispatch.execution_id in state.running:  # a redelivery
+        running_attempt = state.running_attempts.get(dispatch.execution_id)
+        if running_attempt is not None and dispatch.attempt > running_attempt:
+            # The next attempt (a retry, a wake-up), placed here before this worker let go of the
+            # one before (its outcome committed, its task not yet released): it waits for that.
+            state.deferred.setdefault(dispatch.execution_id, []).append(entry)
+            continue
+        taken.append(entry)
+        if key in dispatches or running_attempt is not None:  # a redelivery
             state.log.info("dispatch_stale", execution_id=str(dispatch.execution_id), attempt=dispatch.attempt, twin=True)
             continue
         dispatches[key] = dispatch
@@ -77,6 +86,7 @@ async def _claim(state: WorkerState, batch: list[tuple[Dispatch, Delivery]]) -> 
     ids, attempts = [d.execution_id for d in ordered], [d.attempt for d in ordered]
     call = asyncio.ensure_future(
         db.until_available(lambda: claim_rows(state.pool, ids, attempts, state.name, state.incarnation), what="claim")
+        if ordered else _nothing()
     )
     abandoned = asyncio.ensure_future(state.abandon_claim.wait())
     try:
@@ -89,7 +99,7 @@ async def _claim(state: WorkerState, batch: list[tuple[Dispatch, Delivery]]) -> 
     if not call.done() or call.cancelled():
         # A drain stopped waiting: the messages go back to the inbox, which it hands back, and
         # what the claim may have committed unseen it puts back in line (`unclaim_abandoned`).
-        state.inbox.extendleft(reversed(batch))
+        state.inbox.extendleft(reversed(taken))
         state.abandoned.extend(zip(ids, attempts, strict=True))
         state.abandoned_calls.add(call)
         return
@@ -104,7 +114,7 @@ async def _claim(state: WorkerState, batch: list[tuple[Dispatch, Delivery]]) -> 
         for r in rows
     }
     settled = []
-    for _, delivery in batch:
+    for _, delivery in taken:
         delivery.pending -= 1
         if delivery.pending == 0:
             settled.append(delivery.message)
@@ -118,10 +128,15 @@ async def _claim(state: WorkerState, batch: list[tuple[Dispatch, Delivery]]) -> 
             state.log.info("execution_started", action_ref=assignment.action_ref, **fields)
             state.idle.clear()
             state.running[execution_id] = asyncio.create_task(recording.run_one(state, assignment))
+            state.running_attempts[execution_id] = attempt
         else:
             state.log.info("dispatch_stale", **fields)
     for _ in range(len(batch) - len(claimed)):
         state.slots.release()
+
+
+async def _nothing() -> list[asyncpg.Record]:
+    return []
 
 
 def _collect(state: WorkerState, task: asyncio.Future[list[asyncpg.Record]]) -> None:
@@ -197,6 +212,9 @@ async def hand_back(state: WorkerState) -> int:
     handed back."""
     messages: dict[int, AbstractIncomingMessage] = {}
     handed_back = 0
+    for waiting in state.deferred.values():
+        state.inbox.extend(waiting)
+    state.deferred.clear()
     while state.inbox:
         _, delivery = state.inbox.popleft()
         messages[id(delivery.message)] = delivery.message

@@ -117,7 +117,12 @@ async def _interrupt(state: WorkerState, dispatch: Assignment, *, reason: Interr
 
 def _release(state: WorkerState, execution_id: uuid.UUID) -> None:
     if state.running.pop(execution_id, None) is not None:
+        state.running_attempts.pop(execution_id, None)
         state.slots.release()
+    waiting = state.deferred.pop(execution_id, None)
+    if waiting:
+        state.inbox.extend(waiting)
+        state.mail.set()
     if not state.running:
         state.idle.set()
 

@@ -69,6 +69,10 @@ class WorkerState:
         self.mail = asyncio.Event()
         self.slots = asyncio.Semaphore(self.cfg.max_concurrent_tasks)
         self.running: dict[uuid.UUID, asyncio.Task[None]] = {}
+        self.running_attempts: dict[uuid.UUID, int] = {}  # the attempt each of `running` is
+        # Dispatches of an execution's next attempt (a retry, a wake-up) that came before this
+        # worker had let go of the attempt before: back to the inbox once it has.
+        self.deferred: dict[uuid.UUID, list[tuple[Dispatch, Delivery]]] = {}
         # Runs stopped here because the database says they no longer run here (an operator
         # cancelled them): their state is already recorded, so stopping them records nothing.
         self.stopped: set[uuid.UUID] = set()
