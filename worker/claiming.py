@@ -67,17 +67,16 @@ async def _claim(state: WorkerState, batch: list[tuple[Dispatch, Delivery]]) -> 
     # Each attempt named is tried: which one is current is the row's to say, never the messages'
     # (anyone may publish a dispatch naming a later attempt, and the real one must not give way).
     dispatches: dict[tuple[uuid.UUID, int], Dispatch] = {}
-    taken = []  # the batch but what waits for an earlier attempt's release
-    for entry in batch:
-        dispatch = entry[0]
+    for dispatch, _ in batch:
         key = (dispatch.execution_id, dispatch.attempt)
         running_attempt = state.running_attempts.get(dispatch.execution_id)
         if running_attempt is not None and dispatch.attempt > running_attempt:
             # The next attempt (a retry, a wake-up), placed here before this worker let go of the
-            # one before (its outcome committed, its task not yet released): it waits for that.
-            state.deferred.setdefault(dispatch.execution_id, []).append(entry)
+            # one before (its outcome committed, its task not yet released): it waits for that,
+            # its message settled below with the rest (the row, not the message, is what counts:
+            # should this process die first, the row is handed back as any unclaimed one is).
+            state.deferred.setdefault(dispatch.execution_id, []).append((dispatch, Delivery(None, 1)))
             continue
-        taken.append(entry)
         if key in dispatches or running_attempt is not None:  # a redelivery
             state.log.info("dispatch_stale", execution_id=str(dispatch.execution_id), attempt=dispatch.attempt, twin=True)
             continue
@@ -99,7 +98,7 @@ async def _claim(state: WorkerState, batch: list[tuple[Dispatch, Delivery]]) -> 
     if not call.done() or call.cancelled():
         # A drain stopped waiting: the messages go back to the inbox, which it hands back, and
         # what the claim may have committed unseen it puts back in line (`unclaim_abandoned`).
-        state.inbox.extendleft(reversed(taken))
+        state.inbox.extendleft(reversed(batch))
         state.abandoned.extend(zip(ids, attempts, strict=True))
         state.abandoned_calls.add(call)
         return
@@ -114,9 +113,9 @@ async def _claim(state: WorkerState, batch: list[tuple[Dispatch, Delivery]]) -> 
         for r in rows
     }
     settled = []
-    for _, delivery in taken:
+    for _, delivery in batch:
         delivery.pending -= 1
-        if delivery.pending == 0:
+        if delivery.pending == 0 and delivery.message is not None:
             settled.append(delivery.message)
     # Dispatches are claimed in the order they arrived, so messages settle in delivery order too
     # (what `ack_all`'s one cumulative ack per channel relies on).
@@ -217,7 +216,10 @@ async def hand_back(state: WorkerState) -> int:
     state.deferred.clear()
     while state.inbox:
         _, delivery = state.inbox.popleft()
-        messages[id(delivery.message)] = delivery.message
+        # No message: a deferred dispatch, settled already; its row, `scheduled` on a worker that no
+        # longer takes work, goes back in line by the executor's sweeper.
+        if delivery.message is not None:
+            messages[id(delivery.message)] = delivery.message
         handed_back += 1
     for message in messages.values():
         await best_effort("hand_back_dispatch", message.reject(requeue=False), worker=state.name)

@@ -45,7 +45,11 @@ async def run_one(state: WorkerState, dispatch: Assignment) -> None:
             state.log.info("execution_stopped", execution_id=str(dispatch.execution_id), attempt=dispatch.attempt)
         else:
             reason, error = state.cancel_reason
-            await _interrupt(state, dispatch, reason=reason, error=error)
+            try:
+                await _interrupt(state, dispatch, reason=reason, error=error)
+            finally:  # a second cancel while interrupting: the slot is still given back
+                _release(state, dispatch.execution_id)
+            raise
         _release(state, dispatch.execution_id)
         raise
     except Exception as exc:  # the worker's own machinery, not the action (its errors are outcomes)

@@ -256,8 +256,6 @@ class WorkerService:
         for task in loops:
             task.cancel()
         await asyncio.gather(*loops, return_exceptions=True)
-        # A next attempt held back for a run that ended during the drain is in the inbox now.
-        await claiming.hand_back(state)
         mark = asyncio.wait_for(state.pool.fetch(wq.SET_STATUS, state.name, state.incarnation, "inactive"),
                                 STOP_STEP_TIMEOUT_S)
         await best_effort("mark_worker_inactive", mark, worker=state.name)

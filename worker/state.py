@@ -40,9 +40,10 @@ DRAIN_DEADLINE: tuple[InterruptReason, str] = ("signal", "the worker stopped pas
 
 @dataclass(eq=False)
 class Delivery:
-    """A dispatch message held unacked: how many of its dispatches are not yet claimed or dropped."""
+    """A dispatch message held unacked: how many of its dispatches are not yet claimed or dropped.
+    No message: a dispatch whose message was settled already (`claiming._claim` defers one)."""
 
-    message: AbstractIncomingMessage
+    message: AbstractIncomingMessage | None
     pending: int
 
 
@@ -71,7 +72,8 @@ class WorkerState:
         self.running: dict[uuid.UUID, asyncio.Task[None]] = {}
         self.running_attempts: dict[uuid.UUID, int] = {}  # the attempt each of `running` is
         # Dispatches of an execution's next attempt (a retry, a wake-up) that came before this
-        # worker had let go of the attempt before: back to the inbox once it has.
+        # worker had let go of the attempt before: back to the inbox once it has. Their messages
+        # are settled at once, in delivery order, as one cumulative ack per channel needs.
         self.deferred: dict[uuid.UUID, list[tuple[Dispatch, Delivery]]] = {}
         # Runs stopped here because the database says they no longer run here (an operator
         # cancelled them): their state is already recorded, so stopping them records nothing.
