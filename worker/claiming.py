@@ -67,6 +67,7 @@ async def _claim(state: WorkerState, batch: list[tuple[Dispatch, Delivery]]) -> 
     # Each attempt named is tried: which one is current is the row's to say, never the messages'
     # (anyone may publish a dispatch naming a later attempt, and the real one must not give way).
     dispatches: dict[tuple[uuid.UUID, int], Dispatch] = {}
+    later: list[Dispatch] = []
     for dispatch, _ in batch:
         key = (dispatch.execution_id, dispatch.attempt)
         running_attempt = state.running_attempts.get(dispatch.execution_id)
@@ -75,7 +76,7 @@ async def _claim(state: WorkerState, batch: list[tuple[Dispatch, Delivery]]) -> 
             # one before (its outcome committed, its task not yet released): it waits for that,
             # its message settled below with the rest (the row, not the message, is what counts:
             # should this process die first, the row is handed back as any unclaimed one is).
-            state.deferred.setdefault(dispatch.execution_id, []).append((dispatch, Delivery(None, 1)))
+            later.append(dispatch)
             continue
         if key in dispatches or running_attempt is not None:  # a redelivery
             state.log.info("dispatch_stale", execution_id=str(dispatch.execution_id), attempt=dispatch.attempt, twin=True)
@@ -103,6 +104,8 @@ async def _claim(state: WorkerState, batch: list[tuple[Dispatch, Delivery]]) -> 
         state.abandoned_calls.add(call)
         return
     rows = call.result()
+    for dispatch in later:
+        state.deferred.setdefault(dispatch.execution_id, []).append((dispatch, Delivery(None, 1)))
     # What runs is what PostgreSQL recorded, never what the message says.
     claimed = {
         r["id"]: Assignment(

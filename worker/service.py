@@ -217,9 +217,7 @@ class WorkerService:
         state.draining = True
         state.mail.set()
         state.log.info("worker_draining", in_flight=len(state.running), unstarted=len(state.inbox))
-        mark = asyncio.wait_for(state.pool.fetch(wq.SET_STATUS, state.name, state.incarnation, "draining"),
-                                STOP_STEP_TIMEOUT_S)
-        await best_effort("mark_worker_draining", mark, worker=state.name)
+        await self._mark("draining")
         await best_effort("cancel_dispatch_consumer", state.queue.cancel(state.consumer_tag), worker=state.name)
         state.resumed.set()
         claimer = next((t for t in loops if t.get_name() == "claimer"), None)
@@ -256,7 +254,11 @@ class WorkerService:
         for task in loops:
             task.cancel()
         await asyncio.gather(*loops, return_exceptions=True)
-        mark = asyncio.wait_for(state.pool.fetch(wq.SET_STATUS, state.name, state.incarnation, "inactive"),
-                                STOP_STEP_TIMEOUT_S)
-        await best_effort("mark_worker_inactive", mark, worker=state.name)
+        await self._mark("inactive")
         state.log.info("worker_inactive")
+
+    async def _mark(self, status: str) -> None:
+        """Record this process's status while it stops, if the database answers in time."""
+        state = self.state
+        mark = asyncio.wait_for(state.pool.fetch(wq.SET_STATUS, state.name, state.incarnation, status), STOP_STEP_TIMEOUT_S)
+        await best_effort(f"mark_worker_{status}", mark, worker=state.name)
