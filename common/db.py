@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 import asyncpg
 from tenacity import retry_if_exception_type
 
+from common.deadline import STOP_STEP_TIMEOUT_S, within
 from common.logging import get_logger
 from common.queries import migrations as mq
 from common.retry import TRANSIENT_ERRORS, connect_retrying
@@ -54,6 +55,16 @@ async def connect(url: str, *, max_size: int = 10, max_wait_s: float = 60.0) -> 
                 server_settings=SERVER_SETTINGS,
             )
     raise AssertionError("unreachable")
+
+
+async def close_pool(pool: asyncpg.Pool, **context: object) -> None:
+    """Close ``pool`` gracefully if its connections let go within `STOP_STEP_TIMEOUT_S`, else
+    terminate it: one held by a query the network swallowed would hold a stop up for minutes."""
+    try:
+        await within(pool.close(), STOP_STEP_TIMEOUT_S, what="close_database_pool")
+    except TimeoutError:
+        log.warning("database_pool_terminated", waited_s=STOP_STEP_TIMEOUT_S, **context)
+        pool.terminate()
 
 
 async def connect_one(url: str, *, max_wait_s: float = 60.0) -> asyncpg.Connection:

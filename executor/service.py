@@ -13,6 +13,7 @@ from aio_pika.abc import AbstractRobustConnection
 
 from common import amqp, db, metrics
 from common.best_effort import best_effort
+from common.deadline import STOP_STEP_TIMEOUT_S
 from common.errors import describe, loop_stopped
 from common.logging import get_logger
 from common.settings import Settings
@@ -86,7 +87,7 @@ async def serve(settings: Settings, stop_event: asyncio.Event) -> None:
     finally:
         if connection is not None:
             await best_effort("close_broker_connection", connection.close())
-        await pool.close()
+        await db.close_pool(pool)
         log.info("executor_stopped")
 
 
@@ -106,7 +107,14 @@ async def supervise(ctx: ExecutorContext, loops: dict[str, Loop], stop_event: as
     for task in stuck:
         log.warning("loop_cancelled", loop=tasks[task], after_s=ctx.settings.executor.shutdown_timeout_s)
         task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    # Bounded too: a loop whose query the network swallowed unwinds only once asyncpg's cancel
+    # request gets through (a minute); the pool's close, terminated if need be, ends it.
+    _, left = await asyncio.wait(tasks, timeout=STOP_STEP_TIMEOUT_S)
+    for task in left:
+        log.warning("loop_left_behind", loop=tasks[task], waited_s=STOP_STEP_TIMEOUT_S)
+    for task in set(tasks) - left - set(died):  # (one that died is reported below)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.warning("loop_failed_while_stopping", loop=tasks[task], error=describe(exc))
     stopper.cancel()
     for task in died:
         exc = task.exception()

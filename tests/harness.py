@@ -484,11 +484,22 @@ class CuttableProxy:
         self.port = free_port()
         self._server: asyncio.base_events.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        #: Swallowing everything, as a network that drops packets does: nothing is refused or
+        #: reset, nothing arrives, and each side waits on its own timeouts.
+        self.blackholed = False
+        #: Bytes dropped while blackholed (a query sent into the void).
+        self.swallowed_bytes = 0
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.blackholed:  # accepted, and then nothing
+            self._writers.add(writer)
+            with contextlib.suppress(Exception):
+                while data := await reader.read(65536):
+                    self.swallowed_bytes += len(data)
+            return
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:
@@ -499,8 +510,11 @@ class CuttableProxy:
         async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             with contextlib.suppress(Exception):
                 while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
+                    if self.blackholed:
+                        self.swallowed_bytes += len(data)
+                    else:
+                        dst.write(data)
+                        await dst.drain()
             with contextlib.suppress(Exception):
                 dst.close()
 
@@ -518,8 +532,14 @@ class CuttableProxy:
                 writer.transport.abort()
         self._writers.clear()
 
+    def blackhole(self) -> None:
+        """From now on, drop every byte both ways, on open connections and new ones alike."""
+        self.blackholed = True
+
     async def heal(self) -> None:
-        await self.start()
+        self.blackholed = False  # (what a blackholed connection swallowed is lost: it is left to time out)
+        if self._server is None:
+            await self.start()
 
     def url(self, database: str) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"

@@ -246,3 +246,73 @@ async def test_a_worker_cut_off_from_the_database_stands_down_and_comes_back(bat
 
 async def _logged_async(service, event: str) -> bool:
     return bool(service.events(event))
+
+
+async def test_a_drain_ends_in_bounded_time_when_the_database_swallows_everything(baton):
+    """SIGTERM while the worker's network to PostgreSQL drops every packet (no reset, no refusal:
+    each query waits on its own timeout): the drain still ends within its deadline and the bounds on
+    its bookkeeping, and the executor, which still reaches the database, recovers the run."""
+    from tests.harness import CuttableProxy
+
+    baton.env.update(BATON__RECOVERY__RECOVER_ON_WORKER_LOSS="true")
+    proxy = CuttableProxy()
+    await proxy.start()
+    try:
+        _, sinking = await baton.started(
+            baton.spawn_executor(),
+            baton.spawn_worker(
+                "sinking", concurrency=2, BATON__DATABASE__URL=proxy.url(baton.db_name), BATON__WORKER__SHUTDOWN_TIMEOUT="1"
+            ),
+        )
+        client = await baton.client()
+        sub = await client.submit("tests.sleep_then_echo", {"seconds": 5, "message": "made it"})
+        row = await baton.wait_status(sub.execution_id, "running")
+        assert row["worker"] == "sinking"
+        proxy.blackhole()
+
+        async def swallowed() -> bool:  # a query went into the void (a heartbeat's, say)
+            return proxy.swallowed_bytes > 0
+
+        await wait_until(swallowed, what="a query to be swallowed")
+        signalled_at = time.monotonic()
+        sinking.signal(signal.SIGTERM)
+        await asyncio.to_thread(sinking.wait, 90)
+        took_s = time.monotonic() - signalled_at
+        # The deadline (1 s), then bounded steps of 5 s each (the two status marks, the runs' and
+        # the loops' unwinding, the name lock's and the pool's close, what is left behind), with
+        # room for a loaded machine; asyncpg's own timeouts are 60 s.
+        assert took_s < 40, f"the drain took {took_s:.1f} s"
+        await baton.start_worker("dry")
+        done = await client.wait(sub.execution_id, 60)
+        assert (done["status"], done["worker"]) == ("completed", "dry")
+    finally:
+        await proxy.cut()
+
+
+async def test_an_executor_stops_in_bounded_time_when_the_database_swallows_everything(baton):
+    """SIGTERM while the executor's network to PostgreSQL drops every packet: its loops are given
+    their deadline and then left behind, its pool is terminated, and it exits."""
+    from tests.harness import CuttableProxy
+
+    proxy = CuttableProxy()
+    await proxy.start()
+    try:
+        (executor,) = await baton.started(
+            baton.spawn_executor(BATON__DATABASE__URL=proxy.url(baton.db_name), BATON__EXECUTOR__SHUTDOWN_TIMEOUT="1")
+        )
+        proxy.blackhole()
+
+        async def swallowed() -> bool:  # a loop's query went into the void (the sweeper's, say)
+            return proxy.swallowed_bytes > 0
+
+        await wait_until(swallowed, what="a query to be swallowed")
+        signalled_at = time.monotonic()
+        executor.signal(signal.SIGTERM)
+        await asyncio.to_thread(executor.wait, 90)
+        took_s = time.monotonic() - signalled_at
+        # The deadline (1 s), then the loops' unwinding, the pool's close and what is left behind
+        # (5 s each at most), with room for a loaded machine; asyncpg's own timeouts are 60 s.
+        assert took_s < 30, f"the stop took {took_s:.1f} s"
+        assert executor.events("executor_stopped")
+    finally:
+        await proxy.cut()

@@ -368,3 +368,37 @@ async def test_registering_again_leaves_alone_a_run_a_claim_under_way_has_taken(
     )
     await _register_once(state)  # type: ignore[arg-type]
     assert (q.INTERRUPT in asked) is not claiming
+
+
+async def test_within_bounds_an_operation_that_is_slow_to_unwind_after_its_cancel():
+    """`asyncio.wait_for` would wait for the cancelled operation to unwind (asyncpg's, on a network
+    that swallows packets: a minute); `within` leaves it behind and returns on time."""
+    from common.deadline import within
+
+    unwound = asyncio.Event()
+
+    async def stubborn() -> None:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            await asyncio.shield(asyncio.sleep(0.5))  # cleanup that outlasts the bound
+            unwound.set()
+
+    with pytest.raises(TimeoutError, match=r"stubborn_step did not finish within 0\.05 s"):
+        await within(stubborn(), 0.05, what="stubborn_step")
+    assert not unwound.is_set()  # returned before the operation had unwound
+    await asyncio.wait_for(unwound.wait(), 5)  # it still ends, in the background
+
+
+async def test_within_returns_the_result_and_raises_the_error_of_an_operation_in_time():
+    from common.deadline import within
+
+    async def answer() -> int:
+        return 42
+
+    async def broken() -> None:
+        raise ValueError("no")
+
+    assert await within(answer(), 1, what="answer") == 42
+    with pytest.raises(ValueError, match="no"):
+        await within(broken(), 1, what="broken")

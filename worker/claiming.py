@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from common import amqp, db, metrics
 from common.best_effort import best_effort
+from common.deadline import within
 from common.errors import describe, describe_invalid
 from common.queries import executions as q
 from common.retry import DATABASE_ERRORS
@@ -249,8 +250,9 @@ async def unclaim_abandoned(state: WorkerState) -> None:
     try:
         # Bounded as a whole: asyncpg's own timeout bounds the query, not getting a connection or
         # giving it back after a cancel.
-        rows = await asyncio.wait_for(
-            state.pool.fetch(q.UNCLAIM, ids, attempts, state.name, state.incarnation, data), UNCLAIM_MAX_WAIT_S
+        rows = await within(
+            state.pool.fetch(q.UNCLAIM, ids, attempts, state.name, state.incarnation, data), UNCLAIM_MAX_WAIT_S,
+            what="unclaim_abandoned",
         )
     except DATABASE_ERRORS as exc:  # a timeout among them
         state.log.warning("unclaim_failed", executions=len(ids), error=describe(exc))

@@ -8,10 +8,12 @@ import asyncio
 import json
 import random
 import uuid
+from typing import Any
 
 import asyncpg
 
 from common import db, metrics
+from common.deadline import within
 from common.errors import describe
 from common.interruption import interrupt
 from common.notifications import publish_terminal
@@ -89,15 +91,21 @@ async def stop_if_moved_on(state: WorkerState, execution_ids: list[uuid.UUID]) -
             task.cancel()
 
 
+#: How long a run's interruption waits for the database, as a whole (getting a connection
+#: included): a drain or a stand-down waits for it.
+INTERRUPT_TIMEOUT_S = 4.0
+
+
 async def _interrupt(state: WorkerState, dispatch: Assignment, *, reason: InterruptReason, error: str) -> None:
     """Fenced: only if the run is still this worker's at this attempt. If the database cannot be
     reached, the executor interrupts it instead once this worker is declared lost."""
     action = state.actions.get(dispatch.action_ref)
     policy = resolve_policy(action.spec if action else None, state.settings.recovery)
     fields = {"execution_id": str(dispatch.execution_id), "attempt": dispatch.attempt, "reason": reason}
-    try:
-        recovery_attempts = await state.pool.fetchval(q.RECOVERY_ATTEMPTS, dispatch.execution_id, timeout=2)
-        event = await interrupt(
+
+    async def record() -> dict[str, Any] | None:
+        recovery_attempts = await state.pool.fetchval(q.RECOVERY_ATTEMPTS, dispatch.execution_id)
+        return await interrupt(
             state.pool,
             execution_id=dispatch.execution_id,
             attempt=dispatch.attempt,
@@ -107,8 +115,10 @@ async def _interrupt(state: WorkerState, dispatch: Assignment, *, reason: Interr
             error=error,
             policy=policy,
             recovery_attempts=recovery_attempts or 0,
-            timeout_s=2,
         )
+
+    try:
+        event = await within(record(), INTERRUPT_TIMEOUT_S, what="record_interruption")
     except DATABASE_ERRORS as exc:
         # The executor interrupts it instead, once it declares this worker lost.
         state.log.warning("interrupt_not_recorded", error=describe(exc), **fields)

@@ -26,6 +26,7 @@ import aiormq.exceptions
 from common import amqp, db, health, metrics
 from common.actions import CORE_PREFIX, ActionSpec, registration_conflict
 from common.best_effort import best_effort
+from common.deadline import STOP_STEP_TIMEOUT_S, within
 from common.errors import describe, loop_stopped
 from common.queries import actions as aq
 from common.queries import workers as wq
@@ -41,11 +42,6 @@ from worker.state import WorkerState
 __all__ = ["CatalogueConflict", "WorkerNameInUse", "WorkerService", "default_name", "load_action_modules"]
 
 
-#: How long a stopping worker gives each of its bookkeeping steps against the database (marking
-#: itself draining, then inactive; closing its pool), as a whole: a database that does not answer
-#: must not stretch the drain by asyncpg's command timeout each time (a query's own timeout does not
-#: bound getting a connection, or giving it back once the query is cancelled).
-STOP_STEP_TIMEOUT_S = 5.0
 
 
 class CatalogueConflict(RuntimeError):
@@ -118,12 +114,10 @@ class WorkerService:
                 hand_back.cancel()
             await best_effort("close_broker_connection", state.connection.close(), worker=state.name)
             if state.lock_conn is not None:
-                await best_effort("close_name_lock_connection", state.lock_conn.close(), worker=state.name)
-            try:  # a connection held by a query the network swallowed would hold this up for minutes
-                await asyncio.wait_for(state.pool.close(), STOP_STEP_TIMEOUT_S)
-            except TimeoutError:
-                state.log.warning("database_pool_terminated", waited_s=STOP_STEP_TIMEOUT_S)
-                state.pool.terminate()
+                closed = within(state.lock_conn.close(), STOP_STEP_TIMEOUT_S, what="close_name_lock_connection")
+                if not await best_effort("close_name_lock_connection", closed, worker=state.name):
+                    state.lock_conn.terminate()
+            await db.close_pool(state.pool, worker=state.name)
             health.remove(state.cfg.health_file)
             state.log.info("worker_stopped")
 
@@ -247,18 +241,32 @@ class WorkerService:
             state.log.warning("drain_deadline_passed", interrupting=len(state.running))
             for task in list(state.running.values()):
                 task.cancel()
-            await asyncio.gather(*state.running.values(), return_exceptions=True)
+            # Each records its interruption within its own bound (`recording.INTERRUPT_TIMEOUT_S`).
+            await self._wait_ended(set(state.running.values()), "runs")
         # Bounded: if the recorder itself died, what it did not record is recovered by the executor.
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(state.outcomes.join(), state.cfg.shutdown_timeout_s)
         for task in loops:
             task.cancel()
-        await asyncio.gather(*loops, return_exceptions=True)
+        await self._wait_ended(loops, "loops")
         await self._mark("inactive")
         state.log.info("worker_inactive")
 
     async def _mark(self, status: str) -> None:
         """Record this process's status while it stops, if the database answers in time."""
         state = self.state
-        mark = asyncio.wait_for(state.pool.fetch(wq.SET_STATUS, state.name, state.incarnation, status), STOP_STEP_TIMEOUT_S)
-        await best_effort(f"mark_worker_{status}", mark, worker=state.name)
+        what = f"mark_worker_{status}"
+        mark = within(state.pool.fetch(wq.SET_STATUS, state.name, state.incarnation, status), STOP_STEP_TIMEOUT_S, what=what)
+        await best_effort(what, mark, worker=state.name)
+
+    async def _wait_ended(self, tasks: set[asyncio.Task[Any]], what: str) -> None:
+        """Wait for cancelled ``tasks`` to unwind, for `STOP_STEP_TIMEOUT_S` at most: one stuck on
+        a database that swallows its packets is left behind (the pool's close ends it)."""
+        if not tasks:
+            return
+        done, pending = await asyncio.wait(tasks, timeout=STOP_STEP_TIMEOUT_S)
+        for task in done:
+            if not task.cancelled() and (exc := task.exception()) is not None:
+                self.state.log.warning("drain_task_failed", task=task.get_name(), error=describe(exc))
+        if pending:
+            self.state.log.warning("drain_tasks_left_behind", kind=what, count=len(pending), waited_s=STOP_STEP_TIMEOUT_S)
