@@ -7,7 +7,9 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
@@ -73,9 +75,10 @@ STATUS_STYLE = {
 
 def run_on_uvloop(main: Coroutine[Any, Any, _T]) -> _T:
     """Run a main coroutine (a service's, or a benchmark's) to its result, on uvloop where it is
-    available (a faster event loop). Unlike `asyncio.run`, what is still running once it returns is
-    given `STOP_STEP_TIMEOUT_S` to unwind after its cancel, not forever: a service stops what it
-    runs in bounded time, and leaves behind only what cannot end in time (a query the network
+    available (a faster event loop), as `asyncio.run` does (a first Ctrl+C cancels it and lets its
+    clean-up run, then raises KeyboardInterrupt) but for one thing: what is still running once it
+    returns is given `STOP_STEP_TIMEOUT_S` to unwind after its cancel, not forever. A service
+    stops in bounded time, leaving behind only what cannot end in time (a query the network
     swallowed, which asyncpg unwinds only once its cancel request gets through)."""
     try:
         import uvloop
@@ -85,7 +88,14 @@ def run_on_uvloop(main: Coroutine[Any, Any, _T]) -> _T:
         loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
-        return loop.run_until_complete(main)
+        task = loop.create_task(main)
+        with _sigint_cancels(loop, task) as interrupted:
+            try:
+                return loop.run_until_complete(task)
+            except asyncio.CancelledError:
+                if interrupted():
+                    raise KeyboardInterrupt from None
+                raise
     finally:
         try:
             _cancel_left_behind(loop)
@@ -94,6 +104,35 @@ def run_on_uvloop(main: Coroutine[Any, Any, _T]) -> _T:
         finally:
             asyncio.set_event_loop(None)
             loop.close()
+
+
+@contextlib.contextmanager
+def _sigint_cancels(loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any]) -> Iterator[Callable[[], bool]]:
+    """While the main task runs, a first SIGINT cancels it (its clean-up runs) and a second raises
+    KeyboardInterrupt, as `asyncio.Runner` does; unless someone else handles SIGINT (a service's
+    own signal handlers, installed on the loop, take precedence)."""
+    count = 0
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield lambda: False
+        return
+
+    def on_sigint(_signum: int, _frame: object) -> None:
+        nonlocal count
+        count += 1
+        if count == 1 and not task.done():
+            task.cancel()
+            loop.call_soon_threadsafe(lambda: None)  # wake the loop
+            return
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield lambda: count > 0
+    finally:
+        if signal.getsignal(signal.SIGINT) is on_sigint:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _cancel_left_behind(loop: asyncio.AbstractEventLoop) -> None:
@@ -106,10 +145,16 @@ def _cancel_left_behind(loop: asyncio.AbstractEventLoop) -> None:
     for task in tasks - pending:
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.warning("task_failed_while_stopping", task=task.get_name(), error=describe(exc))
-    if pending:
-        log.warning("tasks_left_behind", count=len(pending), waited_s=STOP_STEP_TIMEOUT_S)
-        # Said once, above: not again for each as the closed loop lets it go.
-        loop.set_exception_handler(lambda _loop, _context: None)
+    if not pending:
+        return
+    log.warning("tasks_left_behind", count=len(pending), waited_s=STOP_STEP_TIMEOUT_S)
+
+    def report(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        # Each left-behind task is said once, above: not again as the closed loop lets it go.
+        if context.get("task") not in pending:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(report)
 
 
 #: Set by `--debug` (anywhere on the command line): tracebacks instead of one-line errors.

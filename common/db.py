@@ -67,6 +67,14 @@ async def close_pool(pool: asyncpg.Pool, **context: object) -> None:
         pool.terminate()
 
 
+async def close_connection(conn: asyncpg.Connection) -> None:
+    """Close ``conn`` gracefully within `STOP_STEP_TIMEOUT_S`, else drop it (`close_pool`'s why)."""
+    try:
+        await within(conn.close(), STOP_STEP_TIMEOUT_S, what="close_database_connection")
+    except TimeoutError:
+        conn.terminate()
+
+
 async def connect_one(url: str, *, max_wait_s: float = 60.0) -> asyncpg.Connection:
     """A single connection (for LISTEN, or a session-scoped lock), with the same codecs."""
     async for attempt in connect_retrying(max_wait_s, what="PostgreSQL", at=where(url)):

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 from tenacity import RetryCallState, wait_exponential, wait_random_exponential
 
-from common.db import connect_one
+from common.db import close_connection, connect_one
 from common.errors import describe
 from common.logging import get_logger
 from common.retry import TRANSIENT_ERRORS
@@ -180,4 +180,4 @@ async def until_due(
                     waiter.cancel()
     finally:
         if not listener.is_closed():
-            await listener.close()
+            await close_connection(listener)

@@ -108,7 +108,8 @@ async def supervise(ctx: ExecutorContext, loops: dict[str, Loop], stop_event: as
         log.warning("loop_cancelled", loop=tasks[task], after_s=ctx.settings.executor.shutdown_timeout_s)
         task.cancel()
     # Bounded too: a loop whose query the network swallowed unwinds only once asyncpg's cancel
-    # request gets through (a minute); the pool's close, terminated if need be, ends it.
+    # request gets through (a minute). What is left behind, the process's runner gives one more
+    # bound once the pool is closed or terminated (`cli.app.run_on_uvloop`).
     _, left = await asyncio.wait(tasks, timeout=STOP_STEP_TIMEOUT_S)
     for task in left:
         log.warning("loop_left_behind", loop=tasks[task], waited_s=STOP_STEP_TIMEOUT_S)

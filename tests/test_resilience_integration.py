@@ -248,10 +248,17 @@ async def _logged_async(service, event: str) -> bool:
     return bool(service.events(event))
 
 
-async def test_a_drain_ends_in_bounded_time_when_the_database_swallows_everything(baton):
+@pytest.mark.parametrize(
+    ("heartbeat_interval_s", "path"),
+    [("0.2", "worker_standing_down"), ("5", "drain_deadline_passed")],
+    ids=["stands-down", "deadline"],
+)
+async def test_a_drain_ends_in_bounded_time_when_the_database_swallows_everything(baton, heartbeat_interval_s, path):
     """SIGTERM while the worker's network to PostgreSQL drops every packet (no reset, no refusal:
-    each query waits on its own timeout): the drain still ends within its deadline and the bounds on
-    its bookkeeping, and the executor, which still reaches the database, recovers the run."""
+    each query waits on its own timeout), its run still going: the drain ends within its deadline
+    and the bounds on its bookkeeping, whether the worker stands down first (its heartbeat stale
+    within a second) or its drain's deadline interrupts the run; the executor, which still reaches
+    the database, then takes the run back as a lost worker's."""
     from tests.harness import CuttableProxy
 
     baton.env.update(BATON__RECOVERY__RECOVER_ON_WORKER_LOSS="true")
@@ -259,32 +266,35 @@ async def test_a_drain_ends_in_bounded_time_when_the_database_swallows_everythin
     await proxy.start()
     try:
         _, sinking = await baton.started(
-            baton.spawn_executor(),
+            # Declares the worker lost 2 of its heartbeats after the last.
+            baton.spawn_executor(BATON__EXECUTOR__HEARTBEAT_STALENESS_MULTIPLIER="2"),
             baton.spawn_worker(
-                "sinking", concurrency=2, BATON__DATABASE__URL=proxy.url(baton.db_name), BATON__WORKER__SHUTDOWN_TIMEOUT="1"
+                "sinking", concurrency=2, BATON__DATABASE__URL=proxy.url(baton.db_name),
+                BATON__WORKER__SHUTDOWN_TIMEOUT="1", BATON__WORKER__HEARTBEAT_INTERVAL=heartbeat_interval_s,
             ),
         )
         client = await baton.client()
-        sub = await client.submit("tests.sleep_then_echo", {"seconds": 5, "message": "made it"})
+        sub = await client.submit("tests.sleep_then_echo", {"seconds": 120, "message": "made it"})
         row = await baton.wait_status(sub.execution_id, "running")
         assert row["worker"] == "sinking"
         proxy.blackhole()
 
-        async def swallowed() -> bool:  # a query went into the void (a heartbeat's, say)
+        async def swallowed() -> bool:  # a query went into the void (the draining mark's, at least)
             return proxy.swallowed_bytes > 0
 
-        await wait_until(swallowed, what="a query to be swallowed")
         signalled_at = time.monotonic()
         sinking.signal(signal.SIGTERM)
+        await wait_until(swallowed, what="a query to be swallowed")
         await asyncio.to_thread(sinking.wait, 90)
         took_s = time.monotonic() - signalled_at
         # The deadline (1 s), then bounded steps of 5 s each (the two status marks, the runs' and
         # the loops' unwinding, the name lock's and the pool's close, what is left behind), with
         # room for a loaded machine; asyncpg's own timeouts are 60 s.
         assert took_s < 40, f"the drain took {took_s:.1f} s"
-        await baton.start_worker("dry")
-        done = await client.wait(sub.execution_id, 60)
-        assert (done["status"], done["worker"]) == ("completed", "dry")
+        assert sinking.events(path)
+        # The executor takes the run back (no other worker: it waits to be placed again).
+        after = await baton.wait_status(sub.execution_id, "requested", timeout_s=30)
+        assert (after["attempt"], after["recovery_attempts"]) == (1, 1)
     finally:
         await proxy.cut()
 

@@ -23,7 +23,7 @@ from common.queries import workers as wq
 from common.recovery import resolve_policy
 from common.retry import DATABASE_ERRORS
 from worker import claiming, recording
-from worker.state import DRAIN_DEADLINE, WorkerState
+from worker.state import DRAIN_DEADLINE, WorkerState, wait_cancelled
 
 
 class WorkerNameInUse(RuntimeError):
@@ -192,7 +192,9 @@ async def _stand_down(state: WorkerState, why: str) -> None:
     state.cancel_reason = ("worker_lost", f"the worker stood down: {why}")
     for task in list(state.running.values()):
         task.cancel()
-    await asyncio.gather(*state.running.values(), return_exceptions=True)
+    # Each records its interruption within its own bound; an action slow to honour its cancel is
+    # not waited for past `STOP_STEP_TIMEOUT_S` (its outcome, should it come, is fenced).
+    await wait_cancelled(state, set(state.running.values()), "runs")
 
 
 async def _resume(state: WorkerState) -> None:

@@ -61,8 +61,12 @@ async def run_one(state: WorkerState, dispatch: Assignment) -> None:
             "execution_crashed", error=describe(exc), execution_id=str(dispatch.execution_id),
             attempt=dispatch.attempt,
         )
-        await _interrupt(state, dispatch, reason="worker_lost", error=f"the worker failed while running it: {describe(exc)}")
-        _release(state, dispatch.execution_id)
+        try:
+            await _interrupt(
+                state, dispatch, reason="worker_lost", error=f"the worker failed while running it: {describe(exc)}"
+            )
+        finally:  # a cancel while interrupting (a drain's deadline): the slot is still given back
+            _release(state, dispatch.execution_id)
         return
     if outcome is None:  # suspended, or no longer this worker's: nothing more to record here
         _release(state, dispatch.execution_id)

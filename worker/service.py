@@ -35,7 +35,7 @@ from worker import builtins, claiming, liveness, recording
 from worker.liveness import WorkerNameInUse
 from worker.registry import registered
 from worker.shell import ShellLimits
-from worker.state import WorkerState
+from worker.state import WorkerState, wait_cancelled
 
 # What `cli` (and anyone starting a worker) imports from here; `WorkerNameInUse` is raised by
 # registration, in `liveness`.
@@ -208,6 +208,7 @@ class WorkerService:
         (or interrupted past the deadline), then inactive."""
         state = self.state
         deadline_s = asyncio.get_running_loop().time() + state.cfg.shutdown_timeout_s
+        runs_left_behind = False
         state.draining = True
         state.mail.set()
         state.log.info("worker_draining", in_flight=len(state.running), unstarted=len(state.inbox))
@@ -242,13 +243,18 @@ class WorkerService:
             for task in list(state.running.values()):
                 task.cancel()
             # Each records its interruption within its own bound (`recording.INTERRUPT_TIMEOUT_S`).
-            await self._wait_ended(set(state.running.values()), "runs")
+            if not await wait_cancelled(state, set(state.running.values()), "runs"):
+                # Something still runs: `inactive` would tell the executor nothing does. Left
+                # `draining`, the worker is declared lost once its heartbeat stops, as a dead one is.
+                runs_left_behind = True
         # Bounded: if the recorder itself died, what it did not record is recovered by the executor.
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(state.outcomes.join(), state.cfg.shutdown_timeout_s)
         for task in loops:
             task.cancel()
-        await self._wait_ended(loops, "loops")
+        await wait_cancelled(state, {t for t in loops if not t.done()}, "loops")  # (one that died is reported)
+        if runs_left_behind:
+            return
         await self._mark("inactive")
         state.log.info("worker_inactive")
 
@@ -258,15 +264,3 @@ class WorkerService:
         what = f"mark_worker_{status}"
         mark = within(state.pool.fetch(wq.SET_STATUS, state.name, state.incarnation, status), STOP_STEP_TIMEOUT_S, what=what)
         await best_effort(what, mark, worker=state.name)
-
-    async def _wait_ended(self, tasks: set[asyncio.Task[Any]], what: str) -> None:
-        """Wait for cancelled ``tasks`` to unwind, for `STOP_STEP_TIMEOUT_S` at most: one stuck on
-        a database that swallows its packets is left behind (the pool's close ends it)."""
-        if not tasks:
-            return
-        done, pending = await asyncio.wait(tasks, timeout=STOP_STEP_TIMEOUT_S)
-        for task in done:
-            if not task.cancelled() and (exc := task.exception()) is not None:
-                self.state.log.warning("drain_task_failed", task=task.get_name(), error=describe(exc))
-        if pending:
-            self.state.log.warning("drain_tasks_left_behind", kind=what, count=len(pending), waited_s=STOP_STEP_TIMEOUT_S)
