@@ -254,11 +254,12 @@ async def _logged_async(service, event: str) -> bool:
     ids=["stands-down", "deadline"],
 )
 async def test_a_drain_ends_in_bounded_time_when_the_database_swallows_everything(baton, heartbeat_interval_s, path):
-    """SIGTERM while the worker's network to PostgreSQL drops every packet (no reset, no refusal:
-    each query waits on its own timeout), its run still going: the drain ends within its deadline
-    and the bounds on its bookkeeping, whether the worker stands down first (its heartbeat stale
-    within a second) or its drain's deadline interrupts the run; the executor, which still reaches
-    the database, then takes the run back as a lost worker's."""
+    """The worker's network to PostgreSQL drops every packet (no reset, no refusal: each query waits
+    on its own timeout) while its run goes on. With a short heartbeat, the worker stands down (its
+    heartbeat stale within a second) before SIGTERM; with a long one, SIGTERM comes first and the
+    drain's deadline interrupts the run. Either way the drain ends within its deadline and the
+    bounds on its bookkeeping, and the executor, which still reaches the database, takes the run
+    back as a lost worker's."""
     from tests.harness import CuttableProxy
 
     baton.env.update(BATON__RECOVERY__RECOVER_ON_WORKER_LOSS="true")
@@ -282,6 +283,10 @@ async def test_a_drain_ends_in_bounded_time_when_the_database_swallows_everythin
         async def swallowed() -> bool:  # a query went into the void (the draining mark's, at least)
             return proxy.swallowed_bytes > 0
 
+        if path == "worker_standing_down":
+            # Cut off, it stops taking work and gives up its run once its heartbeat is stale: its
+            # heartbeat loop is not held up by a query the network swallowed.
+            await wait_until(lambda: _logged_async(sinking, path), what="the cut-off worker to stand down")
         signalled_at = time.monotonic()
         sinking.signal(signal.SIGTERM)
         await wait_until(swallowed, what="a query to be swallowed")

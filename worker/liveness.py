@@ -15,6 +15,7 @@ import uuid
 import asyncpg
 
 from common import db, health, metrics
+from common.deadline import within
 from common.errors import describe
 from common.interruption import interrupt
 from common.queries import CONTROL_CHANNEL
@@ -161,6 +162,21 @@ async def _audit(state: WorkerState, *, grace_s: float) -> None:
                 )
 
 
+async def _checks(state: WorkerState, *, grace_s: float) -> None:
+    """The heartbeat's backstops (`_audit`, `recording.stop_if_moved_on`), within ``grace_s`` as a
+    whole: on a database that swallows packets they would hold up the heartbeat loop, and with it
+    the count of silence that makes a cut-off worker stand down."""
+
+    async def both() -> None:
+        await _audit(state, grace_s=grace_s)
+        await recording.stop_if_moved_on(state, list(state.running))
+
+    try:
+        await within(both(), grace_s, what="heartbeat_checks")
+    except TimeoutError as exc:
+        state.log.warning("heartbeat_checks_skipped", error=describe(exc))
+
+
 async def _interrupt_orphan(state: WorkerState, conn: db.Executor, row: asyncpg.Record, error: str) -> None:
     """A run recorded as `running` here that this process does not run: hand it to recovery."""
     action = state.actions.get(row["action_ref"])
@@ -244,8 +260,12 @@ async def heartbeat_loop(state: WorkerState) -> None:
         try:
             await lock(state)
             assert state.lock_conn is not None
-            status = await state.lock_conn.fetchval(
-                wq.HEARTBEAT, state.name, state.incarnation, len(state.running), timeout=max(interval_s, 1.0)
+            beat_s = max(interval_s, 1.0)
+            # Bounded as a whole too: a query the network swallowed unwinds only once asyncpg's
+            # cancel request gets through, and this loop must go on counting the silence.
+            status = await within(
+                state.lock_conn.fetchval(wq.HEARTBEAT, state.name, state.incarnation, len(state.running), timeout=beat_s),
+                beat_s + 0.5, what="heartbeat",
             )
         except DATABASE_ERRORS as exc:
             if state.lock_conn is not None and state.lock_conn.is_closed():
@@ -277,8 +297,7 @@ async def heartbeat_loop(state: WorkerState) -> None:
         if status == "lost":
             await _stand_down(state, "the executor declared it lost")
         elif not state.stood_down:
-            await _audit(state, grace_s=max(2 * interval_s, 1.0))
-            await recording.stop_if_moved_on(state, list(state.running))
+            await _checks(state, grace_s=max(2 * interval_s, 1.0))
         if state.stood_down and not state.draining:
             try:
                 await _resume(state)
