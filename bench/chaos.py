@@ -14,7 +14,8 @@ and a few failed ones retried.
 Faults (one every `--fault-every` seconds, chosen by the seeded generator): SIGKILL a worker and
 start it again under its name; SIGTERM a worker and start a replacement; SIGSTOP a worker past the
 staleness threshold, then SIGCONT; SIGKILL an executor and start it again; restart RabbitMQ
-(`stop_app` / `start_app`); restart PostgreSQL; cut `w3` off from PostgreSQL, then heal.
+(`stop_app` / `start_app`); restart PostgreSQL; cut `w3` off from PostgreSQL, then heal; hold
+`w3`'s packets to and from PostgreSQL (a blackhole: nothing arrives, nothing is refused), then heal.
 
 Checks (printed as a table, written as JSON to `--report`): every invocation posted has exactly
 one execution and every execution is terminal; no execution completed twice or has more than one
@@ -61,7 +62,7 @@ TERMINAL = ("completed", "failed", "timeout", "cancelled")
 #: Who may fail a run by policy (attempts spent), rather than by a fault of the run itself.
 POLICY_FAILURES = ("recovery", "execution_timeout_monitor", "scheduler", "liveness_sweeper", "dead_letter_handler")
 FAULTS = ("sigkill_worker", "sigterm_worker", "sigstop_worker", "kill_executor", "restart_rabbitmq",
-          "restart_postgres", "cut_worker_db")
+          "restart_postgres", "cut_worker_db", "blackhole_worker_db")
 #: Fast liveness, as in the test suite, so that a soak sees many recoveries.
 CHAOS_ENV = {
     "BATON__WORKER__HEARTBEAT_INTERVAL": "0.5",
@@ -216,6 +217,12 @@ class Soak:
         await asyncio.sleep(2.5)
         await self.proxy.heal()
         return "w3 cut off from PostgreSQL for 2.5 s"
+
+    async def blackhole_worker_db(self) -> str:
+        self.proxy.blackhole()
+        await asyncio.sleep(3)  # past the staleness threshold: w3 stands down, its runs recovered elsewhere
+        await self.proxy.heal()
+        return "w3's packets to and from PostgreSQL held for 3 s"
 
     # -- the end -------------------------------------------------------------------------------------
 

@@ -476,7 +476,8 @@ def free_port() -> int:
 
 
 class CuttableProxy:
-    """A TCP proxy to PostgreSQL that a test can cut and heal: a network partition between one
+    """A TCP proxy to PostgreSQL that a test can cut (connections reset, new ones refused) or
+    blackhole (nothing arrives, nothing is refused), then heal: a network partition between one
     service and the database, while everything else still reaches it."""
 
     def __init__(self, target_host: str = "127.0.0.1", target_port: int = 5432) -> None:
@@ -484,37 +485,34 @@ class CuttableProxy:
         self.port = free_port()
         self._server: asyncio.base_events.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
-        #: Swallowing everything, as a network that drops packets does: nothing is refused or
-        #: reset, nothing arrives, and each side waits on its own timeouts.
-        self.blackholed = False
-        #: Bytes dropped while blackholed (a query sent into the void).
-        self.swallowed_bytes = 0
+        #: Cleared while blackholed: bytes are held, not forwarded, as a network that drops packets
+        #: holds them (TCP sends them again until it heals); each side waits on its own timeouts.
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+        #: Bytes held up by a blackhole (a query sent into the void).
+        self.held_bytes = 0
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.blackholed:  # accepted, and then nothing
-            self._writers.add(writer)
-            with contextlib.suppress(Exception):
-                while data := await reader.read(65536):
-                    self.swallowed_bytes += len(data)
-            return
+        self._writers.add(writer)
+        await self._flowing.wait()  # a connection made in a blackhole gets through once it heals
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:
             writer.close()
             return
-        self._writers |= {writer, up_writer}
+        self._writers.add(up_writer)
 
         async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             with contextlib.suppress(Exception):
                 while data := await src.read(65536):
-                    if self.blackholed:
-                        self.swallowed_bytes += len(data)
-                    else:
-                        dst.write(data)
-                        await dst.drain()
+                    if not self._flowing.is_set():
+                        self.held_bytes += len(data)
+                        await self._flowing.wait()
+                    dst.write(data)
+                    await dst.drain()
             with contextlib.suppress(Exception):
                 dst.close()
 
@@ -531,13 +529,14 @@ class CuttableProxy:
             with contextlib.suppress(Exception):
                 writer.transport.abort()
         self._writers.clear()
+        self._flowing.set()  # what a blackhole held meets the closed connections, and ends
 
     def blackhole(self) -> None:
-        """From now on, drop every byte both ways, on open connections and new ones alike."""
-        self.blackholed = True
+        """From now on, hold every byte both ways, on open connections and new ones alike."""
+        self._flowing.clear()
 
     async def heal(self) -> None:
-        self.blackholed = False  # (what a blackholed connection swallowed is lost: it is left to time out)
+        self._flowing.set()
         if self._server is None:
             await self.start()
 

@@ -281,7 +281,7 @@ async def test_a_drain_ends_in_bounded_time_when_the_database_swallows_everythin
         proxy.blackhole()
 
         async def swallowed() -> bool:  # a query went into the void (the draining mark's, at least)
-            return proxy.swallowed_bytes > 0
+            return proxy.held_bytes > 0
 
         if path == "worker_standing_down":
             # Cut off, it stops taking work and gives up its run once its heartbeat is stale: its
@@ -318,7 +318,7 @@ async def test_an_executor_stops_in_bounded_time_when_the_database_swallows_ever
         proxy.blackhole()
 
         async def swallowed() -> bool:  # a loop's query went into the void (the sweeper's, say)
-            return proxy.swallowed_bytes > 0
+            return proxy.held_bytes > 0
 
         await wait_until(swallowed, what="a query to be swallowed")
         signalled_at = time.monotonic()
