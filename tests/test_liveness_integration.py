@@ -208,6 +208,27 @@ async def test_work_longer_than_the_drain_timeout_is_interrupted_with_reason_sig
     assert row["attempt"] == 1
 
 
+async def test_a_synchronous_action_past_the_drain_deadline_does_not_hold_up_the_exit(baton):
+    """A synchronous action runs on a thread that its run's cancel cannot stop: past the drain's
+    deadline the run is interrupted, the process exits without waiting for the thread (it held up
+    the exit for the whole action before), and the worker is left `draining`, not marked `inactive`
+    while its action still ran."""
+    _, leaving = await baton.started(
+        baton.spawn_executor(),
+        baton.spawn_worker("leaving", concurrency=2, BATON__WORKER__SHUTDOWN_TIMEOUT="0.5"),
+    )
+    client = await baton.client()
+    blocked = await client.submit("tests.blocking_sleep", {"seconds": 120})
+    await _running_on(baton, blocked.execution_id, "leaving")
+    leaving.signal(signal.SIGTERM)
+    assert await asyncio.to_thread(leaving.wait, 40) == 0
+    [left] = [e for e in leaving.events("tasks_left_behind") if e["kind"] == "sync_actions"]
+    assert left["count"] == 1 and not leaving.events("worker_inactive")
+    await baton.wait_status(blocked.execution_id, "failed", "interrupted", "requested")
+    pool = await baton.pool()
+    assert await pool.fetchval("SELECT status FROM workers WHERE name = 'leaving'") in ("draining", "lost")
+
+
 async def test_a_full_worker_still_drains_within_its_timeout(baton):
     """Every slot busy with long work and a dispatch prefetched: the drain must not wait for a
     slot to free up; the prefetched dispatch goes back, the run is interrupted at the deadline."""

@@ -68,15 +68,17 @@ async def lock(state: WorkerState) -> None:
     conn = await asyncpg.connect(state.settings.database.url, timeout=timeout_s, server_settings=db.SERVER_SETTINGS)
     try:
         await conn.execute(wq.LOCK, state.lock_key, timeout=timeout_s)
+        # An operator's cancel reaches a running run within a moment (the heartbeat's audit is the
+        # backstop for a notification missed while this connection was down).
+        await conn.add_listener(CONTROL_CHANNEL, functools.partial(_on_control, state))
     except BaseException:
-        await conn.close()
+        # Dropped, not closed: a close waits on a network that swallows packets, and a session
+        # left holding the lock would keep this process from taking it again.
+        conn.terminate()
         raise
     # Without its lock this process looks dead to the sweeper: take it again at once, not at
     # the next heartbeat.
     conn.add_termination_listener(lambda _conn: state.lock_lost.set())
-    # An operator's cancel reaches a running run within a moment (the heartbeat's audit is the
-    # backstop for a notification missed while this connection was down).
-    await conn.add_listener(CONTROL_CHANNEL, functools.partial(_on_control, state))
     state.lock_lost.clear()
     state.lock_conn = conn
 
@@ -163,18 +165,18 @@ async def _audit(state: WorkerState, *, grace_s: float) -> None:
 
 
 async def _checks(state: WorkerState, *, grace_s: float) -> None:
-    """The heartbeat's backstops (`_audit`, `recording.stop_if_moved_on`), within ``grace_s`` as a
-    whole: on a database that swallows packets they would hold up the heartbeat loop, and with it
-    the count of silence that makes a cut-off worker stand down."""
-
-    async def both() -> None:
-        await _audit(state, grace_s=grace_s)
-        await recording.stop_if_moved_on(state, list(state.running))
-
+    """The heartbeat's backstops (`_audit`, `recording.stop_if_moved_on`), each bounded as a whole
+    (a little past its own query's timeout): on a database that swallows packets they would hold
+    up the heartbeat loop, and with it the count of silence that makes a cut-off worker stand down."""
+    bound_s = grace_s + 0.5
     try:
-        await within(both(), grace_s, what="heartbeat_checks")
+        await within(_audit(state, grace_s=grace_s), bound_s, what="audit")
     except TimeoutError as exc:
-        state.log.warning("heartbeat_checks_skipped", error=describe(exc))
+        state.log.warning("heartbeat_check_skipped", check="audit", error=describe(exc))
+    try:
+        await within(recording.stop_if_moved_on(state, list(state.running), timeout_s=grace_s), bound_s, what="control_check")
+    except TimeoutError as exc:
+        state.log.warning("heartbeat_check_skipped", check="control_check", error=describe(exc))
 
 
 async def _interrupt_orphan(state: WorkerState, conn: db.Executor, row: asyncpg.Record, error: str) -> None:
@@ -258,9 +260,10 @@ async def heartbeat_loop(state: WorkerState) -> None:
             state.lock_conn = None
         metrics.IN_FLIGHT.set(len(state.running))
         try:
-            await lock(state)
-            assert state.lock_conn is not None
             beat_s = max(interval_s, 1.0)
+            # (Connecting and locking have a timeout each; the LISTEN has none.)
+            await within(lock(state), 2 * beat_s + 0.5, what="take_name_lock")
+            assert state.lock_conn is not None
             # Bounded as a whole too: a query the network swallowed unwinds only once asyncpg's
             # cancel request gets through, and this loop must go on counting the silence.
             status = await within(

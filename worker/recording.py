@@ -76,14 +76,14 @@ async def run_one(state: WorkerState, dispatch: Assignment) -> None:
     await state.outcomes.put((dispatch, outcome))
 
 
-async def stop_if_moved_on(state: WorkerState, execution_ids: list[uuid.UUID]) -> None:
+async def stop_if_moved_on(state: WorkerState, execution_ids: list[uuid.UUID], *, timeout_s: float = 5.0) -> None:
     """Stop the runs among these that the database says no longer run here (cancelled by an
     operator, say): within a moment of the change, not at their end."""
     ids = [i for i in execution_ids if i in state.running]
     if not ids:
         return
     try:
-        rows = await state.pool.fetch(wfq.NO_LONGER_MINE, ids, state.name, state.incarnation, timeout=5)
+        rows = await state.pool.fetch(wfq.NO_LONGER_MINE, ids, state.name, state.incarnation, timeout=timeout_s)
     except DATABASE_ERRORS as exc:
         state.log.warning("control_check_failed", error=describe(exc))
         return

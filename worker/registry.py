@@ -6,7 +6,6 @@ schema goes into the catalogue so that the executor can reject bad parameters be
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, create_model
 
 from common.actions import CORE_PREFIX, ActionSpec, Runtime
+from worker.threads import run_in_thread
 
 if TYPE_CHECKING:
     from worker.workflow import WorkflowSpec
@@ -134,7 +134,7 @@ def action(
             kwargs.update(params.model_extra or {})
             if inspect.iscoroutinefunction(func):
                 return await func(**kwargs)
-            return await asyncio.to_thread(func, **kwargs)
+            return await run_in_thread(func, **kwargs)
 
         register(
             RegisteredAction(

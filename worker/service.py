@@ -31,7 +31,7 @@ from common.errors import describe, loop_stopped
 from common.queries import actions as aq
 from common.queries import workers as wq
 from common.settings import Settings
-from worker import builtins, claiming, liveness, recording
+from worker import builtins, claiming, liveness, recording, threads
 from worker.liveness import WorkerNameInUse
 from worker.registry import registered
 from worker.shell import ShellLimits
@@ -253,6 +253,9 @@ class WorkerService:
         for task in loops:
             task.cancel()
         await wait_cancelled(state, {t for t in loops if not t.done()}, "loops")  # (one that died is reported)
+        if threads.in_flight():  # a synchronous action goes on after its run's cancel
+            state.log.warning("tasks_left_behind", kind="sync_actions", count=threads.in_flight())
+            runs_left_behind = True
         if runs_left_behind:
             return
         await self._mark("inactive")
