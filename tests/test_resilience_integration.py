@@ -4,6 +4,7 @@ In each, every execution must end exactly once."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import signal
 import time
@@ -240,6 +241,41 @@ async def test_a_worker_cut_off_from_the_database_stands_down_and_comes_back(bat
         assert island.process.poll() is None
         after = await baton.execution(sub.execution_id)
         assert (after["worker"], after["attempt"], after["result"]) == ("mainland", 2, {"message": "made it"})
+    finally:
+        await proxy.cut()
+
+
+async def test_a_worker_cut_off_with_a_synchronous_action_running_comes_back_once_it_ends(baton):
+    """A synchronous action runs on a thread that standing down cannot stop, while its run is
+    recovered elsewhere: the worker does not register again (and take more work) until that thread
+    has ended."""
+    from tests.harness import CuttableProxy
+
+    proxy = CuttableProxy()
+    await proxy.start()
+    try:
+        _, island = await baton.started(
+            baton.spawn_executor(),
+            baton.spawn_worker("island", concurrency=1, BATON__DATABASE__URL=proxy.url(baton.db_name)),
+        )
+        client = await baton.client()
+        sub = await client.submit("tests.blocking_sleep", {"seconds": 6})
+        await baton.wait_status(sub.execution_id, "running")
+        await proxy.cut()
+        await wait_until(lambda: _logged_async(island, "worker_standing_down"), what="the cut-off worker to stand down")
+        await proxy.heal()
+        await wait_until(
+            lambda: _logged_async(island, "worker_reregistered"), timeout_s=30, what="the worker to register again"
+        )
+        assert island.events("resume_waits_for_sync_actions")
+        # The interrupted run was not recovered (transient, recover_on_worker_loss off): failed.
+        row = await baton.wait_status(sub.execution_id, "failed")
+        assert row["attempt"] == 1
+        # Back only once the action's 6 s had passed since it started (it came back at the heal,
+        # a second or two in, before).
+        [back] = island.events("worker_reregistered")
+        back_at = datetime.datetime.fromisoformat(back["timestamp"].replace("Z", "+00:00"))
+        assert back_at >= row["started_at"] + datetime.timedelta(seconds=6), (back_at, row["started_at"])
     finally:
         await proxy.cut()
 

@@ -23,7 +23,7 @@ from common.queries import executions as q
 from common.queries import workers as wq
 from common.recovery import resolve_policy
 from common.retry import DATABASE_ERRORS
-from worker import claiming, recording
+from worker import claiming, recording, threads
 from worker.state import DRAIN_DEADLINE, WorkerState, wait_cancelled
 
 
@@ -302,6 +302,11 @@ async def heartbeat_loop(state: WorkerState) -> None:
         elif not state.stood_down:
             await _checks(state, grace_s=max(2 * interval_s, 1.0))
         if state.stood_down and not state.draining:
+            if threads.in_flight():
+                # A synchronous action given up on standing down still runs (a thread cannot be
+                # cancelled) while its run is recovered elsewhere: not back until it has ended.
+                state.log.info("resume_waits_for_sync_actions", running=threads.in_flight())
+                continue
             try:
                 await _resume(state)
             except DATABASE_ERRORS as exc:

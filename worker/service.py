@@ -42,8 +42,6 @@ from worker.state import WorkerState, wait_cancelled
 __all__ = ["CatalogueConflict", "WorkerNameInUse", "WorkerService", "default_name", "load_action_modules"]
 
 
-
-
 class CatalogueConflict(RuntimeError):
     """An action this worker serves conflicts with the catalogue's entry for it."""
 
