@@ -33,7 +33,20 @@ _MIGRATION_LOCK_KEY = 0x6261746F6E  # "baton"
 #: Every statement is planned with its actual parameters and the table as it is now. A generic plan
 #: cached while a table was nearly empty (the first minutes of a deployment) would otherwise keep
 #: scanning it whole for the life of the connection, as it grows; planning costs far less.
-SERVER_SETTINGS = {"plan_cache_mode": "force_custom_plan"}
+#
+#: A client that vanishes without a word (its host gone, or a network that swallows its packets)
+#: leaves its session behind, holding its locks: a worker's name lock, or a transaction's row
+#: locks, which would hold up the executor's recovery of that very run until the kernel's
+#: keepalive notices, two hours later. Every Baton transaction is statements only, milliseconds
+#: apart, so one idle for a minute is abandoned and the server ends it; a silent peer of a session
+#: outside a transaction is probed after 10 s and dropped some 15 s later.
+SERVER_SETTINGS = {
+    "plan_cache_mode": "force_custom_plan",
+    "idle_in_transaction_session_timeout": "60s",
+    "tcp_keepalives_idle": "10",
+    "tcp_keepalives_interval": "5",
+    "tcp_keepalives_count": "3",
+}
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:

@@ -11,6 +11,7 @@ import time
 import uuid
 
 import aio_pika
+import asyncpg
 import pytest
 
 from tests.harness import FAST_ENV, CuttableProxy, wait_until
@@ -367,3 +368,40 @@ async def test_an_executor_stops_in_bounded_time_when_the_database_swallows_ever
         assert executor.events("executor_stopped")
     finally:
         await proxy.cut()
+
+
+async def test_a_session_whose_client_vanished_does_not_keep_its_locks_for_hours(baton):
+    """Every Baton connection asks the server to end a transaction left idle (a client gone
+    mid-transaction would otherwise keep its row locks, and hold up the recovery of that very run)
+    and to probe a silent client (a worker's name lock would otherwise outlive it by the kernel's
+    two hours). Here a transaction left idle is ended by the server, its row lock freed."""
+    from common import db
+
+    pool = await db.connect(baton.db_url, max_size=2)
+    listener = await db.connect_one(baton.db_url)
+    try:
+        for conn in (pool, listener):
+            assert await conn.fetchval("SHOW idle_in_transaction_session_timeout") == "1min"
+            assert await conn.fetchval("SHOW tcp_keepalives_idle") == "10"
+        async with pool.acquire() as conn:
+            # The same, faster: a transaction that takes a lock and then goes silent.
+            await conn.execute("SET idle_in_transaction_session_timeout = '300ms'")
+            tx = conn.transaction()
+            await tx.start()
+            await conn.execute("SELECT pg_advisory_xact_lock(4242)")
+            other = await asyncpg.connect(baton.db_url)
+            try:
+                assert await other.fetchval("SELECT pg_try_advisory_lock(4242)") is False
+
+                async def freed() -> bool:
+                    return bool(await other.fetchval("SELECT pg_try_advisory_lock(4242)"))
+
+                await wait_until(freed, what="the idle transaction's lock to be freed")
+            finally:
+                await other.close()
+            with pytest.raises((asyncpg.exceptions.IdleInTransactionSessionTimeoutError, asyncpg.InterfaceError,
+                                asyncpg.exceptions.ConnectionDoesNotExistError)):
+                await tx.rollback()
+    finally:
+        await listener.close()
+        await pool.close()
