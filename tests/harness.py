@@ -491,6 +491,10 @@ class CuttableProxy:
         self._flowing.set()
         #: Bytes held up by a blackhole (a query sent into the void).
         self.held_bytes = 0
+        #: Connections a blackhole spares, by the local port of their connection to PostgreSQL (what
+        #: `pg_stat_activity.client_port` shows): a partition that cuts some of a process's
+        #: connections and not others.
+        self.spared_ports: frozenset[int] = frozenset()
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
@@ -504,11 +508,12 @@ class CuttableProxy:
             writer.close()
             return
         self._writers.add(up_writer)
+        port = up_writer.get_extra_info("sockname")[1]
 
         async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             with contextlib.suppress(Exception):
                 while data := await src.read(65536):
-                    if not self._flowing.is_set():
+                    if not self._flowing.is_set() and port not in self.spared_ports:
                         self.held_bytes += len(data)
                         await self._flowing.wait()
                     dst.write(data)
@@ -531,8 +536,10 @@ class CuttableProxy:
         self._writers.clear()
         self._flowing.set()  # what a blackhole held meets the closed connections, and ends
 
-    def blackhole(self) -> None:
-        """From now on, hold every byte both ways, on open connections and new ones alike."""
+    def blackhole(self, spare_ports: frozenset[int] = frozenset()) -> None:
+        """From now on, hold every byte both ways, on open connections and new ones alike, but for
+        the open connections named by ``spare_ports`` (see `spared_ports`)."""
+        self.spared_ports = spare_ports
         self._flowing.clear()
 
     async def heal(self) -> None:

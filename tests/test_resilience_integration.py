@@ -246,6 +246,46 @@ async def test_a_worker_cut_off_from_the_database_stands_down_and_comes_back(bat
         await proxy.cut()
 
 
+async def test_a_swallowed_audit_does_not_hold_up_the_heartbeat(baton):
+    """A partition that swallows the packets of the worker's pool connections but not of its lock
+    connection: its heartbeat still gets through, and must go on. Its audit, run after each
+    heartbeat on the pool, once held the heartbeat loop up (asyncpg unwinds a query the network
+    swallowed only once its cancel request gets through): no heartbeat, no failure counted, no
+    stand-down, and the executor declared the worker lost while it ran on. Bounded, the audit is
+    skipped and the heartbeat goes on."""
+    from tests.harness import CuttableProxy
+
+    proxy = CuttableProxy()
+    await proxy.start()
+    try:
+        _, island = await baton.started(
+            baton.spawn_executor(),
+            baton.spawn_worker("island", concurrency=1, BATON__DATABASE__URL=proxy.url(baton.db_name)),
+        )
+        pool = await baton.pool()
+        # The lock connection: the session holding the worker's name lock.
+        lock_port = await pool.fetchval(
+            "SELECT a.client_port FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+            "WHERE l.locktype = 'advisory' AND l.granted AND a.datname = current_database()"
+        )
+        proxy.blackhole(spare_ports=frozenset({lock_port}))
+
+        async def skipped() -> bool:
+            return bool(island.events("heartbeat_check_skipped"))
+
+        await wait_until(skipped, what="the swallowed audit to be skipped")
+        beat = await pool.fetchval("SELECT last_heartbeat FROM workers WHERE name = 'island'")
+
+        async def beating() -> bool:  # heartbeats after the skip, the worker still alive
+            row = await pool.fetchrow("SELECT status, last_heartbeat FROM workers WHERE name = 'island'")
+            return row["status"] == "active" and row["last_heartbeat"] > beat
+
+        await wait_until(beating, what="the heartbeat to go on")
+        assert not island.events("worker_standing_down")
+    finally:
+        await proxy.cut()
+
+
 async def test_a_worker_cut_off_with_a_synchronous_action_running_comes_back_once_it_ends(baton):
     """A synchronous action runs on a thread that standing down cannot stop, while its run is
     recovered elsewhere: the worker does not register again (and take more work) until that thread

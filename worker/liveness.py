@@ -165,9 +165,10 @@ async def _audit(state: WorkerState, *, grace_s: float) -> None:
 
 
 async def _checks(state: WorkerState, *, grace_s: float) -> None:
-    """The heartbeat's backstops (`_audit`, `recording.stop_if_moved_on`), each bounded as a whole
-    (a little past its own query's timeout): on a database that swallows packets they would hold
-    up the heartbeat loop, and with it the count of silence that makes a cut-off worker stand down."""
+    """The heartbeat's backstops (`_audit`, `recording.stop_if_moved_on`), run beside the heartbeat
+    loop (on a database that swallows the pool's packets they would hold up the heartbeats, and the
+    count of silence that makes a cut-off worker stand down), each bounded as a whole, a little past
+    its own query's timeout, so that the next round is not skipped for long."""
     bound_s = grace_s + 0.5
     try:
         await within(_audit(state, grace_s=grace_s), bound_s, what="audit")
@@ -177,6 +178,11 @@ async def _checks(state: WorkerState, *, grace_s: float) -> None:
         await within(recording.stop_if_moved_on(state, list(state.running), timeout_s=grace_s), bound_s, what="control_check")
     except TimeoutError as exc:
         state.log.warning("heartbeat_check_skipped", check="control_check", error=describe(exc))
+
+
+def _checks_ended(state: WorkerState, task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        state.log.error("heartbeat_checks_failed", error=describe(exc), exc_info=exc)
 
 
 async def _interrupt_orphan(state: WorkerState, conn: db.Executor, row: asyncpg.Record, error: str) -> None:
@@ -299,8 +305,9 @@ async def heartbeat_loop(state: WorkerState) -> None:
             )
         if status == "lost":
             await _stand_down(state, "the executor declared it lost")
-        elif not state.stood_down:
-            await _checks(state, grace_s=max(2 * interval_s, 1.0))
+        elif not state.stood_down and (state.heartbeat_checks is None or state.heartbeat_checks.done()):
+            state.heartbeat_checks = asyncio.create_task(_checks(state, grace_s=max(2 * interval_s, 1.0)))
+            state.heartbeat_checks.add_done_callback(functools.partial(_checks_ended, state))
         if state.stood_down and not state.draining:
             if threads.in_flight():
                 # A synchronous action given up on standing down still runs (a thread cannot be

@@ -248,9 +248,11 @@ class WorkerService:
         # Bounded: if the recorder itself died, what it did not record is recovered by the executor.
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(state.outcomes.join(), state.cfg.shutdown_timeout_s)
-        for task in loops:
+        checks = state.heartbeat_checks
+        for task in (*loops, *([checks] if checks is not None else [])):
             task.cancel()
-        await wait_cancelled(state, {t for t in loops if not t.done()}, "loops")  # (one that died is reported)
+        # (One that died is reported already.)
+        await wait_cancelled(state, {t for t in (*loops, checks) if t is not None and not t.done()}, "loops")
         if threads.in_flight():  # a synchronous action goes on after its run's cancel
             state.log.warning("tasks_left_behind", kind="sync_actions", count=threads.in_flight())
             runs_left_behind = True

@@ -81,6 +81,9 @@ class WorkerState:
         # cancelled them): their state is already recorded, so stopping them records nothing.
         self.stopped: set[uuid.UUID] = set()
         self.control_checks: set[asyncio.Task[None]] = set()
+        # The heartbeat's backstop checks under way (`liveness._checks`): beside the heartbeat loop,
+        # never in its way, one round at a time.
+        self.heartbeat_checks: asyncio.Task[None] | None = None
         # Hand-backs of unclaimed dispatches after the broker connection came back (`claiming`).
         self.hand_backs: set[asyncio.Task[bool]] = set()
         self.idle = asyncio.Event()
