@@ -536,6 +536,10 @@ class CuttableProxy:
         self._writers.clear()
         self._flowing.set()  # what a blackhole held meets the closed connections, and ends
 
+    def upstream_ports(self) -> list[int]:
+        """The local ports of the proxy's open connections to PostgreSQL (`pg_stat_activity.client_port`)."""
+        return [w.get_extra_info("sockname")[1] for w in self._writers if w.get_extra_info("peername") == self.target]
+
     def blackhole(self, spare_ports: frozenset[int] = frozenset()) -> None:
         """From now on, hold every byte both ways, on open connections and new ones alike, but for
         the open connections named by ``spare_ports`` (see `spared_ports`)."""

@@ -263,11 +263,13 @@ async def test_a_swallowed_audit_does_not_hold_up_the_heartbeat(baton):
             baton.spawn_worker("island", concurrency=1, BATON__DATABASE__URL=proxy.url(baton.db_name)),
         )
         pool = await baton.pool()
-        # The lock connection: the session holding the worker's name lock.
+        # The lock connection: the session through the proxy (the worker's) holding a session lock.
         lock_port = await pool.fetchval(
             "SELECT a.client_port FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
-            "WHERE l.locktype = 'advisory' AND l.granted AND a.datname = current_database()"
+            "WHERE l.locktype = 'advisory' AND l.granted AND a.client_port = ANY($1::int[])",
+            proxy.upstream_ports(),
         )
+        assert lock_port is not None
         proxy.blackhole(spare_ports=frozenset({lock_port}))
 
         async def skipped() -> bool:

@@ -306,7 +306,9 @@ async def heartbeat_loop(state: WorkerState) -> None:
         if status == "lost":
             await _stand_down(state, "the executor declared it lost")
         elif not state.stood_down and (state.heartbeat_checks is None or state.heartbeat_checks.done()):
-            state.heartbeat_checks = asyncio.create_task(_checks(state, grace_s=max(2 * interval_s, 1.0)))
+            state.heartbeat_checks = asyncio.create_task(
+                _checks(state, grace_s=max(2 * interval_s, 1.0)), name="heartbeat_checks"
+            )
             state.heartbeat_checks.add_done_callback(functools.partial(_checks_ended, state))
         if state.stood_down and not state.draining:
             if threads.in_flight():

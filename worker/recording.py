@@ -89,7 +89,9 @@ async def stop_if_moved_on(state: WorkerState, execution_ids: list[uuid.UUID], *
         return
     for row in rows:
         task = state.running.get(row["id"])
-        if task is not None and not task.done():
+        # (One being cancelled already, by a stand-down or a drain, is on its way out: a second
+        # cancel would only cut its fenced interruption short.)
+        if task is not None and not task.done() and not task.cancelling():
             state.stopped.add(row["id"])
             state.log.warning("execution_stopping", execution_id=str(row["id"]), status=row["status"])
             task.cancel()
@@ -134,6 +136,7 @@ async def _interrupt(state: WorkerState, dispatch: Assignment, *, reason: Interr
 
 
 def _release(state: WorkerState, execution_id: uuid.UUID) -> None:
+    state.stopped.discard(execution_id)  # whatever stopped this run, the next one here is not stopped
     if state.running.pop(execution_id, None) is not None:
         state.running_attempts.pop(execution_id, None)
         state.slots.release()

@@ -253,6 +253,8 @@ class WorkerService:
             task.cancel()
         # (One that died is reported already.)
         await wait_cancelled(state, {t for t in (*loops, checks) if t is not None and not t.done()}, "loops")
+        if state.heartbeat_checks is not None:  # (a round the heartbeat loop started as it was cancelled)
+            state.heartbeat_checks.cancel()
         if threads.in_flight():  # a synchronous action goes on after its run's cancel
             state.log.warning("tasks_left_behind", kind="sync_actions", count=threads.in_flight())
             runs_left_behind = True
