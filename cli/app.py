@@ -22,8 +22,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
-from common.deadline import STOP_STEP_TIMEOUT_S
-from common.errors import describe
+from common.deadline import wait_unwound
 from common.logging import configure_logging, get_logger
 from common.retry import TRANSIENT_ERRORS
 from common.settings import Settings, load_settings
@@ -137,20 +136,14 @@ def _sigint_cancels(loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any]) ->
 
 def _cancel_left_behind(loop: asyncio.AbstractEventLoop) -> None:
     tasks = asyncio.all_tasks(loop)
-    if not tasks:
-        return
     for task in tasks:
         task.cancel()
-    _, pending = loop.run_until_complete(asyncio.wait(tasks, timeout=STOP_STEP_TIMEOUT_S))
-    for task in tasks - pending:
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            log.warning("task_failed_while_stopping", task=task.get_name(), error=describe(exc))
+    pending = loop.run_until_complete(wait_unwound(tasks, log, "tasks"))
     if not pending:
         return
-    log.warning("tasks_left_behind", count=len(pending), waited_s=STOP_STEP_TIMEOUT_S)
 
     def report(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        # Each left-behind task is said once, above: not again as the closed loop lets it go.
+        # Each left-behind task is said once (`wait_unwound`): not again as the closed loop lets it go.
         if context.get("task") not in pending:
             loop.default_exception_handler(context)
 

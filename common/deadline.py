@@ -10,8 +10,8 @@ the operation to end in the background (the pool, terminated last, takes its con
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
-from typing import TypeVar
+from collections.abc import Awaitable, Set
+from typing import Any, TypeVar
 
 from common.errors import describe
 from common.logging import get_logger
@@ -40,6 +40,30 @@ async def within(operation: Awaitable[T], timeout_s: float, *, what: str) -> T:
         _abandon(task, what)
         raise TimeoutError(f"{what} did not finish within {timeout_s:g} s")
     return task.result()
+
+
+async def wait_unwound(tasks: Set[asyncio.Future[Any]], logger: Any, kind: str) -> set[asyncio.Future[Any]]:
+    """Wait for cancelled ``tasks`` to unwind, for `STOP_STEP_TIMEOUT_S` at most, and return those
+    left behind: an action slow to honour its cancel, or a query on a database that swallows its
+    packets (a pool's close, terminated if need be, ends that one). ``logger`` says which failed as
+    they unwound and which were left, as `cancelled_task_failed` and `tasks_left_behind`, each
+    naming the tasks' ``kind``."""
+    if not tasks:
+        return set()
+    done, pending = await asyncio.wait(tasks, timeout=STOP_STEP_TIMEOUT_S)
+    for task in done:
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            logger.warning("cancelled_task_failed", kind=kind, task=_name(task), error=describe(exc))
+    if pending:
+        logger.warning(
+            "tasks_left_behind", kind=kind, count=len(pending), tasks=sorted(_name(t) for t in pending),
+            waited_s=STOP_STEP_TIMEOUT_S,
+        )
+    return pending
+
+
+def _name(task: asyncio.Future[Any]) -> str:
+    return task.get_name() if isinstance(task, asyncio.Task) else repr(task)
 
 
 def _abandon(task: asyncio.Future[T], what: str) -> None:

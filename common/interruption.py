@@ -24,7 +24,6 @@ async def interrupt(
     error: str,
     policy: RecoveryPolicy,
     recovery_attempts: int,
-    timeout_s: float | None = None,
 ) -> dict[str, Any] | None:
     """Fenced on the attempt and the worker (and on the incarnation when one is given: a worker
     interrupting its own run); returns the event data if the write took effect, None if the run
@@ -32,5 +31,5 @@ async def interrupt(
     event = interrupted_event(
         reason=reason, worker=worker, error=error, policy=policy, recovery_attempts=recovery_attempts
     )
-    row = await conn.fetchrow(q.INTERRUPT, execution_id, attempt, worker, event, incarnation, timeout=timeout_s)
+    row = await conn.fetchrow(q.INTERRUPT, execution_id, attempt, worker, event, incarnation)
     return event if row is not None else None

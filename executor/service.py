@@ -13,7 +13,7 @@ from aio_pika.abc import AbstractRobustConnection
 
 from common import amqp, db, metrics
 from common.best_effort import best_effort
-from common.deadline import STOP_STEP_TIMEOUT_S
+from common.deadline import wait_unwound
 from common.errors import describe, loop_stopped
 from common.logging import get_logger
 from common.settings import Settings
@@ -110,12 +110,7 @@ async def supervise(ctx: ExecutorContext, loops: dict[str, Loop], stop_event: as
     # Bounded too: a loop whose query the network swallowed unwinds only once asyncpg's cancel
     # request gets through (a minute). What is left behind, the process's runner gives one more
     # bound once the pool is closed or terminated (`cli.app.run_on_uvloop`).
-    _, left = await asyncio.wait(tasks, timeout=STOP_STEP_TIMEOUT_S)
-    for task in left:
-        log.warning("loop_left_behind", loop=tasks[task], waited_s=STOP_STEP_TIMEOUT_S)
-    for task in set(tasks) - left - set(died):  # (one that died is reported below)
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            log.warning("loop_failed_while_stopping", loop=tasks[task], error=describe(exc))
+    await wait_unwound(set(tasks) - set(died), log, "loops")  # (one that died is reported below)
     stopper.cancel()
     for task in died:
         exc = task.exception()

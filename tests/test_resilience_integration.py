@@ -211,16 +211,11 @@ async def test_a_worker_cut_off_from_the_database_stands_down_and_comes_back(bat
     """A partition between one worker and PostgreSQL: the worker cannot write its heartbeat, so
     past the staleness window it stops taking work and gives up its run; the executor declares it
     lost and recovery runs the work elsewhere. Healed, the worker registers again."""
-    from tests.harness import CuttableProxy
-
     baton.env.update(BATON__RECOVERY__RECOVER_ON_WORKER_LOSS="true")
     proxy = CuttableProxy()
     await proxy.start()
     try:
-        _, island = await baton.started(
-            baton.spawn_executor(),
-            baton.spawn_worker("island", concurrency=1, BATON__DATABASE__URL=proxy.url(baton.db_name)),
-        )
+        island = await _island(baton, proxy)
         client = await baton.client()
         sub = await client.submit("tests.sleep_then_echo", {"seconds": 3, "message": "made it"}, watch=True)
         row = await baton.wait_status(sub.execution_id, "running")
@@ -253,15 +248,10 @@ async def test_a_swallowed_audit_does_not_hold_up_the_heartbeat(baton):
     swallowed only once its cancel request gets through): no heartbeat, no failure counted, no
     stand-down, and the executor declared the worker lost while it ran on. Bounded, the audit is
     skipped and the heartbeat goes on."""
-    from tests.harness import CuttableProxy
-
     proxy = CuttableProxy()
     await proxy.start()
     try:
-        _, island = await baton.started(
-            baton.spawn_executor(),
-            baton.spawn_worker("island", concurrency=1, BATON__DATABASE__URL=proxy.url(baton.db_name)),
-        )
+        island = await _island(baton, proxy)
         pool = await baton.pool()
         # The lock connection: the session through the proxy (the worker's) holding a session lock.
         lock_port = await pool.fetchval(
@@ -292,15 +282,10 @@ async def test_a_worker_cut_off_with_a_synchronous_action_running_comes_back_onc
     """A synchronous action runs on a thread that standing down cannot stop, while its run is
     recovered elsewhere: the worker does not register again (and take more work) until that thread
     has ended."""
-    from tests.harness import CuttableProxy
-
     proxy = CuttableProxy()
     await proxy.start()
     try:
-        _, island = await baton.started(
-            baton.spawn_executor(),
-            baton.spawn_worker("island", concurrency=1, BATON__DATABASE__URL=proxy.url(baton.db_name)),
-        )
+        island = await _island(baton, proxy)
         client = await baton.client()
         sub = await client.submit("tests.blocking_sleep", {"seconds": 6})
         await baton.wait_status(sub.execution_id, "running")
@@ -323,6 +308,15 @@ async def test_a_worker_cut_off_with_a_synchronous_action_running_comes_back_onc
         await proxy.cut()
 
 
+async def _island(baton, proxy: CuttableProxy):
+    """An executor, and a worker `island` of one slot that reaches PostgreSQL only through ``proxy``."""
+    _, island = await baton.started(
+        baton.spawn_executor(),
+        baton.spawn_worker("island", concurrency=1, BATON__DATABASE__URL=proxy.url(baton.db_name)),
+    )
+    return island
+
+
 async def _logged_async(service, event: str) -> bool:
     return bool(service.events(event))
 
@@ -339,8 +333,6 @@ async def test_a_drain_ends_in_bounded_time_when_the_database_swallows_everythin
     drain's deadline interrupts the run. Either way the drain ends within its deadline and the
     bounds on its bookkeeping, and the executor, which still reaches the database, takes the run
     back as a lost worker's."""
-    from tests.harness import CuttableProxy
-
     baton.env.update(BATON__RECOVERY__RECOVER_ON_WORKER_LOSS="true")
     proxy = CuttableProxy()
     await proxy.start()
@@ -386,8 +378,6 @@ async def test_a_drain_ends_in_bounded_time_when_the_database_swallows_everythin
 async def test_an_executor_stops_in_bounded_time_when_the_database_swallows_everything(baton):
     """SIGTERM while the executor's network to PostgreSQL drops every packet: its loops are given
     their deadline and then left behind, its pool is terminated, and it exits."""
-    from tests.harness import CuttableProxy
-
     proxy = CuttableProxy()
     await proxy.start()
     try:

@@ -15,7 +15,7 @@ import uuid
 import asyncpg
 
 from common import db, health, metrics
-from common.deadline import within
+from common.deadline import wait_unwound, within
 from common.errors import describe
 from common.interruption import interrupt
 from common.queries import CONTROL_CHANNEL
@@ -24,7 +24,7 @@ from common.queries import workers as wq
 from common.recovery import resolve_policy
 from common.retry import DATABASE_ERRORS
 from worker import claiming, recording, threads
-from worker.state import DRAIN_DEADLINE, WorkerState, wait_cancelled
+from worker.state import DRAIN_DEADLINE, WorkerState
 
 
 class WorkerNameInUse(RuntimeError):
@@ -218,7 +218,7 @@ async def _stand_down(state: WorkerState, why: str) -> None:
         task.cancel()
     # Each records its interruption within its own bound; an action slow to honour its cancel is
     # not waited for past `STOP_STEP_TIMEOUT_S` (its outcome, should it come, is fenced).
-    await wait_cancelled(state, set(state.running.values()), "runs")
+    await wait_unwound(set(state.running.values()), state.log, "runs")
 
 
 async def _resume(state: WorkerState) -> None:

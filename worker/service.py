@@ -26,7 +26,7 @@ import aiormq.exceptions
 from common import amqp, db, health, metrics
 from common.actions import CORE_PREFIX, ActionSpec, registration_conflict
 from common.best_effort import best_effort
-from common.deadline import STOP_STEP_TIMEOUT_S, within
+from common.deadline import STOP_STEP_TIMEOUT_S, wait_unwound, within
 from common.errors import describe, loop_stopped
 from common.queries import actions as aq
 from common.queries import workers as wq
@@ -35,7 +35,7 @@ from worker import builtins, claiming, liveness, recording, threads
 from worker.liveness import WorkerNameInUse
 from worker.registry import registered
 from worker.shell import ShellLimits
-from worker.state import WorkerState, wait_cancelled
+from worker.state import WorkerState
 
 # What `cli` (and anyone starting a worker) imports from here; `WorkerNameInUse` is raised by
 # registration, in `liveness`.
@@ -112,9 +112,8 @@ class WorkerService:
                 hand_back.cancel()
             await best_effort("close_broker_connection", state.connection.close(), worker=state.name)
             if state.lock_conn is not None:
-                closed = within(state.lock_conn.close(), STOP_STEP_TIMEOUT_S, what="close_name_lock_connection")
-                if not await best_effort("close_name_lock_connection", closed, worker=state.name):
-                    state.lock_conn.terminate()
+                # (A close that fails aborts the connection; one that does not end in time drops it.)
+                await best_effort("close_name_lock_connection", db.close_connection(state.lock_conn), worker=state.name)
             await db.close_pool(state.pool, worker=state.name)
             health.remove(state.cfg.health_file)
             state.log.info("worker_stopped")
@@ -241,7 +240,7 @@ class WorkerService:
             for task in list(state.running.values()):
                 task.cancel()
             # Each records its interruption within its own bound (`recording.INTERRUPT_TIMEOUT_S`).
-            if not await wait_cancelled(state, set(state.running.values()), "runs"):
+            if await wait_unwound(set(state.running.values()), state.log, "runs"):
                 # Something still runs: `inactive` would tell the executor nothing does. Left
                 # `draining`, the worker is declared lost once its heartbeat stops, as a dead one is.
                 runs_left_behind = True
@@ -252,7 +251,7 @@ class WorkerService:
         for task in (*loops, *([checks] if checks is not None else [])):
             task.cancel()
         # (One that died is reported already.)
-        await wait_cancelled(state, {t for t in (*loops, checks) if t is not None and not t.done()}, "loops")
+        await wait_unwound({t for t in (*loops, checks) if t is not None and not t.done()}, state.log, "loops")
         if state.heartbeat_checks is not None:  # (a round the heartbeat loop started as it was cancelled)
             state.heartbeat_checks.cancel()
         if threads.in_flight():  # a synchronous action goes on after its run's cancel

@@ -24,8 +24,6 @@ from aio_pika.abc import (
 )
 
 from common import amqp
-from common.deadline import STOP_STEP_TIMEOUT_S
-from common.errors import describe
 from common.logging import get_logger
 from common.recovery import InterruptReason
 from common.schemas import Assignment, Dispatch
@@ -107,17 +105,3 @@ class WorkerState:
         self.lock_conn: asyncpg.Connection | None = None
         self.lock_lost = asyncio.Event()
 
-
-async def wait_cancelled(state: WorkerState, tasks: set[asyncio.Task[object]], what: str) -> bool:
-    """Wait for cancelled ``tasks`` to unwind, for `STOP_STEP_TIMEOUT_S` at most (``what`` names
-    them in the log); False if some are left behind: an action slow to honour its cancel, or a query
-    on a database that swallows its packets (the pool's close ends that one)."""
-    if not tasks:
-        return True
-    done, pending = await asyncio.wait(tasks, timeout=STOP_STEP_TIMEOUT_S)
-    for task in done:
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            state.log.warning("cancelled_task_failed", kind=what, task=task.get_name(), error=describe(exc))
-    if pending:
-        state.log.warning("tasks_left_behind", kind=what, count=len(pending), waited_s=STOP_STEP_TIMEOUT_S)
-    return not pending
