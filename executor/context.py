@@ -24,6 +24,8 @@ class ExecutorContext:
     settings: Settings
     names: Names
     pool: asyncpg.Pool
+    #: Intake's connections, their statements planned once (`common.db.HOT_PATH_SETTINGS`).
+    hot_pool: asyncpg.Pool
     amqp: AbstractRobustConnection
     publish_channel: AbstractChannel
     exchanges: Exchanges

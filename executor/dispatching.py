@@ -78,7 +78,7 @@ async def place_new(
     if not placeable:
         return {}, False
     actions = sorted({e.action_ref for e in placeable if e.action_ref})
-    rows = await ctx.pool.fetch(q.ELIGIBLE_WITH_WAITING, ctx.settings.executor.heartbeat_staleness_multiplier, actions)
+    rows = await ctx.hot_pool.fetch(q.ELIGIBLE_WITH_WAITING, ctx.settings.executor.heartbeat_staleness_multiplier, actions)
     waiting = set(rows[0]["waiting"]) if rows else set()
     placeable = [e for e in placeable if e.action_ref not in waiting]
     plan = place([(e.id, e.action_ref or "", None) for e in placeable], _candidates(rows), ctx.settings.executor.dispatch_pipeline)

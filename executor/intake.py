@@ -265,10 +265,10 @@ async def _insert(ctx: ExecutorContext, executions: list[NewExecution], place: M
         # A scheduler pass under way is placing a backlog (a burst, most likely): these wait for
         # the next one rather than for this one to end, and intake does not take on its work.
         if place is None or ctx.backlog or ctx.placing.locked() or not ctx.amqp.connected.is_set():
-            return await ctx.pool.fetch(q.INSERT_REQUESTS, *insert_arguments(executions)), False
+            return await ctx.hot_pool.fetch(q.INSERT_REQUESTS, *insert_arguments(executions)), False
         async with ctx.placing:  # the scheduler's next pass counts these once they are recorded
             workers, left = await dispatching.place_new(ctx, executions, place)
-            return await ctx.pool.fetch(q.INSERT_REQUESTS, *insert_arguments(executions, workers)), left
+            return await ctx.hot_pool.fetch(q.INSERT_REQUESTS, *insert_arguments(executions, workers)), left
 
     # The batch stays unacked while the database is away; nothing is dropped. (Placed rows whose
     # commit was not acknowledged are not handed over: they stay `scheduled`, and the

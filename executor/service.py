@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import signal
 
+import asyncpg
 from aio_pika.abc import AbstractRobustConnection
 
 from common import amqp, db, metrics
@@ -59,9 +60,11 @@ async def serve(settings: Settings, stop_event: asyncio.Event) -> None:
     wait_db_s, wait_mq_s = settings.database.startup_wait_s, settings.message_queue.startup_wait_s
     await db.ensure_database(settings.database.url, max_wait_s=wait_db_s)
     pool = await db.connect(settings.database.url, max_size=settings.database.pool_max_size, max_wait_s=wait_db_s)
+    hot_pool: asyncpg.Pool | None = None
     connection: AbstractRobustConnection | None = None
     try:
         await db.migrate(pool)
+        hot_pool = await db.connect(settings.database.url, max_size=2, max_wait_s=wait_db_s, hot_path=True)
         connection = await amqp.connect(
             settings.message_queue.url, max_wait_s=wait_mq_s,
             reconnect_interval_s=settings.message_queue.reconnect_interval_s,
@@ -76,6 +79,7 @@ async def serve(settings: Settings, stop_event: asyncio.Event) -> None:
             settings=settings,
             names=names,
             pool=pool,
+            hot_pool=hot_pool,
             amqp=connection,
             publish_channel=publish_channel,
             exchanges=exchanges,
@@ -87,7 +91,7 @@ async def serve(settings: Settings, stop_event: asyncio.Event) -> None:
     finally:
         if connection is not None:
             await best_effort("close_broker_connection", connection.close())
-        await db.close_pool(pool)
+        await asyncio.gather(db.close_pool(pool), *([db.close_pool(hot_pool)] if hot_pool is not None else []))
         log.info("executor_stopped")
 
 

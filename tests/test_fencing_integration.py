@@ -167,7 +167,7 @@ async def test_a_next_attempt_placed_before_the_last_one_was_let_go_waits_for_it
 
     pool = await baton.pool()
     state = WorkerState(baton.settings(), "w1", actions={})
-    state.pool = pool
+    state.pool = state.hot_pool = pool
     await pool.execute(
         "INSERT INTO workers (name, status, runtimes, actions, max_concurrent_tasks, heartbeat_interval_s, "
         "last_heartbeat, incarnation) VALUES ('w1', 'active', '{python}', '{core.noop}', 4, 0.2, now(), $1)",

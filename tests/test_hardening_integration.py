@@ -12,8 +12,10 @@ import uuid
 from typing import Any
 
 import aio_pika
+import asyncpg
 import pytest
 
+from common import db
 from common.queries import executions as q
 from common.queries import workers as wq
 from tests.harness import AMQP_URL, CuttableProxy, wait_until
@@ -156,6 +158,78 @@ async def test_fenced_updates_find_their_rows_by_id_when_statistics_are_stale(ba
         for name, (sql, *args) in statements.items():
             scans = _scans_of_executions(await conn.fetchval(f"EXPLAIN (FORMAT JSON) {sql}", *args))
             assert scans and not [s for s in scans if s.startswith("Seq Scan")], (name, scans)
+
+
+def _literal(value: object) -> str:
+    """``value`` as SQL text for `EXECUTE` (arrays as array literals, cast by the statement)."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, list):
+        items = ",".join("NULL" if v is None else '"' + str(v).replace('"', '\\"') + '"' for v in value)
+        return "'{" + items.replace("'", "''") + "}'"
+    if isinstance(value, int | float):
+        return str(value)
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+async def test_hot_path_plans_cached_on_an_empty_table_reach_rows_through_indexes(baton):
+    """The hot path's statements are planned once per connection (`db.HOT_PATH_SETTINGS`), so a
+    connection opened as a deployment starts keeps the plans it made while `executions` was empty.
+    Those plans must still find their rows through an index once the table holds thousands of rows:
+    plain generic plans would scan it whole on every call."""
+    pool = await baton.pool()
+    conn = await asyncpg.connect(baton.db_url, server_settings=db.HOT_PATH_SETTINGS)
+    try:
+        assert await conn.fetchval("SHOW jit") == "off"
+        await conn.execute("ANALYZE")  # statistics that say the table is empty
+        incarnation = uuid.uuid4()
+        await pool.execute(
+            "INSERT INTO workers (name, status, runtimes, actions, max_concurrent_tasks, heartbeat_interval_s, "
+            "last_heartbeat, incarnation) VALUES ('w', 'active', '{python}', '{core.noop}', 50, 1, now(), $1)",
+            incarnation,
+        )
+        ids = [uuid.uuid4() for _ in range(20)]
+        new_ids = [uuid.uuid4() for _ in range(20)]
+        nulls: list[None] = [None] * 20
+        statements = {
+            "claim": (q.CLAIM, ids, [1] * 20, "w", str(incarnation)),
+            "claimed": (q.CLAIMED, ids, [1] * 20, "w", str(incarnation)),
+            "finish": (q.FINISH, ids, [1] * 20, ["completed"] * 20, ["null"] * 20, nulls, "w", str(incarnation),
+                       nulls),
+            "finished": (q.FINISHED, ids, [1] * 20, ["completed"] * 20, "w", str(incarnation)),
+            "room": (q.ELIGIBLE_WITH_WAITING, 3.0, ["core.noop"]),
+            "insert": (q.INSERT_REQUESTS, new_ids, ["core.noop"] * 20, ["{}"] * 20, ["requested"] * 20, nulls, nulls,
+                       nulls, nulls, nulls, [0] * 20, nulls, nulls, nulls, nulls, ["w"] * 20),
+        }
+        for name, (sql, *args) in statements.items():
+            await conn.execute(f"PREPARE {name} AS {sql}")
+            # Planned and cached now, on the empty table (what the insert wrote is deleted, not
+            # truncated: a truncate would have every plan on the table made again).
+            await conn.execute(f"EXECUTE {name}({', '.join(_literal(a) for a in args)})")
+            await conn.execute("DELETE FROM execution_events; DELETE FROM executions")
+        # The table grows; the cached plans stay (new rows invalidate nothing).
+        await pool.execute(
+            "INSERT INTO executions (id, action_ref, status, attempt, finished_at)"
+            " SELECT gen_random_uuid(), 'core.noop', 'completed', 1, now() FROM generate_series(1, 20000)"
+        )
+        await pool.execute(
+            "INSERT INTO executions (id, action_ref, status, attempt, worker)"
+            " SELECT unnest($1::uuid[]), 'core.noop', 'scheduled', 1, 'w'",
+            ids,
+        )
+        await pool.execute(
+            "INSERT INTO executions (id, action_ref, status) SELECT gen_random_uuid(), 'core.noop', 'requested'"
+            " FROM generate_series(1, 2000)"
+        )
+        for name, (_, *args) in statements.items():
+            explained = await conn.fetchval(
+                f"EXPLAIN (FORMAT JSON) EXECUTE {name}({', '.join(_literal(a) for a in args)})"
+            )
+            scans = _scans_of_executions(json.loads(explained))
+            assert not [s for s in scans if s.startswith("Seq Scan")], (name, scans)
+            assert name == "insert" or scans, name
+    finally:
+        await conn.close()
 
 
 # -- one live process per name, fencing by incarnation ----------------------------------------

@@ -402,3 +402,38 @@ async def test_within_returns_the_result_and_raises_the_error_of_an_operation_in
     assert await within(answer(), 1, what="answer") == 42
     with pytest.raises(ValueError, match="no"):
         await within(broken(), 1, what="broken")
+
+
+async def test_until_available_waits_out_an_outage_saying_so_and_retries_nothing_else():
+    import asyncpg
+
+    from common.db import until_available
+
+    calls: list[int] = []
+
+    def failing(times: int, error: BaseException):
+        async def operation() -> str:
+            calls.append(1)
+            if len(calls) <= times:
+                raise error
+            return "done"
+
+        return operation
+
+    with capture_logs() as logs:
+        assert await until_available(failing(1, ConnectionRefusedError("not yet")), what="claim") == "done"
+    assert len(calls) == 2
+    [line] = [entry for entry in logs if entry["event"] == "waiting_for_service"]
+    assert (line["dependency"], line["operation"], line["error"]) == (
+        "PostgreSQL", "claim", "ConnectionRefusedError: not yet",
+    )
+    for error in (asyncpg.exceptions.InvalidPasswordError("no"), ValueError("a bug")):
+        calls.clear()
+        with pytest.raises(type(error)):
+            await until_available(failing(1, error), what="claim")
+        assert len(calls) == 1
+    # Gone for longer than the first try: the retry loop takes over, and gives up in the end.
+    calls.clear()
+    with pytest.raises(ConnectionRefusedError):
+        await until_available(failing(10, ConnectionRefusedError("down")), what="claim", max_wait_s=0.3)
+    assert 2 <= len(calls) < 10

@@ -86,7 +86,7 @@ async def _claim(state: WorkerState, batch: list[tuple[Dispatch, Delivery]]) -> 
     ordered = [dispatches[key] for key in sorted(dispatches)]  # one lock order: no deadlocks
     ids, attempts = [d.execution_id for d in ordered], [d.attempt for d in ordered]
     call = asyncio.ensure_future(
-        db.until_available(lambda: claim_rows(state.pool, ids, attempts, state.name, state.incarnation), what="claim")
+        db.until_available(lambda: claim_rows(state.hot_pool, ids, attempts, state.name, state.incarnation), what="claim")
         if ordered else _nothing()
     )
     abandoned = asyncio.ensure_future(state.abandon_claim.wait())

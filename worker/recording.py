@@ -165,7 +165,7 @@ async def _finish(state: WorkerState, batch: list[tuple[Assignment, Outcome]]) -
     batch = sorted(batch, key=lambda item: item[0].execution_id)  # rows locked in one order: no deadlocks
     return await db.until_available(
         lambda: finish_rows(
-            state.pool,
+            state.hot_pool,
             [d.execution_id for d, _ in batch],
             [d.attempt for d, _ in batch],
             ["retry" if o.retry_in_s is not None else o.status for _, o in batch],

@@ -81,6 +81,7 @@ class WorkerService:
         await db.ensure_database(state.settings.database.url, max_wait_s=wait_db_s)
         state.pool = await db.connect(state.settings.database.url, max_size=4, max_wait_s=wait_db_s)
         await db.migrate(state.pool)
+        state.hot_pool = await db.connect(state.settings.database.url, max_size=2, max_wait_s=wait_db_s, hot_path=True)
         mq = state.settings.message_queue
         state.connection = await amqp.connect(
             mq.url, max_wait_s=mq.startup_wait_s, reconnect_interval_s=mq.reconnect_interval_s
@@ -114,7 +115,9 @@ class WorkerService:
             if state.lock_conn is not None:
                 # (A close that fails aborts the connection; one that does not end in time drops it.)
                 await best_effort("close_name_lock_connection", db.close_connection(state.lock_conn), worker=state.name)
-            await db.close_pool(state.pool, worker=state.name)
+            await asyncio.gather(
+                db.close_pool(state.pool, worker=state.name), db.close_pool(state.hot_pool, worker=state.name)
+            )
             health.remove(state.cfg.health_file)
             state.log.info("worker_stopped")
 

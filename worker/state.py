@@ -50,6 +50,8 @@ class Delivery:
 class WorkerState:
     # Set by `WorkerService.run` as the worker starts, before any of its parts runs.
     pool: asyncpg.Pool
+    #: The claim's and the finish's connections, their statements planned once (`db.HOT_PATH_SETTINGS`).
+    hot_pool: asyncpg.Pool
     connection: AbstractRobustConnection
     consume_channel: AbstractRobustChannel
     publish_channel: AbstractRobustChannel
