@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypedDict
 
 import asyncpg
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
 from common.values import parse_duration, parse_moment
 
@@ -246,6 +246,11 @@ class Acceptance(BaseModel):
     duplicate: bool = False
     error: str | None = None
     warnings: list[str] = Field(default_factory=list)  # what intake ignored in the request
+
+
+#: The executor's reply to a batch of requests that set `reply_to`: an answer per request, in the
+#: batch's order (null: nothing is known of that request).
+ANSWERS: TypeAdapter[list[Acceptance | None]] = TypeAdapter(list[Acceptance | None])
 
 
 def _jsonable(value: Any) -> Any:

@@ -190,7 +190,7 @@ async def _process(ctx: ExecutorContext, batch: list[AbstractIncomingMessage], s
         unstorable.update(refused)
     if unstorable:
         parsed = [
-            (m, Rejection(unstorable[r.id]) if isinstance(r, NewExecution) and r.id in unstorable else r)
+            (m, Rejection(unstorable[r.id], r.batch_index) if isinstance(r, NewExecution) and r.id in unstorable else r)
             for m, r in parsed
         ]
     # Recorded and committed: a pass may place them now, while the replies are on their way (each

@@ -16,7 +16,7 @@ from common.amqp import Names, persistent_json, property_text, short_string
 from common.errors import describe
 from common.logging import get_logger
 from common.notifications import publish_terminal
-from common.schemas import Acceptance, ExistingRequest, RecordedRequest
+from common.schemas import ANSWERS, Acceptance, ExistingRequest, RecordedRequest
 from executor.requests import NewExecution, Rejection
 from executor.resilience import being_cancelled
 
@@ -44,30 +44,45 @@ async def reply_and_notify(
     same: Existing,
     duplicates: Existing,
 ) -> None:
+    """Answer each message that set `reply_to`: a lone request (or a message refused as a whole)
+    with its `Acceptance`, a batch with one reply holding an answer per request, in the batch's
+    order (null: no answer, as for a lone request not answered)."""
     replies = []
+    batches: dict[int, tuple[AbstractIncomingMessage, str, list[Acceptance | None]]] = {}
     for message, result in parsed:
         reply_to = property_text(message.reply_to)
         if not reply_to:
             continue
-        if isinstance(result, Rejection):
-            reply = Acceptance(error=result.reason)
-        elif result.id in inserted or result.id in same:
-            row = inserted.get(result.id) or same[result.id]
-            reply = Acceptance(
-                execution_id=row["id"], status=row["status"], error=(row["error"] or {}).get("error"),
-                warnings=row.get("warnings") or [],
-            )
-        elif result.id in duplicates:
-            row = duplicates[result.id]
-            reply = Acceptance(execution_id=row["id"], status=row["status"], duplicate=True)
-        else:
-            continue
-        replies.append(_reply(ctx, message, reply_to, reply))
+        reply = _acceptance(result, inserted, same, duplicates)
+        if result.batch_index is not None:
+            batches.setdefault(id(message), (message, reply_to, []))[2].append(reply)
+        elif reply is not None:
+            replies.append(_reply(ctx, message, reply_to, reply.model_dump_json().encode()))
+    for message, reply_to, answers in batches.values():
+        replies.append(_reply(ctx, message, reply_to, ANSWERS.dump_json(answers)))
     await asyncio.gather(*replies)
     # A request seen again that had failed at intake may have lost its notification with its ack.
     failed = [r for r in inserted.values() if r["status"] == "failed"]
     failed += [r for r in same.values() if _failed_at_intake(r)]
     await publish_terminal(ctx.exchanges.notifications, failed)
+
+
+def _acceptance(
+    result: NewExecution | Rejection, inserted: Rows, same: Existing, duplicates: Existing
+) -> Acceptance | None:
+    """What became of one request (None: nothing is known of it)."""
+    if isinstance(result, Rejection):
+        return Acceptance(error=result.reason)
+    if result.id in inserted or result.id in same:
+        row = inserted.get(result.id) or same[result.id]
+        return Acceptance(
+            execution_id=row["id"], status=row["status"], error=(row["error"] or {}).get("error"),
+            warnings=row.get("warnings") or [],
+        )
+    if result.id in duplicates:
+        row = duplicates[result.id]
+        return Acceptance(execution_id=row["id"], status=row["status"], duplicate=True)
+    return None
 
 
 def reply_allowed(reply_to: str, names: Names) -> bool:
@@ -78,13 +93,13 @@ def reply_allowed(reply_to: str, names: Names) -> bool:
     return reply_to.startswith((names.reply_queue(""), "amq.gen-")) and short_string(reply_to) is not None
 
 
-async def _reply(ctx: ExecutorContext, message: AbstractIncomingMessage, reply_to: str, reply: Acceptance) -> None:
+async def _reply(ctx: ExecutorContext, message: AbstractIncomingMessage, reply_to: str, body: bytes) -> None:
     """Send one reply; never raises (the request is recorded either way, and the client can read
     it from PostgreSQL)."""
     if not reply_allowed(reply_to, ctx.names):
         log.warning("reply_refused", reply_to=reply_to[:300], message_id=property_text(message.message_id))
         return
-    outgoing = persistent_json(reply.model_dump_json().encode(), correlation_id=short_string(message.correlation_id))
+    outgoing = persistent_json(body, correlation_id=short_string(message.correlation_id))
     try:
         await asyncio.wait_for(
             ctx.publish_channel.default_exchange.publish(

@@ -27,6 +27,8 @@ class Rejection:
     """A request that cannot be tied to an execution: parked with its reason, never retried."""
 
     reason: str
+    #: The request's place in its batch message (None: the message as a whole, or a lone request).
+    batch_index: int | None = None
 
 
 @dataclass
@@ -46,6 +48,7 @@ class NewExecution:
     schedule_name: str | None = None  # fired by this schedule ...
     scheduled_for: dt.datetime | None = None  # ... for this due time
     warnings: list[str] | None = None  # what intake ignored in the request
+    batch_index: int | None = None  # its place in its batch message (None: the message held it alone)
 
     @property
     def status(self) -> str:
@@ -131,13 +134,14 @@ def parse_message(
     for index, entry in enumerate(data):
         execution_id = batch_execution_id(message_id, index)
         if isinstance(entry, dict):
-            executions.append(request_from(entry, execution_id, message_id=message_id, correlation_id=correlation_id))
-            continue
-        execution = NewExecution(
-            id=execution_id, action_ref=None, parameters={}, idempotency_key=None, message_id=message_id,
-            correlation_id=correlation_id, timeout_s=None,
-        )
-        execution.fail(f"request {index} of the batch is JSON {type(entry).__name__}, not an object")
+            execution = request_from(entry, execution_id, message_id=message_id, correlation_id=correlation_id)
+        else:
+            execution = NewExecution(
+                id=execution_id, action_ref=None, parameters={}, idempotency_key=None, message_id=message_id,
+                correlation_id=correlation_id, timeout_s=None,
+            )
+            execution.fail(f"request {index} of the batch is JSON {type(entry).__name__}, not an object")
+        execution.batch_index = index
         executions.append(execution)
     return executions
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -79,3 +80,74 @@ async def test_an_empty_or_too_large_batch_is_parked(baton):
     assert {m.message_id for m in parked} == {"empty-1", "huge-1"}
     assert all(f"from 1 to {MAX_BATCH_REQUESTS} are accepted" in m.headers["x-baton-reason"] for m in parked)
     assert await (await baton.pool()).fetchval("SELECT count(*) FROM executions") == 0
+
+
+async def test_requests_submitted_together_are_posted_together_and_each_gets_its_own_answer(baton):
+    await baton.started(baton.spawn_executor(), baton.spawn_worker("w1"))
+    client = await baton.client()
+    lone = await client.submit("core.echo", {"message": "alone"})
+    # Submitted from tasks run together: posted as one batch message, answered by one reply.
+    together = await asyncio.gather(
+        *(client.submit("core.echo", {"message": f"m{i}"}) for i in range(20)),
+        client.submit("nosuch.action"),
+        client.submit("core.echo", {"message": "keyed"}, idempotency_key="k-1"),
+        client.submit("core.echo", {"message": "keyed"}, idempotency_key="k-1"),
+        client.submit("core.echo", {"message": "other"}, idempotency_key="k-1"),
+        client.submit("core.echo", {"message": "watched"}, watch=True),
+    )
+    echoes, unknown, keyed, again, conflict, watched = together[:20], *together[20:]
+    assert all(s.accepted for s in together)
+    assert len({s.execution_id for s in [*echoes, unknown, keyed, conflict, watched]}) == 24
+    assert unknown.status == "failed" and "unknown action 'nosuch.action'" in (unknown.error or "")
+    # The same key and parameters in one batch: one execution, the second told it is a duplicate.
+    assert again.execution_id == keyed.execution_id and again.duplicate and not keyed.duplicate
+    assert conflict.status == "failed" and "is already used by execution" in (conflict.error or "")
+    rows = [await baton.execution(s.execution_id) for s in [lone, *echoes, watched]]
+    # A lone request is its own message (its id is the message's); the others shared one.
+    assert rows[0]["message_id"] == str(lone.execution_id)
+    assert len({r["message_id"] for r in rows[1:]}) == 1 and rows[1]["message_id"] != rows[0]["message_id"]
+    done = await client.wait(watched.execution_id, timeout_s=30)
+    assert done["status"] == "completed" and done["result"] == {"message": "watched"}
+    await wait_until(lambda: _all_done(baton, [s.execution_id for s in echoes]), timeout_s=60, what="echoes")
+
+
+async def test_a_batch_that_asks_for_a_reply_gets_one_listing_an_answer_per_request(baton):
+    await baton.start_executor()
+    client = await baton.client()
+    _, inbox = await client._amqp()
+    replies = await inbox.channel.declare_queue(baton.names.reply_queue("raw"), exclusive=True)
+    body = json.dumps([{"action_ref": "core.echo", "parameters": {"message": "a"}}, "not a request"]).encode()
+    await baton.publish_raw(body, message_id="asks", reply_to=replies.name, correlation_id="c-1")
+    message = await wait_until(lambda: replies.get(fail=False), what="the batch's reply")
+    assert message.correlation_id == "c-1"
+    first, second = json.loads(message.body)
+    assert first["execution_id"] == str(batch_execution_id("asks", 0)) and first["status"] in ("requested", "scheduled")
+    assert second["execution_id"] == str(batch_execution_id("asks", 1)) and second["status"] == "failed"
+    assert "request 1 of the batch is JSON str" in second["error"]
+
+
+async def test_a_new_client_used_by_many_tasks_at_once_opens_one_connection_of_each_kind(baton, monkeypatch):
+    """Every task's first call found no connection yet, and each opened its own (one bench run left
+    the broker out of file descriptors)."""
+    from common import amqp, db
+    from common.client import BatonClient
+
+    await baton.start_executor()
+    opened = {"amqp": 0, "db": 0}
+    amqp_connect, db_connect = amqp.connect, db.connect
+
+    async def counting_amqp(*args, **kwargs):
+        opened["amqp"] += 1
+        return await amqp_connect(*args, **kwargs)
+
+    async def counting_db(*args, **kwargs):
+        opened["db"] += 1
+        return await db_connect(*args, **kwargs)
+
+    monkeypatch.setattr(amqp, "connect", counting_amqp)
+    monkeypatch.setattr(db, "connect", counting_db)
+    async with BatonClient(baton.settings()) as client:
+        submitted = await asyncio.gather(*(client.submit("core.echo", {"message": str(i)}) for i in range(10)))
+        await asyncio.gather(*(client.get(s.execution_id) for s in submitted))
+    assert all(s.accepted for s in submitted)
+    assert opened == {"amqp": 1, "db": 1}

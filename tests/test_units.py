@@ -433,3 +433,31 @@ def test_requests_time_out_only_for_actions_unserved_for_the_whole_timeout():
     ages = {"never": None, "long_gone": 3600.0, "just_now": 2.5, "exactly": 60.0}
     assert expirable(ages, 60.0) == ["exactly", "long_gone", "never"]
     assert expirable({}, 60.0) == []
+
+
+def test_requests_submitted_together_are_grouped_into_messages_and_answered_one_by_one():
+    import asyncio
+
+    from common.client.base import RequestRejected
+    from common.client.posting import _answers, _messages, _Outgoing
+    from common.schemas import Acceptance
+
+    loop = asyncio.new_event_loop()
+    try:
+        def outgoing(size: int) -> _Outgoing:
+            return _Outgoing(b"x" * size, False, loop.create_future(), loop.create_future())
+
+        small, big, other = outgoing(10), outgoing(200), outgoing(10)
+        # A request too large for a message goes alone (refused by the executor with its reason).
+        assert _messages([small, big, other], max_bytes=100) == [[small, other], [big]]
+        many = [outgoing(10) for _ in range(12)]
+        assert [len(g) for g in _messages(many, max_bytes=60)] == [5, 5, 2]
+    finally:
+        loop.close()
+    one = Acceptance(execution_id="00000000-0000-0000-0000-000000000001", status="requested")
+    assert _answers(f"[{one.model_dump_json()}, null]".encode(), 2) == [one, None]
+    refused = Acceptance(error="a batch of requests needs a message_id")
+    assert _answers(refused.model_dump_json().encode(), 3) == [refused] * 3  # the message refused as a whole
+    for unreadable in (b"[null]", b"not json", b'[{"status": 5}, null]'):
+        answers = _answers(unreadable, 2)
+        assert all(isinstance(a, RequestRejected) and "reply cannot be read" in str(a) for a in answers), unreadable

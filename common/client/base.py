@@ -12,14 +12,13 @@ import aio_pika
 import aiormq.exceptions
 import asyncpg
 from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
-from pydantic import ValidationError
 
 from common import amqp, db
 from common.best_effort import best_effort
 from common.queries import executions as q
 from common.queries import workflows as wfq
 from common.retry import TRANSIENT_ERRORS
-from common.schemas import Acceptance, execution_json, jsonable_row
+from common.schemas import execution_json, jsonable_row
 from common.settings import Settings
 
 #: How long closing each connection may take before it is dropped.
@@ -41,7 +40,9 @@ class ClientBase:
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._inbox: AbstractQueue | None = None
-        self._replies: dict[str, asyncio.Future[Acceptance]] = {}
+        self._connecting = asyncio.Lock()
+        # The executor's reply to each message posted, by its correlation id (the message's id).
+        self._replies: dict[str, asyncio.Future[bytes]] = {}
         # A notification only wakes a waiter, which then reads the row: anyone who can publish to
         # the exchange could have written one, and PostgreSQL's row is the only truth.
         self._notified: dict[str, asyncio.Event] = {}
@@ -67,12 +68,23 @@ class ClientBase:
 
     async def pool(self) -> asyncpg.Pool:
         if self._pool is None:
-            self._pool = await db.connect(
-                self.settings.database.url, max_size=2, max_wait_s=self.settings.database.startup_wait_s
-            )
+            async with self._connecting:  # calls made at once, before any pool, share one
+                if self._pool is None:
+                    self._pool = await db.connect(
+                        self.settings.database.url, max_size=2, max_wait_s=self.settings.database.startup_wait_s
+                    )
         return self._pool
 
     async def _amqp(self) -> tuple[AbstractChannel, AbstractQueue]:
+        if self._channel is not None and self._inbox is not None:
+            return self._channel, self._inbox
+        async with self._connecting:  # calls made at once, before any connection, share one
+            return await self._connect_amqp()
+
+    async def _connect_amqp(self) -> tuple[AbstractChannel, AbstractQueue]:
+        """Connect, declare Baton's exchanges (or find the executor has: then they exist), and open
+        the inbox. The exchanges are then looked up without asking the broker (``ensure=False``):
+        a round trip per request otherwise; publishing to one that is gone fails as that would."""
         if self._channel is None or self._inbox is None:
             mq = self.settings.message_queue
             self._connection = await amqp.connect(
@@ -106,13 +118,9 @@ class ClientBase:
             if woken is not None:
                 woken.set()
             return
-        future = self._replies.pop(message.correlation_id or "", None)  # a reply to one of our requests
-        if future is None or future.done():
-            return
-        try:
-            future.set_result(Acceptance.model_validate_json(message.body))
-        except ValidationError as exc:
-            future.set_exception(RequestRejected(f"the executor's reply cannot be read: {exc.errors()[0]['msg']}"))
+        future = self._replies.pop(message.correlation_id or "", None)  # a reply to one of our messages
+        if future is not None and not future.done():
+            future.set_result(message.body)
 
     async def _watch(self, execution_id: uuid.UUID) -> asyncio.Event:
         """Subscribe to the execution's terminal notification (before looking at its state)."""
@@ -120,7 +128,7 @@ class ClientBase:
         key = str(execution_id)
         if key not in self._notified:
             self._notified[key] = asyncio.Event()
-            exchange = await channel.get_exchange(self.names.notifications_exchange)
+            exchange = await channel.get_exchange(self.names.notifications_exchange, ensure=False)
             await inbox.bind(exchange, f"execution.{key}.*")
         return self._notified[key]
 
@@ -130,7 +138,7 @@ class ClientBase:
         if self._notified.pop(key, None) is None or self._channel is None or self._inbox is None:
             return
         try:
-            exchange = await self._channel.get_exchange(self.names.notifications_exchange)
+            exchange = await self._channel.get_exchange(self.names.notifications_exchange, ensure=False)
             await self._inbox.unbind(exchange, f"execution.{key}.*")
         except _UNBIND_ERRORS:
             # A closed channel took its exclusive queue, and every binding, with it.
