@@ -49,7 +49,9 @@ from bench.measure import (  # noqa: E402
 )
 from cli.app import run_on_uvloop  # noqa: E402
 from common import amqp  # noqa: E402
+from common.client import BatonClient  # noqa: E402
 from common.ids import batch_execution_id  # noqa: E402
+from common.settings import Settings  # noqa: E402
 
 TERMINAL = ("completed", "failed", "timeout", "cancelled")
 
@@ -228,6 +230,37 @@ async def post_all(
     return posted
 
 
+async def post_with_client(settings: Settings, n: int, chunk: int, rate: float | None) -> dict[str, float]:
+    """Post n noop requests through `BatonClient.submit`, each its own call (it posts what is
+    submitted together in one message, and waits for the executor's answer), as fast as possible
+    (``chunk`` at once) or at ``rate`` per second; returns {execution id: wall-clock post time}."""
+    posted: dict[str, float] = {}
+    async with BatonClient(settings) as client:
+
+        async def one() -> None:
+            at = time.time()
+            submission = await client.submit("core.noop", {})
+            if not submission.accepted:
+                raise RuntimeError(f"no executor answered for {submission.execution_id}")
+            posted[str(submission.execution_id)] = at
+
+        if rate:
+            # A steady stream, as `post_all` posts it; the answers are not waited for in between.
+            step = max(1, int(rate * 0.02))
+            t0 = time.monotonic()
+            calls = []
+            for start_at in range(0, n, step):
+                delay = t0 + start_at / rate - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                calls += [asyncio.create_task(one()) for _ in range(min(step, n - start_at))]
+            await asyncio.gather(*calls)
+        else:
+            for start_at in range(0, n, chunk):
+                await asyncio.gather(*(one() for _ in range(min(chunk, n - start_at))))
+    return posted
+
+
 async def _drop(_message: aio_pika.abc.AbstractIncomingMessage) -> None:
     """A reply, read and dropped: the run reads what it needs from PostgreSQL."""
 
@@ -252,6 +285,7 @@ async def run(args: argparse.Namespace) -> dict:
         "rate": args.rate,
         "batch": args.batch,
         "reply": args.reply,
+        "client": args.client,
         "prefix": prefix,
         # Before the services start: how fast this machine runs Python now (it drifts over minutes).
         "python_speed_ms": python_speed_ms(),
@@ -305,7 +339,13 @@ async def run(args: argparse.Namespace) -> dict:
         rss = RssSampler({"executor": executor.pid} | {f"w{i + 1}": p.pid for i, p in enumerate(procs[1:])}, t_post)
         rss.sample()
         rss_task = asyncio.create_task(rss.run(args.rss_interval))
-        posted = await post_all(args.amqp_url, names, args.n, args.chunk, args.rate, args.batch, args.reply)
+        if args.client:
+            client_settings = Settings(
+                database={"url": args.database_url}, message_queue={"url": args.amqp_url, "prefix": prefix}
+            )
+            posted = await post_with_client(client_settings, args.n, args.chunk, args.rate)
+        else:
+            posted = await post_all(args.amqp_url, names, args.n, args.chunk, args.rate, args.batch, args.reply)
         t_posted = time.time()
         post_s = t_posted - t_post
         log(f"posted {args.n} requests in {post_s:.2f} s ({args.n / post_s:.0f}/s)")
@@ -496,6 +536,11 @@ def main() -> None:
     parser.add_argument(
         "--reply", action="store_true",
         help="each request asks for the executor's reply (reply_to), as BatonClient.submit's do",
+    )
+    parser.add_argument(
+        "--client", action="store_true",
+        help="post through BatonClient.submit, a call per request (it posts requests submitted together in one "
+             "message, and waits for the executor's answer to each)",
     )
     parser.add_argument("--settle", type=float, default=1.0, help="seconds to wait after registration")
     parser.add_argument("--log-level", default="warning", help="services' logging.level (default warning)")
