@@ -94,12 +94,14 @@ def last_json(lines: list[str]) -> dict[str, Any]:
 
 
 def baton_run(
-    n: int, rate: float | None = None, database: str = "baton_bench_compare", batch: int = 0
+    n: int, rate: float | None = None, database: str = "baton_bench_compare", batch: int = 0, client: bool = False
 ) -> dict[str, Any]:
     """bench/throughput.py: n no-ops, at once or at ``rate`` per second; ``batch`` posts a burst as
-    batch messages of that many requests (what `BatonClient.submit_many` does)."""
+    batch messages of that many requests (what `BatonClient.submit_many` does); ``client`` posts
+    through `BatonClient.submit`, a call per request (those made at once go out together)."""
     extra = ["--rate", str(rate)] if rate else []
     extra += ["--batch", str(batch)] if batch else []
+    extra += ["--client"] if client else []
     result = last_json(run_script("bench/throughput.py", "--n", str(n), "--database-url", f"{PG}/{database}", *extra))
     cpu_s = sum(result["cpu_s"].get(k, 0) for k in OWN_CPU["baton"])
     return {"n": n, "completed": result["completed"], "per_s": round(result["executions_per_s"]),
@@ -211,6 +213,8 @@ def main() -> None:
     rows = [{"system": "Baton (durable, PostgreSQL)", **baton_run(args.n)}]
     print(f"== burst of {args.n} no-ops: Baton, posted in batches of {BATCH}", flush=True)
     rows.append({"system": f"Baton, batch posts ({BATCH}/message)", **baton_run(args.n, batch=BATCH)})
+    print(f"== burst of {args.n} no-ops: Baton, through BatonClient.submit", flush=True)
+    rows.append({"system": "Baton, BatonClient.submit (500 at once)", **baton_run(args.n, client=True)})
     print("== Celery (RabbitMQ, RPC results)", flush=True)
     rows.append({"system": "Celery (RabbitMQ, RPC results)", **celery_run(args.n, "rpc://")})
     print("== Celery (RabbitMQ, PostgreSQL results)", flush=True)
@@ -247,7 +251,8 @@ def main() -> None:
         print(f"{r['system']:40} {r['n']:>6} {r['posted_per_s']:>9} {r['per_s']:>8} {r['start_p50_ms']:>7.1f} ms "
               f"{r['start_p99_ms']:>7.1f} ms {r['cpu_ms_per_task']:>6.2f} ms")
     print("  posted/s: how fast the client published (Baton's: asyncio on uvloop with confirms, 500 in flight, one message "
-          f"per request, or {BATCH} requests per message; Celery's: send_task in a loop), which bounds tasks/s")
+          f"per request, or {BATCH} requests per message, or BatonClient.submit calls, 500 at once, each waiting "
+          "for the executor's answer; Celery's: send_task in a loop), which bounds tasks/s")
     if args.celery_pg_n != args.n:
         print(f"  (Celery with PostgreSQL results ran {args.celery_pg_n} tasks, not {args.n}: it stores each result "
               "in its own transaction, a run of 20,000 would take minutes)")
