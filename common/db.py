@@ -59,7 +59,7 @@ SERVER_SETTINGS = {
 #: statements reaches its rows through an index (nested loops), which costs what the rows do as
 #: the table grows. JIT is off: a priced-out scan of a table with no other way in (`workers`) would
 #: otherwise cross its cost threshold and compile every call. Only statements whose every table
-#: has an index they can use belong here (`tests/test_hot_path_plans_integration.py` checks them).
+#: has an index they can use belong here (`tests/test_hardening_integration.py` checks them).
 HOT_PATH_SETTINGS = {
     **SERVER_SETTINGS,
     "plan_cache_mode": "force_generic_plan",

@@ -248,9 +248,11 @@ class Acceptance(BaseModel):
     warnings: list[str] = Field(default_factory=list)  # what intake ignored in the request
 
 
-#: The executor's reply to a batch of requests that set `reply_to`: an answer per request, in the
-#: batch's order (null: nothing is known of that request).
+#: The executor's reply to a batch of requests that set `reply_to` and the header `ANSWERS_HEADER`
+#: to `list`: an answer per request, in the batch's order (null: nothing is known of that request).
+#: Without the header, each request of a batch is answered on its own, as before there was a list.
 ANSWERS: TypeAdapter[list[Acceptance | None]] = TypeAdapter(list[Acceptance | None])
+ANSWERS_HEADER = "x-baton-reply"
 
 
 def _jsonable(value: Any) -> Any:

@@ -16,7 +16,7 @@ from common.amqp import Names, persistent_json, property_text, short_string
 from common.errors import describe
 from common.logging import get_logger
 from common.notifications import publish_terminal
-from common.schemas import ANSWERS, Acceptance, ExistingRequest, RecordedRequest
+from common.schemas import ANSWERS, ANSWERS_HEADER, Acceptance, ExistingRequest, RecordedRequest
 from executor.requests import NewExecution, Rejection
 from executor.resilience import being_cancelled
 
@@ -44,9 +44,9 @@ async def reply_and_notify(
     same: Existing,
     duplicates: Existing,
 ) -> None:
-    """Answer each message that set `reply_to`: a lone request (or a message refused as a whole)
-    with its `Acceptance`, a batch with one reply holding an answer per request, in the batch's
-    order (null: no answer, as for a lone request not answered)."""
+    """Answer each message that set `reply_to`: each request with its `Acceptance` (a message
+    refused as a whole with one), or, for a batch that asks for it (`ANSWERS_HEADER`), with one
+    reply holding an answer per request in the batch's order (null: nothing is known of one)."""
     replies = []
     batches: dict[int, tuple[AbstractIncomingMessage, str, list[Acceptance | None]]] = {}
     for message, result in parsed:
@@ -54,7 +54,7 @@ async def reply_and_notify(
         if not reply_to:
             continue
         reply = _acceptance(result, inserted, same, duplicates)
-        if result.batch_index is not None:
+        if result.batch_index is not None and (message.headers or {}).get(ANSWERS_HEADER) == "list":
             batches.setdefault(id(message), (message, reply_to, []))[2].append(reply)
         elif reply is not None:
             replies.append(_reply(ctx, message, reply_to, reply.model_dump_json().encode()))

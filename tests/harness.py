@@ -389,7 +389,7 @@ class Baton:
 
     async def publish_raw(
         self, body: bytes, *, message_id: str | None = None, reply_to: str | None = None, correlation_id: str | None = None,
-        queue_type: amqp.QueueType = "classic",
+        queue_type: amqp.QueueType = "classic", headers: dict[str, Any] | None = None,
     ) -> None:
         """Post like a client in another language would: just a message on the exchange."""
         if self._amqp is None:
@@ -400,7 +400,7 @@ class Baton:
         await exchange.publish(
             aio_pika.Message(
                 body, message_id=message_id, reply_to=reply_to, correlation_id=correlation_id,
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT, headers=headers,
             ),
             routing_key=amqp.REQUESTED_KEY,
         )

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from common.ids import MAX_BATCH_REQUESTS, batch_execution_id
+from common.schemas import ANSWERS_HEADER
 from tests.harness import wait_until
 
 pytestmark = pytest.mark.integration
@@ -111,19 +112,29 @@ async def test_requests_submitted_together_are_posted_together_and_each_gets_its
     await wait_until(lambda: _all_done(baton, [s.execution_id for s in echoes]), timeout_s=60, what="echoes")
 
 
-async def test_a_batch_that_asks_for_a_reply_gets_one_listing_an_answer_per_request(baton):
+async def test_a_batch_that_asks_for_a_list_gets_one_reply_listing_an_answer_per_request(baton):
     await baton.start_executor()
     client = await baton.client()
     _, inbox = await client._amqp()
     replies = await inbox.channel.declare_queue(baton.names.reply_queue("raw"), exclusive=True)
     body = json.dumps([{"action_ref": "core.echo", "parameters": {"message": "a"}}, "not a request"]).encode()
-    await baton.publish_raw(body, message_id="asks", reply_to=replies.name, correlation_id="c-1")
+    await baton.publish_raw(
+        body, message_id="asks", reply_to=replies.name, correlation_id="c-1", headers={ANSWERS_HEADER: "list"}
+    )
     message = await wait_until(lambda: replies.get(fail=False), what="the batch's reply")
     assert message.correlation_id == "c-1"
     first, second = json.loads(message.body)
     assert first["execution_id"] == str(batch_execution_id("asks", 0)) and first["status"] in ("requested", "scheduled")
     assert second["execution_id"] == str(batch_execution_id("asks", 1)) and second["status"] == "failed"
     assert "request 1 of the batch is JSON str" in second["error"]
+    # Without the header, each request of a batch is answered on its own (as clients expect that
+    # were written before the list).
+    await baton.publish_raw(body, message_id="asks-2", reply_to=replies.name, correlation_id="c-2")
+    answers = [await wait_until(lambda: replies.get(fail=False), what="a reply") for _ in range(2)]
+    assert {json.loads(m.body)["execution_id"] for m in answers} == {
+        str(batch_execution_id("asks-2", i)) for i in range(2)
+    }
+    assert {m.correlation_id for m in answers} == {"c-2"}
 
 
 async def test_a_new_client_used_by_many_tasks_at_once_opens_one_connection_of_each_kind(baton, monkeypatch):
@@ -151,3 +162,48 @@ async def test_a_new_client_used_by_many_tasks_at_once_opens_one_connection_of_e
         await asyncio.gather(*(client.get(s.execution_id) for s in submitted))
     assert all(s.accepted for s in submitted)
     assert opened == {"amqp": 1, "db": 1}
+
+
+async def test_tasks_waiting_on_a_connect_that_fails_share_its_failure(baton, monkeypatch):
+    """Each waiter once tried again after the one before it gave up: the tenth of ten calls made
+    at once, to a broker that is down, failed after ten waits."""
+    import aiormq
+
+    from common import amqp
+    from common.client import BatonClient
+    from common.settings import Settings
+
+    attempts = 0
+    amqp_connect = amqp.connect
+
+    async def counting(*args, **kwargs):
+        nonlocal attempts
+        attempts += 1
+        return await amqp_connect(*args, **kwargs)
+
+    monkeypatch.setattr(amqp, "connect", counting)
+    settings = Settings(
+        database={"url": baton.db_url},
+        message_queue={"url": "amqp://guest:guest@127.0.0.1:1/", "prefix": baton.prefix, "startup_wait": 0.5},
+    )
+    async with BatonClient(settings) as client:
+        outcomes = await asyncio.gather(*(client.submit("core.noop") for _ in range(10)), return_exceptions=True)
+    assert all(isinstance(o, aiormq.exceptions.AMQPConnectionError) for o in outcomes), outcomes
+    assert attempts == 1
+
+
+async def test_a_submit_cancelled_before_its_post_is_not_posted(baton):
+    await baton.start_executor()
+    client = await baton.client()
+    await client.submit("core.noop")  # connected
+    kept = asyncio.ensure_future(client.submit("core.echo", {"message": "kept"}))
+    dropped = asyncio.ensure_future(client.submit("core.echo", {"message": "dropped"}))
+    await asyncio.sleep(0)  # both are in the outbox; the post has not run yet
+    dropped.cancel()
+    submission = await kept
+    assert submission.accepted
+    row = await baton.execution(submission.execution_id)
+    # Posted alone: its id is its message's, and no other request went with it.
+    assert row["message_id"] == str(submission.execution_id)
+    pool = await baton.pool()
+    assert await pool.fetchval("SELECT count(*) FROM executions WHERE parameters->>'message' = 'dropped'") == 0

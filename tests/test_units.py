@@ -458,6 +458,10 @@ def test_requests_submitted_together_are_grouped_into_messages_and_answered_one_
     assert _answers(f"[{one.model_dump_json()}, null]".encode(), 2) == [one, None]
     refused = Acceptance(error="a batch of requests needs a message_id")
     assert _answers(refused.model_dump_json().encode(), 3) == [refused] * 3  # the message refused as a whole
+    # An executor from before the list answers a batch's requests one by one: the first reply is
+    # one request's, not every request's.
+    assert _answers(one.model_dump_json().encode(), 2) == [None, None]
+    assert _answers(one.model_dump_json().encode(), 1) == [one]
     for unreadable in (b"[null]", b"not json", b'[{"status": 5}, null]'):
         answers = _answers(unreadable, 2)
         assert all(isinstance(a, RequestRejected) and "reply cannot be read" in str(a) for a in answers), unreadable

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import uuid
-from typing import Any, Self
+from collections.abc import Awaitable, Callable
+from typing import Any, Self, TypeVar, cast
 
 import aio_pika
 import aiormq.exceptions
@@ -28,6 +30,9 @@ CLOSE_TIMEOUT_S = 5.0
 _UNBIND_ERRORS: tuple[type[BaseException], ...] = (aio_pika.exceptions.AMQPError, *TRANSIENT_ERRORS)
 
 
+_T = TypeVar("_T")
+
+
 class RequestRejected(Exception):
     """The executor refused the request outright (it could not be tied to an execution)."""
 
@@ -40,7 +45,7 @@ class ClientBase:
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._inbox: AbstractQueue | None = None
-        self._connecting = asyncio.Lock()
+        self._connecting: dict[str, asyncio.Future[Any]] = {}  # by kind: the connect under way
         # The executor's reply to each message posted, by its correlation id (the message's id).
         self._replies: dict[str, asyncio.Future[bytes]] = {}
         # A notification only wakes a waiter, which then reads the row: anyone who can publish to
@@ -68,23 +73,35 @@ class ClientBase:
 
     async def pool(self) -> asyncpg.Pool:
         if self._pool is None:
-            async with self._connecting:  # calls made at once, before any pool, share one
-                if self._pool is None:
-                    self._pool = await db.connect(
-                        self.settings.database.url, max_size=2, max_wait_s=self.settings.database.startup_wait_s
-                    )
+            self._pool = await self._once("pool", self._connect_pool)
         return self._pool
 
     async def _amqp(self) -> tuple[AbstractChannel, AbstractQueue]:
         if self._channel is not None and self._inbox is not None:
             return self._channel, self._inbox
-        async with self._connecting:  # calls made at once, before any connection, share one
-            return await self._connect_amqp()
+        return await self._once("amqp", self._connect_amqp)
+
+    async def _once(self, kind: str, connect: Callable[[], Awaitable[_T]]) -> _T:
+        """Connect once for every caller waiting at the time: tasks that all start on a new client
+        share one connection (each opening its own left the broker out of file descriptors), and
+        one failure, which each of them gets."""
+        attempt = self._connecting.get(kind)
+        if attempt is None:
+            attempt = self._connecting[kind] = asyncio.ensure_future(connect())
+            attempt.add_done_callback(functools.partial(self._connected, kind))
+        return cast(_T, await asyncio.shield(attempt))
+
+    def _connected(self, kind: str, done: asyncio.Future[Any]) -> None:
+        """The connect is over: the next caller that finds no connection tries again. How it ended
+        is read, so that a failure nobody awaited any more is not reported."""
+        self._connecting.pop(kind, None)
+        if not done.cancelled():
+            done.exception()
+
+    async def _connect_pool(self) -> asyncpg.Pool:
+        return await db.connect(self.settings.database.url, max_size=2, max_wait_s=self.settings.database.startup_wait_s)
 
     async def _connect_amqp(self) -> tuple[AbstractChannel, AbstractQueue]:
-        """Connect, declare Baton's exchanges (or find the executor has: then they exist), and open
-        the inbox. The exchanges are then looked up without asking the broker (``ensure=False``):
-        a round trip per request otherwise; publishing to one that is gone fails as that would."""
         if self._channel is None or self._inbox is None:
             mq = self.settings.message_queue
             self._connection = await amqp.connect(
@@ -128,7 +145,7 @@ class ClientBase:
         key = str(execution_id)
         if key not in self._notified:
             self._notified[key] = asyncio.Event()
-            exchange = await channel.get_exchange(self.names.notifications_exchange, ensure=False)
+            exchange = await channel.get_exchange(self.names.notifications_exchange)
             await inbox.bind(exchange, f"execution.{key}.*")
         return self._notified[key]
 
@@ -138,7 +155,7 @@ class ClientBase:
         if self._notified.pop(key, None) is None or self._channel is None or self._inbox is None:
             return
         try:
-            exchange = await self._channel.get_exchange(self.names.notifications_exchange, ensure=False)
+            exchange = await self._channel.get_exchange(self.names.notifications_exchange)
             await self._inbox.unbind(exchange, f"execution.{key}.*")
         except _UNBIND_ERRORS:
             # A closed channel took its exclusive queue, and every binding, with it.

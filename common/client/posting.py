@@ -17,10 +17,14 @@ from pydantic import ValidationError
 
 from common import amqp
 from common.client.base import ClientBase, RequestRejected
+from common.errors import describe
 from common.ids import MAX_BATCH_REQUESTS, batch_execution_id
+from common.logging import get_logger
 from common.retry import TRANSIENT_ERRORS
-from common.schemas import ANSWERS, TERMINAL_STATUSES, Acceptance
+from common.schemas import ANSWERS, ANSWERS_HEADER, TERMINAL_STATUSES, Acceptance
 from common.settings import Settings
+
+log = get_logger("baton.client")
 
 
 @dataclass
@@ -89,17 +93,22 @@ def _messages(outgoing: list[_Outgoing], max_bytes: int) -> list[list[_Outgoing]
 
 def _answers(body: bytes, count: int) -> list[Acceptance | Exception | None]:
     """The executor's reply to a message of ``count`` requests, as one answer per request: a batch's
-    reply lists them; a lone request's, or a message refused as a whole, is one for all."""
+    reply lists them; a lone request's, or a message refused as a whole, is one for all. A batch
+    answered one request at a time (an executor from before the list) is not answered here: its
+    first reply speaks for one request only."""
     try:
         if count > 1 and body.lstrip()[:1] == b"[":
             answers: list[Acceptance | Exception | None] = list(ANSWERS.validate_json(body))
             if len(answers) == count:
                 return answers
             raise ValueError(f"{len(answers)} answers to {count} requests")
-        return [Acceptance.model_validate_json(body)] * count
+        one = Acceptance.model_validate_json(body)
+        if count > 1 and one.execution_id is not None:
+            return [None] * count
+        return [one.model_copy(deep=True) for _ in range(count)]
     except ValueError as exc:  # pydantic's ValidationError is one
         problem = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
-        return [RequestRejected(f"the executor's reply cannot be read: {problem}")] * count
+        return [RequestRejected(f"the executor's reply cannot be read: {problem}") for _ in range(count)]
 
 
 class Posting(ClientBase):
@@ -162,7 +171,9 @@ class Posting(ClientBase):
                 acceptance = None
         finally:
             for future in (outgoing.posted, outgoing.answered):
-                future.cancel()  # a submitter gone (cancelled) takes no answer: nothing is left unread
+                if future.done() and not future.cancelled():
+                    future.exception()  # read: one settled as this submitter was cancelled is not reported
+                future.cancel()  # a submitter gone (cancelled) takes no answer, and is not posted
         if acceptance is None:
             return Submission(execution_id, accepted=False)
         if acceptance.execution_id is None:
@@ -182,7 +193,12 @@ class Posting(ClientBase):
         outgoing, self._outbox = self._outbox, []
         task = asyncio.create_task(self._post(outgoing))
         self._posting.add(task)
-        task.add_done_callback(self._posting.discard)
+        task.add_done_callback(self._posted)
+
+    def _posted(self, task: asyncio.Task[None]) -> None:
+        self._posting.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("client_post_failed", error=describe(exc))
 
     async def _post(self, outgoing: list[_Outgoing]) -> None:
         """Post requests submitted together: a lone one as a message of its own, more as batch
@@ -191,31 +207,41 @@ class Posting(ClientBase):
         await asyncio.gather(*(self._post_message(group) for group in _messages(outgoing, max_bytes)))
 
     async def _post_message(self, group: list[_Outgoing]) -> None:
-        if len(group) == 1:
-            message_id = str(uuid.uuid4())  # the execution's id too
-            ids, body = [uuid.UUID(message_id)], group[0].body
-        else:
-            message_id = uuid.uuid4().hex
-            ids = [batch_execution_id(message_id, i) for i in range(len(group))]
-            body = b"[" + b",".join(o.body for o in group) + b"]"
         reply = asyncio.get_running_loop().create_future()
+        message_id = ""
         try:
             channel, inbox = await self._amqp()
+            group = [r for r in group if not r.posted.done()]  # a submitter cancelled by now is not posted
+            if not group:
+                return
+            if len(group) == 1:
+                message_id = str(uuid.uuid4())  # the execution's id too
+                ids, body, headers = [uuid.UUID(message_id)], group[0].body, None
+            else:
+                message_id = uuid.uuid4().hex
+                ids = [batch_execution_id(message_id, i) for i in range(len(group))]
+                body, headers = b"[" + b",".join(o.body for o in group) + b"]", {ANSWERS_HEADER: "list"}
             for request, execution_id in zip(group, ids, strict=True):
                 if request.watch:
                     await self._watch(execution_id)
             self._replies[message_id] = reply
-            exchange = await channel.get_exchange(self.names.executions_exchange, ensure=False)
+            exchange = await channel.get_exchange(self.names.executions_exchange)
             await exchange.publish(
-                amqp.persistent_json(body, message_id=message_id, correlation_id=message_id, reply_to=inbox.name),
+                amqp.persistent_json(
+                    body, message_id=message_id, correlation_id=message_id, reply_to=inbox.name, headers=headers
+                ),
                 routing_key=amqp.REQUESTED_KEY,
                 mandatory=True,
             )
-        except Exception as exc:  # noqa: BLE001 - each submitter raises it
+        except BaseException as exc:
             self._replies.pop(message_id, None)
             for request in group:
                 if not request.posted.done():
-                    request.posted.set_exception(exc)
+                    request.posted.set_exception(
+                        exc if isinstance(exc, Exception) else RuntimeError("the client stopped before posting the request")
+                    )
+            if not isinstance(exc, Exception):
+                raise
             return
         for request, execution_id in zip(group, ids, strict=True):
             if not request.posted.done():
@@ -244,7 +270,7 @@ class Posting(ClientBase):
         execution ids, in order, once the broker has taken every batch. No executor replies: the
         executions are recorded shortly after, and each can be waited on (:meth:`wait`) or read."""
         channel, _ = await self._amqp()
-        exchange = await channel.get_exchange(self.names.executions_exchange, ensure=False)
+        exchange = await channel.get_exchange(self.names.executions_exchange)
         requests = []
         for parameters in parameter_sets:
             request: dict[str, Any] = {"action_ref": action_ref, "parameters": parameters}
