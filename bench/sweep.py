@@ -3,7 +3,9 @@
 
 For each offered rate (`--rates`, default 250,500,1000,1500,2000 per second) it runs, one after the
 other, a steady stream of `rate x --duration` (10 s) no-ops through
-- Baton: `bench/throughput.py --rate R --n R*duration` (2 workers x 50, every state durable), and
+- Baton: `bench/throughput.py --rate R --n R*duration` (2 workers x 50, every state durable), each
+  request its own message as any AMQP client posts it, and again with `--client` (through
+  `BatonClient.submit`, a call per request: those made at once go out as one message), and
 - Celery with RabbitMQ and RPC results (prefork -c 2, acks late; `bench.compare.celery_run`),
   posting what is due every 20 ms, each post's time recorded, each task returning when it started;
 and records the throughput achieved (first post -> last finish for Baton, -> last start for
@@ -31,16 +33,22 @@ sys.path.insert(0, str(REPO))
 
 from bench.compare import baton_run, celery_run, machine  # noqa: E402
 
-SYSTEMS = {"baton": "Baton (durable, PostgreSQL)", "celery": "Celery (RabbitMQ, RPC results)"}
+SYSTEMS = {
+    "baton": "Baton (durable, PostgreSQL)",
+    "baton_client": "Baton, through BatonClient.submit",
+    "celery": "Celery (RabbitMQ, RPC results)",
+}
 
 
 def sweep(rates: list[float], duration_s: float) -> dict[str, Any]:
     results: dict[str, Any] = {"machine": machine(), "duration_s": duration_s, "rates": rates,
-                               "baton": [], "celery": []}
+                               "baton": [], "baton_client": [], "celery": []}
     for rate in rates:
         n = int(rate * duration_s)
         print(f"== {rate:g}/s for {duration_s:g} s ({n} no-ops): Baton", flush=True)
         results["baton"].append({"rate": rate, **baton_run(n, rate, database="baton_bench_sweep")})
+        print(f"== {rate:g}/s: Baton, through BatonClient.submit", flush=True)
+        results["baton_client"].append({"rate": rate, **baton_run(n, rate, database="baton_bench_sweep", client=True)})
         print(f"== {rate:g}/s: Celery", flush=True)
         results["celery"].append({"rate": rate, **celery_run(n, "rpc://", rate)})
     return results
@@ -49,14 +57,16 @@ def sweep(rates: list[float], duration_s: float) -> dict[str, Any]:
 def report(results: dict[str, Any]) -> None:
     print(f"\nrate sweep on this machine ({results['machine']}), {results['duration_s']:g} s per rate; "
           "latency from post to start")
-    print(f"{'offered/s':>9}  {'system':32} {'posted/s':>9} {'achieved/s':>10} {'p50':>10} {'p99':>10}")
+    print(f"{'offered/s':>9}  {'system':34} {'posted/s':>9} {'achieved/s':>10} {'p50':>10} {'p99':>10}")
     for i, rate in enumerate(results["rates"]):
         for key, label in SYSTEMS.items():
+            if key not in results:  # a sweep from before this system was in it
+                continue
             r = results[key][i]
             if "note" in r:
-                print(f"{rate:>9g}  {label:32} {r['note']}")
+                print(f"{rate:>9g}  {label:34} {r['note']}")
                 continue
-            print(f"{rate:>9g}  {label:32} {r['posted_per_s']:>9} {r['per_s']:>10} {r['start_p50_ms']:>7.1f} ms "
+            print(f"{rate:>9g}  {label:34} {r['posted_per_s']:>9} {r['per_s']:>10} {r['start_p50_ms']:>7.1f} ms "
                   f"{r['start_p99_ms']:>7.1f} ms")
 
 
@@ -73,7 +83,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     rates = results["rates"]
     left.plot(rates, rates, linestyle=":", color="grey", label="offered")
     for key, label in SYSTEMS.items():
-        done = [r for r in results[key] if "note" not in r]
+        done = [r for r in results.get(key, []) if "note" not in r]
         left.plot([r["rate"] for r in done], [r["per_s"] for r in done], marker="o", label=label)
         right.plot([r["rate"] for r in done], [r["start_p99_ms"] for r in done], marker="o", label=label)
     left.set(xlabel="offered rate (tasks/s)", ylabel="achieved throughput (tasks/s)", title="Throughput")
