@@ -54,12 +54,13 @@ SERVER_SETTINGS = {
 #: The hot path's own connections (`connect(hot_path=True)`): intake's insert and its read of the
 #: workers' room, a worker's claim and finish. Planned once per connection (a generic plan), as
 #: planning them anew cost PostgreSQL more than running them (0.3-0.5 ms a call against 0.05-0.4).
-#: A plan cached on a nearly empty table (above) is why their plans are pinned to one shape, whatever the tables held when they
-#: were planned: sequential scans, hash joins and merge joins are priced out, so each of these
-#: statements reaches its rows through an index (nested loops), which costs what the rows do as
-#: the table grows. JIT is off: a priced-out scan of a table with no other way in (`workers`) would
-#: otherwise cross its cost threshold and compile every call. Only statements whose every table
-#: has an index they can use belong here (`tests/test_hardening_integration.py` checks them).
+#: Because a plan cached on a nearly empty table (above) would stay, their plans are pinned to one
+#: shape, whatever the tables held when they were planned: sequential scans, hash joins and merge
+#: joins are priced out, so each statement reaches its rows through an index (nested loops), which
+#: costs what the rows do as the table grows. JIT is off: a priced-out scan of a table with no other
+#: way in (`workers`) would otherwise cross its cost threshold and compile every call. Only
+#: statements whose every table has an index they can use belong here (a test in
+#: `tests/test_hardening_integration.py` caches each plan on an empty table and reads it later).
 HOT_PATH_SETTINGS = {
     **SERVER_SETTINGS,
     "plan_cache_mode": "force_generic_plan",
