@@ -54,12 +54,16 @@ async def reply_and_notify(
         if not reply_to:
             continue
         reply = _acceptance(result, inserted, same, duplicates)
-        if result.batch_index is not None and (message.headers or {}).get(ANSWERS_HEADER) == "list":
+        listed = (message.headers or {}).get(ANSWERS_HEADER) == "list"
+        if result.batch_index is not None and listed:
             batches.setdefault(id(message), (message, reply_to, []))[2].append(reply)
         elif reply is not None:
-            replies.append(_reply(ctx, message, reply_to, reply.model_dump_json().encode()))
+            # To a batch that asked for the list, a single answer is the whole message's: the
+            # header tells the client so (one request's answer, from an executor that lists none,
+            # comes without it).
+            replies.append(_reply(ctx, message, reply_to, reply.model_dump_json().encode(), listed=listed))
     for message, reply_to, answers in batches.values():
-        replies.append(_reply(ctx, message, reply_to, ANSWERS.dump_json(answers)))
+        replies.append(_reply(ctx, message, reply_to, ANSWERS.dump_json(answers), listed=True))
     await asyncio.gather(*replies)
     # A request seen again that had failed at intake may have lost its notification with its ack.
     failed = [r for r in inserted.values() if r["status"] == "failed"]
@@ -93,13 +97,17 @@ def reply_allowed(reply_to: str, names: Names) -> bool:
     return reply_to.startswith((names.reply_queue(""), "amq.gen-")) and short_string(reply_to) is not None
 
 
-async def _reply(ctx: ExecutorContext, message: AbstractIncomingMessage, reply_to: str, body: bytes) -> None:
+async def _reply(
+    ctx: ExecutorContext, message: AbstractIncomingMessage, reply_to: str, body: bytes, *, listed: bool = False
+) -> None:
     """Send one reply; never raises (the request is recorded either way, and the client can read
     it from PostgreSQL)."""
     if not reply_allowed(reply_to, ctx.names):
         log.warning("reply_refused", reply_to=reply_to[:300], message_id=property_text(message.message_id))
         return
-    outgoing = persistent_json(body, correlation_id=short_string(message.correlation_id))
+    outgoing = persistent_json(
+        body, correlation_id=short_string(message.correlation_id), headers={ANSWERS_HEADER: "list"} if listed else None
+    )
     try:
         await asyncio.wait_for(
             ctx.publish_channel.default_exchange.publish(

@@ -135,6 +135,14 @@ async def test_a_batch_that_asks_for_a_list_gets_one_reply_listing_an_answer_per
         str(batch_execution_id("asks-2", i)) for i in range(2)
     }
     assert {m.correlation_id for m in answers} == {"c-2"}
+    assert not [m for m in answers if ANSWERS_HEADER in (m.headers or {})]
+    # Refused whole (an empty batch): one answer, which the header says is the batch's.
+    await baton.publish_raw(
+        b"[]", message_id="empty", reply_to=replies.name, correlation_id="c-3", headers={ANSWERS_HEADER: "list"}
+    )
+    refused = await wait_until(lambda: replies.get(fail=False), what="the refusal")
+    assert refused.correlation_id == "c-3" and refused.headers[ANSWERS_HEADER] == "list"
+    assert "a batch holds 0 requests" in json.loads(refused.body)["error"]
 
 
 async def test_a_new_client_used_by_many_tasks_at_once_opens_one_connection_of_each_kind(baton, monkeypatch):

@@ -455,13 +455,15 @@ def test_requests_submitted_together_are_grouped_into_messages_and_answered_one_
     finally:
         loop.close()
     one = Acceptance(execution_id="00000000-0000-0000-0000-000000000001", status="requested")
-    assert _answers(f"[{one.model_dump_json()}, null]".encode(), 2) == [one, None]
+    assert _answers(f"[{one.model_dump_json()}, null]".encode(), 2, listed=True) == [one, None]
     refused = Acceptance(error="a batch of requests needs a message_id")
-    assert _answers(refused.model_dump_json().encode(), 3) == [refused] * 3  # the message refused as a whole
-    # An executor from before the list answers a batch's requests one by one: the first reply is
-    # one request's, not every request's.
-    assert _answers(one.model_dump_json().encode(), 2) == [None, None]
-    assert _answers(one.model_dump_json().encode(), 1) == [one]
+    # The batch refused as a whole: each request gets the answer, as an object of its own.
+    answers = _answers(refused.model_dump_json().encode(), 3, listed=True)
+    assert answers == [refused] * 3 and len({id(a) for a in answers}) == 3
+    # An executor from before the list answers a batch's requests one by one, without the header:
+    # the first reply is one request's (here, one that could not be stored), not every request's.
+    assert _answers(refused.model_dump_json().encode(), 2, listed=False) == [None, None]
+    assert _answers(one.model_dump_json().encode(), 1, listed=False) == [one]
     for unreadable in (b"[null]", b"not json", b'[{"status": 5}, null]'):
-        answers = _answers(unreadable, 2)
+        answers = _answers(unreadable, 2, listed=True)
         assert all(isinstance(a, RequestRejected) and "reply cannot be read" in str(a) for a in answers), unreadable

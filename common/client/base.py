@@ -20,7 +20,7 @@ from common.best_effort import best_effort
 from common.queries import executions as q
 from common.queries import workflows as wfq
 from common.retry import TRANSIENT_ERRORS
-from common.schemas import execution_json, jsonable_row
+from common.schemas import ANSWERS_HEADER, execution_json, jsonable_row
 from common.settings import Settings
 
 #: How long closing each connection may take before it is dropped.
@@ -46,8 +46,9 @@ class ClientBase:
         self._channel: AbstractChannel | None = None
         self._inbox: AbstractQueue | None = None
         self._connecting: dict[str, asyncio.Future[Any]] = {}  # by kind: the connect under way
-        # The executor's reply to each message posted, by its correlation id (the message's id).
-        self._replies: dict[str, asyncio.Future[bytes]] = {}
+        # The executor's reply to each message posted, by its correlation id (the message's id): its
+        # body, and whether it answers a batch as a whole (`ANSWERS_HEADER`).
+        self._replies: dict[str, asyncio.Future[tuple[bytes, bool]]] = {}
         # A notification only wakes a waiter, which then reads the row: anyone who can publish to
         # the exchange could have written one, and PostgreSQL's row is the only truth.
         self._notified: dict[str, asyncio.Event] = {}
@@ -73,7 +74,7 @@ class ClientBase:
 
     async def pool(self) -> asyncpg.Pool:
         if self._pool is None:
-            self._pool = await self._once("pool", self._connect_pool)
+            return await self._once("pool", self._connect_pool)
         return self._pool
 
     async def _amqp(self) -> tuple[AbstractChannel, AbstractQueue]:
@@ -99,7 +100,11 @@ class ClientBase:
             done.exception()
 
     async def _connect_pool(self) -> asyncpg.Pool:
-        return await db.connect(self.settings.database.url, max_size=2, max_wait_s=self.settings.database.startup_wait_s)
+        # Kept here, not by the caller: one that is cancelled meanwhile would leave it unclosed.
+        self._pool = await db.connect(
+            self.settings.database.url, max_size=2, max_wait_s=self.settings.database.startup_wait_s
+        )
+        return self._pool
 
     async def _connect_amqp(self) -> tuple[AbstractChannel, AbstractQueue]:
         if self._channel is None or self._inbox is None:
@@ -137,7 +142,7 @@ class ClientBase:
             return
         future = self._replies.pop(message.correlation_id or "", None)  # a reply to one of our messages
         if future is not None and not future.done():
-            future.set_result(message.body)
+            future.set_result((message.body, (message.headers or {}).get(ANSWERS_HEADER) == "list"))
 
     async def _watch(self, execution_id: uuid.UUID) -> asyncio.Event:
         """Subscribe to the execution's terminal notification (before looking at its state)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import datetime as dt
 import json
 import time
@@ -82,6 +83,15 @@ class _Outgoing:
     answered: asyncio.Future[Acceptance | None]  # what the executor answered
 
 
+def _own(exc: Exception) -> Exception:
+    """A copy of ``exc`` for one submitter: one object raised in many tasks gathers all their
+    tracebacks. (One whose class cannot be copied is shared.)"""
+    try:
+        return copy.copy(exc)
+    except TypeError:
+        return exc
+
+
 def _messages(outgoing: list[_Outgoing], max_bytes: int) -> list[list[_Outgoing]]:
     """Requests grouped into messages: batches within the limits, and a request too large for one
     alone (the executor refuses it with the reason, as any request of its size)."""
@@ -91,20 +101,20 @@ def _messages(outgoing: list[_Outgoing], max_bytes: int) -> list[list[_Outgoing]
     return groups + [[o] for o in outgoing if len(o.body) + 2 > max_bytes]
 
 
-def _answers(body: bytes, count: int) -> list[Acceptance | Exception | None]:
+def _answers(body: bytes, count: int, *, listed: bool) -> list[Acceptance | Exception | None]:
     """The executor's reply to a message of ``count`` requests, as one answer per request: a batch's
-    reply lists them; a lone request's, or a message refused as a whole, is one for all. A batch
-    answered one request at a time (an executor from before the list) is not answered here: its
-    first reply speaks for one request only."""
+    reply lists them (``listed``: the reply says it answers the batch); a lone request's, or a batch
+    refused as a whole, is one for all. A batch answered one request at a time (by an executor from
+    before the list: no header) is not answered here, as its first reply speaks for one request."""
     try:
+        if count > 1 and not listed:
+            return [None] * count
         if count > 1 and body.lstrip()[:1] == b"[":
             answers: list[Acceptance | Exception | None] = list(ANSWERS.validate_json(body))
             if len(answers) == count:
                 return answers
             raise ValueError(f"{len(answers)} answers to {count} requests")
         one = Acceptance.model_validate_json(body)
-        if count > 1 and one.execution_id is not None:
-            return [None] * count
         return [one.model_copy(deep=True) for _ in range(count)]
     except ValueError as exc:  # pydantic's ValidationError is one
         problem = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
@@ -238,7 +248,8 @@ class Posting(ClientBase):
             for request in group:
                 if not request.posted.done():
                     request.posted.set_exception(
-                        exc if isinstance(exc, Exception) else RuntimeError("the client stopped before posting the request")
+                        _own(exc) if isinstance(exc, Exception)
+                        else RuntimeError("the client stopped before posting the request")
                     )
             if not isinstance(exc, Exception):
                 raise
@@ -253,7 +264,8 @@ class Posting(ClientBase):
         self._replies.pop(message_id, None)
         if not reply.done():
             return
-        for request, answer in zip(group, _answers(reply.result(), len(group)), strict=True):
+        body, listed = reply.result()
+        for request, answer in zip(group, _answers(body, len(group), listed=listed), strict=True):
             if request.answered.done():
                 continue
             if isinstance(answer, Exception):
