@@ -28,8 +28,12 @@ def reported_by_asyncio(scenario: Callable[[], Coroutine[Any, Any, None]]) -> li
     reported: list[str] = []
 
     async def main() -> None:
+        # The message, and what it is about: a failure then names the exception and the task.
         asyncio.get_running_loop().set_exception_handler(
-            lambda _loop, context: reported.append(str(context.get("message")))
+            lambda _loop, context: reported.append(
+                " ".join(str(v)[:300] for v in (context.get("message"), context.get("exception"),
+                                                context.get("task") or context.get("future")) if v is not None)
+            )
         )
         await scenario()
         gc.collect()
