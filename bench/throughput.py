@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aio_pika
@@ -159,6 +160,18 @@ def stop(procs: list[subprocess.Popen], timeout_s: float = 60.0) -> dict[int, in
 # -- posting ---------------------------------------------------------------------------------------
 
 
+async def ticks(n: int, rate: float) -> AsyncIterator[tuple[int, int]]:
+    """A steady stream of ``n`` posts at ``rate`` per second: every 20 ms, what is due by then
+    (latency without a backlog), as (index of the first, how many)."""
+    step = max(1, int(rate * 0.02))
+    t0 = time.monotonic()
+    for start_at in range(0, n, step):
+        delay = t0 + start_at / rate - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        yield start_at, min(step, n - start_at)
+
+
 async def post_all(
     amqp_url: str, names: amqp.Names, n: int, chunk: int, rate: float | None, batch: int = 0, reply: bool = False
 ) -> dict[str, float]:
@@ -214,14 +227,8 @@ async def post_all(
         if batch and not rate:
             await asyncio.gather(*(many(min(batch, n - start_at)) for start_at in range(0, n, batch)))
         elif rate:
-            # A steady stream: every 20 ms, what is due by then (latency without a backlog).
-            step = max(1, int(rate * 0.02))
-            t0 = time.monotonic()
-            for start_at in range(0, n, step):
-                delay = t0 + start_at / rate - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                await asyncio.gather(*(one(i) for i in ids[start_at : start_at + step]))
+            async for start_at, count in ticks(n, rate):
+                await asyncio.gather(*(one(i) for i in ids[start_at : start_at + count]))
         else:
             for start_at in range(0, n, chunk):
                 await asyncio.gather(*(one(i) for i in ids[start_at : start_at + chunk]))
@@ -245,15 +252,10 @@ async def post_with_client(settings: Settings, n: int, chunk: int, rate: float |
             posted[str(submission.execution_id)] = at
 
         if rate:
-            # A steady stream, as `post_all` posts it; the answers are not waited for in between.
-            step = max(1, int(rate * 0.02))
-            t0 = time.monotonic()
+            # The answers are not waited for between ticks.
             calls = []
-            for start_at in range(0, n, step):
-                delay = t0 + start_at / rate - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                calls += [asyncio.create_task(one()) for _ in range(min(step, n - start_at))]
+            async for _, count in ticks(n, rate):
+                calls += [asyncio.create_task(one()) for _ in range(count)]
             await asyncio.gather(*calls)
         else:
             for start_at in range(0, n, chunk):

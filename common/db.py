@@ -15,7 +15,7 @@ from common.deadline import STOP_STEP_TIMEOUT_S, within
 from common.errors import describe
 from common.logging import get_logger
 from common.queries import migrations as mq
-from common.retry import AUTH_ERRORS, TRANSIENT_ERRORS, connect_retrying
+from common.retry import TRANSIENT_ERRORS, connect_retrying, worth_waiting_out
 from common.values import masked_url, where
 
 log = get_logger("baton.db")
@@ -224,7 +224,7 @@ async def until_available(operation: Callable[[], Awaitable[_T]], *, what: str, 
         # one cost about as much as the statement's own Python side.
         return await operation()
     except TRANSIENT_ERRORS as exc:
-        if isinstance(exc, AUTH_ERRORS):
+        if not worth_waiting_out(exc):
             raise
         log.warning(
             "waiting_for_service", dependency="PostgreSQL", operation=what, error=describe(exc), retry_in_s=0.0,

@@ -12,8 +12,8 @@ import asyncpg
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
+    retry_if_exception,
     retry_if_exception_type,
-    retry_if_not_exception_type,
     stop_after_attempt,
     stop_after_delay,
     wait_exponential,
@@ -64,6 +64,11 @@ AUTH_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+def worth_waiting_out(exc: BaseException) -> bool:
+    """A service that is not there (yet), as opposed to one that refuses these credentials."""
+    return isinstance(exc, TRANSIENT_ERRORS) and not isinstance(exc, AUTH_ERRORS)
+
+
 def connect_retrying(
     max_wait_s: float = 60.0, *, what: str, at: str | None = None, operation: str | None = None
 ) -> AsyncRetrying:
@@ -84,7 +89,7 @@ def connect_retrying(
         )
 
     return AsyncRetrying(
-        retry=retry_if_exception_type(TRANSIENT_ERRORS) & retry_if_not_exception_type(AUTH_ERRORS),
+        retry=retry_if_exception(worth_waiting_out),
         wait=wait_exponential(multiplier=0.1, max=5.0) + wait_random(0, 0.5),
         stop=stop_after_delay(max_wait_s),
         before_sleep=say,

@@ -58,12 +58,17 @@ def coerce_key_values(pairs: list[str], schema: dict[str, Any] | None) -> dict[s
     return out
 
 
+def fits_a_batch(request: bytes, max_bytes: int) -> bool:
+    """Whether an encoded request fits a batch message of ``max_bytes`` (with its brackets)."""
+    return len(request) + 2 <= max_bytes
+
+
 def request_batches(requests: list[bytes], max_count: int, max_bytes: int) -> list[list[bytes]]:
     """Encoded requests grouped into batch messages of at most ``max_count`` and ``max_bytes``."""
     batches: list[list[bytes]] = []
     size = 0
     for request in requests:
-        if len(request) + 2 > max_bytes:
+        if not fits_a_batch(request, max_bytes):
             raise ValueError(f"a request of {len(request)} bytes is larger than message_queue.max_request_bytes")
         if not batches or len(batches[-1]) >= max_count or size + len(request) + 1 > max_bytes - 2:
             batches.append([])
@@ -71,6 +76,13 @@ def request_batches(requests: list[bytes], max_count: int, max_bytes: int) -> li
         batches[-1].append(request)
         size += len(request) + 1
     return batches
+
+
+def batch_message(requests: list[bytes]) -> tuple[str, list[uuid.UUID], bytes]:
+    """A batch message of these encoded requests: its message_id, its executions' ids (in order)
+    and its body."""
+    message_id = uuid.uuid4().hex
+    return message_id, [batch_execution_id(message_id, i) for i in range(len(requests))], b"[" + b",".join(requests) + b"]"
 
 
 @dataclass(eq=False)
@@ -95,10 +107,10 @@ def _own(exc: Exception) -> Exception:
 def _messages(outgoing: list[_Outgoing], max_bytes: int) -> list[list[_Outgoing]]:
     """Requests grouped into messages: batches within the limits, and a request too large for one
     alone (the executor refuses it with the reason, as any request of its size)."""
-    fits = [o for o in outgoing if len(o.body) + 2 <= max_bytes]
+    fits = [o for o in outgoing if fits_a_batch(o.body, max_bytes)]
     order = iter(fits)
     groups = [[next(order) for _ in batch] for batch in request_batches([o.body for o in fits], MAX_BATCH_REQUESTS, max_bytes)]
-    return groups + [[o] for o in outgoing if len(o.body) + 2 > max_bytes]
+    return groups + [[o] for o in outgoing if not fits_a_batch(o.body, max_bytes)]
 
 
 def _answers(body: bytes, count: int, *, listed: bool) -> list[Acceptance | Exception | None]:
@@ -228,9 +240,8 @@ class Posting(ClientBase):
                 message_id = str(uuid.uuid4())  # the execution's id too
                 ids, body, headers = [uuid.UUID(message_id)], group[0].body, None
             else:
-                message_id = uuid.uuid4().hex
-                ids = [batch_execution_id(message_id, i) for i in range(len(group))]
-                body, headers = b"[" + b",".join(o.body for o in group) + b"]", {ANSWERS_HEADER: "list"}
+                message_id, ids, body = batch_message([o.body for o in group])
+                headers = {ANSWERS_HEADER: "list"}
             for request, execution_id in zip(group, ids, strict=True):
                 if request.watch:
                     await self._watch(execution_id)
@@ -294,11 +305,11 @@ class Posting(ClientBase):
         ids: list[uuid.UUID] = []
         publishes = []
         for chunk in request_batches(requests, MAX_BATCH_REQUESTS, self.settings.message_queue.max_request_bytes):
-            message_id = uuid.uuid4().hex
-            ids += [batch_execution_id(message_id, i) for i in range(len(chunk))]
+            message_id, chunk_ids, body = batch_message(chunk)
+            ids += chunk_ids
             publishes.append(
                 exchange.publish(
-                    amqp.persistent_json(b"[" + b",".join(chunk) + b"]", message_id=message_id),
+                    amqp.persistent_json(body, message_id=message_id),
                     routing_key=amqp.REQUESTED_KEY, mandatory=True,
                 )
             )
