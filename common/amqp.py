@@ -15,6 +15,7 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
+from aio_pika.connection import make_url
 
 from common import amqp_decoding
 from common.best_effort import best_effort
@@ -86,7 +87,18 @@ async def connect(
     amqp_decoding.install()
     async for attempt in connect_retrying(max_wait_s, what="RabbitMQ", at=where(url)):
         with attempt:
-            return await aio_pika.connect_robust(url, reconnect_interval=reconnect_interval_s)
+            # What `aio_pika.connect_robust` does, but a connection whose first connect fails is
+            # closed here: dropped unclosed, it closes itself when garbage collected, on whatever
+            # event loop runs then (another's, in tests), and that close fails unread.
+            connection = aio_pika.RobustConnection(
+                make_url(url, reconnect_interval=reconnect_interval_s), reconnect_interval=reconnect_interval_s
+            )
+            try:
+                await connection.connect()
+            except BaseException:
+                await connection.close()
+                raise
+            return connection
     raise AssertionError("unreachable")
 
 

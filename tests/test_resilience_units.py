@@ -437,3 +437,38 @@ async def test_until_available_waits_out_an_outage_saying_so_and_retries_nothing
     with pytest.raises(ConnectionRefusedError):
         await until_available(failing(10, ConnectionRefusedError("down")), what="claim", max_wait_s=0.3)
     assert 2 <= len(calls) < 10
+
+
+def test_a_broker_connect_that_fails_leaves_no_connection_to_close_itself_later():
+    """A connection whose first connect failed was dropped unclosed; garbage collected later, it
+    closed itself on whatever event loop ran then, and that close failed unread ("Task exception
+    was never retrieved", which a test running at the time reported as its own)."""
+    import gc
+
+    import aio_pika
+    import aiormq.exceptions
+    import uvloop
+
+    from common import amqp
+
+    async def refused() -> None:
+        with pytest.raises(aiormq.exceptions.AMQPConnectionError):
+            await amqp.connect("amqp://guest:guest@127.0.0.1:1/", max_wait_s=0.3)
+
+    reported: list[str] = []
+
+    async def later() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, context: reported.append(context["message"]))
+        gc.collect()
+        await asyncio.sleep(0.05)
+
+    first = uvloop.new_event_loop()
+    gc.disable()  # what the failed attempts left stays in memory until collected, on the other loop
+    try:
+        first.run_until_complete(refused())
+        left = [o for o in gc.get_objects() if isinstance(o, aio_pika.RobustConnection) and not o.is_closed]
+        uvloop.run(later())
+    finally:
+        gc.enable()
+        first.close()
+    assert left == [] and reported == []
