@@ -59,7 +59,7 @@ def submit(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Post an invocation to the queue."""
-    from common.client import BatonClient, RequestRejected, coerce_key_values
+    from common.client import BatonClient, RequestNotPosted, RequestRejected, coerce_key_values
 
     settings = _client_settings()
 
@@ -93,6 +93,9 @@ def submit(
                 )
             except RequestRejected as exc:
                 typer.echo(f"request rejected: {exc}", err=True)
+                return 1
+            except RequestNotPosted as exc:
+                typer.echo(f"request not posted: {exc}", err=True)
                 return 1
             if not wait:
                 if as_json:

@@ -15,7 +15,8 @@ import aio_pika
 import asyncpg
 import pytest
 
-from common import db
+from common import amqp, db
+from common.client import RequestNotPosted, RequestRejected
 from common.queries import executions as q
 from common.queries import workers as wq
 from tests.harness import AMQP_URL, CuttableProxy, wait_until
@@ -524,6 +525,37 @@ async def test_the_client_unbinds_what_it_bound(baton):
         ["rabbitmqctl", "-q", "list_bindings", "source_name", "routing_key"], capture_output=True, text=True, timeout=60
     ).stdout
     assert not [line for line in bindings.splitlines() if line.startswith(baton.names.notifications_exchange)]
+
+
+def _notification_bindings(baton) -> list[str]:
+    bindings = subprocess.run(
+        ["rabbitmqctl", "-q", "list_bindings", "source_name", "routing_key"], capture_output=True, text=True, timeout=60
+    ).stdout
+    return [line for line in bindings.splitlines() if line.startswith(baton.names.notifications_exchange)]
+
+
+async def test_the_client_unbinds_the_watch_of_a_request_refused_or_never_posted(baton):
+    await baton.started(baton.spawn_executor(), baton.spawn_worker("w"))
+    client = await baton.client()
+    # Refused outright by the executor (too large to record): no execution will be notified.
+    too_large = "x" * (baton.settings().message_queue.max_request_bytes + 1)
+    with pytest.raises(RequestRejected, match="larger than the limit"):
+        await client.run("core.echo", {"message": too_large})
+    assert _notification_bindings(baton) == []
+    # Not posted at all: the broker returns it (the request queue's binding was removed since the
+    # client declared it).
+    connection = await aio_pika.connect(baton.amqp_url)
+    try:
+        channel = await connection.channel()
+        requests = await channel.get_queue(baton.names.requests_queue)
+        await requests.unbind(baton.names.executions_exchange, amqp.REQUESTED_KEY)
+    finally:
+        await connection.close()
+    for watch in (True, False):
+        with pytest.raises(RequestNotPosted, match="start an executor with this"):
+            await client.submit("core.echo", {"message": "lost"}, watch=watch)
+    assert _notification_bindings(baton) == []
+    assert client._notified == {}
 
 
 # -- health ----------------------------------------------------------------------------------

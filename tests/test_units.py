@@ -467,3 +467,40 @@ def test_requests_submitted_together_are_grouped_into_messages_and_answered_one_
     for unreadable in (b"[null]", b"not json", b'[{"status": 5}, null]'):
         answers = _answers(unreadable, 2, listed=True)
         assert all(isinstance(a, RequestRejected) and "reply cannot be read" in str(a) for a in answers), unreadable
+
+
+async def test_a_post_that_fails_unexpectedly_fails_its_submitters_rather_than_leaving_them_waiting(monkeypatch):
+    import asyncio
+
+    from common.client import BatonClient, posting
+
+    def broken(outgoing, max_bytes):
+        raise ValueError("grouping broke")
+
+    async def connected():
+        return None, None
+
+    monkeypatch.setattr(posting, "_messages", broken)
+    client = BatonClient(load_settings())
+    monkeypatch.setattr(client, "_amqp", connected)
+    results = await asyncio.wait_for(
+        asyncio.gather(client.submit("core.noop"), client.submit("core.noop"), return_exceptions=True), 5
+    )
+    assert [str(r) for r in results] == ["posting the request failed: ValueError: grouping broke"] * 2
+
+
+def test_an_error_that_cannot_be_copied_is_shared_with_each_submitter():
+    from common.client.posting import _own
+
+    class Picky(Exception):
+        def __init__(self, message: object, frame: object) -> None:
+            self.frame = frame.delivery  # type: ignore[attr-defined]  # rebuilt from args alone, this fails
+            super().__init__(message)
+
+    class Frame:
+        delivery = "returned"
+
+    error = Picky("NO_ROUTE", Frame())
+    assert _own(error) is error
+    plain = RuntimeError("broker away")
+    assert _own(plain) is not plain and str(_own(plain)) == "broker away"

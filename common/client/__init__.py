@@ -7,13 +7,13 @@ then, so that a notification missed during a broker restart cannot leave a calle
 
 from __future__ import annotations
 
-from common.client.base import RequestRejected
+from common.client.base import RequestNotPosted, RequestRejected
 from common.client.controls import Controls
 from common.client.parking import ParkedRequest, Parking
 from common.client.posting import Posting, Submission, coerce_key_values, request_batches
 from common.client.reading import Reading
 
-__all__ = ["BatonClient", "ParkedRequest", "RequestRejected", "Submission", "coerce_key_values", "request_batches"]
+__all__ = ["BatonClient", "ParkedRequest", "RequestNotPosted", "RequestRejected", "Submission", "coerce_key_values", "request_batches"]
 
 
 class BatonClient(Posting, Reading, Controls, Parking):

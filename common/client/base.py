@@ -37,6 +37,10 @@ class RequestRejected(Exception):
     """The executor refused the request outright (it could not be tied to an execution)."""
 
 
+class RequestNotPosted(Exception):
+    """The broker did not take the request: no execution exists under its id."""
+
+
 class ClientBase:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

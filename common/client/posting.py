@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import copy
 import datetime as dt
+import functools
 import json
 import time
 import uuid
@@ -14,10 +15,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiormq.exceptions
 from pydantic import ValidationError
 
 from common import amqp
-from common.client.base import ClientBase, RequestRejected
+from common.client.base import ClientBase, RequestNotPosted, RequestRejected
 from common.errors import describe
 from common.ids import MAX_BATCH_REQUESTS, batch_execution_id
 from common.logging import get_logger
@@ -100,8 +102,21 @@ def _own(exc: Exception) -> Exception:
     tracebacks. (One whose class cannot be copied is shared.)"""
     try:
         return copy.copy(exc)
-    except TypeError:
+    except Exception:  # noqa: BLE001 - a copy runs the class's own code: aiormq's PublishError
+        # is rebuilt from its message alone and fails (AttributeError); the original will do.
         return exc
+
+
+def _not_posted(exc: Exception, exchange: str) -> Exception:
+    """What a submitter whose request could not be posted is told: the broker's own error, or for
+    a request it returned (nothing routes requests), what to do about it."""
+    if isinstance(exc, aiormq.exceptions.PublishError):
+        return RequestNotPosted(
+            f"the broker returned the request unrouted: no queue takes requests from exchange {exchange!r} any "
+            f"more (removed since this client declared it); start an executor with this message_queue.prefix, "
+            f"which declares it again, then submit again"
+        )
+    return _own(exc)
 
 
 def _messages(outgoing: list[_Outgoing], max_bytes: int) -> list[list[_Outgoing]]:
@@ -199,6 +214,8 @@ class Posting(ClientBase):
         if acceptance is None:
             return Submission(execution_id, accepted=False)
         if acceptance.execution_id is None:
+            if watch:  # refused: no execution will ever be notified under this id
+                await self._unwatch(execution_id)
             raise RequestRejected(
                 acceptance.error or "the executor gave no reason: see its log (request_rejected) for this request"
             )
@@ -215,12 +232,19 @@ class Posting(ClientBase):
         outgoing, self._outbox = self._outbox, []
         task = asyncio.create_task(self._post(outgoing))
         self._posting.add(task)
-        task.add_done_callback(self._posted)
+        task.add_done_callback(functools.partial(self._posted, outgoing))
 
-    def _posted(self, task: asyncio.Task[None]) -> None:
+    def _posted(self, outgoing: list[_Outgoing], task: asyncio.Task[None]) -> None:
+        """A post is over. One that failed unexpectedly fails every submitter it had not answered
+        yet: none of them waits for good."""
         self._posting.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            log.error("client_post_failed", error=describe(exc))
+        if task.cancelled() or (exc := task.exception()) is None:
+            return
+        log.error("client_post_failed", error=describe(exc))
+        for request in outgoing:
+            for future in (request.posted, request.answered):
+                if not future.done():
+                    future.set_exception(RuntimeError(f"posting the request failed: {describe(exc)}"))
 
     async def _post(self, outgoing: list[_Outgoing]) -> None:
         """Post requests submitted together: a lone one as a message of its own, more as batch
@@ -231,6 +255,7 @@ class Posting(ClientBase):
     async def _post_message(self, group: list[_Outgoing]) -> None:
         reply = asyncio.get_running_loop().create_future()
         message_id = ""
+        watched: list[uuid.UUID] = []
         try:
             channel, inbox = await self._amqp()
             group = [r for r in group if not r.posted.done()]  # a submitter cancelled by now is not posted
@@ -244,6 +269,7 @@ class Posting(ClientBase):
                 headers = {ANSWERS_HEADER: "list"}
             for request, execution_id in zip(group, ids, strict=True):
                 if request.watch:
+                    watched.append(execution_id)
                     await self._watch(execution_id)
             self._replies[message_id] = reply
             exchange = await channel.get_exchange(self.names.executions_exchange)
@@ -259,11 +285,14 @@ class Posting(ClientBase):
             for request in group:
                 if not request.posted.done():
                     request.posted.set_exception(
-                        _own(exc) if isinstance(exc, Exception)
+                        _not_posted(exc, self.names.executions_exchange) if isinstance(exc, Exception)
                         else RuntimeError("the client stopped before posting the request")
                     )
             if not isinstance(exc, Exception):
-                raise
+                raise  # (a client that stops closes its inbox, and every binding goes with it)
+            # Nothing was posted under these ids: their keys stay bound for nobody.
+            for execution_id in watched:
+                await self._unwatch(execution_id)
             return
         for request, execution_id in zip(group, ids, strict=True):
             if not request.posted.done():
