@@ -109,6 +109,31 @@ async def test_the_claim_is_fenced_and_idempotent(baton):
     assert row["status"] == "running" and row["last_event_seq"] == 1  # started once, one event
 
 
+async def test_a_run_is_this_workers_only_at_the_attempt_it_runs(baton):
+    """The control check (`NO_LONGER_MINE`) stops a run whose row moved on: cancelled, to another
+    worker or process, or to a later attempt, even one placed back on this same process."""
+    from common.queries import workflows as wfq
+
+    pool = await baton.pool()
+    incarnation = uuid.uuid4()
+    rows = {
+        "mine": ("running", 2, "w1", incarnation),
+        "cancelled": ("cancelled", 2, "w1", incarnation),
+        "elsewhere": ("running", 2, "w2", incarnation),
+        "restarted": ("running", 2, "w1", uuid.uuid4()),
+        "later_attempt_here": ("running", 3, "w1", incarnation),
+    }
+    ids = {name: uuid.uuid4() for name in rows}
+    for name, (status, attempt, worker, runs_in) in rows.items():
+        await pool.execute(
+            "INSERT INTO executions (id, action_ref, status, attempt, worker, incarnation) "
+            "VALUES ($1, 'core.noop', $2, $3, $4, $5)",
+            ids[name], status, attempt, worker, runs_in,
+        )
+    found = await pool.fetch(wfq.NO_LONGER_MINE, list(ids.values()), [2] * len(ids), "w1", incarnation)
+    assert {r["id"] for r in found} == {ids[n] for n in rows if n != "mine"}
+
+
 async def test_what_an_abandoned_claim_took_unseen_goes_back_in_line_at_no_cost(baton):
     """A drain that stops waiting for a claim the database holds up may miss the claim's commit:
     the rows it took are `running` on this process, with nothing running them. They go back to

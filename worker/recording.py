@@ -82,8 +82,11 @@ async def stop_if_moved_on(state: WorkerState, execution_ids: list[uuid.UUID], *
     ids = [i for i in execution_ids if i in state.running]
     if not ids:
         return
+    attempts = [state.running_attempts[i] for i in ids]
     try:
-        rows = await state.pool.fetch(wfq.NO_LONGER_MINE, ids, state.name, state.incarnation, timeout=timeout_s)
+        rows = await state.pool.fetch(
+            wfq.NO_LONGER_MINE, ids, attempts, state.name, state.incarnation, timeout=timeout_s
+        )
     except DATABASE_ERRORS as exc:
         state.log.warning("control_check_failed", error=describe(exc))
         return

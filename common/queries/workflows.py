@@ -371,13 +371,14 @@ SELECT id, pg_notify('{WAKE_CHANNEL}', 'requested') FROM ins
 IS_DURABLE = "SELECT durable FROM actions WHERE ref = $1"
 
 # A worker's check on what it runs: which of these runs no longer run here (cancelled, or moved
-# on). $1 ids, $2 worker, $3 incarnation
+# on: to another worker, or to a later attempt, here or elsewhere). $1 ids, $2 the attempt each
+# runs here, $3 worker, $4 incarnation
 NO_LONGER_MINE = """
-SELECT e.id, e.status FROM unnest($1::uuid[]) AS r(id)
+SELECT e.id, e.status FROM unnest($1::uuid[], $2::int[]) AS r(id, attempt)
 CROSS JOIN LATERAL (
-    SELECT id, status, worker, incarnation FROM executions WHERE id = r.id LIMIT 1  -- one primary-key lookup each
+    SELECT id, status, attempt, worker, incarnation FROM executions WHERE id = r.id LIMIT 1  -- one primary-key lookup each
 ) AS e
-WHERE NOT (e.status = 'running' AND e.worker = $2 AND e.incarnation = $3)
+WHERE NOT (e.status = 'running' AND e.attempt = r.attempt AND e.worker = $3 AND e.incarnation = $4)
 """
 
 # A run's steps, for the timeline. $1 id
