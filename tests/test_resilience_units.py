@@ -472,3 +472,49 @@ def test_a_broker_connect_that_fails_leaves_no_connection_to_close_itself_later(
         gc.enable()
         first.close()
     assert left == [] and reported == []
+
+
+async def test_a_stood_down_worker_whose_pool_hangs_keeps_beating_and_tries_again():
+    """Back from a stand-down, a worker registers again through its pool. A pool that never
+    answers (the network swallowing its packets, or every connection held up) once held the
+    heartbeat loop, and the worker stayed away for good; now each try is bounded, the heartbeats
+    go on, and the next beat tries again."""
+    import uuid
+    from types import SimpleNamespace
+
+    from worker.liveness import heartbeat_loop
+
+    class LockConnection:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def is_closed(self) -> bool:
+            return False
+
+        async def fetchval(self, *_args: object, **_kwargs: object) -> str | None:
+            self.calls += 1
+            return "lost" if self.calls < 4 else None  # then: "another process's row" ends the loop
+
+    class Hanging:
+        async def __aenter__(self) -> None:
+            await asyncio.Event().wait()
+
+        async def __aexit__(self, *_exc: object) -> None:
+            return None
+
+    warnings: list[tuple[str, dict[str, object]]] = []
+    conn = LockConnection()
+    state = SimpleNamespace(
+        cfg=SimpleNamespace(heartbeat_interval_s=0.05, health_file=None),
+        settings=SimpleNamespace(executor=SimpleNamespace(heartbeat_staleness_multiplier=4.0)),
+        lock_lost=asyncio.Event(), lock_conn=conn, running={}, name="w", incarnation=uuid.uuid4(),
+        connection=SimpleNamespace(connected=asyncio.Event()), stood_down=True, draining=False,
+        pool=SimpleNamespace(acquire=Hanging),
+        log=SimpleNamespace(warning=lambda event, **k: warnings.append((event, k)), info=lambda *a, **k: None),
+    )
+    with pytest.raises(RuntimeError, match="belongs to another process"):
+        await asyncio.wait_for(heartbeat_loop(state), timeout=10)  # type: ignore[arg-type]
+    assert conn.calls == 4
+    assert [k["error"] for e, k in warnings if e == "reregister_failed"] == [
+        "TimeoutError: reregister did not finish within 0.2 s"
+    ] * 3

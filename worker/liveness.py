@@ -317,6 +317,9 @@ async def heartbeat_loop(state: WorkerState) -> None:
                 state.log.info("resume_waits_for_sync_actions", running=threads.in_flight())
                 continue
             try:
-                await _resume(state)
-            except DATABASE_ERRORS as exc:
+                # Bounded as a whole: a pool the network swallows, or one whose connections are all
+                # held up, would otherwise hold this loop, and every heartbeat after, for good. Past
+                # the staleness window the executor has declared this worker lost again anyway.
+                await within(_resume(state), stale_after_s, what="reregister")
+            except DATABASE_ERRORS as exc:  # a timeout among them: tried again at the next heartbeat
                 state.log.warning("reregister_failed", error=describe(exc))
