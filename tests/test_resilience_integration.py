@@ -241,13 +241,15 @@ async def test_a_worker_cut_off_from_the_database_stands_down_and_comes_back(bat
         await proxy.cut()
 
 
-async def test_a_swallowed_audit_does_not_hold_up_the_heartbeat(baton):
+async def test_a_worker_whose_pools_are_cut_off_but_not_its_lock_stops_taking_work_until_they_answer(baton):
     """A partition that swallows the packets of the worker's pool connections but not of its lock
-    connection: its heartbeat still gets through, and must go on. Its audit, run after each
-    heartbeat on the pool, once held the heartbeat loop up (asyncpg unwinds a query the network
-    swallowed only once its cancel request gets through): no heartbeat, no failure counted, no
-    stand-down, and the executor declared the worker lost while it ran on. Bounded, the audit is
-    skipped and the heartbeat goes on."""
+    connection: its heartbeats get through, so it is not declared lost (its runs may go on), but it
+    can claim nothing. Work placed on it waited there for the scheduled timeout; now, once its pools
+    have not answered for a staleness window, it lets go of the claim the database holds up, hands
+    its dispatch back and marks itself `draining`: the execution moves to another worker at no
+    cost, nothing more is placed on it, and its heartbeats go on. Once healed, it takes work again.
+    (Its audit, run beside the heartbeat, once held the heartbeat loop up too: the heartbeats must
+    go on throughout.)"""
     proxy = CuttableProxy()
     await proxy.start()
     try:
@@ -261,19 +263,30 @@ async def test_a_swallowed_audit_does_not_hold_up_the_heartbeat(baton):
         )
         assert lock_port is not None
         proxy.blackhole(spare_ports=frozenset({lock_port}))
-
-        async def skipped() -> bool:
-            return bool(island.events("heartbeat_check_skipped"))
-
-        await wait_until(skipped, what="the swallowed audit to be skipped")
+        client = await baton.client()
+        sub = await client.submit("core.echo", {"message": "moved on"})  # placed on the only worker
+        await wait_until(lambda: _logged_async(island, "worker_pools_unreachable"), what="the worker to stop taking work")
+        assert await pool.fetchval("SELECT status FROM workers WHERE name = 'island'") == "draining"
+        mainland = await baton.start_worker("mainland")
+        done = await client.wait(sub.execution_id, 30)
+        assert (done["status"], done["worker"], done["result"]) == ("completed", "mainland", {"message": "moved on"})
+        assert done["schedule_attempts"] == 0 and done["attempt"] == 2  # moved, at no cost
         beat = await pool.fetchval("SELECT last_heartbeat FROM workers WHERE name = 'island'")
 
-        async def beating() -> bool:  # heartbeats after the skip, the worker still alive
+        async def beating() -> bool:  # heartbeats go on, and it is not declared lost
             row = await pool.fetchrow("SELECT status, last_heartbeat FROM workers WHERE name = 'island'")
-            return row["status"] == "active" and row["last_heartbeat"] > beat
+            return row["status"] == "draining" and row["last_heartbeat"] > beat
 
         await wait_until(beating, what="the heartbeat to go on")
+        await proxy.heal()
+        await wait_until(lambda: _logged_async(island, "worker_pools_back"), what="the worker to take work again")
+        assert await pool.fetchval("SELECT status FROM workers WHERE name = 'island'") == "active"
         assert not island.events("worker_standing_down")
+        # It takes work again: with the other worker gone, the next run is its.
+        mainland.signal(signal.SIGTERM)
+        assert mainland.wait() == 0
+        again = await client.run("core.echo", {"message": "back"}, wait_timeout_s=30)
+        assert (again["status"], again["worker"]) == ("completed", "island")
     finally:
         await proxy.cut()
 

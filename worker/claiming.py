@@ -26,7 +26,7 @@ from worker.state import Delivery, WorkerState
 
 
 async def on_message(state: WorkerState, message: AbstractIncomingMessage) -> None:
-    if state.draining or state.stood_down:
+    if not taking_work(state):
         await best_effort("hand_back_dispatch", message.reject(requeue=False), worker=state.name)
         return
     try:
@@ -43,6 +43,12 @@ async def on_message(state: WorkerState, message: AbstractIncomingMessage) -> No
     state.mail.set()
 
 
+def taking_work(state: WorkerState) -> bool:
+    """Whether this worker claims what it is dispatched: not while it drains, while it stands
+    down, or while its pools do not answer (`pool_watch`)."""
+    return not (state.draining or state.stood_down or state.pools_out)
+
+
 async def claim_loop(state: WorkerState) -> None:
     while not state.draining:
         await state.resumed.wait()
@@ -50,7 +56,7 @@ async def claim_loop(state: WorkerState) -> None:
         while not state.inbox and not state.draining:
             state.mail.clear()
             await state.mail.wait()
-        if state.draining or state.stood_down:
+        if not taking_work(state):
             state.slots.release()
             continue
         state.claiming = True
@@ -103,6 +109,8 @@ async def _claim(state: WorkerState, batch: list[tuple[Dispatch, Delivery]]) -> 
         state.inbox.extendleft(reversed(batch))
         state.abandoned.extend(zip(ids, attempts, strict=True))
         state.abandoned_calls.add(call)
+        for _ in batch:  # claimed again, if at all, after a slot is taken again
+            state.slots.release()
         return
     rows = call.result()
     for dispatch in later:

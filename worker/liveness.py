@@ -23,7 +23,7 @@ from common.queries import executions as q
 from common.queries import workers as wq
 from common.recovery import resolve_policy
 from common.retry import DATABASE_ERRORS
-from worker import claiming, recording, threads
+from worker import claiming, pool_watch, recording, threads
 from worker.state import DRAIN_DEADLINE, WorkerState
 
 
@@ -165,10 +165,15 @@ async def _audit(state: WorkerState, *, grace_s: float) -> None:
 
 
 async def _checks(state: WorkerState, *, grace_s: float) -> None:
-    """The heartbeat's backstops (`_audit`, `recording.stop_if_moved_on`), run beside the heartbeat
-    loop (on a database that swallows the pool's packets they would hold up the heartbeats, and the
-    count of silence that makes a cut-off worker stand down), each bounded as a whole, a little past
-    its own query's timeout, so that the next round is not skipped for long."""
+    """The heartbeat's backstops (`pool_watch.probe`, then `_audit` and `recording.stop_if_moved_on`),
+    run beside the heartbeat loop (on a database that swallows the pool's packets they would hold
+    up the heartbeats, and the count of silence that makes a cut-off worker stand down), each
+    bounded as a whole, a little past its own query's timeout, so that the next round is not
+    skipped for long. Pools that answer again after a silence take work again here."""
+    if not await pool_watch.probe(state, grace_s):
+        return  # the checks go through the pools too
+    if state.pools_out:
+        await pool_watch.take_work_again(state)
     bound_s = grace_s + 0.5
     try:
         await within(_audit(state, grace_s=grace_s), bound_s, what="audit")
@@ -223,6 +228,9 @@ async def _stand_down(state: WorkerState, why: str) -> None:
 
 async def _resume(state: WorkerState) -> None:
     await register(state)
+    # Registered through the pool: it answers, and whatever it held up was handed back on standing down.
+    state.pools_answered_at, state.pools_out = time.monotonic(), False
+    state.abandon_claim.clear()
     state.stood_down = False
     state.cancel_reason = DRAIN_DEADLINE
     state.resumed.set()
@@ -305,7 +313,9 @@ async def heartbeat_loop(state: WorkerState) -> None:
             )
         if status == "lost":
             await _stand_down(state, "the executor declared it lost")
-        elif not state.stood_down and (state.heartbeat_checks is None or state.heartbeat_checks.done()):
+        elif not state.stood_down and not state.pools_out and pool_watch.silent_s(state) > stale_after_s:
+            await pool_watch.stop_taking_work(state, beat_s)
+        if not state.stood_down and (state.heartbeat_checks is None or state.heartbeat_checks.done()):
             state.heartbeat_checks = asyncio.create_task(
                 _checks(state, grace_s=max(2 * interval_s, 1.0)), name="heartbeat_checks"
             )

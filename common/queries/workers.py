@@ -130,6 +130,26 @@ WHERE name = $1 AND incarnation = $2
 RETURNING status
 """
 
+# A worker whose pool has not answered for a staleness window while its lock connection does
+# stops taking work (`worker.pool_watch`): `draining`, so that nothing more is placed on it and
+# what waits for it goes back in line at once; `active` again once its pool answers. Each only
+# from the status the other set: a drain, or the executor declaring the worker lost, wins.
+# $1 name, $2 incarnation
+STOP_TAKING_WORK = """
+UPDATE workers SET status = 'draining', updated_at = now()
+WHERE name = $1 AND incarnation = $2 AND status = 'active'
+RETURNING status
+"""
+
+TAKE_WORK_AGAIN = f"""
+WITH up AS (
+    UPDATE workers SET status = 'active', updated_at = now()
+    WHERE name = $1 AND incarnation = $2 AND status = 'draining'
+    RETURNING name
+)
+SELECT name, pg_notify('{WAKE_CHANNEL}', 'worker') FROM up
+"""
+
 # Candidates for placement: alive ($1 = staleness multiplier), with what each already holds
 # (scheduled or running on it).
 ELIGIBLE = f"""
