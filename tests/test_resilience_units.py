@@ -279,6 +279,23 @@ def test_what_pydantic_found_wrong_is_one_line_without_the_values():
     assert len(problems) == MAX_PROBLEMS + 1 and problems[-1] == f"... and {60 - MAX_PROBLEMS} more"
 
 
+class _LockConnection:
+    """A worker's lock connection whose heartbeats get these answers in turn (an exception is raised)."""
+
+    def __init__(self, answers: list[object]) -> None:
+        self.answers, self.calls = answers, 0
+
+    def is_closed(self) -> bool:
+        return False
+
+    async def fetchval(self, *_args: object, **_kwargs: object) -> object:
+        answer = self.answers[self.calls]
+        self.calls += 1
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+
 async def test_a_heartbeat_left_mid_operation_by_a_timeout_is_tried_again_not_fatal():
     """During a PostgreSQL restart a heartbeat that timed out can leave its connection mid-operation,
     and the next query on it fails with asyncpg's InternalClientError. The heartbeat loop must ride
@@ -290,20 +307,10 @@ async def test_a_heartbeat_left_mid_operation_by_a_timeout_is_tried_again_not_fa
 
     from worker.liveness import heartbeat_loop
 
-    class LockConnection:
-        def __init__(self) -> None:
-            self.calls = 0
-
-        def is_closed(self) -> bool:
-            return False
-
-        async def fetchval(self, *_args: object, **_kwargs: object) -> str | None:
-            self.calls += 1
-            if self.calls == 1:
-                raise asyncpg.exceptions.InternalClientError("cannot switch to state 12; another operation (2) is in progress")
-            return None  # the next heartbeat is answered: "this row is another process's" ends the loop
-
-    conn = LockConnection()
+    # The next heartbeat is answered: "this row is another process's" ends the loop.
+    conn = _LockConnection(
+        [asyncpg.exceptions.InternalClientError("cannot switch to state 12; another operation (2) is in progress"), None]
+    )
     state = SimpleNamespace(
         cfg=SimpleNamespace(heartbeat_interval_s=0.05, health_file=None),
         settings=SimpleNamespace(executor=SimpleNamespace(heartbeat_staleness_multiplier=100.0)),
@@ -484,17 +491,6 @@ async def test_a_stood_down_worker_whose_pool_hangs_keeps_beating_and_tries_agai
 
     from worker.liveness import heartbeat_loop
 
-    class LockConnection:
-        def __init__(self) -> None:
-            self.calls = 0
-
-        def is_closed(self) -> bool:
-            return False
-
-        async def fetchval(self, *_args: object, **_kwargs: object) -> str | None:
-            self.calls += 1
-            return "lost" if self.calls < 4 else None  # then: "another process's row" ends the loop
-
     class Hanging:
         async def __aenter__(self) -> None:
             await asyncio.Event().wait()
@@ -503,7 +499,7 @@ async def test_a_stood_down_worker_whose_pool_hangs_keeps_beating_and_tries_agai
             return None
 
     warnings: list[tuple[str, dict[str, object]]] = []
-    conn = LockConnection()
+    conn = _LockConnection(["lost", "lost", "lost", None])  # then: "another process's row" ends the loop
     state = SimpleNamespace(
         cfg=SimpleNamespace(heartbeat_interval_s=0.05, health_file=None),
         settings=SimpleNamespace(executor=SimpleNamespace(heartbeat_staleness_multiplier=4.0)),
