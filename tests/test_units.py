@@ -504,3 +504,33 @@ def test_an_error_that_cannot_be_copied_is_shared_with_each_submitter():
     assert _own(error) is error
     plain = RuntimeError("broker away")
     assert _own(plain) is not plain and str(_own(plain)) == "broker away"
+
+
+async def test_a_message_whose_post_fails_unexpectedly_fails_its_own_submitters_only(monkeypatch):
+    import asyncio
+
+    from common.client import BatonClient
+    from common.schemas import Acceptance
+
+    client = BatonClient(load_settings())
+    execution_id = uuid.uuid4()
+
+    async def connected():
+        return None, None
+
+    async def post_message(group) -> None:
+        if len(group[0].body) > 1000:
+            raise RuntimeError("this one broke")
+        await asyncio.sleep(0.05)  # still being posted when the other has failed
+        group[0].posted.set_result(execution_id)
+        group[0].answered.set_result(Acceptance(execution_id=execution_id, status="requested"))
+
+    monkeypatch.setattr(client, "_amqp", connected)
+    monkeypatch.setattr(client, "_post_message", post_message)
+    large = "x" * (client.settings.message_queue.max_request_bytes + 1)  # a message of its own
+    broken, posted = await asyncio.wait_for(
+        asyncio.gather(client.submit("core.echo", {"message": large}), client.submit("core.noop"), return_exceptions=True),
+        5,
+    )
+    assert str(broken) == "posting the request failed: RuntimeError: this one broke"
+    assert posted.accepted and posted.execution_id == execution_id

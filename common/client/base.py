@@ -163,10 +163,17 @@ class ClientBase:
         key = str(execution_id)
         if self._notified.pop(key, None) is None or self._channel is None or self._inbox is None:
             return
+        channel, inbox = self._channel, self._inbox
+
+        async def unbind() -> None:
+            exchange = await channel.get_exchange(self.names.notifications_exchange)
+            await inbox.unbind(exchange, f"execution.{key}.*")
+
         try:
-            exchange = await self._channel.get_exchange(self.names.notifications_exchange)
-            await self._inbox.unbind(exchange, f"execution.{key}.*")
-        except _UNBIND_ERRORS:
+            # Bounded: a robust channel waits for the broker to come back. (Left bound, a key is
+            # bound for an execution that is over: its notification, if any, is dropped here.)
+            await asyncio.wait_for(unbind(), CLOSE_TIMEOUT_S)
+        except _UNBIND_ERRORS:  # a timeout among them
             # A closed channel took its exclusive queue, and every binding, with it.
             pass
 

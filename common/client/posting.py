@@ -119,6 +119,16 @@ def _not_posted(exc: Exception, exchange: str) -> Exception:
     return _own(exc)
 
 
+def _failed(outgoing: list[_Outgoing], exc: BaseException) -> None:
+    """Posting these went wrong in a way nothing foresaw: log it, and fail each submitter not yet
+    answered."""
+    log.error("client_post_failed", error=describe(exc))
+    for request in outgoing:
+        for future in (request.posted, request.answered):
+            if not future.done():
+                future.set_exception(RuntimeError(f"posting the request failed: {describe(exc)}"))
+
+
 def _messages(outgoing: list[_Outgoing], max_bytes: int) -> list[list[_Outgoing]]:
     """Requests grouped into messages: batches within the limits, and a request too large for one
     alone (the executor refuses it with the reason, as any request of its size)."""
@@ -235,22 +245,25 @@ class Posting(ClientBase):
         task.add_done_callback(functools.partial(self._posted, outgoing))
 
     def _posted(self, outgoing: list[_Outgoing], task: asyncio.Task[None]) -> None:
-        """A post is over. One that failed unexpectedly fails every submitter it had not answered
-        yet: none of them waits for good."""
+        """A post is over. One that failed unexpectedly before any message went out fails every
+        submitter: none of them waits for good."""
         self._posting.discard(task)
-        if task.cancelled() or (exc := task.exception()) is None:
-            return
-        log.error("client_post_failed", error=describe(exc))
-        for request in outgoing:
-            for future in (request.posted, request.answered):
-                if not future.done():
-                    future.set_exception(RuntimeError(f"posting the request failed: {describe(exc)}"))
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            _failed(outgoing, exc)
 
     async def _post(self, outgoing: list[_Outgoing]) -> None:
         """Post requests submitted together: a lone one as a message of its own, more as batch
         messages (one reply each, an answer per request); then hand each submitter its answer."""
         max_bytes = self.settings.message_queue.max_request_bytes
-        await asyncio.gather(*(self._post_message(group) for group in _messages(outgoing, max_bytes)))
+        await asyncio.gather(*(self._post_group(group) for group in _messages(outgoing, max_bytes)))
+
+    async def _post_group(self, group: list[_Outgoing]) -> None:
+        """Post one message's requests; one that fails unexpectedly fails the submitters it had not
+        answered yet, and no others (another message's may have been posted)."""
+        try:
+            await self._post_message(group)
+        except Exception as exc:  # noqa: BLE001 - anything unforeseen: said, and its submitters told
+            _failed(group, exc)
 
     async def _post_message(self, group: list[_Outgoing]) -> None:
         reply = asyncio.get_running_loop().create_future()
