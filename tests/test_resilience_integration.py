@@ -280,7 +280,11 @@ async def test_a_worker_whose_pools_are_cut_off_but_not_its_lock_stops_taking_wo
         await wait_until(beating, what="the heartbeat to go on")
         await proxy.heal()
         await wait_until(lambda: _logged_async(island, "worker_pools_back"), what="the worker to take work again")
-        assert await pool.fetchval("SELECT status FROM workers WHERE name = 'island'") == "active"
+
+        async def active() -> bool:  # marked at the next heartbeat
+            return await pool.fetchval("SELECT status FROM workers WHERE name = 'island'") == "active"
+
+        await wait_until(active, what="the worker to be active again")
         assert not island.events("worker_standing_down")
         # It takes work again: with the other worker gone, the next run is its.
         mainland.signal(signal.SIGTERM)

@@ -514,3 +514,74 @@ async def test_a_stood_down_worker_whose_pool_hangs_keeps_beating_and_tries_agai
     assert [k["error"] for e, k in warnings if e == "reregister_failed"] == [
         "TimeoutError: reregister did not finish within 0.2 s"
     ] * 3
+
+
+class _StatusConnection:
+    """A lock connection that records the status changes sent through it (or fails them)."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.sent: list[str] = []
+        self.fail = fail
+
+    async def fetch(self, query: str, *_args: object, **_kwargs: object) -> list[object]:
+        from common.queries import workers as wq
+
+        if self.fail:
+            raise ConnectionResetError("the lock connection dropped")
+        self.sent.append({wq.STOP_TAKING_WORK: "draining", wq.TAKE_WORK_AGAIN: "active"}[query])
+        return []
+
+
+def _watched_state(conn: _StatusConnection, *, failing_for_s: float | None, inbox: int = 0):
+    import time
+    import uuid
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        name="w", incarnation=uuid.uuid4(), lock_conn=conn, draining=False, stood_down=False, pools_out=False,
+        pools_failing_since=None if failing_for_s is None else time.monotonic() - failing_for_s,
+        pools_transition=asyncio.Lock(), resumed=asyncio.Event(), abandon_claim=asyncio.Event(),
+        inbox=[object()] * inbox, running={},
+        log=SimpleNamespace(warning=lambda *a, **k: None, info=lambda *a, **k: None),
+    )
+
+
+async def test_a_worker_stops_taking_work_only_after_its_pools_failed_for_a_window_and_hands_back_once_marked(
+    monkeypatch,
+):
+    from worker import claiming, pool_watch
+
+    handed_back: list[int] = []
+
+    async def hand_back(state) -> int:
+        handed_back.append(len(state.inbox))
+        state.inbox = []
+        return handed_back[-1]
+
+    monkeypatch.setattr(claiming, "hand_back", hand_back)
+    # No probe has failed (a slow start, or a heartbeat outage with no probe since): nothing changes.
+    for failing in (None, 0.5):
+        conn = _StatusConnection()
+        state = _watched_state(conn, failing_for_s=failing, inbox=2)
+        await pool_watch.reconcile(state, "active", stale_after_s=1.0, timeout_s=1.0)
+        assert (state.pools_out, conn.sent, handed_back) == (False, [], [])
+    # Failing for longer than the window, but the mark does not go through: nothing is handed back
+    # (behind an `active` row a hand-back is taken for a forgery); the next heartbeat tries again.
+    state = _watched_state(_StatusConnection(fail=True), failing_for_s=1.5, inbox=2)
+    await pool_watch.reconcile(state, "active", stale_after_s=1.0, timeout_s=1.0)
+    assert state.pools_out and not state.resumed.is_set() and handed_back == []
+    state.lock_conn = conn = _StatusConnection()
+    await pool_watch.reconcile(state, "active", stale_after_s=1.0, timeout_s=1.0)
+    assert conn.sent == ["draining"] and handed_back == [2] and state.abandon_claim.is_set()
+    # Marked: what comes back to the inbox later (a held-up claim's dispatches) goes at the next beat.
+    state.inbox = [object()]
+    await pool_watch.reconcile(state, "draining", stale_after_s=1.0, timeout_s=1.0)
+    assert conn.sent == ["draining"] and handed_back == [2, 1]
+    # A row left `draining` by a late mark while the worker takes work is put right.
+    state.pools_out, state.pools_failing_since = False, None
+    await pool_watch.reconcile(state, "draining", stale_after_s=1.0, timeout_s=1.0)
+    assert conn.sent == ["draining", "active"]
+    # A worker that drains settles its status itself.
+    state.draining = True
+    await pool_watch.reconcile(state, "draining", stale_after_s=1.0, timeout_s=1.0)
+    assert conn.sent == ["draining", "active"]

@@ -26,7 +26,9 @@ from worker.state import Delivery, WorkerState
 
 
 async def on_message(state: WorkerState, message: AbstractIncomingMessage) -> None:
-    if not taking_work(state):
+    # (While its pools do not answer, a dispatch waits here to be handed back once the row says
+    # `draining`: behind an `active` row, the executor would take a hand-back for a forgery.)
+    if state.draining or state.stood_down:
         await best_effort("hand_back_dispatch", message.reject(requeue=False), worker=state.name)
         return
     try:
@@ -244,12 +246,13 @@ async def hand_back(state: WorkerState) -> int:
 UNCLAIM_MAX_WAIT_S = 2.0
 
 
-async def unclaim_abandoned(state: WorkerState) -> None:
+async def unclaim_abandoned(state: WorkerState) -> bool:
     """Put back in line, at no cost, what an abandoned claim committed unseen (fenced on this
     process). If the database is still away, the executor interrupts those runs once this process
-    is gone, as it does a lost worker's."""
+    is gone, as it does a lost worker's. Whether it is settled: the claims have ended, and what
+    they committed is back in line."""
     if not state.abandoned:
-        return
+        return True
     # Until its cancel has reached the server the claim may still commit, after UNCLAIM looked.
     if state.abandoned_calls:
         await asyncio.wait(state.abandoned_calls, timeout=UNCLAIM_MAX_WAIT_S)
@@ -264,7 +267,8 @@ async def unclaim_abandoned(state: WorkerState) -> None:
         )
     except DATABASE_ERRORS as exc:  # a timeout among them
         state.log.warning("unclaim_failed", executions=len(ids), error=describe(exc))
-        return
+        return False
     for row in rows:
         state.log.info("execution_rescheduled", kind="abandoned_claim", execution_id=str(row["id"]), attempt=row["attempt"])
     metrics.RESCHEDULES.labels("abandoned_claim").inc(len(rows))
+    return all(call.done() for call in state.abandoned_calls)

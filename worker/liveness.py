@@ -228,8 +228,11 @@ async def _stand_down(state: WorkerState, why: str) -> None:
 
 async def _resume(state: WorkerState) -> None:
     await register(state)
-    # Registered through the pool: it answers, and whatever it held up was handed back on standing down.
-    state.pools_answered_at, state.pools_out = time.monotonic(), False
+    # Registered through the pool: it answers. What a claim it held up may have taken, registering
+    # interrupted (`_register_once`); what it handed back, the executor moved on.
+    state.pools_failing_since, state.pools_out = None, False
+    state.abandoned.clear()
+    state.abandoned_calls.clear()
     state.abandon_claim.clear()
     state.stood_down = False
     state.cancel_reason = DRAIN_DEADLINE
@@ -313,8 +316,8 @@ async def heartbeat_loop(state: WorkerState) -> None:
             )
         if status == "lost":
             await _stand_down(state, "the executor declared it lost")
-        elif not state.stood_down and not state.pools_out and pool_watch.silent_s(state) > stale_after_s:
-            await pool_watch.stop_taking_work(state, beat_s)
+        elif not state.stood_down and not state.draining:
+            await pool_watch.reconcile(state, status, stale_after_s=stale_after_s, timeout_s=beat_s)
         if not state.stood_down and (state.heartbeat_checks is None or state.heartbeat_checks.done()):
             state.heartbeat_checks = asyncio.create_task(
                 _checks(state, grace_s=max(2 * interval_s, 1.0)), name="heartbeat_checks"

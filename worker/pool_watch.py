@@ -3,11 +3,16 @@ still does (a partition between one set of connections and PostgreSQL, or every 
 held up) can claim nothing and finish nothing, yet its heartbeats say it is alive, so work would go
 on being placed on it, to wait there for the scheduled timeout. Its runs may still be running, and
 their outcomes will be recorded once the pools are back, so it is not declared lost: it stops
-taking work instead. Once the pools have not answered the heartbeat's probe for a staleness window,
-it abandons a claim the database holds up, hands its unclaimed dispatches back, and marks itself
-`draining` (through the lock connection): nothing more is placed on it, and the executor puts
-what waits for it back in line at once. When the pools answer again, it puts back what the
-abandoned claim may have committed unseen and takes work again."""
+taking work instead.
+
+Each round of the heartbeat's checks probes both pools first (`probe`). Once they have failed
+every probe for a staleness window, the heartbeat loop (`reconcile`, on the lock connection)
+marks the worker `draining`, so that nothing more is placed on it and the executor puts what
+waits for it back in line at once, at no cost; then it lets go of a claim the database holds up
+and hands back the dispatches it holds. When a probe goes through again, the checks put back what
+the abandoned claim may have committed unseen and the worker claims again (`take_work_again`); the
+next heartbeat marks it `active`. The row's status is reconciled with the worker's on every
+heartbeat, so a mark that failed or came late is put right."""
 
 from __future__ import annotations
 
@@ -24,8 +29,8 @@ from worker.state import WorkerState
 
 
 async def probe(state: WorkerState, timeout_s: float) -> bool:
-    """Whether both pools answer within ``timeout_s`` (as a whole: asyncpg unwinds a query the
-    network swallowed only once its cancel request gets through); noted in the state."""
+    """Whether both pools answer within ``timeout_s`` (bounded as a whole: asyncpg unwinds a query
+    the network swallowed only once its cancel request gets through); noted in the state."""
     try:
         await within(
             asyncio.gather(
@@ -35,65 +40,79 @@ async def probe(state: WorkerState, timeout_s: float) -> bool:
             what="pool_probe",
         )
     except DATABASE_ERRORS as exc:  # a timeout among them
+        if state.pools_failing_since is None:
+            state.pools_failing_since = time.monotonic()
         state.log.warning("pool_probe_failed", error=describe(exc), timeout_s=timeout_s)
         return False
-    state.pools_answered_at = time.monotonic()
+    state.pools_failing_since = None
     return True
 
 
-def silent_s(state: WorkerState) -> float:
-    """How long the pools have not answered the probe."""
-    return time.monotonic() - state.pools_answered_at
+def failing_for_s(state: WorkerState) -> float:
+    """How long every probe of the pools has failed (0: the last one went through)."""
+    since = state.pools_failing_since
+    return 0.0 if since is None else time.monotonic() - since
 
 
-async def stop_taking_work(state: WorkerState, lock_timeout_s: float) -> None:
-    """The pools have not answered for a staleness window: claim nothing more, let go of a claim
-    the database holds up, hand back what waits here, and be `draining` so that nothing more comes.
-    (From the heartbeat loop, which uses the lock connection one query at a time.)"""
+async def reconcile(state: WorkerState, status: str, *, stale_after_s: float, timeout_s: float) -> None:
+    """After a heartbeat (``status`` the row's, as it returned): stop taking work once the pools
+    have failed for ``stale_after_s``, and bring the row's status in line with whether this worker
+    takes work. Not for a worker draining or stood down (each settles its status itself)."""
     async with state.pools_transition:
-        if state.pools_out or state.draining or state.stood_down:
+        if state.draining or state.stood_down:
             return
-        state.pools_out = True
-        state.resumed.clear()  # the claim loop waits at its top
-        state.abandon_claim.set()  # a claim under way gives its dispatches back (`claiming._claim`)
-        state.log.warning(
-            "worker_pools_unreachable", silent_s=round(silent_s(state), 2), running=len(state.running),
-            handing_back=len(state.inbox),
-            detail="the worker's pool connections do not answer while its lock connection does: it takes no "
-            "work until they do, and its runs go on; check the network between this worker and PostgreSQL, "
-            "or what holds its connections up (pg_stat_activity)",
-        )
-        await claiming.hand_back(state)
-        if state.lock_conn is None:
-            return  # the heartbeat loop retakes the lock, and the executor moves what waits here
-        try:
-            await within(
-                state.lock_conn.fetch(wq.STOP_TAKING_WORK, state.name, state.incarnation, timeout=lock_timeout_s),
-                lock_timeout_s + 0.5, what="stop_taking_work",
+        if not state.pools_out and failing_for_s(state) > stale_after_s:
+            state.pools_out = True
+            state.resumed.clear()  # the claim loop waits at its top
+            state.log.warning(
+                "worker_pools_unreachable", failing_s=round(failing_for_s(state), 2), running=len(state.running),
+                unclaimed=len(state.inbox),
+                detail="the worker's pool connections do not answer while its lock connection does: it takes no "
+                "work until they do, and its runs go on; check the network between this worker and PostgreSQL, "
+                "or what holds its connections up (pg_stat_activity)",
             )
-        except DATABASE_ERRORS as exc:  # dispatches still come: each is handed back as it arrives
-            state.log.warning("stop_taking_work_failed", error=describe(exc))
+            status = "active"
+        if state.pools_out:
+            if status == "active" and not await _mark(state, wq.STOP_TAKING_WORK, timeout_s, what="stop_taking_work"):
+                return  # handed back once marked: a dispatch handed back behind an `active` row would wait
+            # Marked `draining`: hand back what is here, and what a claim held up had taken (its
+            # dispatches come back to the inbox, and go at the next heartbeat).
+            state.abandon_claim.set()
+            if state.inbox:
+                await claiming.hand_back(state)
+        elif status == "draining":
+            await _mark(state, wq.TAKE_WORK_AGAIN, timeout_s, what="take_work_again")
 
 
 async def take_work_again(state: WorkerState) -> None:
-    """The pools answer again (the probe just went through them): put back what an abandoned claim
-    may have committed unseen, and take work again, unless a drain or a stand-down began meanwhile
-    (each settles that itself). Through the pools; from the heartbeat's checks."""
+    """The pools answer again (a probe just went through them): put back what an abandoned claim
+    may have committed unseen, and claim again (the next heartbeat marks the row `active`)."""
     async with state.pools_transition:
         if not state.pools_out:
             return
-        await claiming.unclaim_abandoned(state)
+        if not await claiming.unclaim_abandoned(state):
+            return  # tried again after the next probe: until then, those rows are left alone
         state.abandoned.clear()
         state.abandoned_calls.clear()
         if state.draining or state.stood_down:
-            return
-        try:
-            await state.pool.fetch(wq.TAKE_WORK_AGAIN, state.name, state.incarnation, timeout=5.0)
-        except DATABASE_ERRORS as exc:  # tried again after the next probe
-            state.log.warning("take_work_again_failed", error=describe(exc))
-            return
+            return  # each settles the rest itself
         state.abandon_claim.clear()
         state.pools_out = False
         state.resumed.set()
         state.mail.set()
         state.log.info("worker_pools_back", running=len(state.running))
+
+
+async def _mark(state: WorkerState, query: str, timeout_s: float, *, what: str) -> bool:
+    """One of the status changes, through the lock connection (the pools may not answer); whether
+    it went through (matched or not: a drain or the executor may have changed the status since)."""
+    if state.lock_conn is None:
+        return False
+    try:
+        await within(
+            state.lock_conn.fetch(query, state.name, state.incarnation, timeout=timeout_s), timeout_s + 0.5, what=what
+        )
+    except DATABASE_ERRORS as exc:  # tried again at the next heartbeat
+        state.log.warning(f"{what}_failed", error=describe(exc))
+        return False
+    return True

@@ -212,7 +212,8 @@ class WorkerService:
         state.draining = True
         state.mail.set()
         state.log.info("worker_draining", in_flight=len(state.running), unstarted=len(state.inbox))
-        await self._mark("draining")
+        async with state.pools_transition:  # after a change `pool_watch` has under way, never before it
+            await self._mark("draining")
         await best_effort("cancel_dispatch_consumer", state.queue.cancel(state.consumer_tag), worker=state.name)
         state.resumed.set()
         claimer = next((t for t in loops if t.get_name() == "claimer"), None)

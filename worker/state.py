@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import time
 import uuid
 from collections import deque
 from dataclasses import dataclass
@@ -103,11 +102,13 @@ class WorkerState:
         self.resumed = asyncio.Event()
         self.resumed.set()
         self.cancel_reason: tuple[InterruptReason, str] = DRAIN_DEADLINE
-        # When the pools last answered the heartbeat's probe, and whether this worker stopped
-        # taking work because they had not for a staleness window (`pool_watch`).
-        self.pools_answered_at = time.monotonic()
+        # Since when every probe of the pools by the heartbeat's checks has failed (None: the last
+        # went through), and whether this worker stopped taking work because they had for a
+        # staleness window (`pool_watch`).
+        self.pools_failing_since: float | None = None
         self.pools_out = False
-        self.pools_transition = asyncio.Lock()  # one of stopping and taking work again at a time
+        # Held by each change of whether this worker takes work (`pool_watch`, a drain's mark).
+        self.pools_transition = asyncio.Lock()
         # PostgreSQL releases this session lock the moment the process dies: the sweeper's signal.
         self.lock_key = secrets.randbits(62)
         self.lock_conn: asyncpg.Connection | None = None
