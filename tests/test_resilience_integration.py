@@ -266,7 +266,11 @@ async def test_a_worker_whose_pools_are_cut_off_but_not_its_lock_stops_taking_wo
         client = await baton.client()
         sub = await client.submit("core.echo", {"message": "moved on"})  # placed on the only worker
         await wait_until(lambda: _logged_async(island, "worker_pools_unreachable"), what="the worker to stop taking work")
-        assert await pool.fetchval("SELECT status FROM workers WHERE name = 'island'") == "draining"
+
+        async def draining() -> bool:  # marked through the lock connection, then what it holds is handed back
+            return await pool.fetchval("SELECT status FROM workers WHERE name = 'island'") == "draining"
+
+        await wait_until(draining, what="the worker to be marked draining")
         mainland = await baton.start_worker("mainland")
         done = await client.wait(sub.execution_id, 30)
         assert (done["status"], done["worker"], done["result"]) == ("completed", "mainland", {"message": "moved on"})

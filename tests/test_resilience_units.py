@@ -533,17 +533,22 @@ class _StatusConnection:
 
 
 def _watched_state(conn: _StatusConnection, *, failing_for_s: float | None, inbox: int = 0):
+    """A worker taking work whose pool probes have failed for ``failing_for_s`` (first failure to
+    last; None: the last went through)."""
     import time
     import uuid
     from types import SimpleNamespace
 
-    return SimpleNamespace(
+    now = time.monotonic()
+    state = SimpleNamespace(
         name="w", incarnation=uuid.uuid4(), lock_conn=conn, draining=False, stood_down=False, pools_out=False,
-        pools_failing_since=None if failing_for_s is None else time.monotonic() - failing_for_s,
-        pools_transition=asyncio.Lock(), resumed=asyncio.Event(), abandon_claim=asyncio.Event(),
-        inbox=[object()] * inbox, running={},
+        pools_failing_since=None if failing_for_s is None else now - failing_for_s, pools_last_failed_at=now,
+        pools_transition=asyncio.Lock(), resumed=asyncio.Event(), abandon_claim=asyncio.Event(), mail=asyncio.Event(),
+        inbox=[object()] * inbox, running={}, claiming=False, abandoned=[], abandoned_calls=set(),
         log=SimpleNamespace(warning=lambda *a, **k: None, info=lambda *a, **k: None),
     )
+    state.resumed.set()
+    return state
 
 
 async def test_a_worker_stops_taking_work_only_after_its_pools_failed_for_a_window_and_hands_back_once_marked(
@@ -559,10 +564,14 @@ async def test_a_worker_stops_taking_work_only_after_its_pools_failed_for_a_wind
         return handed_back[-1]
 
     monkeypatch.setattr(claiming, "hand_back", hand_back)
-    # No probe has failed (a slow start, or a heartbeat outage with no probe since): nothing changes.
-    for failing in (None, 0.5):
+    # No probe has failed (a slow start), the failures span less than the window, or one failure
+    # came long ago (a heartbeat outage held the probes up since): nothing changes.
+    for failing, last_failed_ago_s in ((None, 0.0), (0.5, 0.0), (0.0, 60.0)):
         conn = _StatusConnection()
         state = _watched_state(conn, failing_for_s=failing, inbox=2)
+        state.pools_last_failed_at -= last_failed_ago_s
+        if failing is not None:
+            state.pools_failing_since = state.pools_last_failed_at - failing
         await pool_watch.reconcile(state, "active", stale_after_s=1.0, timeout_s=1.0)
         assert (state.pools_out, conn.sent, handed_back) == (False, [], [])
     # Failing for longer than the window, but the mark does not go through: nothing is handed back
@@ -570,6 +579,7 @@ async def test_a_worker_stops_taking_work_only_after_its_pools_failed_for_a_wind
     state = _watched_state(_StatusConnection(fail=True), failing_for_s=1.5, inbox=2)
     await pool_watch.reconcile(state, "active", stale_after_s=1.0, timeout_s=1.0)
     assert state.pools_out and not state.resumed.is_set() and handed_back == []
+    assert not state.abandon_claim.is_set()  # a claim under way is not let go of before the mark either
     state.lock_conn = conn = _StatusConnection()
     await pool_watch.reconcile(state, "active", stale_after_s=1.0, timeout_s=1.0)
     assert conn.sent == ["draining"] and handed_back == [2] and state.abandon_claim.is_set()
@@ -585,3 +595,37 @@ async def test_a_worker_stops_taking_work_only_after_its_pools_failed_for_a_wind
     state.draining = True
     await pool_watch.reconcile(state, "draining", stale_after_s=1.0, timeout_s=1.0)
     assert conn.sent == ["draining", "active"]
+
+
+async def test_a_worker_takes_work_again_once_its_pools_answer_and_nothing_is_left_to_put_back(monkeypatch):
+    from worker import claiming, pool_watch
+
+    unclaimed: list[bool] = []
+    settles = [False, True]
+
+    async def unclaim_abandoned(state) -> bool:
+        unclaimed.append(True)
+        return settles.pop(0)
+
+    monkeypatch.setattr(claiming, "unclaim_abandoned", unclaim_abandoned)
+    state = _watched_state(_StatusConnection(), failing_for_s=None)
+    state.pools_out = True
+    state.resumed.clear()
+    state.abandon_claim.set()
+    # The claim loop has not come back from the claim it let go of: nothing is recorded to put back yet.
+    state.claiming = True
+    await pool_watch.take_work_again(state)
+    assert state.pools_out and unclaimed == []
+    # What the abandoned claim may have committed could not be put back: not yet.
+    state.claiming = False
+    await pool_watch.take_work_again(state)
+    assert state.pools_out and not state.resumed.is_set() and unclaimed == [True]
+    # Now it is: claiming again, nothing let go of any more.
+    await pool_watch.take_work_again(state)
+    assert not state.pools_out and state.resumed.is_set() and not state.abandon_claim.is_set()
+    # A drain that began meanwhile settles the rest itself.
+    settles.append(True)
+    state.pools_out, state.draining = True, True
+    state.resumed.clear()
+    await pool_watch.take_work_again(state)
+    assert state.pools_out and not state.resumed.is_set()

@@ -251,11 +251,14 @@ async def unclaim_abandoned(state: WorkerState) -> bool:
     process). If the database is still away, the executor interrupts those runs once this process
     is gone, as it does a lost worker's. Whether it is settled: the claims have ended, and what
     they committed is back in line."""
+    # One started here since (claimed again once the database answered) runs: it is not put back.
+    state.abandoned[:] = [(i, a) for i, a in state.abandoned if i not in state.running]
     if not state.abandoned:
         return True
     # Until its cancel has reached the server the claim may still commit, after UNCLAIM looked.
     if state.abandoned_calls:
         await asyncio.wait(state.abandoned_calls, timeout=UNCLAIM_MAX_WAIT_S)
+    ended = all(call.done() for call in state.abandoned_calls)  # before UNCLAIM looks, not after
     ids, attempts = [i for i, _ in state.abandoned], [a for _, a in state.abandoned]
     data = {"reason": "the worker stopped before starting it (its claim was held up by the database)"}
     try:
@@ -271,4 +274,4 @@ async def unclaim_abandoned(state: WorkerState) -> bool:
     for row in rows:
         state.log.info("execution_rescheduled", kind="abandoned_claim", execution_id=str(row["id"]), attempt=row["attempt"])
     metrics.RESCHEDULES.labels("abandoned_claim").inc(len(rows))
-    return all(call.done() for call in state.abandoned_calls)
+    return ended

@@ -40,8 +40,9 @@ async def probe(state: WorkerState, timeout_s: float) -> bool:
             what="pool_probe",
         )
     except DATABASE_ERRORS as exc:  # a timeout among them
+        state.pools_last_failed_at = time.monotonic()
         if state.pools_failing_since is None:
-            state.pools_failing_since = time.monotonic()
+            state.pools_failing_since = state.pools_last_failed_at
         state.log.warning("pool_probe_failed", error=describe(exc), timeout_s=timeout_s)
         return False
     state.pools_failing_since = None
@@ -49,15 +50,19 @@ async def probe(state: WorkerState, timeout_s: float) -> bool:
 
 
 def failing_for_s(state: WorkerState) -> float:
-    """How long every probe of the pools has failed (0: the last one went through)."""
+    """How long the probes have shown the pools failing: from the first failure of the run of
+    failures to the last (0: the last probe went through). Not the time since the first: a
+    heartbeat outage holds the probes up, and one failure before it is no proof of a window's."""
     since = state.pools_failing_since
-    return 0.0 if since is None else time.monotonic() - since
+    return 0.0 if since is None else state.pools_last_failed_at - since
 
 
 async def reconcile(state: WorkerState, status: str, *, stale_after_s: float, timeout_s: float) -> None:
     """After a heartbeat (``status`` the row's, as it returned): stop taking work once the pools
     have failed for ``stale_after_s``, and bring the row's status in line with whether this worker
     takes work. Not for a worker draining or stood down (each settles its status itself)."""
+    if state.pools_transition.locked():
+        return  # taking work again (its unclaim may take seconds): the heartbeats do not wait for it
     async with state.pools_transition:
         if state.draining or state.stood_down:
             return
@@ -88,7 +93,9 @@ async def take_work_again(state: WorkerState) -> None:
     """The pools answer again (a probe just went through them): put back what an abandoned claim
     may have committed unseen, and claim again (the next heartbeat marks the row `active`)."""
     async with state.pools_transition:
-        if not state.pools_out:
+        # A claim let go of is recorded as abandoned only once the claim loop has come back from
+        # it: until then, there is nothing to put back yet, and claiming again would claim it twice.
+        if not state.pools_out or state.claiming:
             return
         if not await claiming.unclaim_abandoned(state):
             return  # tried again after the next probe: until then, those rows are left alone

@@ -106,6 +106,7 @@ class WorkerState:
         # went through), and whether this worker stopped taking work because they had for a
         # staleness window (`pool_watch`).
         self.pools_failing_since: float | None = None
+        self.pools_last_failed_at = 0.0
         self.pools_out = False
         # Held by each change of whether this worker takes work (`pool_watch`, a drain's mark).
         self.pools_transition = asyncio.Lock()
