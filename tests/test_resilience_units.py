@@ -629,3 +629,43 @@ async def test_a_worker_takes_work_again_once_its_pools_answer_and_nothing_is_le
     state.resumed.clear()
     await pool_watch.take_work_again(state)
     assert state.pools_out and not state.resumed.is_set()
+
+
+@pytest.mark.parametrize("next_attempt_started", [False, True])
+async def test_the_control_check_stops_the_run_it_asked_about_not_a_next_attempt_started_meanwhile(
+    next_attempt_started: bool,
+) -> None:
+    """A control check asks whether attempt 2 still runs here. While the query is under way, that
+    run may end and attempt 3 of the same execution start here (a workflow woken): the answer
+    ("attempt 2 no longer runs here") is not about attempt 3, which must go on. A chaos soak saw
+    the new attempt stopped, and recovered for nothing."""
+    import uuid
+    from types import SimpleNamespace
+
+    from worker.recording import stop_if_moved_on
+
+    execution_id = uuid.uuid4()
+    checked = asyncio.ensure_future(asyncio.Event().wait())
+    successor = asyncio.ensure_future(asyncio.Event().wait())
+    state = SimpleNamespace(
+        running={execution_id: checked}, running_attempts={execution_id: 2}, stopped=set(), name="w",
+        incarnation=uuid.uuid4(), log=SimpleNamespace(warning=lambda *a, **k: None),
+    )
+
+    class Pool:
+        async def fetch(self, _query: str, ids: list[uuid.UUID], attempts: list[int], *_a: object, **_k: object):
+            assert (ids, attempts) == ([execution_id], [2])
+            if next_attempt_started:
+                state.running[execution_id], state.running_attempts[execution_id] = successor, 3
+            return [{"id": execution_id, "status": "running"}]
+
+    state.pool = Pool()
+    try:
+        await stop_if_moved_on(state, [execution_id])  # type: ignore[arg-type]
+        await asyncio.sleep(0)
+        assert successor.cancelled() is False
+        assert checked.cancelled() is not next_attempt_started
+        assert state.stopped == (set() if next_attempt_started else {execution_id})
+    finally:
+        checked.cancel()
+        successor.cancel()

@@ -79,22 +79,24 @@ async def run_one(state: WorkerState, dispatch: Assignment) -> None:
 async def stop_if_moved_on(state: WorkerState, execution_ids: list[uuid.UUID], *, timeout_s: float = 5.0) -> None:
     """Stop the runs among these that the database says no longer run here (cancelled by an
     operator, say): within a moment of the change, not at their end."""
-    ids = [i for i in execution_ids if i in state.running]
-    if not ids:
+    # The runs asked about: while the check is under way one may end and the execution's next
+    # attempt start here (a workflow woken, a retry), and that one is not what was checked.
+    asked = {i: (state.running[i], state.running_attempts[i]) for i in execution_ids if i in state.running}
+    if not asked:
         return
-    attempts = [state.running_attempts[i] for i in ids]
     try:
         rows = await state.pool.fetch(
-            wfq.NO_LONGER_MINE, ids, attempts, state.name, state.incarnation, timeout=timeout_s
+            wfq.NO_LONGER_MINE, list(asked), [attempt for _, attempt in asked.values()], state.name,
+            state.incarnation, timeout=timeout_s,
         )
     except DATABASE_ERRORS as exc:
         state.log.warning("control_check_failed", error=describe(exc))
         return
     for row in rows:
-        task = state.running.get(row["id"])
+        task = asked[row["id"]][0]
         # (One being cancelled already, by a stand-down or a drain, is on its way out: a second
         # cancel would only cut its fenced interruption short.)
-        if task is not None and not task.done() and not task.cancelling():
+        if state.running.get(row["id"]) is task and not task.done() and not task.cancelling():
             state.stopped.add(row["id"])
             state.log.warning("execution_stopping", execution_id=str(row["id"]), status=row["status"])
             task.cancel()
