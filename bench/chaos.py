@@ -62,7 +62,7 @@ TERMINAL = ("completed", "failed", "timeout", "cancelled")
 #: Who may fail a run by policy (attempts spent), rather than by a fault of the run itself.
 POLICY_FAILURES = ("recovery", "execution_timeout_monitor", "scheduler", "liveness_sweeper", "dead_letter_handler")
 FAULTS = ("sigkill_worker", "sigterm_worker", "sigstop_worker", "kill_executor", "restart_rabbitmq",
-          "restart_postgres", "cut_worker_db", "blackhole_worker_db")
+          "restart_postgres", "cut_worker_db", "blackhole_worker_db", "blackhole_worker_pools")
 #: Fast liveness, as in the test suite, so that a soak sees many recoveries.
 CHAOS_ENV = {
     "BATON__WORKER__HEARTBEAT_INTERVAL": "0.5",
@@ -223,6 +223,22 @@ class Soak:
         await asyncio.sleep(3)  # past the staleness threshold: w3 stands down, its runs recovered elsewhere
         await self.proxy.heal()
         return "w3's packets to and from PostgreSQL held for 3 s"
+
+    async def blackhole_worker_pools(self) -> str:
+        # w3's lock connection: its session through the proxy that holds an advisory lock.
+        lock_port = await (await self.world.pool()).fetchval(
+            "SELECT a.client_port FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+            "WHERE l.locktype = 'advisory' AND l.granted AND a.client_port = ANY($1::int[])",
+            self.proxy.upstream_ports(),
+        )
+        if lock_port is None:
+            return "w3 holds no lock connection now (restarting): nothing held"
+        self.proxy.blackhole(spare_ports=frozenset({lock_port}))
+        # Past the pools' failing window: w3 stops taking work, hands back what waits, and its
+        # runs go on; its heartbeats get through all along.
+        await asyncio.sleep(6)
+        await self.proxy.heal()
+        return "w3's pool connections held for 6 s, its lock connection spared"
 
     # -- the end -------------------------------------------------------------------------------------
 
