@@ -149,22 +149,26 @@ async def test_what_an_abandoned_claim_took_unseen_goes_back_in_line_at_no_cost(
         "last_heartbeat, incarnation) VALUES ('w1', 'draining', '{python}', '{core.noop}', 4, 0.2, now(), $1)",
         incarnation,
     )
-    taken, running, elsewhere = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
-    for execution_id, owner in ((taken, incarnation), (running, incarnation), (elsewhere, other_incarnation)):
+    taken, running, elsewhere, started_here = uuid.uuid4(), uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    for execution_id, owner in (
+        (taken, incarnation), (running, incarnation), (elsewhere, other_incarnation), (started_here, incarnation)
+    ):
         await pool.execute(
             "INSERT INTO executions (id, action_ref, status, attempt, worker, incarnation, schedule_attempts) "
             "VALUES ($1, 'core.noop', 'running', 3, 'w1', $2, 0)", execution_id, owner,
         )
     events: list[tuple[str, dict]] = []
     state = SimpleNamespace(
-        pool=pool, name="w1", incarnation=incarnation, abandoned=[(taken, 3), (elsewhere, 3), (running, 2)],
-        abandoned_calls=set(),
+        pool=pool, name="w1", incarnation=incarnation,
+        abandoned=[(taken, 3), (elsewhere, 3), (running, 2), (started_here, 3)], abandoned_calls=set(),
+        # Claimed again once the database answered, and started here: not put back.
+        running={started_here: object()},
         log=SimpleNamespace(info=lambda event, **kw: events.append((event, kw)), warning=None),
     )
     await unclaim_abandoned(state)  # type: ignore[arg-type]
     rows = {r["id"]: r for r in await pool.fetch("SELECT id, status, worker, schedule_attempts FROM executions")}
     assert (rows[taken]["status"], rows[taken]["worker"], rows[taken]["schedule_attempts"]) == ("requested", None, 0)
-    assert rows[running]["status"] == "running" and rows[elsewhere]["status"] == "running"
+    assert rows[running]["status"] == rows[elsewhere]["status"] == rows[started_here]["status"] == "running"
     event = await pool.fetchrow(
         "SELECT type, data FROM execution_events WHERE execution_id = $1 ORDER BY seq DESC LIMIT 1", taken
     )
