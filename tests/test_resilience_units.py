@@ -669,3 +669,38 @@ async def test_the_control_check_stops_the_run_it_asked_about_not_a_next_attempt
     finally:
         checked.cancel()
         successor.cancel()
+
+
+@pytest.mark.parametrize("claim_ends_s", [0.1, None])
+async def test_unclaiming_waits_for_the_abandoned_claim_and_says_whether_it_had_ended(
+    monkeypatch, claim_ends_s: float | None
+) -> None:
+    """An abandoned claim may still commit until its cancel reaches the server: UNCLAIM looks only
+    once it has ended (bounded), and says whether it had, so that what it may commit later is not
+    forgotten. What runs here is never put back."""
+    import uuid
+    from types import SimpleNamespace
+
+    from worker import claiming
+
+    monkeypatch.setattr(claiming, "UNCLAIM_MAX_WAIT_S", 0.3)
+    held_up, running = uuid.uuid4(), uuid.uuid4()
+    claim = asyncio.ensure_future(asyncio.sleep(claim_ends_s if claim_ends_s is not None else 60))
+    looked: list[tuple[bool, list[uuid.UUID]]] = []
+
+    class Pool:
+        async def fetch(self, _query: str, ids: list[uuid.UUID], *_args: object, **_kwargs: object) -> list[object]:
+            looked.append((claim.done(), ids))
+            return []
+
+    state = SimpleNamespace(
+        pool=Pool(), name="w", incarnation=uuid.uuid4(), abandoned=[(held_up, 1), (running, 1)],
+        abandoned_calls={claim}, running={running: object()},
+        log=SimpleNamespace(info=lambda *a, **k: None, warning=lambda *a, **k: None),
+    )
+    try:
+        settled = await claiming.unclaim_abandoned(state)  # type: ignore[arg-type]
+    finally:
+        claim.cancel()
+    assert looked == [(claim_ends_s is not None, [held_up])]
+    assert settled is (claim_ends_s is not None)
