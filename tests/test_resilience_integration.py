@@ -299,6 +299,41 @@ async def test_a_worker_whose_pools_are_cut_off_but_not_its_lock_stops_taking_wo
         await proxy.cut()
 
 
+async def test_a_worker_stopped_while_its_pools_are_cut_off_marks_itself_draining_through_its_lock(baton):
+    """A SIGTERM while the worker's pools do not answer (its lock connection does): the drain's
+    mark, through the pool, fails, and the row stayed `active` until the process was gone, drawing
+    work and holding what was placed on it. The heartbeat marks it `draining` through the lock
+    connection instead: what waited for it moves to another worker while it is still draining."""
+    proxy = CuttableProxy()
+    await proxy.start()
+    try:
+        island = await _island(baton, proxy)
+        pool = await baton.pool()
+        lock_port = await pool.fetchval(
+            "SELECT a.client_port FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+            "WHERE l.locktype = 'advisory' AND l.granted AND a.client_port = ANY($1::int[])",
+            proxy.upstream_ports(),
+        )
+        assert lock_port is not None
+        proxy.blackhole(spare_ports=frozenset({lock_port}))
+        client = await baton.client()
+        sub = await client.submit("core.echo", {"message": "moved on"})  # placed on the only worker
+        assert (await baton.wait_status(sub.execution_id, "scheduled"))["worker"] == "island"
+        await baton.start_worker("mainland")
+        island.signal(signal.SIGTERM)
+        done = await client.wait(sub.execution_id, 30)
+        assert (done["status"], done["worker"], done["schedule_attempts"]) == ("completed", "mainland", 0)
+        # Moved because the row said `draining`, while the worker drained: not once its heartbeats
+        # stopped at the end of the drain, when the executor declared it lost.
+        reasons = await pool.fetch(
+            "SELECT data->>'reason' AS reason FROM execution_events WHERE execution_id = $1 "
+            "AND type = 'execution.rescheduled'", sub.execution_id,
+        )
+        assert [r["reason"] for r in reasons] == ["worker island is draining"]
+    finally:
+        await proxy.cut()
+
+
 async def test_a_worker_cut_off_with_a_synchronous_action_running_comes_back_once_it_ends(baton):
     """A synchronous action runs on a thread that standing down cannot stop, while its run is
     recovered elsewhere: the worker does not register again (and take more work) until that thread

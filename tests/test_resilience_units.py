@@ -591,10 +591,13 @@ async def test_a_worker_stops_taking_work_only_after_its_pools_failed_for_a_wind
     state.pools_out, state.pools_failing_since = False, None
     await pool_watch.reconcile(state, "draining", stale_after_s=1.0, timeout_s=1.0)
     assert conn.sent == ["draining", "active"]
-    # A worker that drains settles its status itself.
+    # A worker that drains marks its row itself, through the pool; if that mark failed (the row
+    # still `active`), it is made here, through the lock connection.
     state.draining = True
     await pool_watch.reconcile(state, "draining", stale_after_s=1.0, timeout_s=1.0)
     assert conn.sent == ["draining", "active"]
+    await pool_watch.reconcile(state, "active", stale_after_s=1.0, timeout_s=1.0)
+    assert conn.sent == ["draining", "active", "draining"]
 
 
 async def test_a_worker_takes_work_again_once_its_pools_answer_and_nothing_is_left_to_put_back(monkeypatch):

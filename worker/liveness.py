@@ -316,7 +316,7 @@ async def heartbeat_loop(state: WorkerState) -> None:
             )
         if status == "lost":
             await _stand_down(state, "the executor declared it lost")
-        elif not state.stood_down and not state.draining:
+        elif not state.stood_down:
             await pool_watch.reconcile(state, status, stale_after_s=stale_after_s, timeout_s=beat_s)
         if not state.stood_down and (state.heartbeat_checks is None or state.heartbeat_checks.done()):
             state.heartbeat_checks = asyncio.create_task(

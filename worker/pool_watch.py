@@ -60,11 +60,18 @@ def failing_for_s(state: WorkerState) -> float:
 async def reconcile(state: WorkerState, status: str, *, stale_after_s: float, timeout_s: float) -> None:
     """After a heartbeat (``status`` the row's, as it returned): stop taking work once the pools
     have failed for ``stale_after_s``, and bring the row's status in line with whether this worker
-    takes work. Not for a worker draining or stood down (each settles its status itself)."""
+    takes work. Not for a worker stood down (registering again settles its status)."""
     if state.pools_transition.locked():
         return  # taking work again (its unclaim may take seconds): the heartbeats do not wait for it
     async with state.pools_transition:
-        if state.draining or state.stood_down:
+        if state.stood_down:
+            return
+        if state.draining:
+            # A drain marks the row through the pool; with the pools out, that mark fails, and the
+            # row, still `active`, would draw work (and have its hand-backs taken for forgeries)
+            # until the process is gone: it is marked here, through the lock connection.
+            if status == "active":
+                await _mark(state, wq.STOP_TAKING_WORK, timeout_s, what="mark_draining")
             return
         if not state.pools_out and failing_for_s(state) > stale_after_s:
             state.pools_out = True

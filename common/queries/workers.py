@@ -132,8 +132,9 @@ RETURNING status
 
 # A worker whose pool has not answered for a staleness window while its lock connection does
 # stops taking work (`worker.pool_watch`): `draining`, so that nothing more is placed on it and
-# what waits for it goes back in line at once; `active` again once its pool answers. Each only
-# from the status the other set: a drain, or the executor declaring the worker lost, wins.
+# what waits for it goes back in line at once (also a draining worker whose own mark, through its
+# pool, failed); `active` again once its pool answers. Each only from the status the other set:
+# a drain's end, or the executor declaring the worker lost, wins.
 # $1 name, $2 incarnation
 STOP_TAKING_WORK = """
 UPDATE workers SET status = 'draining', updated_at = now()
