@@ -253,18 +253,7 @@ async def test_a_worker_whose_pools_are_cut_off_but_not_its_lock_stops_taking_wo
     proxy = CuttableProxy()
     await proxy.start()
     try:
-        island = await _island(baton, proxy)
-        pool = await baton.pool()
-        # The lock connection: the session through the proxy (the worker's) holding a session lock.
-        lock_port = await pool.fetchval(
-            "SELECT a.client_port FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
-            "WHERE l.locktype = 'advisory' AND l.granted AND a.client_port = ANY($1::int[])",
-            proxy.upstream_ports(),
-        )
-        assert lock_port is not None
-        proxy.blackhole(spare_ports=frozenset({lock_port}))
-        client = await baton.client()
-        sub = await client.submit("core.echo", {"message": "moved on"})  # placed on the only worker
+        island, pool, client, sub = await _run_placed_on_a_worker_whose_pools_are_cut(baton, proxy)
         await wait_until(lambda: _logged_async(island, "worker_pools_unreachable"), what="the worker to stop taking work")
 
         async def draining() -> bool:  # marked through the lock connection, then what it holds is handed back
@@ -307,17 +296,7 @@ async def test_a_worker_stopped_while_its_pools_are_cut_off_marks_itself_drainin
     proxy = CuttableProxy()
     await proxy.start()
     try:
-        island = await _island(baton, proxy)
-        pool = await baton.pool()
-        lock_port = await pool.fetchval(
-            "SELECT a.client_port FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
-            "WHERE l.locktype = 'advisory' AND l.granted AND a.client_port = ANY($1::int[])",
-            proxy.upstream_ports(),
-        )
-        assert lock_port is not None
-        proxy.blackhole(spare_ports=frozenset({lock_port}))
-        client = await baton.client()
-        sub = await client.submit("core.echo", {"message": "moved on"})  # placed on the only worker
+        island, pool, client, sub = await _run_placed_on_a_worker_whose_pools_are_cut(baton, proxy)
         assert (await baton.wait_status(sub.execution_id, "scheduled"))["worker"] == "island"
         await baton.start_worker("mainland")
         island.signal(signal.SIGTERM)
@@ -371,6 +350,23 @@ async def _island(baton, proxy: CuttableProxy):
         baton.spawn_worker("island", concurrency=1, BATON__DATABASE__URL=proxy.url(baton.db_name)),
     )
     return island
+
+
+async def _run_placed_on_a_worker_whose_pools_are_cut(baton, proxy: CuttableProxy):
+    """The worker `island` (reaching PostgreSQL through ``proxy``) with the packets of its pool
+    connections held, its lock connection (the session holding a session lock) spared, and a run
+    placed on it, the only worker: (island, pool, client, submission)."""
+    island = await _island(baton, proxy)
+    pool = await baton.pool()
+    lock_port = await pool.fetchval(
+        "SELECT a.client_port FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+        "WHERE l.locktype = 'advisory' AND l.granted AND a.client_port = ANY($1::int[])",
+        proxy.upstream_ports(),
+    )
+    assert lock_port is not None
+    proxy.blackhole(spare_ports=frozenset({lock_port}))
+    client = await baton.client()
+    return island, pool, client, await client.submit("core.echo", {"message": "moved on"})
 
 
 async def _logged_async(service, event: str) -> bool:
