@@ -707,3 +707,38 @@ async def test_unclaiming_waits_for_the_abandoned_claim_and_says_whether_it_had_
         claim.cancel()
     assert looked == [(claim_ends_s is not None, [held_up])]
     assert settled is (claim_ends_s is not None)
+
+
+async def test_a_next_attempt_whose_run_before_is_let_go_of_during_the_claim_is_claimed_not_stranded() -> None:
+    """A dispatch of an execution's next attempt that comes while this worker still runs the attempt
+    before waits for that run to be let go of (deferred). A suite run saw the run let go of (a
+    cancel) while the claim was under way, after the dispatch was judged "later" and before it was
+    deferred: nothing was ever going to release it, and the retried run never started."""
+    import uuid
+    from types import SimpleNamespace
+
+    from common.schemas import Dispatch
+    from worker import claiming
+    from worker.state import Delivery
+
+    execution_id = uuid.uuid4()
+    acked: list[int] = []
+    message = SimpleNamespace(processed=False, channel=object())
+
+    async def ack(multiple: bool = False) -> None:
+        acked.append(1)
+        message.processed = True
+
+    message.ack = ack
+    state = SimpleNamespace(
+        running={execution_id: object()}, running_attempts={execution_id: 1}, deferred={}, inbox=[],
+        mail=asyncio.Event(), slots=asyncio.Semaphore(2), abandon_claim=asyncio.Event(),
+        log=SimpleNamespace(info=lambda *a, **k: None),
+    )
+    asyncio.get_running_loop().call_soon(lambda: (state.running.clear(), state.running_attempts.clear()))
+    dispatch = Dispatch(execution_id=execution_id, attempt=2)
+    await state.slots.acquire()
+    await claiming._claim(state, [(dispatch, Delivery(message, 1))])  # type: ignore[arg-type]
+    assert state.deferred == {}
+    assert [d for d, _ in state.inbox] == [dispatch] and state.mail.is_set()
+    assert acked == [1]  # its message is settled with the batch's, as a deferred one's is

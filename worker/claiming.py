@@ -116,7 +116,13 @@ async def _claim(state: WorkerState, batch: list[tuple[Dispatch, Delivery]]) -> 
         return
     rows = call.result()
     for dispatch in later:
-        state.deferred.setdefault(dispatch.execution_id, []).append((dispatch, Delivery(None, 1)))
+        if dispatch.execution_id in state.running:
+            state.deferred.setdefault(dispatch.execution_id, []).append((dispatch, Delivery(None, 1)))
+        else:
+            # The run before it was let go of while this claim was under way (a cancel, say):
+            # deferred now, nothing would ever release it. It goes straight back to the inbox.
+            state.inbox.append((dispatch, Delivery(None, 1)))
+            state.mail.set()
     # What runs is what PostgreSQL recorded, never what the message says.
     claimed = {
         r["id"]: Assignment(
