@@ -225,15 +225,8 @@ class Soak:
         return "w3's packets to and from PostgreSQL held for 3 s"
 
     async def blackhole_worker_pools(self) -> str:
-        # w3's lock connection: its session through the proxy that holds an advisory lock.
-        lock_port = await (await self.world.pool()).fetchval(
-            "SELECT a.client_port FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
-            "WHERE l.locktype = 'advisory' AND l.granted AND a.client_port = ANY($1::int[])",
-            self.proxy.upstream_ports(),
-        )
-        if lock_port is None:
+        if not await self.proxy.blackhole_pools(await self.world.pool()):
             return "w3 holds no lock connection now (restarting): nothing held"
-        self.proxy.blackhole(spare_ports=frozenset({lock_port}))
         # Past the pools' failing window: w3 stops taking work, hands back what waits, and its
         # runs go on; its heartbeats get through all along.
         await asyncio.sleep(6)

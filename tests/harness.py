@@ -546,6 +546,20 @@ class CuttableProxy:
         self.spared_ports = spare_ports
         self._flowing.clear()
 
+    async def blackhole_pools(self, pool: asyncpg.Pool) -> bool:
+        """Blackhole every connection but the worker's lock connection: its session through this
+        proxy that holds a session lock (read through ``pool``, a connection of the test's own).
+        A partition of the worker's pools alone. False, and nothing held: no such session now."""
+        lock_port = await pool.fetchval(
+            "SELECT a.client_port FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+            "WHERE l.locktype = 'advisory' AND l.granted AND a.client_port = ANY($1::int[])",
+            self.upstream_ports(),
+        )
+        if lock_port is None:
+            return False
+        self.blackhole(spare_ports=frozenset({lock_port}))
+        return True
+
     async def heal(self) -> None:
         self._flowing.set()
         if self._server is None:

@@ -358,13 +358,7 @@ async def _run_placed_on_a_worker_whose_pools_are_cut(baton, proxy: CuttableProx
     placed on it, the only worker: (island, pool, client, submission)."""
     island = await _island(baton, proxy)
     pool = await baton.pool()
-    lock_port = await pool.fetchval(
-        "SELECT a.client_port FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
-        "WHERE l.locktype = 'advisory' AND l.granted AND a.client_port = ANY($1::int[])",
-        proxy.upstream_ports(),
-    )
-    assert lock_port is not None
-    proxy.blackhole(spare_ports=frozenset({lock_port}))
+    assert await proxy.blackhole_pools(pool)
     client = await baton.client()
     return island, pool, client, await client.submit("core.echo", {"message": "moved on"})
 
