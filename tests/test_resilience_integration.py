@@ -309,6 +309,11 @@ async def test_a_worker_stopped_while_its_pools_are_cut_off_marks_itself_drainin
             "AND type = 'execution.rescheduled'", sub.execution_id,
         )
         assert [r["reason"] for r in reasons] == ["worker island is draining"]
+        # Its last mark, `inactive`, goes through the lock connection too: through the pool, it
+        # failed, and the row, left `draining`, had the worker declared lost once it was gone.
+        assert await asyncio.to_thread(island.wait, 60) == 0
+        assert await pool.fetchval("SELECT status FROM workers WHERE name = 'island'") == "inactive"
+        assert island.events("worker_inactive")
     finally:
         await proxy.cut()
 

@@ -71,7 +71,7 @@ async def reconcile(state: WorkerState, status: str, *, stale_after_s: float, ti
             # row, still `active`, would draw work (and have its hand-backs taken for forgeries)
             # until the process is gone: it is marked here, through the lock connection.
             if status == "active":
-                await _mark(state, wq.STOP_TAKING_WORK, timeout_s, what="mark_draining")
+                await mark_through_lock(state, wq.STOP_TAKING_WORK, timeout_s=timeout_s, what="mark_draining")
             return
         if not state.pools_out and failing_for_s(state) > stale_after_s:
             state.pools_out = True
@@ -85,7 +85,7 @@ async def reconcile(state: WorkerState, status: str, *, stale_after_s: float, ti
             )
             status = "active"
         if state.pools_out:
-            if status == "active" and not await _mark(state, wq.STOP_TAKING_WORK, timeout_s, what="stop_taking_work"):
+            if status == "active" and not await mark_through_lock(state, wq.STOP_TAKING_WORK, timeout_s=timeout_s, what="stop_taking_work"):
                 return  # handed back once marked: a dispatch handed back behind an `active` row would wait
             # Marked `draining`: hand back what is here, and what a claim held up had taken (its
             # dispatches come back to the inbox, and go at the next heartbeat).
@@ -93,7 +93,7 @@ async def reconcile(state: WorkerState, status: str, *, stale_after_s: float, ti
             if state.inbox:
                 await claiming.hand_back(state)
         elif status == "draining":
-            await _mark(state, wq.TAKE_WORK_AGAIN, timeout_s, what="take_work_again")
+            await mark_through_lock(state, wq.TAKE_WORK_AGAIN, timeout_s=timeout_s, what="take_work_again")
 
 
 async def take_work_again(state: WorkerState) -> None:
@@ -117,16 +117,20 @@ async def take_work_again(state: WorkerState) -> None:
         state.log.info("worker_pools_back", running=len(state.running))
 
 
-async def _mark(state: WorkerState, query: str, timeout_s: float, *, what: str) -> bool:
-    """One of the status changes, through the lock connection (the pools may not answer); whether
-    it went through (matched or not: a drain or the executor may have changed the status since)."""
-    if state.lock_conn is None:
+async def mark_through_lock(state: WorkerState, query: str, *args: object, timeout_s: float, what: str) -> bool:
+    """A status change (``query`` of name, incarnation and ``args``) through the lock connection,
+    which answers when the pools may not; whether it went through (matched or not: a drain or the
+    executor may have changed the status since). Only while nothing else uses that connection:
+    the heartbeat loop, or a drain once that loop has stopped."""
+    if state.lock_conn is None or state.lock_conn.is_closed():
         return False
     try:
         await within(
-            state.lock_conn.fetch(query, state.name, state.incarnation, timeout=timeout_s), timeout_s + 0.5, what=what
+            state.lock_conn.fetch(query, state.name, state.incarnation, *args, timeout=timeout_s),
+            timeout_s + 0.5,
+            what=what,
         )
-    except DATABASE_ERRORS as exc:  # tried again at the next heartbeat
+    except DATABASE_ERRORS as exc:  # the heartbeat's are tried again at the next one
         state.log.warning(f"{what}_failed", error=describe(exc))
         return False
     return True

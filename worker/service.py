@@ -31,7 +31,7 @@ from common.errors import describe, loop_stopped
 from common.queries import actions as aq
 from common.queries import workers as wq
 from common.settings import Settings
-from worker import builtins, claiming, liveness, recording, threads
+from worker import builtins, claiming, liveness, pool_watch, recording, threads
 from worker.liveness import WorkerNameInUse
 from worker.registry import registered
 from worker.shell import ShellLimits
@@ -263,7 +263,7 @@ class WorkerService:
             runs_left_behind = True
         if runs_left_behind:
             return
-        await self._mark("inactive")
+        await self._mark_inactive()
         state.log.info("worker_inactive")
 
     async def _mark(self, status: str) -> None:
@@ -272,3 +272,15 @@ class WorkerService:
         what = f"mark_worker_{status}"
         mark = within(state.pool.fetch(wq.SET_STATUS, state.name, state.incarnation, status), STOP_STEP_TIMEOUT_S, what=what)
         await best_effort(what, mark, worker=state.name)
+
+    async def _mark_inactive(self) -> None:
+        """The last mark, through the lock connection while one is held: the loops that share it
+        have stopped by now, and the pools may be what does not answer (`pool_watch`), which left
+        the row `draining` and the worker, once gone, declared lost. Through the pool if that
+        connection is gone or refuses the statement."""
+        state = self.state
+        if await pool_watch.mark_through_lock(
+            state, wq.SET_STATUS, "inactive", timeout_s=STOP_STEP_TIMEOUT_S, what="mark_worker_inactive"
+        ):
+            return
+        await self._mark("inactive")
