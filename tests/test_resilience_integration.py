@@ -318,6 +318,28 @@ async def test_a_worker_stopped_while_its_pools_are_cut_off_marks_itself_drainin
         await proxy.cut()
 
 
+async def test_a_request_only_a_worker_with_its_pools_cut_off_serves_times_out(baton):
+    """A worker whose pools are cut off (its lock connection spared) stops taking work, but its
+    heartbeats go on, so it is not declared lost. It served its actions until it stopped taking
+    work, not until its last heartbeat: a request that only it could run fails once the requested
+    timeout has passed since then (counted to its last heartbeat, it waited as long as the cut)."""
+    baton.env.update(BATON__EXECUTOR__REQUESTED_TIMEOUT="2", BATON__EXECUTOR__TIMEOUT_CHECK_INTERVAL="0.3")
+    proxy = CuttableProxy()
+    await proxy.start()
+    try:
+        island, pool, client, sub = await _run_placed_on_a_worker_whose_pools_are_cut(baton, proxy)
+        failed = await client.wait(sub.execution_id, 60)
+        assert (failed["status"], failed["error"]["failed_by"]) == ("failed", "requested_timeout_monitor")
+        assert "no live worker serves action 'core.echo'" in failed["error"]["error"]
+        row = await pool.fetchrow(
+            "SELECT status, now() - last_heartbeat < interval '2 s' AS beating FROM workers WHERE name = 'island'"
+        )
+        assert (row["status"], row["beating"]) == ("draining", True)  # draining, not lost
+        assert island.events("worker_pools_unreachable") and island.process.poll() is None
+    finally:
+        await proxy.cut()
+
+
 async def test_a_worker_cut_off_with_a_synchronous_action_running_comes_back_once_it_ends(baton):
     """A synchronous action runs on a thread that standing down cannot stop, while its run is
     recovered elsewhere: the worker does not register again (and take more work) until that thread
