@@ -93,20 +93,20 @@ async def connect(url: str, *, max_size: int = 10, max_wait_s: float = 60.0, hot
     raise AssertionError("unreachable")
 
 
-async def close_pool(pool: asyncpg.Pool, **context: object) -> None:
-    """Close ``pool`` gracefully if its connections let go within `STOP_STEP_TIMEOUT_S`, else
-    terminate it: one held by a query the network swallowed would hold a stop up for minutes."""
+async def close_pool(pool: asyncpg.Pool, *, timeout_s: float = STOP_STEP_TIMEOUT_S, **context: object) -> None:
+    """Close ``pool`` gracefully if its connections let go within ``timeout_s``, else terminate
+    it: one held by a query the network swallowed would hold a stop up for minutes."""
     try:
-        await within(pool.close(), STOP_STEP_TIMEOUT_S, what="close_database_pool")
+        await within(pool.close(), timeout_s, what="close_database_pool")
     except TimeoutError:
-        log.warning("database_pool_terminated", waited_s=STOP_STEP_TIMEOUT_S, **context)
+        log.warning("database_pool_terminated", waited_s=round(timeout_s, 2), **context)
         pool.terminate()
 
 
-async def close_connection(conn: asyncpg.Connection) -> None:
-    """Close ``conn`` gracefully within `STOP_STEP_TIMEOUT_S`, else drop it (`close_pool`'s why)."""
+async def close_connection(conn: asyncpg.Connection, *, timeout_s: float = STOP_STEP_TIMEOUT_S) -> None:
+    """Close ``conn`` gracefully within ``timeout_s``, else drop it (`close_pool`'s why)."""
     try:
-        await within(conn.close(), STOP_STEP_TIMEOUT_S, what="close_database_connection")
+        await within(conn.close(), timeout_s, what="close_database_connection")
     except TimeoutError:
         conn.terminate()
 

@@ -10,6 +10,7 @@ the operation to end in the background (the pool, terminated last, takes its con
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Set
 from typing import Any, TypeVar
 
@@ -24,7 +25,25 @@ T = TypeVar("T")
 #: clients' own timeouts (a minute each).
 STOP_STEP_TIMEOUT_S = 5.0
 
+#: How long what a stopping worker does after its drain's deadline (recording the interruptions, its
+#: last status mark, closing its connections) takes at most, all together, however many of those
+#: steps wait on a party that does not answer: a worker exits within `worker.shutdown_timeout` and
+#: this, which the compose file's grace period leaves room for.
+STOP_AFTERMATH_S = 10.0
+
 log = get_logger("baton.deadline")
+
+
+class Allowance:
+    """Time shared by the steps of a stop: each is bounded by the lesser of its own bound and what
+    is left, so that together they cannot outlast it."""
+
+    def __init__(self, total_s: float) -> None:
+        self._ends_at = time.monotonic() + total_s
+
+    def left_s(self, cap_s: float = STOP_STEP_TIMEOUT_S) -> float:
+        """What a step may take: at most ``cap_s``, and nothing once the allowance is spent."""
+        return max(0.0, min(cap_s, self._ends_at - time.monotonic()))
 
 
 async def within(operation: Awaitable[T], timeout_s: float, *, what: str) -> T:
@@ -42,22 +61,24 @@ async def within(operation: Awaitable[T], timeout_s: float, *, what: str) -> T:
     return task.result()
 
 
-async def wait_unwound(tasks: Set[asyncio.Future[Any]], logger: Any, kind: str) -> set[asyncio.Future[Any]]:
-    """Wait for cancelled ``tasks`` to unwind, for `STOP_STEP_TIMEOUT_S` at most, and return those
+async def wait_unwound(
+    tasks: Set[asyncio.Future[Any]], logger: Any, kind: str, *, timeout_s: float = STOP_STEP_TIMEOUT_S
+) -> set[asyncio.Future[Any]]:
+    """Wait for cancelled ``tasks`` to unwind, for ``timeout_s`` at most, and return those
     left behind: an action slow to honour its cancel, or a query on a database that swallows its
     packets (a pool's close, terminated if need be, ends that one). ``logger`` says which failed as
     they unwound and which were left, as `cancelled_task_failed` and `tasks_left_behind`, each
     naming the tasks' ``kind``."""
     if not tasks:
         return set()
-    done, pending = await asyncio.wait(tasks, timeout=STOP_STEP_TIMEOUT_S)
+    done, pending = await asyncio.wait(tasks, timeout=timeout_s)
     for task in done:
         if not task.cancelled() and (exc := task.exception()) is not None:
             logger.warning("cancelled_task_failed", kind=kind, task=_name(task), error=describe(exc))
     if pending:
         logger.warning(
             "tasks_left_behind", kind=kind, count=len(pending), tasks=sorted(_name(t) for t in pending),
-            waited_s=STOP_STEP_TIMEOUT_S,
+            waited_s=round(timeout_s, 2),
         )
     return pending
 

@@ -742,3 +742,19 @@ async def test_a_next_attempt_whose_run_before_is_let_go_of_during_the_claim_is_
     assert state.deferred == {}
     assert [d for d, _ in state.inbox] == [dispatch] and state.mail.is_set()
     assert acked == [1]  # its message is settled with the batch's, as a deferred one's is
+
+
+def test_an_allowance_bounds_each_step_by_what_is_left_of_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The steps of a worker's stop after its drain's deadline share one allowance: each gets the
+    lesser of its own bound and what is left, and nothing once it is spent."""
+    from common import deadline
+
+    now = [100.0]
+    monkeypatch.setattr(deadline.time, "monotonic", lambda: now[0])
+    allowance = deadline.Allowance(10.0)
+    assert allowance.left_s() == deadline.STOP_STEP_TIMEOUT_S  # its own bound first
+    assert allowance.left_s(30.0) == 10.0
+    now[0] += 7.5  # a step that took its time
+    assert allowance.left_s() == 2.5
+    now[0] += 5.0
+    assert allowance.left_s() == 0.0 and allowance.left_s(30.0) == 0.0

@@ -122,14 +122,13 @@ async def mark_through_lock(state: WorkerState, query: str, *args: object, timeo
     which answers when the pools may not; whether it went through (matched or not: a drain or the
     executor may have changed the status since). Only while nothing else uses that connection:
     the heartbeat loop, or a drain once that loop has stopped."""
-    if state.lock_conn is None or state.lock_conn.is_closed():
+    if state.lock_conn is None or state.lock_conn.is_closed() or timeout_s <= 0:
         return False
     try:
-        await within(
-            state.lock_conn.fetch(query, state.name, state.incarnation, *args, timeout=timeout_s),
-            timeout_s + 0.5,
-            what=what,
-        )
+        # asyncpg's own timeout, a little shorter, ends the statement cleanly where it can; `within`
+        # bounds it where its cancel request cannot get through either.
+        fetch = state.lock_conn.fetch(query, state.name, state.incarnation, *args, timeout=0.9 * timeout_s)
+        await within(fetch, timeout_s, what=what)
     except DATABASE_ERRORS as exc:  # the heartbeat's are tried again at the next one
         state.log.warning(f"{what}_failed", error=describe(exc))
         return False

@@ -26,7 +26,7 @@ import aiormq.exceptions
 from common import amqp, db, health, metrics
 from common.actions import CORE_PREFIX, ActionSpec, registration_conflict
 from common.best_effort import best_effort
-from common.deadline import STOP_STEP_TIMEOUT_S, wait_unwound, within
+from common.deadline import STOP_AFTERMATH_S, STOP_STEP_TIMEOUT_S, Allowance, wait_unwound, within
 from common.errors import describe, loop_stopped
 from common.queries import actions as aq
 from common.queries import workers as wq
@@ -73,6 +73,8 @@ class WorkerService:
         )
         actions = {ref: a for ref, a in registered().items() if a.spec.runtime in cfg.runtimes}
         self.state = WorkerState(settings, name, actions)
+        #: What is left of the stop's time (the drain's deadline and `STOP_AFTERMATH_S`), once one began.
+        self._stop: Allowance | None = None
 
     async def run(self, stop_event: asyncio.Event) -> None:
         state = self.state
@@ -101,7 +103,10 @@ class WorkerService:
                     "loop_died", loop=task.get_name(), error=describe(exc) if exc else "returned", exc_info=exc
                 )
             await self._drain(loops)
-            await self._delete_queue_if_empty()
+            await best_effort(
+                "delete_worker_queue", within(self._delete_queue_if_empty(), self._left_s(), what="delete_worker_queue"),
+                worker=state.name,
+            )
             for task in done - {stopper}:
                 first = task.exception()
                 stopped = loop_stopped(
@@ -111,12 +116,21 @@ class WorkerService:
         finally:
             for hand_back in state.hand_backs:
                 hand_back.cancel()
-            await best_effort("close_broker_connection", state.connection.close(), worker=state.name)
+            await best_effort(
+                "close_broker_connection",
+                within(state.connection.close(), self._left_s(), what="close_broker_connection"),
+                worker=state.name,
+            )
             if state.lock_conn is not None:
                 # (A close that fails aborts the connection; one that does not end in time drops it.)
-                await best_effort("close_name_lock_connection", db.close_connection(state.lock_conn), worker=state.name)
+                await best_effort(
+                    "close_name_lock_connection",
+                    db.close_connection(state.lock_conn, timeout_s=self._left_s()),
+                    worker=state.name,
+                )
             await asyncio.gather(
-                db.close_pool(state.pool, worker=state.name), db.close_pool(state.hot_pool, worker=state.name)
+                db.close_pool(state.pool, timeout_s=self._left_s(), worker=state.name),
+                db.close_pool(state.hot_pool, timeout_s=self._left_s(), worker=state.name),
             )
             health.remove(state.cfg.health_file)
             state.log.info("worker_stopped")
@@ -208,6 +222,7 @@ class WorkerService:
         (or interrupted past the deadline), then inactive."""
         state = self.state
         deadline_s = asyncio.get_running_loop().time() + state.cfg.shutdown_timeout_s
+        self._stop = Allowance(state.cfg.shutdown_timeout_s + STOP_AFTERMATH_S)
         runs_left_behind = False
         state.draining = True
         state.mail.set()
@@ -244,18 +259,20 @@ class WorkerService:
             for task in list(state.running.values()):
                 task.cancel()
             # Each records its interruption within its own bound (`recording.INTERRUPT_TIMEOUT_S`).
-            if await wait_unwound(set(state.running.values()), state.log, "runs"):
+            if await wait_unwound(set(state.running.values()), state.log, "runs", timeout_s=self._left_s()):
                 # Something still runs: `inactive` would tell the executor nothing does. Left
                 # `draining`, the worker is declared lost once its heartbeat stops, as a dead one is.
                 runs_left_behind = True
         # Bounded: if the recorder itself died, what it did not record is recovered by the executor.
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(state.outcomes.join(), state.cfg.shutdown_timeout_s)
+            await asyncio.wait_for(state.outcomes.join(), self._left_s(state.cfg.shutdown_timeout_s))
         checks = state.heartbeat_checks
         for task in (*loops, *([checks] if checks is not None else [])):
             task.cancel()
         # (One that died is reported already.)
-        await wait_unwound({t for t in (*loops, checks) if t is not None and not t.done()}, state.log, "loops")
+        await wait_unwound(
+            {t for t in (*loops, checks) if t is not None and not t.done()}, state.log, "loops", timeout_s=self._left_s()
+        )
         if state.heartbeat_checks is not None:  # (a round the heartbeat loop started as it was cancelled)
             state.heartbeat_checks.cancel()
         if threads.in_flight():  # a synchronous action goes on after its run's cancel
@@ -263,24 +280,44 @@ class WorkerService:
             runs_left_behind = True
         if runs_left_behind:
             return
-        await self._mark_inactive()
-        state.log.info("worker_inactive")
+        if await self._mark_inactive(self._left_s()):
+            state.log.info("worker_inactive")
 
-    async def _mark(self, status: str) -> None:
+    def _left_s(self, cap_s: float = STOP_STEP_TIMEOUT_S) -> float:
+        """What the next step of the stop may take (`Allowance`; the steps' own bound if the stop
+        began before a drain)."""
+        if self._stop is None:
+            self._stop = Allowance(STOP_AFTERMATH_S)
+        return self._stop.left_s(cap_s)
+
+    async def _mark(self, status: str, timeout_s: float = STOP_STEP_TIMEOUT_S) -> bool:
         """Record this process's status while it stops, if the database answers in time."""
         state = self.state
         what = f"mark_worker_{status}"
-        mark = within(state.pool.fetch(wq.SET_STATUS, state.name, state.incarnation, status), STOP_STEP_TIMEOUT_S, what=what)
-        await best_effort(what, mark, worker=state.name)
+        mark = within(state.pool.fetch(wq.SET_STATUS, state.name, state.incarnation, status), timeout_s, what=what)
+        return await best_effort(what, mark, worker=state.name)
 
-    async def _mark_inactive(self) -> None:
-        """The last mark, through the lock connection while one is held: the loops that share it
-        have stopped by now, and the pools may be what does not answer (`pool_watch`), which left
-        the row `draining` and the worker, once gone, declared lost. Through the pool if that
-        connection is gone or refuses the statement."""
+    async def _mark_inactive(self, timeout_s: float) -> bool:
+        """The last mark, through the pool and through the lock connection at once (the loops that
+        share it have stopped by now): either may be what does not answer. Through the pool alone,
+        it failed while only the pools were cut off (`pool_watch`), which left the row `draining`
+        and the worker, once gone, declared lost; one after the other, they took twice as long
+        when neither answered. Whether either went through."""
         state = self.state
-        if await pool_watch.mark_through_lock(
-            state, wq.SET_STATUS, "inactive", timeout_s=STOP_STEP_TIMEOUT_S, what="mark_worker_inactive"
-        ):
-            return
-        await self._mark("inactive")
+        marks = {
+            asyncio.ensure_future(self._mark("inactive", timeout_s)),
+            asyncio.ensure_future(
+                pool_watch.mark_through_lock(
+                    state, wq.SET_STATUS, "inactive", timeout_s=timeout_s, what="mark_worker_inactive_through_lock"
+                )
+            ),
+        }
+        try:
+            while marks:
+                done, marks = await asyncio.wait(marks, return_when=asyncio.FIRST_COMPLETED)
+                if any(task.result() for task in done):
+                    return True
+            return False
+        finally:
+            for task in marks:  # (each bounded, and abandoned past its bound: `within`)
+                task.cancel()
