@@ -122,7 +122,7 @@ async def mark_through_lock(state: WorkerState, query: str, *args: object, timeo
     which answers when the pools may not; whether it went through (matched or not: a drain or the
     executor may have changed the status since). Only while nothing else uses that connection:
     the heartbeat loop, or a drain once that loop has stopped."""
-    if state.lock_conn is None or state.lock_conn.is_closed() or timeout_s <= 0:
+    if state.lock_conn is None or timeout_s <= 0:
         return False
     try:
         # asyncpg's own timeout, a little shorter, ends the statement cleanly where it can; `within`
