@@ -41,9 +41,10 @@ class Allowance:
     def __init__(self, total_s: float) -> None:
         self._ends_at = time.monotonic() + total_s
 
-    def left_s(self, cap_s: float = STOP_STEP_TIMEOUT_S) -> float:
-        """What a step may take: at most ``cap_s``, and nothing once the allowance is spent."""
-        return max(0.0, min(cap_s, self._ends_at - time.monotonic()))
+    def left_s(self, cap_s: float = STOP_STEP_TIMEOUT_S, *, reserve_s: float = 0.0) -> float:
+        """What a step may take: at most ``cap_s``, and no more than what is left but
+        ``reserve_s`` (kept for a step that must come after it); nothing once that is spent."""
+        return max(0.0, min(cap_s, self._ends_at - time.monotonic() - reserve_s))
 
 
 async def within(operation: Awaitable[T], timeout_s: float, *, what: str) -> T:

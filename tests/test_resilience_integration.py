@@ -14,7 +14,7 @@ import aio_pika
 import asyncpg
 import pytest
 
-from common.deadline import STOP_AFTERMATH_S
+from common.deadline import STOP_AFTERMATH_S, STOP_STEP_TIMEOUT_S
 from tests.harness import FAST_ENV, CuttableProxy, wait_until
 
 HEARTBEAT_INTERVAL_S = float(FAST_ENV["BATON__WORKER__HEARTBEAT_INTERVAL"])
@@ -319,6 +319,43 @@ async def test_a_worker_stopped_while_its_pools_are_cut_off_marks_itself_drainin
         await proxy.cut()
 
 
+async def test_a_worker_stopped_with_an_outcome_it_cannot_record_still_marks_itself_inactive(baton):
+    """A run ends while the worker's pools are cut off (its lock connection spared), so its outcome
+    waits to be recorded; then SIGTERM. The steps after the drain's deadline share one allowance,
+    and waiting for that outcome once took all of it: the last mark, through the lock connection,
+    got none, and the row was left for the executor to declare the worker lost. That mark keeps its
+    share."""
+    proxy = CuttableProxy()
+    await proxy.start()
+    try:
+        _, island = await baton.started(
+            baton.spawn_executor(),
+            baton.spawn_worker(
+                # (A deadline no shorter than the allowance after it: waiting for the outcome, up
+                # to the deadline's length, could take all of that allowance.)
+                "island", concurrency=1, BATON__DATABASE__URL=proxy.url(baton.db_name),
+                BATON__WORKER__SHUTDOWN_TIMEOUT=str(STOP_AFTERMATH_S),
+            ),
+        )
+        pool = await baton.pool()
+        client = await baton.client()
+        done_path = baton.tmp / "ran"
+        sub = await client.submit("core.local", {"cmd": ["sh", "-c", f"sleep 1 && touch {done_path}"]})
+        assert (await baton.wait_status(sub.execution_id, "running"))["worker"] == "island"
+        assert await proxy.blackhole_pools(pool)
+        await wait_until(lambda: _exists(done_path), what="the run to end, its outcome unrecorded")
+        island.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(island.wait, 60) == 0
+        assert await pool.fetchval("SELECT status FROM workers WHERE name = 'island'") == "inactive"
+        assert island.events("worker_inactive")
+    finally:
+        await proxy.cut()
+
+
+async def _exists(path) -> bool:
+    return path.exists()
+
+
 async def test_a_request_only_a_worker_with_its_pools_cut_off_serves_times_out(baton):
     """A worker whose pools are cut off (its lock connection spared) stops taking work, but its
     heartbeats go on, so it is not declared lost. It served its actions until it stopped taking
@@ -439,8 +476,8 @@ async def test_a_drain_ends_in_bounded_time_when_the_database_swallows_everythin
         took_s = time.monotonic() - signalled_at
         # The deadline (1 s), then the steps after it, 10 s between them whatever does not answer
         # (each step bounded on its own, they took 20-24 s together), and the runner's wait for what
-        # they left behind; asyncpg's own timeouts are 60 s.
-        assert took_s < 1 + STOP_AFTERMATH_S + 3, f"the drain took {took_s:.1f} s"
+        # they left behind (5 s at most); asyncpg's own timeouts are 60 s.
+        assert took_s < 1 + STOP_AFTERMATH_S + STOP_STEP_TIMEOUT_S + 1, f"the drain took {took_s:.1f} s"
         assert sinking.events(path)
         # The executor takes the run back (no other worker: it waits to be placed again).
         after = await baton.wait_status(sub.execution_id, "requested", timeout_s=30)

@@ -756,5 +756,6 @@ def test_an_allowance_bounds_each_step_by_what_is_left_of_it(monkeypatch: pytest
     assert allowance.left_s(30.0) == 10.0
     now[0] += 7.5  # a step that took its time
     assert allowance.left_s() == 2.5
+    assert allowance.left_s(reserve_s=2.0) == 0.5  # what must come after it keeps its share
     now[0] += 5.0
     assert allowance.left_s() == 0.0 and allowance.left_s(30.0) == 0.0

@@ -42,6 +42,21 @@ from worker.state import WorkerState
 __all__ = ["CatalogueConflict", "WorkerNameInUse", "WorkerService", "default_name", "load_action_modules"]
 
 
+#: Kept for the last status mark by the steps of a stop before it (`Allowance`): when they use up
+#: the rest, the row still says the worker is gone rather than leaving the executor to find out.
+LAST_MARK_S = 2.0
+
+
+def _went_through(mark: asyncio.Future[bool], state: WorkerState) -> bool:
+    """Whether a status mark that ended went through (one that failed unexpectedly is logged)."""
+    if mark.cancelled():
+        return False
+    if (exc := mark.exception()) is not None:
+        state.log.warning("mark_worker_inactive_failed", error=describe(exc), exc_info=exc)
+        return False
+    return mark.result()
+
+
 class CatalogueConflict(RuntimeError):
     """An action this worker serves conflicts with the catalogue's entry for it."""
 
@@ -229,7 +244,11 @@ class WorkerService:
         state.log.info("worker_draining", in_flight=len(state.running), unstarted=len(state.inbox))
         async with state.pools_transition:  # after a change `pool_watch` has under way, never before it
             await self._mark("draining")
-        await best_effort("cancel_dispatch_consumer", state.queue.cancel(state.consumer_tag), worker=state.name)
+        await best_effort(
+            "cancel_dispatch_consumer",
+            within(state.queue.cancel(state.consumer_tag), self._left_s(), what="cancel_dispatch_consumer"),
+            worker=state.name,
+        )
         state.resumed.set()
         claimer = next((t for t in loops if t.get_name() == "claimer"), None)
         if claimer is not None:
@@ -259,19 +278,20 @@ class WorkerService:
             for task in list(state.running.values()):
                 task.cancel()
             # Each records its interruption within its own bound (`recording.INTERRUPT_TIMEOUT_S`).
-            if await wait_unwound(set(state.running.values()), state.log, "runs", timeout_s=self._left_s()):
+            if await wait_unwound(set(state.running.values()), state.log, "runs", timeout_s=self._left_s(reserve_s=LAST_MARK_S)):
                 # Something still runs: `inactive` would tell the executor nothing does. Left
                 # `draining`, the worker is declared lost once its heartbeat stops, as a dead one is.
                 runs_left_behind = True
         # Bounded: if the recorder itself died, what it did not record is recovered by the executor.
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(state.outcomes.join(), self._left_s(state.cfg.shutdown_timeout_s))
+            await asyncio.wait_for(state.outcomes.join(), self._left_s(state.cfg.shutdown_timeout_s, reserve_s=LAST_MARK_S))
         checks = state.heartbeat_checks
         for task in (*loops, *([checks] if checks is not None else [])):
             task.cancel()
         # (One that died is reported already.)
         await wait_unwound(
-            {t for t in (*loops, checks) if t is not None and not t.done()}, state.log, "loops", timeout_s=self._left_s()
+            {t for t in (*loops, checks) if t is not None and not t.done()}, state.log, "loops",
+            timeout_s=self._left_s(reserve_s=LAST_MARK_S),
         )
         if state.heartbeat_checks is not None:  # (a round the heartbeat loop started as it was cancelled)
             state.heartbeat_checks.cancel()
@@ -283,12 +303,12 @@ class WorkerService:
         if await self._mark_inactive(self._left_s()):
             state.log.info("worker_inactive")
 
-    def _left_s(self, cap_s: float = STOP_STEP_TIMEOUT_S) -> float:
+    def _left_s(self, cap_s: float = STOP_STEP_TIMEOUT_S, *, reserve_s: float = 0.0) -> float:
         """What the next step of the stop may take (`Allowance`; the steps' own bound if the stop
         began before a drain)."""
         if self._stop is None:
             self._stop = Allowance(STOP_AFTERMATH_S)
-        return self._stop.left_s(cap_s)
+        return self._stop.left_s(cap_s, reserve_s=reserve_s)
 
     async def _mark(self, status: str, timeout_s: float = STOP_STEP_TIMEOUT_S) -> bool:
         """Record this process's status while it stops, if the database answers in time."""
@@ -304,7 +324,7 @@ class WorkerService:
         and the worker, once gone, declared lost; one after the other, they took twice as long
         when neither answered. Whether either went through."""
         state = self.state
-        marks = {
+        pending = {
             asyncio.ensure_future(self._mark("inactive", timeout_s)),
             asyncio.ensure_future(
                 pool_watch.mark_through_lock(
@@ -312,12 +332,18 @@ class WorkerService:
                 )
             ),
         }
+        marked = False
         try:
-            while marks:
-                done, marks = await asyncio.wait(marks, return_when=asyncio.FIRST_COMPLETED)
-                if any(task.result() for task in done):
-                    return True
-            return False
+            while pending and not marked:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                marked = any([_went_through(task, state) for task in done])  # (each one read)
+            if pending:
+                # The other most likely waits for the row the first one updated: let it end rather
+                # than cancel a statement in flight (a cancel request, and a line in PostgreSQL's log).
+                done, pending = await asyncio.wait(pending, timeout=LAST_MARK_S / 4)
+                for task in done:
+                    _went_through(task, state)
+            return marked
         finally:
-            for task in marks:  # (each bounded, and abandoned past its bound: `within`)
+            for task in pending:  # (each bounded, and abandoned past its bound: `within`)
                 task.cancel()
