@@ -162,11 +162,12 @@ WHERE {alive("$1")}
 """
 
 # How long ago each of these actions ($1) was last served: seconds since the last heartbeat of any
-# worker, live or not, that serves it, or, for one that takes no work (`draining`, its heartbeats
-# going on), since it stopped taking work (None: no worker on record serves it).
+# active worker that serves it, or since any other (draining, stopped, lost) stopped taking work or
+# last heartbeat, whichever came first: its heartbeats may go on while it takes no work (None: no
+# worker on record serves it).
 LAST_SERVED = """
 SELECT a.ref, extract(epoch FROM now() - max(
-    CASE WHEN w.status = 'draining' THEN LEAST(w.status_since, w.last_heartbeat) ELSE w.last_heartbeat END
+    CASE WHEN w.status = 'active' THEN w.last_heartbeat ELSE LEAST(w.status_since, w.last_heartbeat) END
 ))::float8 AS age_s
 FROM unnest($1::text[]) AS a(ref)
 LEFT JOIN workers w ON a.ref = ANY(w.actions)
