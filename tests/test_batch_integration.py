@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from common.client import RequestRejected, Submission
 from common.ids import MAX_BATCH_REQUESTS, batch_execution_id
 from common.schemas import ANSWERS_HEADER
 from tests.harness import wait_until
@@ -110,6 +111,34 @@ async def test_requests_submitted_together_are_posted_together_and_each_gets_its
     done = await client.wait(watched.execution_id, timeout_s=30)
     assert done["status"] == "completed" and done["result"] == {"message": "watched"}
     await wait_until(lambda: _all_done(baton, [s.execution_id for s in echoes]), timeout_s=60, what="echoes")
+
+
+async def test_requests_of_a_batch_refused_as_a_whole_are_posted_again_each_alone(baton):
+    """An executor whose request limit is lower than the client's refuses the client's batch
+    message as a whole (too large), which says nothing of its requests: each is posted again alone,
+    under the execution id it was given, and answered for itself. (Every one of them was refused.)"""
+    await baton.started(
+        baton.spawn_executor(BATON__MESSAGE_QUEUE__MAX_REQUEST_BYTES="4096"), baton.spawn_worker("w1")
+    )
+    client = await baton.client()  # its limit: the default, 1 MiB
+    text = "x" * 200
+    together = await asyncio.gather(
+        *(client.submit("core.echo", {"message": f"{i} {text}"}) for i in range(30)),
+        client.submit("core.echo", {"message": "watched"}, watch=True),
+        client.submit("core.echo", {"message": "y" * 5000}),
+        return_exceptions=True,
+    )
+    *fitting, watched, too_large = together
+    assert all(isinstance(s, Submission) and s.accepted and s.status in {"requested", "scheduled"} for s in [*fitting, watched])
+    assert isinstance(too_large, RequestRejected) and "larger than the limit of 4096" in str(too_large)
+    rows = [await baton.execution(s.execution_id) for s in [*fitting, watched]]
+    # Each its own message now, its id the message's: the id it was given in the batch.
+    assert all(r["message_id"] == str(r["id"]) for r in rows)
+    parked = await baton.take_parked(2)  # the batch, and the request too large even alone
+    assert all("larger than the limit of 4096" in m.headers["x-baton-reason"] for m in parked)
+    done = await client.wait(watched.execution_id, timeout_s=30)
+    assert done["status"] == "completed" and done["result"] == {"message": "watched"}
+    await wait_until(lambda: _all_done(baton, [s.execution_id for s in fitting]), timeout_s=60, what="the echoes")
 
 
 async def test_a_batch_that_asks_for_a_list_gets_one_reply_listing_an_answer_per_request(baton):

@@ -534,3 +534,16 @@ async def test_a_message_whose_post_fails_unexpectedly_fails_its_own_submitters_
     )
     assert str(broken) == "posting the request failed: RuntimeError: this one broke"
     assert posted.accepted and posted.execution_id == execution_id
+
+
+def test_a_reply_refuses_a_batch_whole_only_as_one_answer_without_an_execution() -> None:
+    """A batch refused as a whole has its requests posted again alone (`_post_alone`); a reply
+    that answers each request, or accepts, or cannot be read, is not such a refusal."""
+    from common.client.posting import _refused_whole
+
+    refusal = b'{"execution_id": null, "error": "request body is 8000 bytes, larger than the limit of 4096"}'
+    assert _refused_whole(refusal, listed=True)
+    assert not _refused_whole(refusal, listed=False)  # an older executor's answer to one entry
+    assert not _refused_whole(b'[{"execution_id": null, "error": "bad"}, null]', listed=True)
+    assert not _refused_whole(b'{"execution_id": "8a4f7bb3-3c39-4f4e-9d8c-1c6e0d6b2a11", "status": "scheduled"}', listed=True)
+    assert not _refused_whole(b"not json", listed=True)

@@ -129,6 +129,23 @@ def _failed(outgoing: list[_Outgoing], exc: BaseException) -> None:
                 future.set_exception(RuntimeError(f"posting the request failed: {describe(exc)}"))
 
 
+def _stopped_waiting(alone: _Outgoing, answered: asyncio.Future[Acceptance | None]) -> None:
+    """The submitter of a request posted again alone no longer waits: neither does its post."""
+    if answered.cancelled() and not alone.answered.done():
+        alone.answered.cancel()
+
+
+def _refused_whole(body: bytes, *, listed: bool) -> bool:
+    """Whether the executor's reply to a batch refuses the message as a whole (one refusal for all
+    its requests), rather than answering each of them."""
+    if not listed or body.lstrip()[:1] == b"[":
+        return False
+    try:
+        return Acceptance.model_validate_json(body).execution_id is None
+    except ValidationError:
+        return False
+
+
 def _messages(outgoing: list[_Outgoing], max_bytes: int) -> list[list[_Outgoing]]:
     """Requests grouped into messages: batches within the limits, and a request too large for one
     alone (the executor refuses it with the reason, as any request of its size)."""
@@ -265,7 +282,9 @@ class Posting(ClientBase):
         except Exception as exc:  # noqa: BLE001 - anything unforeseen: said, and its submitters told
             _failed(group, exc)
 
-    async def _post_message(self, group: list[_Outgoing]) -> None:
+    async def _post_message(self, group: list[_Outgoing], execution_id: uuid.UUID | None = None) -> None:
+        """Post one message of ``group``'s requests (a lone one under ``execution_id``, if given)
+        and hand each submitter its answer."""
         reply = asyncio.get_running_loop().create_future()
         message_id = ""
         watched: list[uuid.UUID] = []
@@ -275,7 +294,7 @@ class Posting(ClientBase):
             if not group:
                 return
             if len(group) == 1:
-                message_id = str(uuid.uuid4())  # the execution's id too
+                message_id = str(execution_id or uuid.uuid4())  # the execution's id too
                 ids, body, headers = [uuid.UUID(message_id)], group[0].body, None
             else:
                 message_id, ids, body = batch_message([o.body for o in group])
@@ -318,6 +337,14 @@ class Posting(ClientBase):
         if not reply.done():
             return
         body, listed = reply.result()
+        if len(group) > 1 and _refused_whole(body, listed=listed):
+            # What refused the message (its size, over an executor's limit lower than this
+            # client's, say) need not concern its requests: each is posted again alone, under the
+            # execution id it has (and is watched under), and answered for itself.
+            await asyncio.gather(
+                *(self._post_alone(r, i) for r, i in zip(group, ids, strict=True) if not r.answered.done())
+            )
+            return
         for request, answer in zip(group, _answers(body, len(group), listed=listed), strict=True):
             if request.answered.done():
                 continue
@@ -325,6 +352,28 @@ class Posting(ClientBase):
                 request.answered.set_exception(answer)
             else:
                 request.answered.set_result(answer)
+
+    async def _post_alone(self, request: _Outgoing, execution_id: uuid.UUID) -> None:
+        """Post ``request`` again, as a message of its own under ``execution_id``, and hand its
+        submitter what that post comes to; a submitter that stops waiting stops it."""
+        loop = asyncio.get_running_loop()
+        alone = _Outgoing(request.body, request.watch, loop.create_future(), loop.create_future())
+        stop = functools.partial(_stopped_waiting, alone)
+        request.answered.add_done_callback(stop)
+        try:
+            await self._post_message([alone], execution_id)
+        finally:
+            request.answered.remove_done_callback(stop)
+        if request.answered.done():
+            return
+        for future in (alone.posted, alone.answered):
+            if future.done() and not future.cancelled() and (exc := future.exception()) is not None:
+                request.answered.set_exception(exc)
+                return
+        if alone.answered.done() and not alone.answered.cancelled():
+            request.answered.set_result(alone.answered.result())
+        else:  # posted, and no answer came before the submitter stopped waiting
+            request.answered.cancel()
 
     async def submit_many(
         self, action_ref: str, parameter_sets: Sequence[dict[str, Any]], *, timeout_s: float | None = None,
