@@ -131,11 +131,14 @@ async def test_requests_of_a_batch_refused_as_a_whole_are_posted_again_each_alon
     *fitting, watched, too_large = together
     assert all(isinstance(s, Submission) and s.accepted and s.status in {"requested", "scheduled"} for s in [*fitting, watched])
     assert isinstance(too_large, RequestRejected) and "larger than the limit of 4096" in str(too_large)
-    rows = [await baton.execution(s.execution_id) for s in [*fitting, watched]]
-    # Each its own message now, its id the message's: the id it was given in the batch.
-    assert all(r["message_id"] == str(r["id"]) for r in rows)
     parked = await baton.take_parked(2)  # the batch, and the request too large even alone
+    assert len(parked) == 2
     assert all("larger than the limit of 4096" in m.headers["x-baton-reason"] for m in parked)
+    [batch] = [m for m in parked if m.body.startswith(b"[")]
+    # Each under the id it was given in the batch, now its own message's id.
+    assert [s.execution_id for s in [*fitting, watched]] == [batch_execution_id(batch.message_id, i) for i in range(31)]
+    rows = [await baton.execution(s.execution_id) for s in [*fitting, watched]]
+    assert all(r["message_id"] == str(r["id"]) for r in rows)
     done = await client.wait(watched.execution_id, timeout_s=30)
     assert done["status"] == "completed" and done["result"] == {"message": "watched"}
     await wait_until(lambda: _all_done(baton, [s.execution_id for s in fitting]), timeout_s=60, what="the echoes")

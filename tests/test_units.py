@@ -547,3 +547,53 @@ def test_a_reply_refuses_a_batch_whole_only_as_one_answer_without_an_execution()
     assert not _refused_whole(b'[{"execution_id": null, "error": "bad"}, null]', listed=True)
     assert not _refused_whole(b'{"execution_id": "8a4f7bb3-3c39-4f4e-9d8c-1c6e0d6b2a11", "status": "scheduled"}', listed=True)
     assert not _refused_whole(b"not json", listed=True)
+
+
+async def test_a_request_posted_again_alone_is_answered_or_its_failure_kept_for_its_submitter(monkeypatch):
+    """A request of a batch refused whole is posted again alone: its submitter gets that post's
+    answer; one that stopped waiting (its accept timeout) finds out from `reposted` whether the
+    post went out, rather than being told a request was posted that never was."""
+    import asyncio
+
+    from common.client import BatonClient
+    from common.client.posting import _Outgoing
+    from common.schemas import Acceptance
+
+    client = BatonClient(load_settings())
+    loop = asyncio.get_running_loop()
+    execution_id = uuid.uuid4()
+    broker_down = asyncio.Event()
+    go = asyncio.Event()
+
+    async def post_message(group, given_id=None) -> None:
+        assert given_id == execution_id and len(group) == 1  # alone, under the id it had
+        await go.wait()
+        if broker_down.is_set():
+            group[0].posted.set_exception(RuntimeError("the broker went away"))
+            return
+        group[0].posted.set_result(given_id)
+        if not group[0].answered.done():
+            group[0].answered.set_result(Acceptance(execution_id=given_id, status="scheduled"))
+
+    monkeypatch.setattr(client, "_post_message", post_message)
+
+    def request() -> _Outgoing:
+        return _Outgoing(b"{}", False, loop.create_future(), loop.create_future())
+
+    waiting = request()
+    go.set()
+    await client._post_alone(waiting, execution_id)
+    assert waiting.answered.result() == Acceptance(execution_id=execution_id, status="scheduled")
+    assert waiting.reposted is not None and waiting.reposted.result() == execution_id
+
+    go.clear()
+    broker_down.set()
+    gone = request()
+    repost = asyncio.create_task(client._post_alone(gone, execution_id))
+    await asyncio.sleep(0)
+    gone.answered.cancel()  # its submitter stopped waiting before the post went out
+    go.set()
+    await asyncio.wait_for(repost, 5)
+    assert gone.reposted is not None
+    with pytest.raises(RuntimeError, match="the broker went away"):
+        await gone.reposted

@@ -95,6 +95,8 @@ class _Outgoing:
     watch: bool
     posted: asyncio.Future[uuid.UUID]  # its execution id, once the broker has taken its message
     answered: asyncio.Future[Acceptance | None]  # what the executor answered
+    #: Posted again alone (its batch refused whole, `_post_alone`): once the broker has taken that.
+    reposted: asyncio.Future[uuid.UUID] | None = None
 
 
 def _own(exc: Exception) -> Exception:
@@ -130,8 +132,9 @@ def _failed(outgoing: list[_Outgoing], exc: BaseException) -> None:
 
 
 def _stopped_waiting(alone: _Outgoing, answered: asyncio.Future[Acceptance | None]) -> None:
-    """The submitter of a request posted again alone no longer waits: neither does its post."""
-    if answered.cancelled() and not alone.answered.done():
+    """The submitter of a request posted again alone no longer waits (or was answered otherwise):
+    neither does its post, once the broker has taken it."""
+    if not alone.answered.done():
         alone.answered.cancel()
 
 
@@ -233,6 +236,8 @@ class Posting(ClientBase):
                 acceptance = await asyncio.wait_for(asyncio.shield(outgoing.answered), accept_timeout_s)
             except TimeoutError:
                 acceptance = None
+                if outgoing.reposted is not None:  # "posted" once it is, again: or why it is not
+                    await asyncio.shield(outgoing.reposted)
         finally:
             for future in (outgoing.posted, outgoing.answered):
                 if future.done() and not future.cancelled():
@@ -340,10 +345,9 @@ class Posting(ClientBase):
         if len(group) > 1 and _refused_whole(body, listed=listed):
             # What refused the message (its size, over an executor's limit lower than this
             # client's, say) need not concern its requests: each is posted again alone, under the
-            # execution id it has (and is watched under), and answered for itself.
-            await asyncio.gather(
-                *(self._post_alone(r, i) for r, i in zip(group, ids, strict=True) if not r.answered.done())
-            )
+            # execution id it has (and is watched under), and answered for itself. Those whose
+            # submitters no longer wait too: they were told the request was posted.
+            await asyncio.gather(*(self._post_alone(r, i) for r, i in zip(group, ids, strict=True)))
             return
         for request, answer in zip(group, _answers(body, len(group), listed=listed), strict=True):
             if request.answered.done():
@@ -358,18 +362,25 @@ class Posting(ClientBase):
         submitter what that post comes to; a submitter that stops waiting stops it."""
         loop = asyncio.get_running_loop()
         alone = _Outgoing(request.body, request.watch, loop.create_future(), loop.create_future())
+        request.reposted = alone.posted
         stop = functools.partial(_stopped_waiting, alone)
         request.answered.add_done_callback(stop)
         try:
             await self._post_message([alone], execution_id)
+        except Exception as exc:  # noqa: BLE001 - anything unforeseen fails this request alone
+            log.error("client_post_failed", error=describe(exc))
+            if not alone.posted.done():
+                alone.posted.set_exception(RuntimeError(f"posting the request failed: {describe(exc)}"))
         finally:
             request.answered.remove_done_callback(stop)
+        # Each read here, so that none is reported as never read (a submitter that stopped waiting
+        # reads `reposted` itself).
+        failures = [f.exception() for f in (alone.posted, alone.answered) if f.done() and not f.cancelled()]
         if request.answered.done():
             return
-        for future in (alone.posted, alone.answered):
-            if future.done() and not future.cancelled() and (exc := future.exception()) is not None:
-                request.answered.set_exception(exc)
-                return
+        if (failure := next((exc for exc in failures if exc is not None), None)) is not None:
+            request.answered.set_exception(failure)
+            return
         if alone.answered.done() and not alone.answered.cancelled():
             request.answered.set_result(alone.answered.result())
         else:  # posted, and no answer came before the submitter stopped waiting
