@@ -12,6 +12,7 @@ import asyncpg
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from common.amqp import Exchanges, Names
+from common.deadline import Allowance
 from common.settings import Settings
 from executor.catalogue import Catalogue
 
@@ -40,3 +41,6 @@ class ExecutorContext:
     placing: asyncio.Lock = field(default_factory=asyncio.Lock)
     #: Dispatches being published in the background (`executor.dispatching.hand_over`).
     handovers: set[asyncio.Task[None]] = field(default_factory=set)
+    #: Once the executor stops: the time its stop may take (`supervise`), its loops' deadline and
+    #: `common.deadline.STOP_AFTERMATH_S` after it, shared by what follows the deadline.
+    stopping: Allowance | None = None

@@ -14,7 +14,7 @@ from aio_pika.abc import AbstractRobustConnection
 
 from common import amqp, db, metrics
 from common.best_effort import best_effort
-from common.deadline import wait_unwound
+from common.deadline import STOP_AFTERMATH_S, Allowance, wait_unwound, within
 from common.errors import describe, loop_stopped
 from common.logging import get_logger
 from common.settings import Settings
@@ -62,6 +62,7 @@ async def serve(settings: Settings, stop_event: asyncio.Event) -> None:
     pool = await db.connect(settings.database.url, max_size=settings.database.pool_max_size, max_wait_s=wait_db_s)
     hot_pool: asyncpg.Pool | None = None
     connection: AbstractRobustConnection | None = None
+    ctx: ExecutorContext | None = None
     try:
         await db.migrate(pool)
         hot_pool = await db.connect(settings.database.url, max_size=2, max_wait_s=wait_db_s, hot_path=True)
@@ -89,9 +90,16 @@ async def serve(settings: Settings, stop_event: asyncio.Event) -> None:
         log.info("executor_started", prefix=names.prefix)
         await supervise(ctx, LOOPS, stop_event)
     finally:
+        # What follows the loops' deadline shares what is left of the stop's time (each close
+        # bounded on its own if the executor stops before its loops ran).
+        stopping = ctx.stopping if ctx is not None and ctx.stopping is not None else Allowance(STOP_AFTERMATH_S)
         if connection is not None:
-            await best_effort("close_broker_connection", connection.close())
-        await asyncio.gather(db.close_pool(pool), *([db.close_pool(hot_pool)] if hot_pool is not None else []))
+            close = within(connection.close(), stopping.left_s(), what="close_broker_connection")
+            await best_effort("close_broker_connection", close)
+        await asyncio.gather(
+            db.close_pool(pool, timeout_s=stopping.left_s()),
+            *([db.close_pool(hot_pool, timeout_s=stopping.left_s())] if hot_pool is not None else []),
+        )
         log.info("executor_stopped")
 
 
@@ -105,6 +113,7 @@ async def supervise(ctx: ExecutorContext, loops: dict[str, Loop], stop_event: as
     stopping = stopper in done
     died = [t for t in done if t is not stopper and (not stopping or t.exception() is not None)]
     stop_event.set()
+    ctx.stopping = Allowance(ctx.settings.executor.shutdown_timeout_s + STOP_AFTERMATH_S)
     # Each loop finishes its pass and returns; one stuck on an outage (waiting for a connection
     # that does not come back) is cancelled after the deadline, so that the executor always stops.
     _, stuck = await asyncio.wait(tasks, timeout=ctx.settings.executor.shutdown_timeout_s)
@@ -114,7 +123,8 @@ async def supervise(ctx: ExecutorContext, loops: dict[str, Loop], stop_event: as
     # Bounded too: a loop whose query the network swallowed unwinds only once asyncpg's cancel
     # request gets through (a minute). What is left behind, the process's runner gives one more
     # bound once the pool is closed or terminated (`cli.app.run_on_uvloop`).
-    await wait_unwound(set(tasks) - set(died), log, "loops")  # (one that died is reported below)
+    # (One that died is reported below.)
+    await wait_unwound(set(tasks) - set(died), log, "loops", timeout_s=ctx.stopping.left_s())
     stopper.cancel()
     for task in died:
         exc = task.exception()

@@ -532,6 +532,19 @@ def test_workers_outlast_their_drain(monkeypatch: pytest.MonkeyPatch) -> None:
         assert grace >= need, f"{name}: stop_grace_period {grace}s is shorter than a worst-case stop, {need}s"
 
 
+def test_the_executor_outlasts_its_stop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its loops' deadline, the steps after it, and the runner's wait for what they left behind:
+    Docker's default grace (10 s) SIGKILLed an executor whose loops took their deadline, with the
+    dispatches it was handing over."""
+    [(name, svc)] = [(n, s) for n, s in app_services(load_compose()).items() if as_argv(s.get("command"))[:1] == ["executor"]]
+    assert "stop_grace_period" in svc, f"{name}: no stop_grace_period"
+    grace = compose_duration(svc["stop_grace_period"])
+    with monkeypatch.context() as mp:
+        deadline = settings_for(name, svc, mp).executor.shutdown_timeout_s
+    need = deadline + STOP_AFTERMATH_S + STOP_STEP_TIMEOUT_S
+    assert grace >= need, f"{name}: stop_grace_period {grace}s is shorter than a worst-case stop, {need}s"
+
+
 def test_infrastructure_is_health_checked_and_waited_for() -> None:
     compose = load_compose()
     probes = {"postgres": "pg_isready", "rabbitmq": "rabbitmq-diagnostics"}
