@@ -378,6 +378,39 @@ async def test_a_request_only_a_worker_with_its_pools_cut_off_serves_times_out(b
         await proxy.cut()
 
 
+async def test_a_worker_whose_broker_connection_goes_silent_reconnects_and_runs_what_waited(baton):
+    """The worker's network to RabbitMQ swallows every packet (no reset, no refusal): only the AMQP
+    heartbeat (2 s here, set in the URL; the client gives up after three of its grace periods)
+    tells either end that the connection is gone. What is placed on the worker meanwhile waits in
+    its queue; once the network heals, the worker reconnects, hands back what it was dispatched
+    (the broker may have dropped it), and runs it."""
+    broker = CuttableProxy(target_port=5672)
+    await broker.start()
+    try:
+        _, island = await baton.started(
+            baton.spawn_executor(),
+            baton.spawn_worker(
+                "island", concurrency=1, BATON__MESSAGE_QUEUE__URL=f"amqp://guest:guest@127.0.0.1:{broker.port}/?heartbeat=2"
+            ),
+        )
+        client = await baton.client()
+        assert (await client.run("core.echo", {"message": "before"}, wait_timeout_s=30))["worker"] == "island"
+        broker.blackhole()
+        sub = await client.submit("core.echo", {"message": "during"})
+        assert (await baton.wait_status(sub.execution_id, "scheduled"))["worker"] == "island"
+
+        async def noticed() -> bool:  # no frame for three heartbeats' grace: the connection is given up
+            return any("was stuck" in str(line.get("event")) for line in island.log_lines())
+
+        await wait_until(noticed, timeout_s=30, what="the worker to give its silent connection up")
+        await broker.heal()
+        done = await client.wait(sub.execution_id, 60)
+        assert (done["status"], done["worker"], done["result"]) == ("completed", "island", {"message": "during"})
+        assert island.events("unclaimed_handed_back")[-1]["reason"] == "the worker's broker connection came back"
+    finally:
+        await broker.cut()
+
+
 async def test_a_worker_cut_off_with_a_synchronous_action_running_comes_back_once_it_ends(baton):
     """A synchronous action runs on a thread that standing down cannot stop, while its run is
     recovered elsewhere: the worker does not register again (and take more work) until that thread
