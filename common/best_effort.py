@@ -14,6 +14,7 @@ from typing import Any
 
 import aiormq.exceptions
 
+from common.deadline import within
 from common.errors import describe
 from common.logging import get_logger
 from common.retry import TRANSIENT_ERRORS
@@ -27,12 +28,13 @@ log = get_logger("baton.best_effort")
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, aiormq.exceptions.AMQPError)
 
 
-async def best_effort(what: str, operation: Awaitable[Any], **context: Any) -> bool:
-    """Await ``operation`` (``what`` names it in the log, with ``context``); True if it succeeded.
-    An expected failure is logged at debug, any other as a warning; neither is raised.
-    Cancellation is not caught."""
+async def best_effort(what: str, operation: Awaitable[Any], *, timeout_s: float | None = None, **context: Any) -> bool:
+    """Await ``operation`` (``what`` names it in the log, with ``context``), for at most
+    ``timeout_s`` if given (`within`: past it, abandoned); True if it succeeded. An expected
+    failure (running out of time among them) is logged at debug, any other as a warning; neither
+    is raised. Cancellation is not caught."""
     try:
-        await operation
+        await (operation if timeout_s is None else within(operation, timeout_s, what=what))
     except EXPECTED_ERRORS as exc:
         log.debug("best_effort_step_failed", step=what, error=describe(exc), **context)
         return False

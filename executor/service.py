@@ -14,7 +14,7 @@ from aio_pika.abc import AbstractRobustConnection
 
 from common import amqp, db, metrics
 from common.best_effort import best_effort
-from common.deadline import STOP_AFTERMATH_S, Allowance, wait_unwound, within
+from common.deadline import STOP_AFTERMATH_S, Allowance, wait_unwound
 from common.errors import describe, loop_stopped
 from common.logging import get_logger
 from common.settings import Settings
@@ -94,8 +94,7 @@ async def serve(settings: Settings, stop_event: asyncio.Event) -> None:
         # bounded on its own if the executor stops before its loops ran).
         stopping = ctx.stopping if ctx is not None and ctx.stopping is not None else Allowance(STOP_AFTERMATH_S)
         if connection is not None:
-            close = within(connection.close(), stopping.left_s(), what="close_broker_connection")
-            await best_effort("close_broker_connection", close)
+            await best_effort("close_broker_connection", connection.close(), timeout_s=stopping.left_s())
         await asyncio.gather(
             db.close_pool(pool, timeout_s=stopping.left_s()),
             *([db.close_pool(hot_pool, timeout_s=stopping.left_s())] if hot_pool is not None else []),

@@ -26,7 +26,7 @@ import aiormq.exceptions
 from common import amqp, db, health, metrics
 from common.actions import CORE_PREFIX, ActionSpec, registration_conflict
 from common.best_effort import best_effort
-from common.deadline import STOP_AFTERMATH_S, STOP_STEP_TIMEOUT_S, Allowance, wait_unwound, within
+from common.deadline import STOP_AFTERMATH_S, STOP_STEP_TIMEOUT_S, Allowance, wait_unwound
 from common.errors import describe, loop_stopped
 from common.queries import actions as aq
 from common.queries import workers as wq
@@ -119,8 +119,7 @@ class WorkerService:
                 )
             await self._drain(loops)
             await best_effort(
-                "delete_worker_queue", within(self._delete_queue_if_empty(), self._left_s(), what="delete_worker_queue"),
-                worker=state.name,
+                "delete_worker_queue", self._delete_queue_if_empty(), timeout_s=self._left_s(), worker=state.name
             )
             for task in done - {stopper}:
                 first = task.exception()
@@ -132,9 +131,7 @@ class WorkerService:
             for hand_back in state.hand_backs:
                 hand_back.cancel()
             await best_effort(
-                "close_broker_connection",
-                within(state.connection.close(), self._left_s(), what="close_broker_connection"),
-                worker=state.name,
+                "close_broker_connection", state.connection.close(), timeout_s=self._left_s(), worker=state.name
             )
             if state.lock_conn is not None:
                 # (A close that fails aborts the connection; one that does not end in time drops it.)
@@ -245,9 +242,7 @@ class WorkerService:
         async with state.pools_transition:  # after a change `pool_watch` has under way, never before it
             await self._mark("draining")
         await best_effort(
-            "cancel_dispatch_consumer",
-            within(state.queue.cancel(state.consumer_tag), self._left_s(), what="cancel_dispatch_consumer"),
-            worker=state.name,
+            "cancel_dispatch_consumer", state.queue.cancel(state.consumer_tag), timeout_s=self._left_s(), worker=state.name
         )
         state.resumed.set()
         claimer = next((t for t in loops if t.get_name() == "claimer"), None)
@@ -313,9 +308,8 @@ class WorkerService:
     async def _mark(self, status: str, timeout_s: float = STOP_STEP_TIMEOUT_S) -> bool:
         """Record this process's status while it stops, if the database answers in time."""
         state = self.state
-        what = f"mark_worker_{status}"
-        mark = within(state.pool.fetch(wq.SET_STATUS, state.name, state.incarnation, status), timeout_s, what=what)
-        return await best_effort(what, mark, worker=state.name)
+        mark = state.pool.fetch(wq.SET_STATUS, state.name, state.incarnation, status)
+        return await best_effort(f"mark_worker_{status}", mark, timeout_s=timeout_s, worker=state.name)
 
     async def _mark_inactive(self, timeout_s: float) -> bool:
         """The last mark, through the pool and through the lock connection at once (the loops that
